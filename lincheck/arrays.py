@@ -1,0 +1,270 @@
+"""Reading and writing ``.npy`` / ``.npz`` arrays: the only module that touches files.
+
+Loading never unpickles: the ``.npy`` header is parsed first (NumPy's
+``read_magic`` and ``read_array_header_*``, which evaluate only literals),
+object dtypes are refused before any data is read, a header that declares
+more data than the file holds is reported as truncated without allocating
+it, and the data is read as raw bytes. Writing is atomic: a temporary file in
+the target folder, fsync, then a rename (or a hard link, which refuses to
+replace an existing file), so a reader never sees a half-written array and an
+interrupted write leaves the old file (or none) in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import numpy.lib.format as npy_format
+
+from .checks import INPUT_NAMES, SUBJECT_NAMES
+from .errors import InputError
+
+ARRAY_NAMES = INPUT_NAMES + SUBJECT_NAMES
+_BY_LOWER = {name.lower(): name for name in ARRAY_NAMES}
+REQUIRED = ("X", "W", "dY")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Arrays found at a path, by canonical name (X, W, B, dY, dX, dW, dB, Y).
+
+    ``sources`` maps each name to the file (or ``file.npz:key``) it came
+    from; ``ignored`` lists files or keys that name no array lincheck knows.
+    """
+
+    arrays: Mapping[str, np.ndarray]
+    sources: Mapping[str, str]
+    ignored: tuple[str, ...]
+
+
+def load(path: str | os.PathLike) -> Loaded:
+    """Load a folder of ``.npy`` files or one ``.npz`` file.
+
+    Names are file stems or ``.npz`` keys, case-insensitive. X, W and dY are
+    required; B, dX, dW, dB and Y are optional.
+
+    Raises
+    ------
+    InputError
+        The path is missing or of the wrong kind, a required array is
+        missing, two files name one array, or a file is not a readable,
+        complete ``.npy`` array of plain numbers.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        loaded = _load_folder(path)
+    elif path.suffix.lower() == ".npz":
+        loaded = _load_npz(path)
+    else:
+        raise InputError(f"{path}: expected a folder of .npy files or one .npz file")
+    missing = [name for name in REQUIRED if name not in loaded.arrays]
+    if missing:
+        found = ", ".join(sorted(loaded.arrays)) or "no known array"
+        raise InputError(
+            f"{path}: missing {', '.join(missing)} (needs X, W and dY; found {found})"
+        )
+    return loaded
+
+
+def _canonical(stem: str) -> str | None:
+    return _BY_LOWER.get(stem.lower())
+
+
+def _claim(found: dict[str, str], name: str, source: str) -> None:
+    if name in found:
+        raise InputError(f"{name}: two sources for one array: {found[name]} and {source}")
+    found[name] = source
+
+
+def _load_folder(folder: Path) -> Loaded:
+    files: dict[str, str] = {}
+    ignored = []
+    for entry in sorted(folder.iterdir()):
+        name = _canonical(entry.stem) if entry.suffix.lower() == ".npy" else None
+        if name is None:
+            ignored.append(str(entry))
+        else:
+            _claim(files, name, str(entry))
+    arrays = {}
+    for name, source in files.items():
+        label = f"{name} ({source})"
+        try:
+            with open(source, "rb") as fp:
+                size = os.fstat(fp.fileno()).st_size
+                arrays[name] = _read_npy(fp, size, label)
+        except OSError as exc:
+            raise InputError(f"{label}: cannot read: {exc.strerror or exc}") from None
+    return Loaded(arrays, files, tuple(ignored))
+
+
+def _load_npz(path: Path) -> Loaded:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable .npz (zip) file: {exc}") from None
+    with archive:
+        members: dict[str, zipfile.ZipInfo] = {}
+        sources: dict[str, str] = {}
+        ignored = []
+        for info in archive.infolist():
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            name = _canonical(key)
+            if name is None or not info.filename.endswith(".npy"):
+                ignored.append(f"{path}:{info.filename}")
+                continue
+            _claim(sources, name, f"{path}:{key}")
+            members[name] = info
+        arrays = {}
+        for name, info in members.items():
+            label = f"{name} ({sources[name]})"
+            try:
+                with archive.open(info) as fp:
+                    arrays[name] = _read_npy(fp, info.file_size, label)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+                raise InputError(f"{label}: corrupt archive member: {exc}") from None
+    return Loaded(arrays, sources, tuple(ignored))
+
+
+def _read_npy(fp: IO[bytes], size: int, label: str) -> np.ndarray:
+    """Read one ``.npy`` stream of ``size`` bytes without unpickling or over-allocating."""
+    try:
+        version = npy_format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(fp)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, EOFError, SyntaxError, TypeError) as exc:
+        raise InputError(f"{label}: not a valid .npy file ({_first_line(exc)})") from None
+    if dtype.hasobject:
+        raise InputError(
+            f"{label}: dtype {dtype} holds Python objects (pickled data); "
+            "lincheck never unpickles, save plain numbers"
+        )
+    count = int(np.prod(shape, dtype=object))
+    needed = count * dtype.itemsize
+    available = size - fp.tell()
+    if needed > available:
+        raise InputError(
+            f"{label}: truncated: the header declares shape {shape} {dtype} "
+            f"({needed:,} bytes of data) but the file holds {max(available, 0):,}"
+        )
+    data = fp.read(needed)
+    if len(data) != needed:
+        raise InputError(f"{label}: truncated: expected {needed:,} bytes of data, read {len(data):,}")
+    flat = np.frombuffer(data, dtype=dtype, count=count)
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+def existing_targets(folder: Path, names: Iterable[str]) -> list[Path]:
+    """Files in ``folder`` that writing ``NAME.npy`` for these names would replace or shadow.
+
+    Names are matched case-insensitively, since ``x.npy`` next to a new
+    ``X.npy`` would make the folder ambiguous for ``verify``.
+    """
+    if not folder.is_dir():
+        return []
+    wanted = {name.lower() for name in names}
+    return sorted(
+        entry
+        for entry in folder.iterdir()
+        if entry.suffix.lower() == ".npy" and entry.stem.lower() in wanted
+    )
+
+
+def save(folder: str | os.PathLike, arrays: Mapping[str, np.ndarray], *, force: bool = False) -> list[Path]:
+    """Write each array to ``folder/NAME.npy`` atomically; returns the paths written.
+
+    Without ``force``, nothing is written if any target (or a file that
+    differs from it only in case) exists.
+
+    Raises
+    ------
+    InputError
+        ``folder`` is not a folder, or a target exists and ``force`` is False.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder")
+    clash = existing_targets(folder, arrays)
+    if force:
+        # Replacing X.npy is what --force asks; a differently-cased twin would stay behind.
+        stale = [p for p in clash if p.name not in {f"{n}.npy" for n in arrays}]
+        for p in stale:
+            p.unlink()
+    elif clash:
+        listed = ", ".join(str(p) for p in clash)
+        raise InputError(f"{listed}: already exists; nothing was written (use --force to replace)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot create folder: {exc.strerror or exc}") from None
+    written = []
+    for name, array in arrays.items():
+        target = folder / f"{name}.npy"
+        def write(fp, a=np.asarray(array)):
+            npy_format.write_array(fp, a, allow_pickle=False)
+
+        _atomic_write(target, write, replace=force)
+        written.append(target)
+    return written
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` atomically with ``text`` (for reports the user names explicitly)."""
+    _atomic_write(Path(path), lambda fp: fp.write(text.encode("utf-8")), replace=True)
+
+
+def _atomic_write(target: Path, write, *, replace: bool) -> None:
+    """Write through a temporary file in the same folder, then rename (or link) it into place.
+
+    ``os.replace`` on a symlink replaces the link, never the file it points
+    to. Without ``replace``, ``os.link`` refuses an existing target
+    atomically, so a file that appeared since the check is not clobbered.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InputError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            write(fp)
+            fp.flush()
+            os.fsync(fp.fileno())
+        if replace:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise InputError(f"{target}: already exists; not replaced (use --force)") from None
+            except OSError:
+                # A file system without hard links: check, then rename.
+                if target.exists() or target.is_symlink():
+                    raise InputError(f"{target}: already exists; not replaced (use --force)") from None
+                os.replace(tmp, target)
+    except OSError as exc:
+        raise InputError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -1,0 +1,530 @@
+"""Check a linear layer's gradients: validate inputs, build the oracles, compare.
+
+This is the library's entry point (:func:`check`); the command line renders
+its :class:`Report`. The verdict on every entry is
+
+    |subject − oracle| ≤ bound(subject) + bound(oracle)
+
+where each bound is a rigorous worst-case rounding-error bound (see
+:mod:`lincheck.numeric` and ``docs/numerics.md``), so no tolerance is hand-set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import numeric
+from .core import Gradients, as_batch, backward, forward
+from .errors import InputError
+
+INPUT_NAMES = ("X", "W", "B", "dY")
+SUBJECT_NAMES = ("dX", "dW", "dB", "Y")
+DTYPES = ("float64", "float32", "float16")
+
+_FORMULA = {"dX": "G W", "dW": "Gᵀ X", "dB": "Σₙ G", "Y": "X Wᵀ + B"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a compared tensor: where it is and both values."""
+
+    index: tuple[int, ...]
+    subject: float
+    oracle: float
+    abs_error: float
+    tolerance: float
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """The verdict on one tensor (dX, dW, dB or Y) against one oracle.
+
+    ``subject`` says what was checked ("supplied" by the user, "analytic" as
+    computed by lincheck in the run's dtype, or the float64 "reference"),
+    ``oracle`` what it was checked against ("reference": the analytic
+    gradient in float64; "witness": the central-difference estimate).
+    Error fields are None when there is nothing to compare (wrong shape or
+    non-finite values; ``message`` says which). Indices index the tensor as
+    the user supplied it, leading batch dimensions included.
+    """
+
+    tensor: str
+    subject: str
+    subject_dtype: str
+    oracle: str
+    passed: bool
+    shape: tuple[int, ...]
+    expected_shape: tuple[int, ...]
+    max_abs_error: float | None
+    max_rel_error: float | None
+    bound_ratio: float | None
+    worst_index: tuple[int, ...] | None
+    tolerance: float | None
+    tolerance_rule: str
+    message: str = ""
+    worst_entries: tuple[Entry, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tensor": self.tensor,
+            "subject": self.subject,
+            "subject_dtype": self.subject_dtype,
+            "oracle": self.oracle,
+            "passed": self.passed,
+            "shape": list(self.shape),
+            "expected_shape": list(self.expected_shape),
+            "max_abs_error": _json_float(self.max_abs_error),
+            "max_rel_error": _json_float(self.max_rel_error),
+            "bound_ratio": _json_float(self.bound_ratio),
+            "worst_index": None if self.worst_index is None else list(self.worst_index),
+            "tolerance": _json_float(self.tolerance),
+            "tolerance_rule": self.tolerance_rule,
+            "message": self.message,
+            "worst_entries": [
+                {
+                    "index": list(e.index),
+                    "subject": _json_float(e.subject),
+                    "oracle": _json_float(e.oracle),
+                    "abs_error": _json_float(e.abs_error),
+                    "tolerance": _json_float(e.tolerance),
+                }
+                for e in self.worst_entries
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A diagnosis of a failed check: a stable ``code``, the tensor, a sentence."""
+
+    code: str
+    tensor: str
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "tensor": self.tensor, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """The checked layer's sizes and the dtypes of the arrays given."""
+
+    N: int
+    D_in: int
+    D_out: int
+    batch_shape: tuple[int, ...]
+    bias: bool
+    dtypes: Mapping[str, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "N": self.N,
+            "D_in": self.D_in,
+            "D_out": self.D_out,
+            "batch_shape": list(self.batch_shape),
+            "bias": self.bias,
+            "dtypes": dict(self.dtypes),
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything one check produced. ``passed`` iff every check passed."""
+
+    layer: Layer
+    checks: tuple[TensorCheck, ...]
+    witness: Mapping[str, Any]
+    hints: tuple[Hint, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> tuple[TensorCheck, ...]:
+        return tuple(c for c in self.checks if not c.passed)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON report (``design.md``): passed, checks, hints, plus context."""
+        return {
+            "passed": self.passed,
+            "checks": [c.as_dict() for c in self.checks],
+            "hints": [h.as_dict() for h in self.hints],
+            "layer": self.layer.as_dict(),
+            "witness": dict(self.witness),
+            **self.extra,
+        }
+
+
+def _json_float(x: float | None) -> float | None:
+    """Strict JSON has no NaN or infinity: those become null."""
+    return x if x is not None and np.isfinite(x) else None
+
+
+# ---------------------------------------------------------------------------
+# Input validation
+
+
+def _label(name: str, sources: Mapping[str, str]) -> str:
+    return f"{name} ({sources[name]})" if name in sources else name
+
+
+def _index(flat: int, shape: tuple[int, ...]) -> list[int]:
+    return [int(i) for i in np.unravel_index(flat, shape)] if shape else []
+
+
+def _real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
+    """``value`` as an ndarray of real numbers, or InputError naming it."""
+    try:
+        a = np.asarray(value)
+    except Exception as exc:  # anything np.asarray cannot read is bad input
+        raise InputError(f"{_label(name, sources)}: cannot be read as an array ({exc})") from None
+    kind = a.dtype.kind
+    if kind == "f" and a.dtype.itemsize > 8:
+        raise InputError(
+            f"{_label(name, sources)}: dtype {a.dtype} (extended precision) is not supported; "
+            "save it as float64"
+        )
+    if kind not in "biuf":
+        what = {"c": "complex", "O": "object (pickled)", "U": "string", "S": "bytes",
+                "V": "structured or void", "M": "datetime", "m": "timedelta"}.get(kind, "non-numeric")
+        raise InputError(
+            f"{_label(name, sources)}: dtype {a.dtype} is {what}; expected a real "
+            "float, integer or bool array"
+        )
+    return a
+
+
+def _check_finite(name: str, a: np.ndarray, sources: Mapping[str, str]) -> None:
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise InputError(f"{_label(name, sources)}: {_nonfinite_summary(a)}")
+
+
+def _nonfinite_summary(a: np.ndarray) -> str:
+    bad = ~np.isfinite(a)
+    n_nan = int(np.count_nonzero(np.isnan(a)))
+    n_inf = int(np.count_nonzero(bad)) - n_nan
+    first = _index(int(np.flatnonzero(bad)[0]), a.shape)
+    parts = [f"{n} {what}" for n, what in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
+    return f"contains {' and '.join(parts)}, first at {first}"
+
+
+def _representable(a: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether every value of ``a`` is exactly a value of ``dtype``."""
+    if np.can_cast(a.dtype, dtype, casting="safe"):
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.array_equal(a.astype(dtype).astype(np.float64), a.astype(np.float64)))
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Validated inputs, flattened to 2-D and upcast exactly to float64."""
+
+    X: np.ndarray
+    W: np.ndarray
+    B: np.ndarray | None
+    G: np.ndarray
+    given: Mapping[str, np.ndarray]  # as supplied, for representability checks
+    x_shape: tuple[int, ...]
+    layer: Layer
+
+
+def _validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> _Inputs:
+    arrays = {"X": X, "W": W, "dY": dY}
+    if B is not None:
+        arrays["B"] = B
+    given = {name: _real_array(name, value, sources) for name, value in arrays.items()}
+    X, W, G = given["X"], given["W"], given["dY"]
+    B = given.get("B")
+    if W.ndim != 2:
+        raise InputError(
+            f"{_label('W', sources)}: expected 2 dimensions (D_out, D_in), found shape {W.shape}"
+        )
+    D_out, D_in = W.shape
+    if X.ndim < 1 or X.shape[-1] != D_in:
+        raise InputError(
+            f"{_label('X', sources)}: shape {X.shape} does not fit W {W.shape}: expected "
+            f"(..., {D_in}), the last dimension equal to W's D_in"
+        )
+    if B is not None and B.shape != (D_out,):
+        raise InputError(
+            f"{_label('B', sources)}: shape {B.shape} does not fit W {W.shape}: expected ({D_out},)"
+        )
+    expected_G = X.shape[:-1] + (D_out,)
+    if G.shape != expected_G:
+        raise InputError(
+            f"{_label('dY', sources)}: shape {G.shape} does not fit X {X.shape} and W {W.shape}: "
+            f"expected {expected_G}, X's leading dimensions then D_out"
+        )
+    if 0 in X.shape or 0 in W.shape:
+        raise InputError(
+            f"{_label('X' if 0 in X.shape else 'W', sources)}: a dimension has size 0 "
+            f"(X {X.shape}, W {W.shape}); there is nothing to check"
+        )
+    for name, a in given.items():
+        _check_finite(name, a, sources)
+    X64, G64 = as_batch(X.astype(np.float64), G.astype(np.float64))
+    layer = Layer(
+        N=X64.shape[0],
+        D_in=D_in,
+        D_out=D_out,
+        batch_shape=tuple(X.shape[:-1]),
+        bias=B is not None,
+        dtypes={name: str(a.dtype) for name, a in given.items()},
+    )
+    return _Inputs(
+        X=X64,
+        W=W.astype(np.float64),
+        B=None if B is None else B.astype(np.float64),
+        G=G64,
+        given=given,
+        x_shape=tuple(X.shape),
+        layer=layer,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Checking
+
+
+def check(
+    X,
+    W,
+    B,
+    dY,
+    dX=None,
+    dW=None,
+    dB=None,
+    Y=None,
+    *,
+    against: str = "reference",
+    method: str = "grouped",
+    subject: str = "supplied",
+    sources: Mapping[str, str] | None = None,
+) -> Report:
+    """Check gradients of Y = X Wᵀ + B, every entry, with rigorous rounding bounds.
+
+    Parameters
+    ----------
+    X : array_like, shape (*, D_in)
+    W : array_like, shape (D_out, D_in)
+    B : array_like, shape (D_out,), or None for a layer without bias
+    dY : array_like, shape (*, D_out)
+        The upstream gradient G = ∂L/∂Y.
+    dX, dW, dB, Y : array_like, optional
+        Subjects: gradients (and a forward output) to check. Their dtype is
+        taken as the precision they were computed in.
+    against : {"reference", "witness"}
+        The oracle for the subjects: the analytic gradients computed in
+        float64 from the exactly upcast inputs ("reference"; the
+        central-difference witness then also checks the reference), or the
+        witness itself. ``Y`` is always checked against the float64 forward.
+    method : {"grouped", "dense"}
+        How the witness perturbs entries; see
+        :func:`lincheck.numeric.central_differences`.
+    subject : str
+        What to call the subjects in the report ("supplied", "analytic").
+    sources : mapping, optional
+        Array name → file it came from, for error messages.
+
+    Returns
+    -------
+    Report
+        With no subjects, the report checks the float64 analytic formulas
+        against the witness.
+
+    Raises
+    ------
+    InputError
+        X, W, B or dY is malformed (not real numbers, NaN/Inf, wrong rank, a
+        zero-size dimension) or their shapes disagree; or dB is given
+        without B. A subject that is wrong in any way is a failed check,
+        not an error.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> X, W, B, G = rng.normal(size=(4, 3)), rng.normal(size=(2, 3)), rng.normal(size=2), rng.normal(size=(4, 2))
+    >>> check(X, W, B, G, dX=G @ W, dW=G.T @ X, dB=G.mean(axis=0)).failed[0].tensor
+    'dB'
+    """
+    if against not in ("reference", "witness"):
+        raise ValueError(f"against must be 'reference' or 'witness', not {against!r}")
+    sources = sources or {}
+    inputs = _validate_inputs(X, W, B, dY, sources)
+    X64, W64, B64, G64 = inputs.X, inputs.W, inputs.B, inputs.G
+    bias = B64 is not None
+    if dB is not None and not bias:
+        raise InputError(
+            f"{_label('dB', sources)}: a bias gradient is given but there is no bias B; "
+            "supply B or leave dB out"
+        )
+    mags = numeric.Magnitudes.of(X64, W64, B64, G64)
+    reference = backward(X64, W64, G64, bias=bias)
+    witness = numeric.central_differences(X64, W64, B64, G64, method=method, magnitudes=mags)
+    L = inputs.layer
+    expected = {
+        "dX": inputs.x_shape,
+        "dW": (L.D_out, L.D_in),
+        "dB": (L.D_out,),
+        "Y": L.batch_shape + (L.D_out,),
+    }
+    inner = {"dX": L.D_out, "dW": L.N, "dB": L.N, "Y": L.D_in + int(bias)}
+
+    def as_given(values: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:
+        # Back from the flattened batch to the shapes the user supplied.
+        return {n: None if v is None else v.reshape(expected[n]) for n, v in values.items()}
+
+    magnitude = as_given({"dX": mags.dX, "dW": mags.dW, "dB": mags.dB, "Y": mags.Y})
+    ref_values = as_given({**reference._asdict(), "Y": forward(X64, W64, B64)})
+    wit_values = as_given(witness.grads._asdict())
+    wit_bounds = as_given(witness.bounds._asdict())
+
+    def ref_bound(name):
+        return numeric.product_bound(magnitude[name], inner[name], numeric.U64, False)
+
+    supplied = {n: v for n, v in (("dX", dX), ("dW", dW), ("dB", dB), ("Y", Y)) if v is not None}
+    checks: list[TensorCheck] = []
+    for name, value in supplied.items():
+        a = _real_array(name, value, sources)
+        u = numeric.unit_roundoff(a.dtype)
+        rounded = not all(_representable(g, a.dtype) for g in inputs.given.values())
+        own = numeric.product_bound(magnitude[name], inner[name], u, rounded)
+        precision = f"{a.dtype.name}" if a.dtype.kind == "f" else "float64"
+        own_rule = (
+            f"γ_{inner[name] + 2 * rounded}({precision}) × Σ|terms|"
+        )
+        if against == "witness" and name != "Y":
+            oracle, values, bound, rule = "witness", wit_values[name], wit_bounds[name], "witness bound"
+        else:
+            oracle, values, bound, rule = "reference", ref_values[name], ref_bound(name), "reference bound"
+        checks.append(
+            _compare(name, subject, a, oracle, values, own + bound, f"{own_rule} + {rule}",
+                     expected[name])
+        )
+    witness_checks = not supplied or against == "reference"
+    if witness_checks:
+        for name in ("dX", "dW", "dB"):
+            if name == "dB" and not bias:
+                continue
+            if supplied and name not in supplied:
+                continue
+            tol = ref_bound(name) + wit_bounds[name]
+            checks.append(
+                _compare(name, "reference", ref_values[name], "witness", wit_values[name], tol,
+                         f"γ_{inner[name]}(float64) × Σ|terms| + witness bound", expected[name])
+            )
+    return Report(
+        layer=L,
+        checks=tuple(checks),
+        witness={
+            "method": witness.method,
+            "forward_passes": witness.forward_passes,
+            "steps": witness.steps,
+        },
+    )
+
+
+def _compare(tensor, subject, value, oracle, oracle_values, tolerance, rule, expected_shape):
+    """Compare one subject (as supplied) with float64 oracle values (2-D) under a tolerance."""
+    value = np.asarray(value)
+    shape = tuple(value.shape)
+    dtype = str(value.dtype)
+    base = dict(tensor=tensor, subject=subject, subject_dtype=dtype, oracle=oracle, shape=shape,
+                expected_shape=tuple(expected_shape), tolerance_rule=rule)
+    if shape != tuple(expected_shape):
+        return TensorCheck(
+            **base, passed=False, max_abs_error=None, max_rel_error=None, bound_ratio=None,
+            worst_index=None, tolerance=None,
+            message=f"wrong shape: expected {tuple(expected_shape)}, got {shape}",
+        )
+    if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+        first = np.flatnonzero(~np.isfinite(value))[0]
+        return TensorCheck(
+            **base, passed=False, max_abs_error=None, max_rel_error=None, bound_ratio=None,
+            worst_index=tuple(_index(int(first), shape)), tolerance=None,
+            message=_nonfinite_summary(value),
+        )
+    s = value.astype(np.float64).reshape(np.shape(oracle_values))
+    o = np.asarray(oracle_values, dtype=np.float64)
+    tol = np.broadcast_to(tolerance, o.shape)
+    cmp = numeric.compare(s, o, tol)
+    s_flat, o_flat, tol_flat = s.ravel(), o.ravel(), tol.ravel()
+    entries = tuple(
+        Entry(
+            index=tuple(_index(i, shape)),
+            subject=float(s_flat[i]),
+            oracle=float(o_flat[i]),
+            abs_error=float(abs(s_flat[i] - o_flat[i])),
+            tolerance=float(tol_flat[i]),
+        )
+        for i in cmp.order
+    )
+    if cmp.passed:
+        message = ""
+    else:
+        n_bad = int(np.count_nonzero(np.abs(s - o) > tol))
+        message = f"{n_bad} of {s.size} entries exceed their tolerance"
+    return TensorCheck(
+        **base,
+        passed=cmp.passed,
+        max_abs_error=cmp.max_abs_error,
+        max_rel_error=cmp.max_rel_error,
+        bound_ratio=cmp.bound_ratio,
+        worst_index=tuple(_index(cmp.worst, shape)),
+        tolerance=cmp.tolerance_at_worst,
+        message=message,
+        worst_entries=entries,
+    )
+
+
+def random_inputs(
+    rng: np.random.Generator, N: int, D_in: int, D_out: int, dtype: str = "float64", bias: bool = True
+) -> dict[str, np.ndarray]:
+    """Random X, W, B, dY like a freshly initialised ``torch.nn.Linear`` sees.
+
+    X and dY are standard normal; W and B are uniform on ±1/√D_in (PyTorch's
+    default initialisation). Values are drawn in float64 and rounded once to
+    ``dtype``.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
+    bound = 1.0 / np.sqrt(D_in)
+    arrays = {
+        "X": rng.standard_normal((N, D_in)),
+        "W": rng.uniform(-bound, bound, (D_out, D_in)),
+        "B": rng.uniform(-bound, bound, D_out),
+        "dY": rng.standard_normal((N, D_out)),
+    }
+    if not bias:
+        del arrays["B"]
+    return {name: a.astype(dtype) for name, a in arrays.items()}
+
+
+def analytic_gradients(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """dX, dW (and dB) computed by NumPy in the arrays' own dtype, dX shaped like X."""
+    X, G = as_batch(arrays["X"], arrays["dY"])
+    grads = backward(X, arrays["W"], G, bias="B" in arrays)
+    out = {"dX": grads.dX.reshape(arrays["X"].shape), "dW": grads.dW}
+    if grads.dB is not None:
+        out["dB"] = grads.dB
+    return out
+
+
+__all__ = [
+    "Entry",
+    "Gradients",
+    "Hint",
+    "Layer",
+    "Report",
+    "TensorCheck",
+    "analytic_gradients",
+    "check",
+    "random_inputs",
+]

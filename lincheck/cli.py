@@ -1,0 +1,222 @@
+"""The ``lincheck`` command: parse, call the library, render, choose the exit code.
+
+Exit codes (stable): 0 every check passed; 1 at least one check failed;
+2 bad usage or bad input (one line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import LincheckError
+
+EXIT_CODES = """\
+Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input.
+"""
+
+app = typer.Typer(
+    name="lincheck",
+    help=(
+        "Check the gradients of a fully connected layer Y = X Wᵀ + B, every entry, "
+        "against rigorous floating-point error bounds.\n\n"
+        "dX = G W,  dW = Gᵀ X,  dB = Σₙ G  with G = dL/dY."
+    ),
+    epilog=EXIT_CODES + "\nExample: lincheck run --n 32 --din 64 --dout 16",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+class DType(str, Enum):
+    float64 = "float64"
+    float32 = "float32"
+    float16 = "float16"
+
+
+def _fail(message: str) -> typer.Exit:
+    """Print one line on stderr and return the exit to raise (code 2: bad input)."""
+    stderr.print(f"lincheck: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"lincheck {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    pass
+
+
+JsonOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--json",
+        help="Also write the machine-readable report to this file (replaced if it exists); "
+        "'-' writes it to stdout and moves the tables to stderr.",
+        metavar="PATH",
+    ),
+]
+
+
+def _emit(report, header, json_path: Optional[Path], context: dict) -> None:
+    """Render the tables and the JSON report, then exit 0 or 1."""
+    from . import arrays
+    from .report import render, to_json
+
+    to_stdout = json_path is not None and str(json_path) == "-"
+    (stderr if to_stdout else stdout).print(render(report, header))
+    if json_path is not None:
+        text = to_json(report, **context)
+        if to_stdout:
+            typer.echo(text, nl=False)
+        else:
+            try:
+                arrays.write_text(json_path, text)
+            except LincheckError as exc:
+                raise _fail(str(exc)) from None
+    raise typer.Exit(code=0 if report.passed else 1)
+
+
+SizeN = Annotated[int, typer.Option("--n", min=1, help="Batch size N.")]
+SizeIn = Annotated[int, typer.Option("--din", min=1, help="Input features D_in.")]
+SizeOut = Annotated[int, typer.Option("--dout", min=1, help="Output features D_out.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, help="Seed of the random arrays.")]
+DTypeOption = Annotated[
+    DType, typer.Option("--dtype", help="dtype of the arrays and of the analytic computation.")
+]
+Force = Annotated[bool, typer.Option("--force", help="Replace existing .npy files.")]
+
+
+@app.command(epilog=EXIT_CODES + "\nExample: lincheck run --n 32 --din 64 --dout 16 --dtype float32")
+def run(
+    n: SizeN = 32,
+    din: SizeIn = 64,
+    dout: SizeOut = 16,
+    seed: Seed = 0,
+    dtype: DTypeOption = DType.float64,
+    no_bias: Annotated[bool, typer.Option("--no-bias", help="A layer without bias (no B, no dB).")] = False,
+    json_path: JsonOption = None,
+    save: Annotated[
+        Optional[Path],
+        typer.Option("--save", help="Also write the generated arrays to this folder, as "
+                     "'generate --with-grads' does.", metavar="DIR"),
+    ] = None,
+    force: Force = False,
+) -> None:
+    """Generate a random layer, compute its gradients analytically in --dtype, and check
+    every entry against central differences of L = Σ G ⊙ Y (float64)."""
+    import numpy as np
+
+    from . import arrays, checks
+
+    data = checks.random_inputs(np.random.default_rng(seed), n, din, dout, dtype.value, not no_bias)
+    grads = checks.analytic_gradients(data)
+    if save is not None:
+        try:
+            arrays.save(save, {**data, **grads}, force=force)
+        except LincheckError as exc:
+            raise _fail(str(exc)) from None
+    report = checks.check(*(data.get(k) for k in ("X", "W", "B", "dY")), **grads,
+                          against="witness", subject="analytic")
+    bias = "without bias" if no_bias else "with bias"
+    header = (
+        f"[bold]lincheck run[/]  N={n} D_in={din} D_out={dout}, {dtype.value}, {bias}, seed {seed}\n"
+        f"[dim]reproduce: lincheck run --n {n} --din {din} --dout {dout} --seed {seed} "
+        f"--dtype {dtype.value}{' --no-bias' if no_bias else ''}[/]"
+    )
+    context = {"command": "run", "seed": seed, "dtype": dtype.value}
+    _emit(report, header, json_path, context)
+
+
+@app.command(
+    epilog=EXIT_CODES
+    + "\nExample: lincheck verify dump/ --json report.json   (dump/ holds X.npy W.npy B.npy dY.npy dW.npy …)"
+)
+def verify(
+    path: Annotated[
+        Path,
+        typer.Argument(help="A folder of .npy files or one .npz file. Names (case-insensitive): "
+                       "X, W, dY required; B optional; dX, dW, dB, Y are the gradients (and "
+                       "forward output) to check.", show_default=False),
+    ],
+    json_path: JsonOption = None,
+) -> None:
+    """Check gradients your code produced (dX, dW, dB, Y) against the float64 analytic
+    reference, which is itself checked against central differences; with no gradients
+    given, check the analytic formulas on your X, W, B, dY."""
+    from . import arrays, checks
+
+    try:
+        loaded = arrays.load(path)
+        a = loaded.arrays
+        report = checks.check(
+            a["X"], a["W"], a.get("B"), a["dY"],
+            **{name: a[name] for name in checks.SUBJECT_NAMES if name in a},
+            sources=loaded.sources,
+        )
+    except LincheckError as exc:
+        raise _fail(str(exc)) from None
+    layer = report.layer
+    order = [*checks.INPUT_NAMES, *checks.SUBJECT_NAMES]
+    shapes = ", ".join(f"{name} {tuple(a[name].shape)} {a[name].dtype}" for name in order if name in a)
+    header = (
+        f"[bold]lincheck verify[/] {path}  N={layer.N} D_in={layer.D_in} D_out={layer.D_out}, "
+        f"{'with' if layer.bias else 'without'} bias\n[dim]{shapes}[/]"
+    )
+    context = {"command": "verify", "path": str(path), "sources": dict(loaded.sources)}
+    _emit(report, header, json_path, context)
+
+
+@app.command(epilog=EXIT_CODES + "\nExample: lincheck generate case/ --n 8 --din 4 --dout 3 --with-grads")
+def generate(
+    directory: Annotated[Path, typer.Argument(help="Folder to write into (created if needed).",
+                                              show_default=False, metavar="DIR")],
+    n: SizeN = 32,
+    din: SizeIn = 64,
+    dout: SizeOut = 16,
+    seed: Seed = 0,
+    dtype: DTypeOption = DType.float64,
+    no_bias: Annotated[bool, typer.Option("--no-bias", help="Write no B (and no dB).")] = False,
+    with_grads: Annotated[
+        bool, typer.Option("--with-grads", help="Also write dX, dW, dB computed in --dtype.")
+    ] = False,
+    force: Force = False,
+) -> None:
+    """Write seeded random X.npy, W.npy, B.npy, dY.npy (the inputs of 'verify').
+
+    Each file is written atomically; an existing file is never replaced without --force."""
+    import numpy as np
+
+    from . import arrays, checks
+
+    data = checks.random_inputs(np.random.default_rng(seed), n, din, dout, dtype.value, not no_bias)
+    if with_grads:
+        data.update(checks.analytic_gradients(data))
+    try:
+        written = arrays.save(directory, data, force=force)
+    except LincheckError as exc:
+        raise _fail(str(exc)) from None
+    stdout.print(f"wrote {', '.join(p.name for p in written)} to {directory}", highlight=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,153 @@
+"""Presentation: a :class:`~lincheck.checks.Report` as Rich renderables or JSON text.
+
+Nothing here prints; the CLI decides where output goes.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import groupby
+from typing import Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from .checks import Report, TensorCheck
+
+_SUBJECT = {
+    "supplied": "Your gradients",
+    "analytic": "Analytic gradients",
+    "reference": "The float64 analytic formulas",
+}
+_ORACLE = {
+    "reference": "the float64 analytic reference",
+    "witness": "the numerical witness (central differences, float64)",
+}
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+def _index(index: tuple[int, ...] | None) -> str:
+    return "—" if index is None else "[" + ", ".join(map(str, index)) + "]"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _result(check: TensorCheck) -> Text:
+    return Text("PASS", style="bold green") if check.passed else Text("FAIL", style="bold red")
+
+
+def _title(check: TensorCheck, report: Report) -> str:
+    subject = _SUBJECT.get(check.subject, check.subject)
+    if check.subject == "analytic":
+        subject += f" ({check.subject_dtype})"
+    title = f"{subject} vs {_ORACLE.get(check.oracle, check.oracle)}"
+    if check.oracle == "witness":
+        title += f", {report.witness['forward_passes']:,} forward passes"
+    return title
+
+
+def _table(title: str) -> Table:
+    return Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
+                 pad_edge=False, padding=(0, 1), collapse_padding=True)
+
+
+def summary_tables(report: Report) -> list[Table]:
+    """One table per (subject, oracle) pair: a row per tensor with its verdict."""
+    tables = []
+    for _, group in groupby(report.checks, key=lambda c: (c.subject, c.oracle)):
+        checks = list(group)
+        table = _table(_title(checks[0], report))
+        table.add_column("Tensor", style="bold", no_wrap=True, min_width=6)
+        table.add_column("Shape", no_wrap=True)
+        table.add_column("Max abs", justify="right", no_wrap=True)
+        table.add_column("Max rel", justify="right", no_wrap=True)
+        table.add_column("Worst at", no_wrap=True)
+        table.add_column("Tol there", justify="right", no_wrap=True)
+        table.add_column("Err/tol", justify="right", no_wrap=True)
+        table.add_column("Result", no_wrap=True, min_width=6)
+        for c in checks:
+            table.add_row(
+                c.tensor,
+                _shape(c.shape),
+                _num(c.max_abs_error),
+                _num(c.max_rel_error),
+                _index(c.worst_index),
+                _num(c.tolerance),
+                "—" if c.bound_ratio is None else f"{c.bound_ratio:.2g}",
+                _result(c),
+            )
+        tables.append(table)
+    return tables
+
+
+def worst_entries_table(report: Report, per_tensor: int = 3, per_failed: int = 5) -> Table | None:
+    """The entries closest to (or past) their tolerance, with both values.
+
+    Shown for the checks of the subjects (the first group) and for any failed check.
+    """
+    primary = report.checks[0].subject if report.checks else None
+    table = _table("Worst entries (largest error / tolerance first)")
+    for name, justify in (("Tensor", "left"), ("Index", "left"), ("Checked", "right"),
+                          ("Against", "right"), ("|error|", "right"), ("Tolerance", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    rows = 0
+    for c in report.checks:
+        if c.passed and c.subject != primary:
+            continue
+        for e in c.worst_entries[: per_tensor if c.passed else per_failed]:
+            if e.abs_error == 0:
+                continue
+            over = e.abs_error > e.tolerance
+            table.add_row(
+                c.tensor,
+                _index(e.index),
+                f"{e.subject:.9g}",
+                f"{e.oracle:.9g}",
+                Text(_num(e.abs_error), style="red" if over else ""),
+                _num(e.tolerance),
+            )
+            rows += 1
+    return table if rows else None
+
+
+def problems(report: Report) -> Text | None:
+    """One line per failed check that carries a message (shape, NaN, entries over tolerance)."""
+    lines = [f"{c.tensor} ({c.subject} vs {c.oracle}): {c.message}" for c in report.failed if c.message]
+    lines += [f"hint [{h.code}] {h.tensor}: {h.message}" for h in report.hints]
+    return Text("\n".join(lines), style="red") if lines else None
+
+
+def verdict(report: Report) -> Text:
+    n = len(report.checks)
+    if report.passed:
+        return Text.assemble(("PASS", "bold green"), f"  all {n} checks passed")
+    failed = ", ".join(f"{c.tensor} ({c.subject})" for c in report.failed)
+    return Text.assemble(("FAIL", "bold red"), f"  {len(report.failed)} of {n} checks failed: {failed}")
+
+
+def render(report: Report, header: RenderableType | None = None) -> Group:
+    """Everything a terminal shows for one report, in order."""
+    parts: list[RenderableType] = [] if header is None else [header]
+    parts += summary_tables(report)
+    worst = worst_entries_table(report)
+    if worst is not None:
+        parts.append(worst)
+    extra = problems(report)
+    if extra is not None:
+        parts.append(extra)
+    parts.append(verdict(report))
+    return Group(*parts)
+
+
+def to_json(report: Report, **context: Any) -> str:
+    """The JSON report, with ``context`` (command, inputs) merged in at the top level."""
+    return json.dumps({**report.as_dict(), **context}, indent=2, allow_nan=False) + "\n"
