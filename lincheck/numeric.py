@@ -28,13 +28,10 @@ UNIT_ROUNDOFF: dict[str, float] = {
 """Unit roundoff u = 2⁻ᵖ for a p-bit significand (IEEE 754 binary64/32/16)."""
 
 DEFAULT_REL_STEP = 2.0**10
-"""Step of the central difference, in units of the perturbed array's scale.
+"""How far past the cancellation threshold the step goes; see :func:`step_sizes`."""
 
-L is linear in each entry, so a central difference has no truncation error
-and a larger step only shrinks the roundoff term (≈ u·|L|/h). 1024 times the
-largest entry makes that term at most about 1/1000 of the unavoidable
-rounding of the perturbed forward pass itself; see :func:`central_differences`.
-"""
+_MAX_STEP_FACTOR = 2.0**64
+"""Cap on a step, in units of its array's scale, so perturbed values stay far from overflow."""
 
 _CHUNK_BYTES = 32 * 2**20
 """Memory for one batch of perturbed forward passes (inputs plus outputs)."""
@@ -109,16 +106,29 @@ def product_bound(magnitude: np.ndarray, k: int, u: float, inputs_rounded: bool)
     return gamma(k + 2 if inputs_rounded else k, u) * magnitude
 
 
-def step_size(values: np.ndarray, rel_step: float = DEFAULT_REL_STEP) -> float:
-    """h = rel_step · 2^⌈log₂ s⌉ with s the largest |value| (1 if all are zero).
+def step_sizes(
+    values: np.ndarray, A: np.ndarray | float, M: np.ndarray, rel_step: float = DEFAULT_REL_STEP
+) -> np.ndarray:
+    """Per-entry central-difference steps h = rel_step · 2^⌈log₂ max(s, A/M)⌉.
 
-    A power of two keeps h exact; the scale keeps it meaningful for arrays of
-    any magnitude.
+    The estimate's rounding error (see :func:`central_differences`) has two
+    parts: γ·2A/(θ⁺ − θ⁻), the cancellation between two loss values of size
+    about A, which falls as h grows, and γ·M, the rounding of the
+    perturbation's own effect, which does not. At h = A/M the two are equal;
+    ``rel_step`` = 1024 times that makes the cancellation part about 1/1000
+    of the rest, so the witness is as accurate as the forward pass allows.
+    L is linear in each entry, so a large h adds no truncation error. The
+    step is never below s = max |values| (so it is meaningful for arrays of
+    any scale; s = 1 if all are zero), never above 2⁶⁴·s (far from
+    overflow), and a power of two.
     """
     scale = float(np.max(np.abs(values), initial=0.0))
     if not np.isfinite(scale) or scale == 0.0:
         scale = 1.0
-    return rel_step * float(np.ldexp(1.0, int(np.frexp(scale)[1])))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        threshold = np.where(M > 0, A / M, np.inf)
+    target = np.clip(threshold, scale, scale * _MAX_STEP_FACTOR)
+    return rel_step * np.ldexp(1.0, np.frexp(target)[1])
 
 
 @dataclass(frozen=True)
@@ -137,14 +147,14 @@ class Witness:
         Forward passes evaluated (one per perturbed copy of a batch row or
         weight row counts once per copy of the whole layer it belongs to).
     steps : dict
-        The step h used for each of "X", "W", "B".
+        The smallest and largest step h used for each of "X", "W", "B".
     """
 
     grads: Gradients
     bounds: Gradients
     method: str
     forward_passes: int
-    steps: dict[str, float]
+    steps: dict[str, tuple[float, float]]
 
 
 def central_differences(
@@ -188,8 +198,8 @@ def central_differences(
         Curtis, Powell and Reid (1974), which scipy's
         ``approx_derivative(sparsity=...)`` also uses.
     rel_step : float
-        The step for each array is ``step_size(array, rel_step)``. For B
-        the scale is that of |X| |W|ᵀ + |B|, the values B is added to.
+        Steps are chosen per entry by :func:`step_sizes`. For B the scale is
+        that of |X| |W|ᵀ + |B|, the values B is added to.
 
     Notes
     -----
@@ -207,8 +217,9 @@ def central_differences(
     grows; the γ_c M term is the rounding of the perturbation's own
     contribution and stays. In float64 at (32, 64, 16) the worst error of
     the dense method fell from about 1e-7 at h = 1e-8 to about 1e-13 at
-    h = 1e-3; the default step (1024 times the array's scale) puts the first
-    term below the second. See ``docs/numerics.md`` for the derivation.
+    h = 1e-3. The default steps put the first term at about 1/1000 of the
+    second, entry by entry (:func:`step_sizes`), which keeps the witness
+    accurate for badly scaled inputs too. See ``docs/numerics.md`` for the derivation.
 
     References
     ----------
@@ -221,24 +232,25 @@ def central_differences(
     mags = magnitudes if magnitudes is not None else Magnitudes.of(X, W, B, G)
     N, D_in = X.shape
     D_out = W.shape[0]
-    steps = {"X": step_size(X, rel_step), "W": step_size(W, rel_step)}
+    aG = np.abs(G)
+    # A: the sum of absolute terms of each loss share read off, and c the
+    # number of roundings in it (forward pass, bias, then the share's sum).
+    if method == "grouped":
+        A_X = _upper(np.sum(aG * mags.Y, axis=1), D_out)[:, None]  # row shares
+        A_B = _upper(np.sum(aG * mags.Y, axis=0), N)  # column shares
+        A_W = A_B[:, None]
+        c_X, c_W = gamma(D_in + 1 + D_out, U64), gamma(D_in + 1 + N, U64)
+        estimate = _grouped
+    else:
+        A_X = A_W = A_B = float(_upper(np.sum(aG * mags.Y), N * D_out))
+        c_X = c_W = gamma(D_in + 1 + N * D_out, U64)
+        estimate = _dense
+    h = {"X": step_sizes(X, A_X, mags.dX, rel_step), "W": step_sizes(W, A_W, mags.dW, rel_step)}
     if B is not None:
-        steps["B"] = step_size(mags.Y, rel_step)
-    estimate = _grouped if method == "grouped" else _dense
-    (dX, DX), (dW, DW), (dB, DB), passes = estimate(X, W, B, G, steps)
+        h["B"] = step_sizes(mags.Y, A_B, mags.dB, rel_step)
+    (dX, DX), (dW, DW), (dB, DB), passes = estimate(X, W, B, G, h)
 
     g3 = gamma(3, U64)
-    aG = np.abs(G)
-    # A: the sum of absolute terms of each loss share that is read off.
-    if method == "grouped":
-        A_rows = _upper(np.sum(aG * mags.Y, axis=1), D_out)[:, None]
-        A_cols = _upper(np.sum(aG * mags.Y, axis=0), N)
-        c_X, c_W, A_X, A_W = gamma(D_in + 1 + D_out, U64), gamma(D_in + 1 + N, U64), A_rows, A_cols
-    else:
-        A_all = float(_upper(np.sum(aG * mags.Y), N * D_out))
-        c_X = c_W = gamma(D_in + 1 + N * D_out, U64)
-        A_X = A_W = A_all
-    A_W_rows = A_W[:, None] if np.ndim(A_W) else A_W
 
     def bound(c, A, delta, M):
         # (1 + 8u) covers evaluating this expression in float64.
@@ -246,9 +258,10 @@ def central_differences(
 
     bounds = Gradients(
         bound(c_X, A_X, DX, mags.dX),
-        bound(c_W, A_W_rows, DW, mags.dW),
-        bound(c_W, A_W, DB, mags.dB) if B is not None else None,
+        bound(c_W, A_W, DW, mags.dW),
+        bound(c_W, A_B, DB, mags.dB) if B is not None else None,
     )
+    steps = {name: (float(v.min()), float(v.max())) for name, v in h.items()}
     return Witness(Gradients(dX, dW, dB), bounds, method, passes, steps)
 
 
@@ -265,8 +278,8 @@ def _grouped(X, W, B, G, steps):
         c = len(cols)
         Xs = np.broadcast_to(X, (2, c, N, D_in)).copy()
         k = np.arange(c)
-        Xs[0, k, :, cols] += steps["X"]
-        Xs[1, k, :, cols] -= steps["X"]
+        Xs[0, k, :, cols] += steps["X"][:, cols].T
+        Xs[1, k, :, cols] -= steps["X"][:, cols].T
         Y = forward(Xs.reshape(-1, D_in), W, B).reshape(2, c, N, D_out)
         shares = np.einsum("scni,ni->scn", Y, G)
         delta = Xs[0, k, :, cols] - Xs[1, k, :, cols]  # (c, N)
@@ -282,8 +295,8 @@ def _grouped(X, W, B, G, steps):
         c = len(cols)
         Ws = np.broadcast_to(W, (2, c, D_out, D_in)).copy()
         k = np.arange(c)
-        Ws[0, k, :, cols] += steps["W"]
-        Ws[1, k, :, cols] -= steps["W"]
+        Ws[0, k, :, cols] += steps["W"][:, cols].T
+        Ws[1, k, :, cols] -= steps["W"][:, cols].T
         if B is not None:
             Bs = np.tile(B, 2 * c)
         Y = forward(X, Ws.reshape(-1, D_in), Bs).reshape(N, 2, c, D_out)
@@ -314,9 +327,9 @@ def _dense(X, W, B, G, steps):
         est, delta = np.empty_like(theta), np.empty_like(theta)
         for idx in np.ndindex(theta.shape):
             original = theta[idx]
-            theta[idx] = original + steps[name]
+            theta[idx] = original + steps[name][idx]
             plus, L_plus = theta[idx], surrogate_loss(params["X"], params["W"], params.get("B"), G)
-            theta[idx] = original - steps[name]
+            theta[idx] = original - steps[name][idx]
             minus, L_minus = theta[idx], surrogate_loss(params["X"], params["W"], params.get("B"), G)
             theta[idx] = original
             delta[idx] = plus - minus

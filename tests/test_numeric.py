@@ -1,0 +1,136 @@
+"""The numerical witness, its rounding bounds, and the error metrics."""
+
+import numpy as np
+import pytest
+from conftest import ORACLE_RTOL, SHAPES, layer, loop_gradients
+
+from lincheck import numeric
+from lincheck.core import backward
+
+
+def _errors_within_bounds(witness, exact):
+    for name, est, bound, want in zip(("dX", "dW", "dB"), witness.grads, witness.bounds, exact):
+        if want is None:
+            continue
+        err = np.abs(est - want)
+        assert np.all(err <= bound), f"{name}: error {err.max():.3g} exceeds its bound"
+
+
+@pytest.mark.parametrize("method", ["grouped", "dense"])
+@pytest.mark.parametrize("shape", SHAPES[:-1], ids=str)
+def test_witness_matches_index_loops_within_its_bound(rng, shape, method):
+    X, W, B, G = layer(rng, *shape)
+    witness = numeric.central_differences(X, W, B, G, method=method)
+    exact = loop_gradients(X, W, G)
+    # The loop oracle has its own float64 error, at most ORACLE_RTOL of the magnitudes.
+    mags = numeric.Magnitudes.of(X, W, B, G)
+    for est, bound, want, mag in zip(witness.grads, witness.bounds, exact, (mags.dX, mags.dW, mags.dB)):
+        assert np.all(np.abs(est - want) <= bound + ORACLE_RTOL["float64"] * mag)
+
+
+def test_witness_without_bias(rng):
+    X, W, _, G = layer(rng, 5, 4, 3)
+    witness = numeric.central_differences(X, W, None, G)
+    assert witness.grads.dB is None and witness.bounds.dB is None
+    assert witness.forward_passes == 2 * 2 * 4
+    _errors_within_bounds(witness, backward(X, W, G, bias=False))
+
+
+def test_grouped_costs_two_passes_per_column_plus_bias(rng):
+    X, W, B, G = layer(rng, 32, 64, 16)
+    assert numeric.central_differences(X, W, B, G).forward_passes == 2 * (2 * 64 + 1)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2), (6, 6, 6)], ids=str)
+def test_grouped_and_dense_agree_within_their_bounds(rng, shape):
+    X, W, B, G = layer(rng, *shape)
+    grouped = numeric.central_differences(X, W, B, G, method="grouped")
+    dense = numeric.central_differences(X, W, B, G, method="dense")
+    for g, d, bg, bd in zip(grouped.grads, dense.grads, grouped.bounds, dense.bounds):
+        assert np.all(np.abs(g - d) <= bg + bd)
+
+
+def test_badly_scaled_inputs(rng):
+    """Entries near 1e6 next to entries near 1e-6: still every entry within its bound."""
+    N, D_in, D_out = 12, 9, 5
+    X, W, B, G = layer(rng, N, D_in, D_out)
+    X *= 10.0 ** rng.choice([-6, 6], size=X.shape)
+    W *= 10.0 ** rng.choice([-6, 6], size=W.shape)
+    G *= 10.0 ** rng.choice([-6, 6], size=G.shape)
+    B *= 1e6
+    exact = loop_gradients(X, W, G)
+    mags = numeric.Magnitudes.of(X, W, B, G)
+    for method in ("grouped", "dense"):
+        witness = numeric.central_differences(X, W, B, G, method=method)
+        for est, bound, want, mag in zip(witness.grads, witness.bounds, exact, (mags.dX, mags.dW, mags.dB)):
+            assert np.all(np.abs(est - want) <= bound + ORACLE_RTOL["float64"] * mag)
+            # The bound is useful, not vacuous: a tiny fraction of each entry's magnitude.
+            assert np.all(bound <= 1e-9 * mag + 1e-300)
+
+
+def test_larger_steps_shrink_the_roundoff(rng):
+    """L is linear in each entry: no truncation error, so the error falls as h grows."""
+    X, W, B, G = layer(rng, 32, 64, 16)
+    exact = backward(X, W, G)
+    errs = {}
+    for rel_step in (1e-8, 1e-3, numeric.DEFAULT_REL_STEP):
+        w = numeric.central_differences(X, W, B, G, method="grouped", rel_step=rel_step)
+        _errors_within_bounds(w, exact)
+        errs[rel_step] = max(float(np.max(np.abs(e - x))) for e, x in zip(w.grads, exact))
+    assert errs[1e-8] > 100 * errs[1e-3] >= 100 * errs[numeric.DEFAULT_REL_STEP]
+    assert errs[1e-8] > 1e-10
+
+
+def test_step_sizes_are_powers_of_two_between_the_scale_and_the_cap():
+    values = np.array([0.3, -0.7, 0.1])
+    A = 10.0
+    M = np.array([100.0, 1.0, 0.0])  # thresholds A/M: 0.1 (below the scale 0.7), 10, infinite
+    h = numeric.step_sizes(values, A, M, rel_step=1.0)
+    assert h.tolist() == [1.0, 16.0, 2.0**64]
+    assert numeric.step_sizes(np.zeros(2), 1.0, np.ones(2), 2.0).tolist() == [4.0, 4.0]
+    assert numeric.step_sizes(np.array([1e6]), 0.0, np.ones(1), 1024.0).tolist() == [1024.0 * 2.0**20]
+
+
+def test_gamma():
+    assert numeric.gamma(1, 2.0**-53) == pytest.approx(2.0**-53)
+    assert numeric.gamma(10, 0.01) == pytest.approx(0.1 / 0.9)
+    assert numeric.gamma(100, 0.01) == float("inf")
+
+
+def test_unit_roundoff():
+    assert numeric.unit_roundoff(np.float16) == 2.0**-11
+    assert numeric.unit_roundoff(np.float32) == 2.0**-24
+    assert numeric.unit_roundoff(np.float64) == 2.0**-53
+    assert numeric.unit_roundoff(np.int32) == 2.0**-53
+
+
+def test_product_bound_holds_for_numpy_matmul_in_each_dtype(rng):
+    """The worst-case bound covers NumPy's float16/32/64 products, including rounded inputs."""
+    for dtype in ("float16", "float32", "float64"):
+        for k in (1, 7, 64, 300):
+            A, Bm = rng.standard_normal((20, k)), rng.standard_normal((k, 9))
+            exact = A @ Bm  # float64, its own error far below the float16/32 bounds
+            mag = np.abs(A) @ np.abs(Bm)
+            low = A.astype(dtype) @ Bm.astype(dtype)
+            own = numeric.product_bound(mag, k, numeric.unit_roundoff(dtype), inputs_rounded=True)
+            ref_err = numeric.product_bound(mag, k, numeric.U64, False)
+            assert np.all(np.abs(low.astype(np.float64) - exact) <= own + ref_err), (dtype, k)
+
+
+def test_compare_hand_case():
+    subject = np.array([1.0, 2.0, 0.0, 5.0])
+    oracle = np.array([1.0, 2.5, 0.0, 4.0])
+    tol = np.array([0.1, 1.0, 0.0, 0.5])
+    c = numeric.compare(subject, oracle, tol)
+    assert not c.passed
+    assert c.max_abs_error == 1.0
+    assert c.max_rel_error == pytest.approx(0.25)
+    assert c.bound_ratio == 2.0 and c.worst == 3 and c.tolerance_at_worst == 0.5
+    assert c.order == (3, 1, 0, 2)
+
+
+def test_compare_zero_tolerance_and_zero_oracle():
+    c = numeric.compare(np.array([0.0, 1e-30]), np.array([0.0, 0.0]), np.array([0.0, 0.0]))
+    assert not c.passed and c.bound_ratio == float("inf") and c.max_rel_error == float("inf")
+    c = numeric.compare(np.array([0.0]), np.array([0.0]), np.array([0.0]))
+    assert c.passed and c.bound_ratio == 0.0 and c.max_rel_error == 0.0
