@@ -1,0 +1,230 @@
+"""Loading and saving arrays: names, formats, corrupt and hostile files, atomic writes."""
+
+import io
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+from lincheck import InputError
+from lincheck import arrays
+
+
+def _write_inputs(folder, rng, dtype="float64", **extra):
+    folder.mkdir(exist_ok=True)
+    data = {
+        "X": rng.standard_normal((4, 3)).astype(dtype),
+        "W": rng.standard_normal((2, 3)).astype(dtype),
+        "dY": rng.standard_normal((4, 2)).astype(dtype),
+        **extra,
+    }
+    for name, a in data.items():
+        np.save(folder / f"{name}.npy", a)
+    return data
+
+
+@pytest.mark.parametrize("dtype", ["float64", ">f8", "float32", ">f4", "float16", "int16", "bool"])
+@pytest.mark.parametrize("shape", [(1,), (3, 2), (2, 3, 4), (1, 1)])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_save_load_roundtrip(tmp_path, rng, dtype, shape, order):
+    """Any real dtype, byte order, memory order and shape comes back bit for bit."""
+    a = np.asarray(rng.standard_normal(shape) * 10, order=order).astype(dtype, order=order)
+    np.save(tmp_path / "X.npy", a)  # NumPy's writer: big-endian and Fortran headers as found in the wild
+    with open(tmp_path / "X.npy", "rb") as fp:
+        back = arrays._read_npy(fp, os.path.getsize(tmp_path / "X.npy"), "X")
+    assert back.dtype == a.dtype and back.shape == a.shape
+    assert np.array_equal(back, a)
+    arrays.save(tmp_path / "out", {"W": a})
+    assert np.array_equal(np.load(tmp_path / "out" / "W.npy"), a)
+
+
+def test_folder_names_are_case_insensitive_and_unknown_files_ignored(tmp_path, rng):
+    folder = tmp_path / "dump"
+    folder.mkdir()
+    np.save(folder / "x.npy", np.ones((4, 3)))
+    with open(folder / "W.NPY", "wb") as fp:  # np.save would append ".npy"
+        np.save(fp, np.ones((2, 3)))
+    np.save(folder / "DY.npy", np.ones((4, 2)))
+    np.save(folder / "dw.npy", np.ones((2, 3)))
+    np.save(folder / "activations.npy", np.ones(2))
+    (folder / "notes.txt").write_text("hello")
+    loaded = arrays.load(folder)
+    assert set(loaded.arrays) == {"X", "W", "dY", "dW"}
+    assert loaded.sources["W"] == str(folder / "W.NPY")
+    assert sorted(os.path.basename(p) for p in loaded.ignored) == ["activations.npy", "notes.txt"]
+
+
+def test_npz_keys(tmp_path, rng):
+    path = tmp_path / "case.npz"
+    np.savez_compressed(path, X=np.ones((4, 3)), w=np.ones((2, 3)), dy=np.ones((4, 2)), other=np.ones(1))
+    loaded = arrays.load(path)
+    assert set(loaded.arrays) == {"X", "W", "dY"}
+    assert loaded.sources["W"] == f"{path}:w"
+    assert loaded.ignored == (f"{path}:other.npy",)
+
+
+def test_two_files_for_one_name(tmp_path, rng):
+    folder = tmp_path / "dump"
+    _write_inputs(folder, rng)
+    np.save(folder / "x.npy", np.ones((4, 3)))
+    with pytest.raises(InputError, match=r"^X: two sources for one array: .*X.npy and .*x.npy$"):
+        arrays.load(folder)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: None, r"no such file or folder"),
+        (lambda p: p.write_text("x"), r"expected a folder of \.npy files or one \.npz file"),
+    ],
+)
+def test_path_errors(tmp_path, make, message):
+    path = tmp_path / "thing.npy"
+    make(path)
+    with pytest.raises(InputError, match=message):
+        arrays.load(path)
+
+
+def test_missing_required_arrays(tmp_path, rng):
+    folder = tmp_path / "dump"
+    folder.mkdir()
+    np.save(folder / "X.npy", np.ones((4, 3)))
+    with pytest.raises(InputError, match=r"missing W, dY \(needs X, W and dY; found X\)$"):
+        arrays.load(folder)
+
+
+def _npy_bytes(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+class _Payload:
+    """Unpickling this creates a folder: proof that code ran."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", r"not a valid \.npy file"),
+        (b"this is text, not an array\n" * 4, r"not a valid \.npy file"),
+        (bytes(range(256)), r"not a valid \.npy file"),
+        (_npy_bytes(np.ones((4, 3)))[:40], r"not a valid \.npy file"),  # header cut
+        (_npy_bytes(np.ones((4, 3)))[:-8], r"truncated: the header declares shape \(4, 3\) float64 \(96 bytes of data\) but the file holds 88$"),
+        (_npy_bytes(np.ones((4, 3))).replace(b"(4, 3)", b"(4000000000, 3000000000)".ljust(6)),
+         r"truncated: the header declares shape \(4000000000, 3000000000\)"),
+    ],
+    ids=["empty", "text", "random bytes", "cut header", "cut data", "huge shape"],
+)
+def test_corrupt_npy_files(tmp_path, rng, content, message):
+    folder = tmp_path / "dump"
+    _write_inputs(folder, rng)
+    (folder / "X.npy").write_bytes(content)
+    with pytest.raises(InputError, match=r"^X \(.*X\.npy\): " + message):
+        arrays.load(folder)
+
+
+def test_pickle_payload_is_never_executed(tmp_path, rng):
+    folder = tmp_path / "dump"
+    _write_inputs(folder, rng)
+    proof = tmp_path / "pwned"
+    payload = np.empty(2, dtype=object)
+    payload[0] = _Payload(str(proof))
+    with open(folder / "X.npy", "wb") as fp:
+        np.lib.format.write_array(fp, payload, allow_pickle=True)
+    with pytest.raises(InputError, match=r"holds Python objects \(pickled data\); lincheck never unpickles"):
+        arrays.load(folder)
+    assert not proof.exists()
+    # Control: the payload is live for a loader that unpickles.
+    np.load(folder / "X.npy", allow_pickle=True)
+    assert proof.exists()
+
+
+def test_npz_errors(tmp_path, rng):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip at all")
+    with pytest.raises(InputError, match=r"bad\.npz: not a readable \.npz \(zip\) file"):
+        arrays.load(bad)
+    cut = tmp_path / "cut.npz"
+    with zipfile.ZipFile(cut, "w") as z:
+        z.writestr("X.npy", _npy_bytes(np.ones((4, 3)))[:-5])
+        z.writestr("W.npy", _npy_bytes(np.ones((2, 3))))
+        z.writestr("dY.npy", _npy_bytes(np.ones((4, 2))))
+    with pytest.raises(InputError, match=r"^X \(.*cut\.npz:X\): truncated"):
+        arrays.load(cut)
+
+
+# --- writing ------------------------------------------------------------
+
+
+def test_save_refuses_to_overwrite_and_touches_nothing(tmp_path, rng):
+    folder = tmp_path / "out"
+    arrays.save(folder, {"X": np.ones(2), "W": np.ones(3)})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(InputError, match=r"X\.npy: already exists; nothing was written \(use --force"):
+        arrays.save(folder, {"B": np.zeros(2), "X": np.zeros(2)})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no B.npy either
+
+
+def test_a_differently_cased_file_counts_as_existing(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    np.save(folder / "x.npy", np.ones(2))
+    with pytest.raises(InputError, match="x.npy: already exists"):
+        arrays.save(folder, {"X": np.zeros(2)})
+    arrays.save(folder, {"X": np.zeros(2)}, force=True)
+    assert [p.name for p in folder.iterdir()] == ["X.npy"]
+
+
+def test_force_replaces_atomically_and_leaves_no_temporary_files(tmp_path):
+    folder = tmp_path / "out"
+    arrays.save(folder, {"X": np.ones(2)})
+    arrays.save(folder, {"X": np.zeros(3)}, force=True)
+    assert np.array_equal(np.load(folder / "X.npy"), np.zeros(3))
+    assert [p.name for p in folder.iterdir()] == ["X.npy"]
+
+
+def test_force_replaces_a_symlink_not_the_file_it_points_to(tmp_path):
+    precious = tmp_path / "precious.npy"
+    np.save(precious, np.arange(3.0))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "X.npy").symlink_to(precious)
+    arrays.save(folder, {"X": np.zeros(2)}, force=True)
+    assert np.array_equal(np.load(precious), np.arange(3.0))
+    assert not (folder / "X.npy").is_symlink()
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    folder.mkdir()
+
+    def explode(fp, array, allow_pickle):
+        fp.write(b"\x93NUMPY partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(arrays.npy_format, "write_array", explode)
+    with pytest.raises(InputError, match=r"X\.npy: cannot write: No space left on device"):
+        arrays.save(folder, {"X": np.ones(2)})
+    assert list(folder.iterdir()) == []
+
+
+def test_write_text_replaces(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text("old")
+    arrays.write_text(path, "new\n")
+    assert path.read_text() == "new\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_save_into_a_file_is_an_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        arrays.save(tmp_path / "f", {"X": np.ones(1)})

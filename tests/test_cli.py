@@ -1,0 +1,320 @@
+"""The command line: exit codes, tables, the JSON contract, files, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lincheck.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def case(folder, rng, N=8, D_in=5, D_out=3, **overrides):
+    """A verify folder with correct float64 gradients, then ``overrides`` (None deletes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    X, W, B, G = (rng.standard_normal(s) for s in ((N, D_in), (D_out, D_in), (D_out,), (N, D_out)))
+    data = {"X": X, "W": W, "B": B, "dY": G, "dX": G @ W, "dW": G.T @ X, "dB": G.sum(0)}
+    data.update(overrides if not callable(overrides.get("fn")) else overrides.pop("fn")(data))
+    for name, a in data.items():
+        if a is not None:
+            np.save(folder / f"{name}.npy", a)
+    return data
+
+
+def report_json(result):
+    assert result.stdout.lstrip().startswith("{"), result.output
+    return json.loads(result.stdout)
+
+
+# --- run -----------------------------------------------------------------
+
+
+def test_run_default_passes_and_prints_tables(tmp_path):
+    result = invoke("run", "--n", 32, "--din", 64, "--dout", 16)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "N=32 D_in=64 D_out=16, float64, with bias, seed 0" in out
+    assert "reproduce: lincheck run --n 32 --din 64 --dout 16 --seed 0 --dtype float64" in out
+    assert "258 forward passes" in out
+    for tensor in ("dX", "dW", "dB"):
+        assert f" {tensor} " in out
+    assert "Worst entries" in out
+    assert out.rstrip().endswith("PASS  all 3 checks passed")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_run_dtypes_pass(dtype):
+    result = invoke("run", "--n", 16, "--din", 24, "--dout", 8, "--dtype", dtype, "--seed", 3, "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = report_json(result)
+    assert report["passed"] is True and report["dtype"] == dtype and report["seed"] == 3
+    assert [c["subject_dtype"] for c in report["checks"]] == [dtype] * 3
+    assert "PASS" in result.stderr  # with --json -, the tables go to stderr
+
+
+def test_run_json_contract(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text("stale")
+    result = invoke("run", "--n", 4, "--din", 3, "--dout", 2, "--json", path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(path.read_text())
+    assert report["passed"] is True and report["hints"] == []
+    assert report["command"] == "run"
+    assert [c["tensor"] for c in report["checks"]] == ["dX", "dW", "dB"]
+    for c in report["checks"]:
+        assert {"tensor", "passed", "max_abs_error", "max_rel_error", "worst_index"} <= set(c)
+        assert isinstance(c["max_abs_error"], float) and isinstance(c["worst_index"], list)
+        assert c["oracle"] == "witness" and c["subject"] == "analytic"
+    assert report["layer"] == {"N": 4, "D_in": 3, "D_out": 2, "batch_shape": [4], "bias": True,
+                               "dtypes": {"X": "float64", "W": "float64", "dY": "float64", "B": "float64"}}
+
+
+def test_run_no_bias():
+    report = report_json(invoke("run", "--n", 4, "--din", 3, "--dout", 2, "--no-bias", "--json", "-"))
+    assert [c["tensor"] for c in report["checks"]] == ["dX", "dW"]
+    assert report["layer"]["bias"] is False
+
+
+def test_run_seed_reproduces_and_differs():
+    a = report_json(invoke("run", "--n", 4, "--din", 3, "--dout", 2, "--seed", 7, "--json", "-"))
+    b = report_json(invoke("run", "--n", 4, "--din", 3, "--dout", 2, "--seed", 7, "--json", "-"))
+    c = report_json(invoke("run", "--n", 4, "--din", 3, "--dout", 2, "--seed", 8, "--json", "-"))
+    assert a == b
+    assert a["checks"][0]["worst_entries"] != c["checks"][0]["worst_entries"]
+
+
+def test_run_save_writes_a_verifiable_folder_and_never_overwrites(tmp_path):
+    folder = tmp_path / "saved"
+    assert invoke("run", "--n", 5, "--din", 4, "--dout", 3, "--dtype", "float32", "--save", folder).exit_code == 0
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{n}.npy" for n in ("X", "W", "B", "dY", "dX", "dW", "dB"))
+    assert np.load(folder / "X.npy").dtype == np.float32
+    result = invoke("verify", folder)
+    assert result.exit_code == 0, result.output
+    again = invoke("run", "--n", 5, "--din", 4, "--dout", 3, "--save", folder)
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    assert np.load(folder / "X.npy").dtype == np.float32  # untouched
+    assert invoke("run", "--n", 5, "--din", 4, "--dout", 3, "--save", folder, "--force").exit_code == 0
+    assert np.load(folder / "X.npy").dtype == np.float64
+
+
+# --- generate --------------------------------------------------------------
+
+
+def test_generate_then_verify(tmp_path):
+    folder = tmp_path / "case"
+    result = invoke("generate", folder, "--n", 6, "--din", 4, "--dout", 3, "--with-grads")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{n}.npy" for n in ("X", "W", "B", "dY", "dX", "dW", "dB"))
+    assert np.load(folder / "X.npy").shape == (6, 4)
+    result = invoke("verify", folder, "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert [(c["tensor"], c["subject"]) for c in report_json(result)["checks"]] == [
+        ("dX", "supplied"), ("dW", "supplied"), ("dB", "supplied"),
+        ("dX", "reference"), ("dW", "reference"), ("dB", "reference")]
+
+
+def test_generate_never_overwrites_without_force(tmp_path):
+    folder = tmp_path / "case"
+    assert invoke("generate", folder, "--n", 6, "--din", 4, "--dout", 3).exit_code == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    result = invoke("generate", folder, "--n", 6, "--din", 4, "--dout", 3, "--seed", 1, "--with-grads")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "already exists; nothing was written" in result.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no dX.npy either
+    assert invoke("generate", folder, "--n", 6, "--din", 4, "--dout", 3, "--seed", 1, "--force").exit_code == 0
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} != before
+
+
+# --- verify: planted bugs ------------------------------------------------------
+
+
+PLANTED = {
+    "dW transposed": ("dW", lambda d: {"dW": d["dW"].T}),
+    "dB mean": ("dB", lambda d: {"dB": d["dY"].mean(0)}),
+    "dB one row": ("dB", lambda d: {"dB": d["dY"][0]}),
+    "dX sign flip": ("dX", lambda d: {"dX": -d["dX"]}),
+    "dW scaled by 2": ("dW", lambda d: {"dW": 2 * d["dW"]}),
+}
+
+
+@pytest.mark.parametrize("square", [False, True], ids=["8x5x3", "6x6x6"])
+@pytest.mark.parametrize("bug", list(PLANTED))
+def test_verify_catches_planted_bugs(tmp_path, rng, bug, square):
+    tensor, fn = PLANTED[bug]
+    sizes = dict(N=6, D_in=6, D_out=6) if square else {}
+    case(tmp_path / "c", rng, fn=fn, **sizes)
+    result = invoke("verify", tmp_path / "c", "--json", "-")
+    assert result.exit_code == 1, result.output
+    report = report_json(result)
+    assert report["passed"] is False
+    assert [c["tensor"] for c in report["checks"] if not c["passed"]] == [tensor]
+    assert f"FAIL  1 of 6 checks failed: {tensor} (supplied)" in result.stderr
+
+
+def test_verify_locates_one_corrupted_entry(tmp_path, rng):
+    def corrupt(d):
+        dW = d["dW"].copy()
+        dW[2, 3] *= 1 + 1e-3
+        return {"dW": dW}
+
+    case(tmp_path / "c", rng, fn=corrupt)
+    result = invoke("verify", tmp_path / "c", "--json", tmp_path / "r.json")
+    assert result.exit_code == 1, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    (failed,) = [c for c in report["checks"] if not c["passed"]]
+    assert failed["tensor"] == "dW" and failed["worst_index"] == [2, 3]
+    assert failed["message"] == "1 of 15 entries exceed their tolerance"
+    assert "dW (supplied vs reference): 1 of 15 entries exceed their tolerance" in result.stdout
+
+
+def test_verify_wrong_shape_and_nan_subjects_exit_1(tmp_path, rng):
+    dX = rng.standard_normal((8, 5))
+    dX[1, 1] = np.nan
+    case(tmp_path / "c", rng, dX=dX, dB=np.ones(4))
+    result = invoke("verify", tmp_path / "c", "--json", "-")
+    assert result.exit_code == 1
+    checks = {c["tensor"]: c for c in report_json(result)["checks"] if c["subject"] == "supplied"}
+    assert checks["dX"]["message"] == "contains 1 NaN, first at [1, 1]"
+    assert checks["dX"]["worst_index"] == [1, 1] and checks["dX"]["max_abs_error"] is None
+    assert checks["dB"]["message"] == "wrong shape: expected (3,), got (4,)"
+    assert checks["dW"]["passed"] is True
+
+
+def test_verify_without_subjects_checks_the_formulas(tmp_path, rng):
+    case(tmp_path / "c", rng, dX=None, dW=None, dB=None)
+    report = report_json(invoke("verify", tmp_path / "c", "--json", "-"))
+    assert report["passed"] and {c["subject"] for c in report["checks"]} == {"reference"}
+
+
+def test_verify_npz_with_leading_batch_dims_and_no_bias(tmp_path, rng):
+    X, W, G = rng.standard_normal((2, 3, 5)), rng.standard_normal((4, 5)), rng.standard_normal((2, 3, 4))
+    dX = G @ W
+    dX[1, 0, 2] += 1.0
+    np.savez(tmp_path / "c.npz", x=X, w=W, dy=G, dx=dX, dw=G.reshape(6, 4).T @ X.reshape(6, 5))
+    result = invoke("verify", tmp_path / "c.npz", "--json", "-")
+    assert result.exit_code == 1, result.output
+    report = report_json(result)
+    (failed,) = [c for c in report["checks"] if not c["passed"]]
+    assert failed["tensor"] == "dX" and failed["worst_index"] == [1, 0, 2]
+    assert report["layer"]["batch_shape"] == [2, 3] and report["layer"]["bias"] is False
+
+
+# --- bad input and bad usage ------------------------------------------------
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lincheck: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        ({"X": None}, ["missing X"]),
+        ({"W": np.ones((3, 4))}, ["X (", "shape (8, 5) does not fit W (3, 4)"]),
+        ({"dY": np.ones((8, 2))}, ["dY (", "expected (8, 3)"]),
+        ({"B": np.ones(5)}, ["B (", "expected (3,)"]),
+        ({"X": np.full((8, 5), np.inf)}, ["X (", "contains 40 Inf, first at [0, 0]"]),
+        ({"W": np.ones((3, 5), dtype=complex)}, ["W (", "complex"]),
+        ({"dY": np.array(["a"] * 24).reshape(8, 3)}, ["dY (", "string"]),
+    ],
+    ids=["missing", "X/W", "dY", "B", "inf", "complex", "string"],
+)
+def test_verify_bad_inputs_exit_2_with_one_line(tmp_path, rng, overrides, fragments):
+    case(tmp_path / "c", rng, **overrides)
+    json_path = tmp_path / "r.json"
+    _one_line_error(invoke("verify", tmp_path / "c", "--json", json_path), *fragments)
+    assert not json_path.exists()
+
+
+def test_verify_truncated_and_pickled_files(tmp_path, rng):
+    case(tmp_path / "c", rng)
+    data = (tmp_path / "c" / "W.npy").read_bytes()
+    (tmp_path / "c" / "W.npy").write_bytes(data[:-10])
+    _one_line_error(invoke("verify", tmp_path / "c"), "W (", "truncated")
+    proof = tmp_path / "pwned"
+    payload = np.array([0, 0], dtype=object)
+    payload[0] = _Payload(str(proof))
+    np.save(tmp_path / "c" / "W.npy", payload, allow_pickle=True)
+    _one_line_error(invoke("verify", tmp_path / "c"), "W (", "never unpickles")
+    assert not proof.exists()
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def test_verify_missing_path():
+    _one_line_error(invoke("verify", "no/such/dir"), "no/such/dir: no such file or folder")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run", "--n", "0"], ["run", "--dtype", "float8"], ["verify"], ["generate"], ["frobnicate"]],
+)
+def test_bad_usage_exits_2(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+
+
+def test_help_lists_exit_codes_and_an_example():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "verify", "generate"):
+        assert command in result.stdout
+        sub = runner.invoke(app, [command, "--help"])
+        assert sub.exit_code == 0
+        text = " ".join(sub.stdout.split())
+        assert "Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input." in text
+        assert f"Example: lincheck {command}" in text
+
+
+# --- the installed program ---------------------------------------------------
+
+
+def _script():
+    path = Path(sys.executable).with_name("lincheck")
+    if not path.exists():
+        pytest.fail(f"no console script next to {sys.executable}: is lincheck installed?")
+    return str(path)
+
+
+def test_console_script_and_module(tmp_path, rng):
+    done = subprocess.run([_script(), "run", "--n", "4", "--din", "3", "--dout", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "PASS  all 3 checks passed" in done.stdout
+    module = subprocess.run([sys.executable, "-m", "lincheck", "--version"],
+                            capture_output=True, text=True, timeout=60)
+    assert module.returncode == 0 and module.stdout.startswith("lincheck ")
+
+
+def test_console_script_bad_input_has_no_traceback(tmp_path, rng):
+    case(tmp_path / "c", rng)
+    (tmp_path / "c" / "dY.npy").write_bytes(b"garbage")
+    done = subprocess.run([_script(), "verify", str(tmp_path / "c")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stdout == "" and "Traceback" not in done.stderr
+    assert done.stderr.startswith("lincheck: error: dY (") and done.stderr.count("\n") == 1
