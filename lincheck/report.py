@@ -80,7 +80,7 @@ def summary_tables(report: Report) -> list[Table]:
                 _shape(c.shape),
                 _num(c.max_abs_error),
                 _num(c.max_rel_error),
-                _index(c.worst_index),
+                "—" if c.max_abs_error == 0 else _index(c.worst_index),
                 _num(c.tolerance),
                 "—" if c.bound_ratio is None else f"{c.bound_ratio:.2g}",
                 _result(c),
