@@ -30,7 +30,7 @@ app = typer.Typer(
     epilog=EXIT_CODES + "\nExample: lincheck run --n 32 --din 64 --dout 16",
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -156,7 +156,7 @@ def verify(
         Path,
         typer.Argument(help="A folder of .npy files or one .npz file. Names (case-insensitive): "
                        "X, W, dY required; B optional; dX, dW, dB, Y are the gradients (and "
-                       "forward output) to check.", show_default=False),
+                       "forward output) to check.", show_default=False, metavar="PATH"),
     ],
     json_path: JsonOption = None,
 ) -> None:

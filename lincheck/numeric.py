@@ -19,13 +19,18 @@ import numpy as np
 from .core import Gradients, forward, surrogate_loss
 
 U64 = 2.0**-53
+ETA64 = 2.0**-1074
 
-UNIT_ROUNDOFF: dict[str, float] = {
-    "float64": 2.0**-53,
-    "float32": 2.0**-24,
-    "float16": 2.0**-11,
+PRECISIONS: dict[str, tuple[float, float]] = {
+    "float64": (2.0**-53, 2.0**-1074),
+    "float32": (2.0**-24, 2.0**-149),
+    "float16": (2.0**-11, 2.0**-24),
 }
-"""Unit roundoff u = 2⁻ᵖ for a p-bit significand (IEEE 754 binary64/32/16)."""
+"""Per IEEE 754 format: the unit roundoff u = 2⁻ᵖ for a p-bit significand, and
+η, the smallest subnormal number. A rounding that underflows has an absolute
+error of at most η/2 [Higham §2.1]; lincheck uses η itself, because η/2 for
+float64 is not a float64 number."""
+
 
 DEFAULT_REL_STEP = 2.0**10
 """How far past the cancellation threshold the step goes; see :func:`step_sizes`."""
@@ -37,12 +42,18 @@ _CHUNK_BYTES = 32 * 2**20
 """Memory for one batch of perturbed forward passes (inputs plus outputs)."""
 
 
-def unit_roundoff(dtype: np.dtype) -> float:
-    """u of the arithmetic a gradient of this dtype is taken to be computed in.
+def precision_of(dtype: np.dtype) -> str:
+    """The arithmetic a gradient of this dtype is taken to be computed in.
 
     Integer and bool gradients are held to float64 arithmetic.
     """
-    return UNIT_ROUNDOFF.get(np.dtype(dtype).name, U64)
+    name = np.dtype(dtype).name
+    return name if name in PRECISIONS else "float64"
+
+
+def unit_roundoff(dtype: np.dtype) -> float:
+    """u of :func:`precision_of` ``dtype``."""
+    return PRECISIONS[precision_of(dtype)][0]
 
 
 def gamma(k: int, u: float) -> float:
@@ -54,10 +65,11 @@ def gamma(k: int, u: float) -> float:
 def _upper(computed: np.ndarray, k: int) -> np.ndarray:
     """An upper bound on an exact sum of k non-negative products, from its float64 value.
 
-    A computed non-negative sum is at least (1 − γ_k) times the exact one,
-    and 1/(1 − γ) ≤ 1 + 2γ for γ ≤ 1/2.
+    A computed non-negative sum is at least (1 − γ_k) times the exact one
+    less 2kη for underflow (see :func:`product_bound`), and 1/(1 − γ) ≤
+    1 + 2γ for γ ≤ 1/2.
     """
-    return computed * (1.0 + 2.0 * gamma(k + 1, U64))
+    return computed * (1.0 + 2.0 * gamma(k + 1, U64)) + 4 * (k + 1) * ETA64
 
 
 @dataclass(frozen=True)
@@ -95,15 +107,20 @@ class Magnitudes:
         )
 
 
-def product_bound(magnitude: np.ndarray, k: int, u: float, inputs_rounded: bool) -> np.ndarray:
-    """Bound on the error of a k-term inner product computed in precision u.
+def product_bound(magnitude: np.ndarray, k: int, dtype: np.dtype, inputs_rounded: bool) -> np.ndarray:
+    """Bound on the error of a k-term inner product computed in the precision of ``dtype``.
 
-    |fl(aᵀb) − aᵀb| ≤ γ_k |a|ᵀ|b|, which also covers rounding the result to
-    the storage format (the last operation). If the operands had to be
-    rounded to precision u first, each product gains two more relative errors
-    of size u: (1 + δ₁)(1 + δ₂)(1 + θ_k) ≤ 1 + γ_{k+2} [Higham Lemma 3.3].
+    |fl(aᵀb) − aᵀb| ≤ γ_k |a|ᵀ|b| + 2kη, which also covers rounding the
+    result to the storage format (the last operation). The 2kη term covers
+    gradual underflow, where a rounding error is absolute (at most η) rather
+    than relative; it is negligible unless the terms are near the smallest
+    normal number. If the operands had to be rounded to this precision first,
+    each product gains two more roundings: (1 + δ₁)(1 + δ₂)(1 + θ_k) ≤
+    1 + γ_{k+2} [Higham Lemma 3.3].
     """
-    return gamma(k + 2 if inputs_rounded else k, u) * magnitude
+    u, eta = PRECISIONS[precision_of(dtype)]
+    k = k + 2 if inputs_rounded else k
+    return gamma(k, u) * magnitude + 2 * k * eta
 
 
 def step_sizes(
@@ -239,11 +256,11 @@ def central_differences(
         A_X = _upper(np.sum(aG * mags.Y, axis=1), D_out)[:, None]  # row shares
         A_B = _upper(np.sum(aG * mags.Y, axis=0), N)  # column shares
         A_W = A_B[:, None]
-        c_X, c_W = gamma(D_in + 1 + D_out, U64), gamma(D_in + 1 + N, U64)
+        k_X, k_W = D_in + 1 + D_out, D_in + 1 + N
         estimate = _grouped
     else:
         A_X = A_W = A_B = float(_upper(np.sum(aG * mags.Y), N * D_out))
-        c_X = c_W = gamma(D_in + 1 + N * D_out, U64)
+        k_X = k_W = D_in + 1 + N * D_out
         estimate = _dense
     h = {"X": step_sizes(X, A_X, mags.dX, rel_step), "W": step_sizes(W, A_W, mags.dW, rel_step)}
     if B is not None:
@@ -252,14 +269,19 @@ def central_differences(
 
     g3 = gamma(3, U64)
 
-    def bound(c, A, delta, M):
-        # (1 + 8u) covers evaluating this expression in float64.
-        return ((1.0 + g3) * c * (2.0 * A / delta + M) + g3 * M) * (1.0 + 8.0 * U64)
+    def bound(n_ops, A, delta, M):
+        c = gamma(n_ops, U64)
+        # Each loss value is also off by at most 2·n_ops·η from underflow (see
+        # product_bound), the quotient by one more η; (1 + 8u) covers
+        # evaluating this expression in float64.
+        roundoff = (1.0 + g3) * c * (2.0 * A / delta + M) + g3 * M
+        underflow = (1.0 + g3) * 4.0 * n_ops * ETA64 / delta + 3.0 * ETA64
+        return (roundoff + underflow) * (1.0 + 8.0 * U64)
 
     bounds = Gradients(
-        bound(c_X, A_X, DX, mags.dX),
-        bound(c_W, A_W, DW, mags.dW),
-        bound(c_W, A_B, DB, mags.dB) if B is not None else None,
+        bound(k_X, A_X, DX, mags.dX),
+        bound(k_W, A_W, DW, mags.dW),
+        bound(k_W, A_B, DB, mags.dB) if B is not None else None,
     )
     steps = {name: (float(v.min()), float(v.max())) for name, v in h.items()}
     return Witness(Gradients(dX, dW, dB), bounds, method, passes, steps)

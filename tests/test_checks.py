@@ -55,6 +55,24 @@ def test_scales_from_1e_minus_8_to_1e8(rng):
             assert check(Xs, W, B, Gs, **grads_in(dtype, Xs, W, B, Gs)).passed, (dtype, scale)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_tiny_inputs_with_gradual_underflow_pass(rng, dtype):
+    """Products near the smallest normal number lose relative accuracy; the bounds allow for it."""
+    tiny = {"float64": 1e-160, "float32": 1e-20}[dtype]
+    X, W, B, G = layer(rng, 7, 6, 5)
+    X, W, B = X * tiny, W * tiny, B * tiny * tiny
+    X, W, B, G = (a.astype(dtype) for a in (X, W, B, G))
+    grads = grads_in(dtype, X, W, B, G)
+    assert check(X, W, B, G, **grads).passed
+    assert check(X, W, B, G, **grads, against="witness").passed
+
+
+def test_inputs_whose_products_overflow_are_bad_input(rng):
+    X, W, B, G = layer(rng, 4, 3, 2)
+    with pytest.raises(InputError, match=r"^X, W, dY: values too large: sums of products overflow"):
+        check(X * 1e200, W * 1e200, B, G)
+
+
 def test_integer_and_bool_inputs_are_exact_values(rng):
     X = rng.integers(-5, 6, size=(6, 4))
     W = rng.integers(-3, 4, size=(3, 4)).astype(np.int32)

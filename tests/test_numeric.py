@@ -112,8 +112,8 @@ def test_product_bound_holds_for_numpy_matmul_in_each_dtype(rng):
             exact = A @ Bm  # float64, its own error far below the float16/32 bounds
             mag = np.abs(A) @ np.abs(Bm)
             low = A.astype(dtype) @ Bm.astype(dtype)
-            own = numeric.product_bound(mag, k, numeric.unit_roundoff(dtype), inputs_rounded=True)
-            ref_err = numeric.product_bound(mag, k, numeric.U64, False)
+            own = numeric.product_bound(mag, k, np.dtype(dtype), inputs_rounded=True)
+            ref_err = numeric.product_bound(mag, k, np.float64, False)
             assert np.all(np.abs(low.astype(np.float64) - exact) <= own + ref_err), (dtype, k)
 
 
