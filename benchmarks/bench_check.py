@@ -33,11 +33,11 @@ from lincheck import numeric
 from lincheck.checks import random_inputs
 
 
-def median_time(fn, repeats: int) -> float:
+def median_time(repeats: int, fn, *args, **kwargs) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(*args, **kwargs)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -48,19 +48,24 @@ def floor(X, W, B, passes: int) -> None:
 
 
 def bench_sizes(sizes, repeats: int) -> None:
-    print(f"{'(N, D_in, D_out)':>18} {'passes':>7} {'floor':>10} {'lincheck':>10} {'ratio':>7}"
-          f" {'dense':>10} {'ratio':>7}")
+    print(
+        f"{'(N, D_in, D_out)':>18} {'passes':>7} {'floor':>10} {'lincheck':>10} {'ratio':>7}"
+        f" {'dense':>10} {'ratio':>7}"
+    )
     for N, D_in, D_out in sizes:
         d = random_inputs(np.random.default_rng(0), N, D_in, D_out)
         X, W, B, G = d["X"], d["W"], d["B"], d["dY"]
         passes = 2 * (2 * D_in + 1)
-        t_floor = median_time(lambda: floor(X, W, B, passes), repeats)
-        t_check = median_time(lambda: lincheck.check(X, W, B, G), repeats)
-        row = (f"{str((N, D_in, D_out)):>18} {passes:>7} {t_floor * 1e3:8.2f}ms "
-               f"{t_check * 1e3:8.2f}ms {t_check / t_floor:6.2f}x")
+        t_floor = median_time(repeats, floor, X, W, B, passes)
+        t_check = median_time(repeats, lincheck.check, X, W, B, G)
+        row = (
+            f"{str((N, D_in, D_out)):>18} {passes:>7} {t_floor * 1e3:8.2f}ms "
+            f"{t_check * 1e3:8.2f}ms {t_check / t_floor:6.2f}x"
+        )
         if N * D_in * D_out <= 32 * 64 * 16:
             t_dense = median_time(
-                lambda: numeric.central_differences(X, W, B, G, method="dense"), max(1, repeats // 4))
+                max(1, repeats // 4), numeric.central_differences, X, W, B, G, method="dense"
+            )
             row += f" {t_dense * 1e3:8.1f}ms {t_dense / t_floor:6.0f}x"
         print(row, flush=True)
 
@@ -68,14 +73,27 @@ def bench_sizes(sizes, repeats: int) -> None:
 def bench_process(repeats: int) -> None:
     exe = shutil.which("lincheck") or str(Path(sys.executable).with_name("lincheck"))
     commands = {
-        "python -c 'import numpy, typer, rich'": [sys.executable, "-c", "import numpy, typer, rich"],
-        "lincheck run --n 32 --din 64 --dout 16": [exe, "run", "--n", "32", "--din", "64", "--dout", "16"],
+        "python -c 'import numpy, typer, rich'": [
+            sys.executable,
+            "-c",
+            "import numpy, typer, rich",
+        ],
+        "lincheck run --n 32 --din 64 --dout 16": [
+            exe,
+            "run",
+            "--n",
+            "32",
+            "--din",
+            "64",
+            "--dout",
+            "16",
+        ],
         "lincheck --help": [exe, "--help"],
     }
     base = None
     print(f"\n{'whole process':40} {'median':>10} {'ratio':>7}")
     for label, cmd in commands.items():
-        t = median_time(lambda: subprocess.run(cmd, capture_output=True, check=False), repeats)
+        t = median_time(repeats, subprocess.run, cmd, capture_output=True, check=False)
         base = base or t
         print(f"{label:40} {t * 1e3:8.0f}ms {t / base:6.2f}x", flush=True)
 

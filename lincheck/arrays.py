@@ -18,6 +18,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -70,9 +71,7 @@ def load(path: str | os.PathLike) -> Loaded:
     missing = [name for name in REQUIRED if name not in loaded.arrays]
     if missing:
         found = ", ".join(sorted(loaded.arrays)) or "no known array"
-        raise InputError(
-            f"{path}: missing {', '.join(missing)} (needs X, W and dY; found {found})"
-        )
+        raise InputError(f"{path}: missing {', '.join(missing)} (needs X, W and dY; found {found})")
     return loaded
 
 
@@ -162,7 +161,9 @@ def _read_npy(fp: IO[bytes], size: int, label: str) -> np.ndarray:
         )
     data = fp.read(needed)
     if len(data) != needed:
-        raise InputError(f"{label}: truncated: expected {needed:,} bytes of data, read {len(data):,}")
+        raise InputError(
+            f"{label}: truncated: expected {needed:,} bytes of data, read {len(data):,}"
+        )
     flat = np.frombuffer(data, dtype=dtype, count=count)
     return flat.reshape(shape, order="F" if fortran else "C")
 
@@ -192,7 +193,9 @@ def existing_targets(folder: Path, names: Iterable[str]) -> list[Path]:
     )
 
 
-def save(folder: str | os.PathLike, arrays: Mapping[str, np.ndarray], *, force: bool = False) -> list[Path]:
+def save(
+    folder: str | os.PathLike, arrays: Mapping[str, np.ndarray], *, force: bool = False
+) -> list[Path]:
     """Write each array to ``folder/NAME.npy`` atomically; returns the paths written.
 
     Without ``force``, nothing is written if any target (or a file that
@@ -222,12 +225,14 @@ def save(folder: str | os.PathLike, arrays: Mapping[str, np.ndarray], *, force: 
     written = []
     for name, array in arrays.items():
         target = folder / f"{name}.npy"
-        def write(fp, a=np.asarray(array)):
-            npy_format.write_array(fp, a, allow_pickle=False)
 
-        _atomic_write(target, write, replace=force)
+        _atomic_write(target, partial(_write_npy, array=np.asarray(array)), replace=force)
         written.append(target)
     return written
+
+
+def _write_npy(fp: IO[bytes], array: np.ndarray) -> None:
+    npy_format.write_array(fp, array, allow_pickle=False)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -261,7 +266,9 @@ def _atomic_write(target: Path, write, *, replace: bool) -> None:
             except OSError:
                 # A file system without hard links: check, then rename.
                 if target.exists() or target.is_symlink():
-                    raise InputError(f"{target}: already exists; not replaced (use --force)") from None
+                    raise InputError(
+                        f"{target}: already exists; not replaced (use --force)"
+                    ) from None
                 os.replace(tmp, target)
     except OSError as exc:
         raise InputError(f"{target}: cannot write: {exc.strerror or exc}") from None

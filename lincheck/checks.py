@@ -12,7 +12,7 @@ where each bound is a rigorous worst-case rounding-error bound (see
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -139,7 +139,6 @@ class Report:
     checks: tuple[TensorCheck, ...]
     witness: Mapping[str, Any]
     hints: tuple[Hint, ...] = ()
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -157,7 +156,6 @@ class Report:
             "hints": [h.as_dict() for h in self.hints],
             "layer": self.layer.as_dict(),
             "witness": dict(self.witness),
-            **self.extra,
         }
 
 
@@ -191,8 +189,15 @@ def _real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray
             "save it as float64"
         )
     if kind not in "biuf":
-        what = {"c": "complex", "O": "object (pickled)", "U": "string", "S": "bytes",
-                "V": "structured or void", "M": "datetime", "m": "timedelta"}.get(kind, "non-numeric")
+        what = {
+            "c": "complex",
+            "O": "object (pickled)",
+            "U": "string",
+            "S": "bytes",
+            "V": "structured or void",
+            "M": "datetime",
+            "m": "timedelta",
+        }.get(kind, "non-numeric")
         raise InputError(
             f"{_label(name, sources)}: dtype {a.dtype} is {what}; expected a real "
             "float, integer or bool array"
@@ -350,7 +355,8 @@ def check(
     Examples
     --------
     >>> rng = np.random.default_rng(0)
-    >>> X, W, B, G = rng.normal(size=(4, 3)), rng.normal(size=(2, 3)), rng.normal(size=2), rng.normal(size=(4, 2))
+    >>> X, W = rng.normal(size=(4, 3)), rng.normal(size=(2, 3))
+    >>> B, G = rng.normal(size=2), rng.normal(size=(4, 2))
     >>> check(X, W, B, G, dX=G @ W, dW=G.T @ X, dB=G.mean(axis=0)).failed[0].tensor
     'dB'
     """
@@ -400,12 +406,30 @@ def check(
         own = numeric.product_bound(magnitude[name], inner[name], a.dtype, rounded)
         own_rule = f"γ_{inner[name] + 2 * rounded}({numeric.precision_of(a.dtype)}) × Σ|terms|"
         if against == "witness" and name != "Y":
-            oracle, values, bound, rule = "witness", wit_values[name], wit_bounds[name], "witness bound"
+            oracle, values, bound, rule = (
+                "witness",
+                wit_values[name],
+                wit_bounds[name],
+                "witness bound",
+            )
         else:
-            oracle, values, bound, rule = "reference", ref_values[name], ref_bound(name), "reference bound"
+            oracle, values, bound, rule = (
+                "reference",
+                ref_values[name],
+                ref_bound(name),
+                "reference bound",
+            )
         checks.append(
-            _compare(name, subject, a, oracle, values, own + bound, f"{own_rule} + {rule}",
-                     expected[name])
+            _compare(
+                name,
+                subject,
+                a,
+                oracle,
+                values,
+                own + bound,
+                f"{own_rule} + {rule}",
+                expected[name],
+            )
         )
     witness_checks = not supplied or against == "reference"
     if witness_checks:
@@ -416,8 +440,16 @@ def check(
                 continue
             tol = ref_bound(name) + wit_bounds[name]
             checks.append(
-                _compare(name, "reference", ref_values[name], "witness", wit_values[name], tol,
-                         f"γ_{inner[name]}(float64) × Σ|terms| + witness bound", expected[name])
+                _compare(
+                    name,
+                    "reference",
+                    ref_values[name],
+                    "witness",
+                    wit_values[name],
+                    tol,
+                    f"γ_{inner[name]}(float64) × Σ|terms| + witness bound",
+                    expected[name],
+                )
             )
     return Report(
         layer=L,
@@ -446,19 +478,36 @@ def _compare(tensor, subject, value, oracle, oracle_values, tolerance, rule, exp
     value = np.asarray(value)
     shape = tuple(value.shape)
     dtype = str(value.dtype)
-    base = dict(tensor=tensor, subject=subject, subject_dtype=dtype, oracle=oracle, shape=shape,
-                expected_shape=tuple(expected_shape), tolerance_rule=rule)
+    base = dict(
+        tensor=tensor,
+        subject=subject,
+        subject_dtype=dtype,
+        oracle=oracle,
+        shape=shape,
+        expected_shape=tuple(expected_shape),
+        tolerance_rule=rule,
+    )
     if shape != tuple(expected_shape):
         return TensorCheck(
-            **base, passed=False, max_abs_error=None, max_rel_error=None, bound_ratio=None,
-            worst_index=None, tolerance=None,
+            **base,
+            passed=False,
+            max_abs_error=None,
+            max_rel_error=None,
+            bound_ratio=None,
+            worst_index=None,
+            tolerance=None,
             message=f"wrong shape: expected {tuple(expected_shape)}, got {shape}",
         )
     if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
         first = np.flatnonzero(~np.isfinite(value))[0]
         return TensorCheck(
-            **base, passed=False, max_abs_error=None, max_rel_error=None, bound_ratio=None,
-            worst_index=tuple(_index(int(first), shape)), tolerance=None,
+            **base,
+            passed=False,
+            max_abs_error=None,
+            max_rel_error=None,
+            bound_ratio=None,
+            worst_index=tuple(_index(int(first), shape)),
+            tolerance=None,
             message=_nonfinite_summary(value),
         )
     s = value.astype(np.float64).reshape(np.shape(oracle_values))
@@ -495,7 +544,12 @@ def _compare(tensor, subject, value, oracle, oracle_values, tolerance, rule, exp
 
 
 def random_inputs(
-    rng: np.random.Generator, N: int, D_in: int, D_out: int, dtype: str = "float64", bias: bool = True
+    rng: np.random.Generator,
+    N: int,
+    D_in: int,
+    D_out: int,
+    dtype: str = "float64",
+    bias: bool = True,
 ) -> dict[str, np.ndarray]:
     """Random X, W, B, dY like a freshly initialised ``torch.nn.Linear`` sees.
 

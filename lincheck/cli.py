@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -67,7 +67,7 @@ def _main(
 
 
 JsonOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--json",
         help="Also write the machine-readable report to this file (replaced if it exists); "
@@ -77,7 +77,7 @@ JsonOption = Annotated[
 ]
 
 
-def _emit(report, header, json_path: Optional[Path], context: dict) -> None:
+def _emit(report, header, json_path: Path | None, context: dict) -> None:
     """Render the tables and the JSON report, then exit 0 or 1."""
     from . import arrays
     from .report import render, to_json
@@ -106,19 +106,26 @@ DTypeOption = Annotated[
 Force = Annotated[bool, typer.Option("--force", help="Replace existing .npy files.")]
 
 
-@app.command(epilog=EXIT_CODES + "\nExample: lincheck run --n 32 --din 64 --dout 16 --dtype float32")
+@app.command(
+    epilog=EXIT_CODES + "\nExample: lincheck run --n 32 --din 64 --dout 16 --dtype float32"
+)
 def run(
     n: SizeN = 32,
     din: SizeIn = 64,
     dout: SizeOut = 16,
     seed: Seed = 0,
     dtype: DTypeOption = DType.float64,
-    no_bias: Annotated[bool, typer.Option("--no-bias", help="A layer without bias (no B, no dB).")] = False,
+    no_bias: Annotated[
+        bool, typer.Option("--no-bias", help="A layer without bias (no B, no dB).")
+    ] = False,
     json_path: JsonOption = None,
     save: Annotated[
-        Optional[Path],
-        typer.Option("--save", help="Also write the generated arrays to this folder, as "
-                     "'generate --with-grads' does.", metavar="DIR"),
+        Path | None,
+        typer.Option(
+            "--save",
+            help="Also write the generated arrays to this folder, as 'generate --with-grads' does.",
+            metavar="DIR",
+        ),
     ] = None,
     force: Force = False,
 ) -> None:
@@ -135,11 +142,16 @@ def run(
             arrays.save(save, {**data, **grads}, force=force)
         except LincheckError as exc:
             raise _fail(str(exc)) from None
-    report = checks.check(*(data.get(k) for k in ("X", "W", "B", "dY")), **grads,
-                          against="witness", subject="analytic")
+    report = checks.check(
+        *(data.get(k) for k in ("X", "W", "B", "dY")),
+        **grads,
+        against="witness",
+        subject="analytic",
+    )
     bias = "without bias" if no_bias else "with bias"
     header = (
-        f"[bold]lincheck run[/]  N={n} D_in={din} D_out={dout}, {dtype.value}, {bias}, seed {seed}\n"
+        f"[bold]lincheck run[/]  N={n} D_in={din} D_out={dout}, {dtype.value}, {bias}, "
+        f"seed {seed}\n"
         f"[dim]reproduce: lincheck run --n {n} --din {din} --dout {dout} --seed {seed} "
         f"--dtype {dtype.value}{' --no-bias' if no_bias else ''}[/]"
     )
@@ -149,14 +161,19 @@ def run(
 
 @app.command(
     epilog=EXIT_CODES
-    + "\nExample: lincheck verify dump/ --json report.json   (dump/ holds X.npy W.npy B.npy dY.npy dW.npy …)"
+    + "\nExample: lincheck verify dump/ --json report.json"
+    + "   (dump/ holds X.npy W.npy B.npy dY.npy dW.npy …)"
 )
 def verify(
     path: Annotated[
         Path,
-        typer.Argument(help="A folder of .npy files or one .npz file. Names (case-insensitive): "
-                       "X, W, dY required; B optional; dX, dW, dB, Y are the gradients (and "
-                       "forward output) to check.", show_default=False, metavar="PATH"),
+        typer.Argument(
+            help="A folder of .npy files or one .npz file. Names (case-insensitive): "
+            "X, W, dY required; B optional; dX, dW, dB, Y are the gradients (and "
+            "forward output) to check.",
+            show_default=False,
+            metavar="PATH",
+        ),
     ],
     json_path: JsonOption = None,
 ) -> None:
@@ -169,7 +186,10 @@ def verify(
         loaded = arrays.load(path)
         a = loaded.arrays
         report = checks.check(
-            a["X"], a["W"], a.get("B"), a["dY"],
+            a["X"],
+            a["W"],
+            a.get("B"),
+            a["dY"],
             **{name: a[name] for name in checks.SUBJECT_NAMES if name in a},
             sources=loaded.sources,
         )
@@ -177,7 +197,9 @@ def verify(
         raise _fail(str(exc)) from None
     layer = report.layer
     order = [*checks.INPUT_NAMES, *checks.SUBJECT_NAMES]
-    shapes = ", ".join(f"{name} {tuple(a[name].shape)} {a[name].dtype}" for name in order if name in a)
+    shapes = ", ".join(
+        f"{name} {tuple(a[name].shape)} {a[name].dtype}" for name in order if name in a
+    )
     header = (
         f"[bold]lincheck verify[/] {path}  N={layer.N} D_in={layer.D_in} D_out={layer.D_out}, "
         f"{'with' if layer.bias else 'without'} bias\n[dim]{shapes}[/]"
@@ -186,10 +208,16 @@ def verify(
     _emit(report, header, json_path, context)
 
 
-@app.command(epilog=EXIT_CODES + "\nExample: lincheck generate case/ --n 8 --din 4 --dout 3 --with-grads")
+@app.command(
+    epilog=EXIT_CODES + "\nExample: lincheck generate case/ --n 8 --din 4 --dout 3 --with-grads"
+)
 def generate(
-    directory: Annotated[Path, typer.Argument(help="Folder to write into (created if needed).",
-                                              show_default=False, metavar="DIR")],
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder to write into (created if needed).", show_default=False, metavar="DIR"
+        ),
+    ],
     n: SizeN = 32,
     din: SizeIn = 64,
     dout: SizeOut = 16,

@@ -92,7 +92,7 @@ class Magnitudes:
 
     @classmethod
     def of(cls, X: np.ndarray, W: np.ndarray, B: np.ndarray | None, G: np.ndarray):
-        """Compute them for float64 inputs X (N, D_in), W (D_out, D_in), B (D_out,), G (N, D_out)."""
+        """Compute them for float64 X (N, D_in), W (D_out, D_in), B (D_out,), G (N, D_out)."""
         N, D_in = X.shape
         D_out = W.shape[0]
         aX, aW, aG = np.abs(X), np.abs(W), np.abs(G)
@@ -107,7 +107,9 @@ class Magnitudes:
         )
 
 
-def product_bound(magnitude: np.ndarray, k: int, dtype: np.dtype, inputs_rounded: bool) -> np.ndarray:
+def product_bound(
+    magnitude: np.ndarray, k: int, dtype: np.dtype, inputs_rounded: bool
+) -> np.ndarray:
     """Bound on the error of a k-term inner product computed in the precision of ``dtype``.
 
     |fl(aᵀb) − aᵀb| ≤ γ_k |a|ᵀ|b| + 2kη, which also covers rounding the
@@ -236,7 +238,8 @@ def central_differences(
     the dense method falls from 2.3e-7 at h = 1e-8 to 3.0e-12 at h = 1e-3
     and 7.1e-15 at the default steps (``benchmarks/step_study.py``), which
     put the first term at about 1/1000 of the second, entry by entry
-    (:func:`step_sizes`), and so stay accurate for badly scaled inputs too. See ``docs/numerics.md`` for the derivation.
+    (:func:`step_sizes`), and so stay accurate for badly scaled inputs too.
+    See ``docs/numerics.md`` for the derivation.
 
     References
     ----------
@@ -352,7 +355,10 @@ def _dense(X, W, B, G, steps):
             theta[idx] = original + steps[name][idx]
             plus, L_plus = theta[idx], surrogate_loss(params["X"], params["W"], params.get("B"), G)
             theta[idx] = original - steps[name][idx]
-            minus, L_minus = theta[idx], surrogate_loss(params["X"], params["W"], params.get("B"), G)
+            minus, L_minus = (
+                theta[idx],
+                surrogate_loss(params["X"], params["W"], params.get("B"), G),
+            )
             theta[idx] = original
             delta[idx] = plus - minus
             est[idx] = (L_plus - L_minus) / delta[idx]
@@ -387,7 +393,9 @@ class Comparison:
     tolerance_at_worst: float
 
 
-def compare(subject: np.ndarray, oracle: np.ndarray, tolerance: np.ndarray, top: int = 5) -> Comparison:
+def compare(
+    subject: np.ndarray, oracle: np.ndarray, tolerance: np.ndarray, top: int = 5
+) -> Comparison:
     """Compare two finite float64 arrays of one shape entry by entry.
 
     Relative error is |error| / |oracle|, taken as 0 where both are 0 and as

@@ -56,8 +56,15 @@ def _title(check: TensorCheck, report: Report) -> str:
 
 
 def _table(title: str) -> Table:
-    return Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
-                 pad_edge=False, padding=(0, 1), collapse_padding=True)
+    return Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
 
 
 def summary_tables(report: Report) -> list[Table]:
@@ -96,8 +103,14 @@ def worst_entries_table(report: Report, per_tensor: int = 3, per_failed: int = 5
     """
     primary = report.checks[0].subject if report.checks else None
     table = _table("Worst entries (largest error / tolerance first)")
-    for name, justify in (("Tensor", "left"), ("Index", "left"), ("Checked", "right"),
-                          ("Against", "right"), ("|error|", "right"), ("Tolerance", "right")):
+    for name, justify in (
+        ("Tensor", "left"),
+        ("Index", "left"),
+        ("Checked", "right"),
+        ("Against", "right"),
+        ("|error|", "right"),
+        ("Tolerance", "right"),
+    ):
         table.add_column(name, justify=justify, no_wrap=True)
     rows = 0
     for c in report.checks:
@@ -121,7 +134,9 @@ def worst_entries_table(report: Report, per_tensor: int = 3, per_failed: int = 5
 
 def problems(report: Report) -> Text | None:
     """One line per failed check that carries a message (shape, NaN, entries over tolerance)."""
-    lines = [f"{c.tensor} ({c.subject} vs {c.oracle}): {c.message}" for c in report.failed if c.message]
+    lines = [
+        f"{c.tensor} ({c.subject} vs {c.oracle}): {c.message}" for c in report.failed if c.message
+    ]
     lines += [f"hint [{h.code}] {h.tensor}: {h.message}" for h in report.hints]
     return Text("\n".join(lines), style="red") if lines else None
 
@@ -131,7 +146,9 @@ def verdict(report: Report) -> Text:
     if report.passed:
         return Text.assemble(("PASS", "bold green"), f"  all {n} checks passed")
     failed = ", ".join(f"{c.tensor} ({c.subject})" for c in report.failed)
-    return Text.assemble(("FAIL", "bold red"), f"  {len(report.failed)} of {n} checks failed: {failed}")
+    return Text.assemble(
+        ("FAIL", "bold red"), f"  {len(report.failed)} of {n} checks failed: {failed}"
+    )
 
 
 def render(report: Report, header: RenderableType | None = None) -> Group:

@@ -7,8 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from lincheck import InputError
-from lincheck import arrays
+from lincheck import InputError, arrays
 
 
 def _write_inputs(folder, rng, dtype="float64", **extra):
@@ -30,7 +29,9 @@ def _write_inputs(folder, rng, dtype="float64", **extra):
 def test_save_load_roundtrip(tmp_path, rng, dtype, shape, order):
     """Any real dtype, byte order, memory order and shape comes back bit for bit."""
     a = np.asarray(rng.standard_normal(shape) * 10, order=order).astype(dtype, order=order)
-    np.save(tmp_path / "X.npy", a)  # NumPy's writer: big-endian and Fortran headers as found in the wild
+    np.save(
+        tmp_path / "X.npy", a
+    )  # NumPy's writer: big-endian and Fortran headers as found in the wild
     with open(tmp_path / "X.npy", "rb") as fp:
         back = arrays._read_npy(fp, os.path.getsize(tmp_path / "X.npy"), "X")
     assert back.dtype == a.dtype and back.shape == a.shape
@@ -57,7 +58,9 @@ def test_folder_names_are_case_insensitive_and_unknown_files_ignored(tmp_path, r
 
 def test_npz_keys(tmp_path, rng):
     path = tmp_path / "case.npz"
-    np.savez_compressed(path, X=np.ones((4, 3)), w=np.ones((2, 3)), dy=np.ones((4, 2)), other=np.ones(1))
+    np.savez_compressed(
+        path, X=np.ones((4, 3)), w=np.ones((2, 3)), dy=np.ones((4, 2)), other=np.ones(1)
+    )
     loaded = arrays.load(path)
     assert set(loaded.arrays) == {"X", "W", "dY"}
     assert loaded.sources["W"] == f"{path}:w"
@@ -117,9 +120,15 @@ class _Payload:
         (b"this is text, not an array\n" * 4, r"not a valid \.npy file"),
         (bytes(range(256)), r"not a valid \.npy file"),
         (_npy_bytes(np.ones((4, 3)))[:40], r"not a valid \.npy file"),  # header cut
-        (_npy_bytes(np.ones((4, 3)))[:-8], r"truncated: the header declares shape \(4, 3\) float64 \(96 bytes of data\) but the file holds 88$"),
-        (_npy_bytes(np.ones((4, 3))).replace(b"(4, 3)", b"(4000000000, 3000000000)".ljust(6)),
-         r"truncated: the header declares shape \(4000000000, 3000000000\)"),
+        (
+            _npy_bytes(np.ones((4, 3)))[:-8],
+            r"truncated: the header declares shape \(4, 3\) float64 \(96 bytes of data\) "
+            r"but the file holds 88$",
+        ),
+        (
+            _npy_bytes(np.ones((4, 3))).replace(b"(4, 3)", b"(4000000000, 3000000000)".ljust(6)),
+            r"truncated: the header declares shape \(4000000000, 3000000000\)",
+        ),
     ],
     ids=["empty", "text", "random bytes", "cut header", "cut data", "huge shape"],
 )
@@ -139,7 +148,9 @@ def test_pickle_payload_is_never_executed(tmp_path, rng):
     payload[0] = _Payload(str(proof))
     with open(folder / "X.npy", "wb") as fp:
         np.lib.format.write_array(fp, payload, allow_pickle=True)
-    with pytest.raises(InputError, match=r"holds Python objects \(pickled data\); lincheck never unpickles"):
+    with pytest.raises(
+        InputError, match=r"holds Python objects \(pickled data\); lincheck never unpickles"
+    ):
         arrays.load(folder)
     assert not proof.exists()
     # Control: the payload is live for a loader that unpickles.
@@ -168,7 +179,9 @@ def test_save_refuses_to_overwrite_and_touches_nothing(tmp_path, rng):
     folder = tmp_path / "out"
     arrays.save(folder, {"X": np.ones(2), "W": np.ones(3)})
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(InputError, match=r"X\.npy: already exists; nothing was written \(use --force"):
+    with pytest.raises(
+        InputError, match=r"X\.npy: already exists; nothing was written \(use --force"
+    ):
         arrays.save(folder, {"B": np.zeros(2), "X": np.zeros(2)})
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no B.npy either
 

@@ -89,7 +89,9 @@ def test_no_subjects_checks_the_formulas_against_the_witness(rng):
     report = check(X, W, B, G)
     assert report.passed
     assert [(c.tensor, c.subject, c.oracle) for c in report.checks] == [
-        ("dX", "reference", "witness"), ("dW", "reference", "witness"), ("dB", "reference", "witness")
+        ("dX", "reference", "witness"),
+        ("dW", "reference", "witness"),
+        ("dB", "reference", "witness"),
     ]
 
 
@@ -97,13 +99,14 @@ def test_subjects_are_checked_and_the_reference_is_witnessed(rng):
     X, W, B, G = layer(rng, 5, 4, 3)
     report = check(X, W, B, G, dW=G.T @ X)
     assert [(c.tensor, c.subject, c.oracle) for c in report.checks] == [
-        ("dW", "supplied", "reference"), ("dW", "reference", "witness")
+        ("dW", "supplied", "reference"),
+        ("dW", "reference", "witness"),
     ]
 
 
 def test_forward_output_is_checked(rng):
     X, W, B, G = layer(rng, 5, 4, 3)
-    Y = (X.astype("float32") @ W.astype("float32").T + B.astype("float32"))
+    Y = X.astype("float32") @ W.astype("float32").T + B.astype("float32")
     assert check(X, W, B, G, Y=Y).passed
     Y_bad = Y.copy()
     Y_bad[2, 1] += 1e-3
@@ -114,6 +117,7 @@ def test_forward_output_is_checked(rng):
 
 
 # --- planted bugs ---------------------------------------------------------
+
 
 def planted(X, W, B, G):
     """Each entry: a name, the tensor it breaks, and the broken gradients."""
@@ -226,7 +230,10 @@ def _inputs(rng):
         (dict(W=np.ones(4)), "W: expected 2 dimensions (D_out, D_in), found shape (4,)"),
         (dict(X=np.ones((6, 5))), "X: shape (6, 5) does not fit W (3, 4)"),
         (dict(B=np.ones(4)), "B: shape (4,) does not fit W (3, 4): expected (3,)"),
-        (dict(dY=np.ones((6, 4))), "dY: shape (6, 4) does not fit X (6, 4) and W (3, 4): expected (6, 3)"),
+        (
+            dict(dY=np.ones((6, 4))),
+            "dY: shape (6, 4) does not fit X (6, 4) and W (3, 4): expected (6, 3)",
+        ),
         (dict(dY=np.ones((5, 3))), "dY: shape (5, 3) does not fit"),
         (dict(X=np.ones((0, 4)), dY=np.ones((0, 3))), "X: a dimension has size 0"),
         (dict(X=np.full((6, 4), 1 + 2j)), "X: dtype complex128 is complex"),

@@ -54,7 +54,9 @@ def test_run_default_passes_and_prints_tables(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
 def test_run_dtypes_pass(dtype):
-    result = invoke("run", "--n", 16, "--din", 24, "--dout", 8, "--dtype", dtype, "--seed", 3, "--json", "-")
+    result = invoke(
+        "run", "--n", 16, "--din", 24, "--dout", 8, "--dtype", dtype, "--seed", 3, "--json", "-"
+    )
     assert result.exit_code == 0, result.output
     report = report_json(result)
     assert report["passed"] is True and report["dtype"] == dtype and report["seed"] == 3
@@ -75,12 +77,20 @@ def test_run_json_contract(tmp_path):
         assert {"tensor", "passed", "max_abs_error", "max_rel_error", "worst_index"} <= set(c)
         assert isinstance(c["max_abs_error"], float) and isinstance(c["worst_index"], list)
         assert c["oracle"] == "witness" and c["subject"] == "analytic"
-    assert report["layer"] == {"N": 4, "D_in": 3, "D_out": 2, "batch_shape": [4], "bias": True,
-                               "dtypes": {"X": "float64", "W": "float64", "dY": "float64", "B": "float64"}}
+    assert report["layer"] == {
+        "N": 4,
+        "D_in": 3,
+        "D_out": 2,
+        "batch_shape": [4],
+        "bias": True,
+        "dtypes": {"X": "float64", "W": "float64", "dY": "float64", "B": "float64"},
+    }
 
 
 def test_run_no_bias():
-    report = report_json(invoke("run", "--n", 4, "--din", 3, "--dout", 2, "--no-bias", "--json", "-"))
+    report = report_json(
+        invoke("run", "--n", 4, "--din", 3, "--dout", 2, "--no-bias", "--json", "-")
+    )
     assert [c["tensor"] for c in report["checks"]] == ["dX", "dW"]
     assert report["layer"]["bias"] is False
 
@@ -95,16 +105,24 @@ def test_run_seed_reproduces_and_differs():
 
 def test_run_save_writes_a_verifiable_folder_and_never_overwrites(tmp_path):
     folder = tmp_path / "saved"
-    assert invoke("run", "--n", 5, "--din", 4, "--dout", 3, "--dtype", "float32", "--save", folder).exit_code == 0
+    assert (
+        invoke(
+            "run", "--n", 5, "--din", 4, "--dout", 3, "--dtype", "float32", "--save", folder
+        ).exit_code
+        == 0
+    )
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        f"{n}.npy" for n in ("X", "W", "B", "dY", "dX", "dW", "dB"))
+        f"{n}.npy" for n in ("X", "W", "B", "dY", "dX", "dW", "dB")
+    )
     assert np.load(folder / "X.npy").dtype == np.float32
     result = invoke("verify", folder)
     assert result.exit_code == 0, result.output
     again = invoke("run", "--n", 5, "--din", 4, "--dout", 3, "--save", folder)
     assert again.exit_code == 2 and "already exists" in again.stderr
     assert np.load(folder / "X.npy").dtype == np.float32  # untouched
-    assert invoke("run", "--n", 5, "--din", 4, "--dout", 3, "--save", folder, "--force").exit_code == 0
+    assert (
+        invoke("run", "--n", 5, "--din", 4, "--dout", 3, "--save", folder, "--force").exit_code == 0
+    )
     assert np.load(folder / "X.npy").dtype == np.float64
 
 
@@ -116,24 +134,37 @@ def test_generate_then_verify(tmp_path):
     result = invoke("generate", folder, "--n", 6, "--din", 4, "--dout", 3, "--with-grads")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        f"{n}.npy" for n in ("X", "W", "B", "dY", "dX", "dW", "dB"))
+        f"{n}.npy" for n in ("X", "W", "B", "dY", "dX", "dW", "dB")
+    )
     assert np.load(folder / "X.npy").shape == (6, 4)
     result = invoke("verify", folder, "--json", "-")
     assert result.exit_code == 0, result.output
     assert [(c["tensor"], c["subject"]) for c in report_json(result)["checks"]] == [
-        ("dX", "supplied"), ("dW", "supplied"), ("dB", "supplied"),
-        ("dX", "reference"), ("dW", "reference"), ("dB", "reference")]
+        ("dX", "supplied"),
+        ("dW", "supplied"),
+        ("dB", "supplied"),
+        ("dX", "reference"),
+        ("dW", "reference"),
+        ("dB", "reference"),
+    ]
 
 
 def test_generate_never_overwrites_without_force(tmp_path):
     folder = tmp_path / "case"
     assert invoke("generate", folder, "--n", 6, "--din", 4, "--dout", 3).exit_code == 0
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    result = invoke("generate", folder, "--n", 6, "--din", 4, "--dout", 3, "--seed", 1, "--with-grads")
+    result = invoke(
+        "generate", folder, "--n", 6, "--din", 4, "--dout", 3, "--seed", 1, "--with-grads"
+    )
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "already exists; nothing was written" in result.stderr
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no dX.npy either
-    assert invoke("generate", folder, "--n", 6, "--din", 4, "--dout", 3, "--seed", 1, "--force").exit_code == 0
+    assert (
+        invoke(
+            "generate", folder, "--n", 6, "--din", 4, "--dout", 3, "--seed", 1, "--force"
+        ).exit_code
+        == 0
+    )
     assert {p.name: p.read_bytes() for p in folder.iterdir()} != before
 
 
@@ -199,7 +230,11 @@ def test_verify_without_subjects_checks_the_formulas(tmp_path, rng):
 
 
 def test_verify_npz_with_leading_batch_dims_and_no_bias(tmp_path, rng):
-    X, W, G = rng.standard_normal((2, 3, 5)), rng.standard_normal((4, 5)), rng.standard_normal((2, 3, 4))
+    X, W, G = (
+        rng.standard_normal((2, 3, 5)),
+        rng.standard_normal((4, 5)),
+        rng.standard_normal((2, 3, 4)),
+    )
     dX = G @ W
     dX[1, 0, 2] += 1.0
     np.savez(tmp_path / "c.npz", x=X, w=W, dy=G, dx=dX, dw=G.reshape(6, 4).T @ X.reshape(6, 5))
@@ -286,7 +321,10 @@ def test_help_lists_exit_codes_and_an_example():
         sub = runner.invoke(app, [command, "--help"])
         assert sub.exit_code == 0
         text = " ".join(sub.stdout.split())
-        assert "Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input." in text
+        assert (
+            "Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input."
+            in text
+        )
         assert f"Example: lincheck {command}" in text
 
 
@@ -301,20 +339,26 @@ def _script():
 
 
 def test_console_script_and_module(tmp_path, rng):
-    done = subprocess.run([_script(), "run", "--n", "4", "--din", "3", "--dout", "2"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [_script(), "run", "--n", "4", "--din", "3", "--dout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert "PASS  all 3 checks passed" in done.stdout
-    module = subprocess.run([sys.executable, "-m", "lincheck", "--version"],
-                            capture_output=True, text=True, timeout=60)
+    module = subprocess.run(
+        [sys.executable, "-m", "lincheck", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert module.returncode == 0 and module.stdout.startswith("lincheck ")
 
 
 def test_console_script_bad_input_has_no_traceback(tmp_path, rng):
     case(tmp_path / "c", rng)
     (tmp_path / "c" / "dY.npy").write_bytes(b"garbage")
-    done = subprocess.run([_script(), "verify", str(tmp_path / "c")],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [_script(), "verify", str(tmp_path / "c")], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2
     assert done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.startswith("lincheck: error: dY (") and done.stderr.count("\n") == 1

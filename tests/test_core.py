@@ -22,7 +22,9 @@ def test_hand_worked_case():
 def test_backward_matches_index_loops(rng, shape):
     X, W, _, G = layer(rng, *shape)
     scale = {  # sums of absolute terms, the scale of any float64 reordering difference
-        "dX": np.abs(G) @ np.abs(W), "dW": np.abs(G).T @ np.abs(X), "dB": np.abs(G).sum(0)
+        "dX": np.abs(G) @ np.abs(W),
+        "dW": np.abs(G).T @ np.abs(X),
+        "dB": np.abs(G).sum(0),
     }
     for name, got, want in zip(("dX", "dW", "dB"), backward(X, W, G), loop_gradients(X, W, G)):
         assert got.shape == want.shape, name
@@ -33,8 +35,12 @@ def test_backward_matches_index_loops(rng, shape):
 def test_forward_matches_index_loop(rng, shape):
     X, W, B, _ = layer(rng, *shape)
     scale = np.abs(X) @ np.abs(W).T + np.abs(B)
-    assert np.all(np.abs(forward(X, W, B) - loop_forward(X, W, B)) <= ORACLE_RTOL["float64"] * scale)
-    assert np.all(np.abs(forward(X, W, None) - loop_forward(X, W, None)) <= ORACLE_RTOL["float64"] * scale)
+    assert np.all(
+        np.abs(forward(X, W, B) - loop_forward(X, W, B)) <= ORACLE_RTOL["float64"] * scale
+    )
+    assert np.all(
+        np.abs(forward(X, W, None) - loop_forward(X, W, None)) <= ORACLE_RTOL["float64"] * scale
+    )
 
 
 def test_no_bias_has_no_dB(rng):

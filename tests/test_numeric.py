@@ -24,7 +24,9 @@ def test_witness_matches_index_loops_within_its_bound(rng, shape, method):
     exact = loop_gradients(X, W, G)
     # The loop oracle has its own float64 error, at most ORACLE_RTOL of the magnitudes.
     mags = numeric.Magnitudes.of(X, W, B, G)
-    for est, bound, want, mag in zip(witness.grads, witness.bounds, exact, (mags.dX, mags.dW, mags.dB)):
+    for est, bound, want, mag in zip(
+        witness.grads, witness.bounds, exact, (mags.dX, mags.dW, mags.dB)
+    ):
         assert np.all(np.abs(est - want) <= bound + ORACLE_RTOL["float64"] * mag)
 
 
@@ -62,7 +64,9 @@ def test_badly_scaled_inputs(rng):
     mags = numeric.Magnitudes.of(X, W, B, G)
     for method in ("grouped", "dense"):
         witness = numeric.central_differences(X, W, B, G, method=method)
-        for est, bound, want, mag in zip(witness.grads, witness.bounds, exact, (mags.dX, mags.dW, mags.dB)):
+        for est, bound, want, mag in zip(
+            witness.grads, witness.bounds, exact, (mags.dX, mags.dW, mags.dB)
+        ):
             assert np.all(np.abs(est - want) <= bound + ORACLE_RTOL["float64"] * mag)
             # The bound is useful, not vacuous: a tiny fraction of each entry's magnitude.
             assert np.all(bound <= 1e-9 * mag + 1e-300)
@@ -88,7 +92,9 @@ def test_step_sizes_are_powers_of_two_between_the_scale_and_the_cap():
     h = numeric.step_sizes(values, A, M, rel_step=1.0)
     assert h.tolist() == [1.0, 16.0, 2.0**64]
     assert numeric.step_sizes(np.zeros(2), 1.0, np.ones(2), 2.0).tolist() == [4.0, 4.0]
-    assert numeric.step_sizes(np.array([1e6]), 0.0, np.ones(1), 1024.0).tolist() == [1024.0 * 2.0**20]
+    assert numeric.step_sizes(np.array([1e6]), 0.0, np.ones(1), 1024.0).tolist() == [
+        1024.0 * 2.0**20
+    ]
 
 
 def test_gamma():

@@ -37,7 +37,13 @@ def test_failing_report_renders_every_verdict_within_80_columns(failing_report):
     rows = [line.split() for line in lines if line.split()[:1] in (["dX"], ["dW"], ["dB"])]
     summary = [r for r in rows if r[-1] in ("PASS", "FAIL")]
     assert [(r[0], r[-1]) for r in summary] == [
-        ("dX", "FAIL"), ("dW", "FAIL"), ("dB", "FAIL"), ("dX", "PASS"), ("dW", "PASS"), ("dB", "PASS")]
+        ("dX", "FAIL"),
+        ("dW", "FAIL"),
+        ("dB", "FAIL"),
+        ("dX", "PASS"),
+        ("dW", "PASS"),
+        ("dB", "PASS"),
+    ]
     assert "dX (supplied vs reference): contains 1 NaN, first at [0, 0]" in out
     assert "dW (supplied vs reference): 1 of 15 entries exceed their tolerance" in out
     # The worst dW entry is listed with its index and both values.
@@ -48,7 +54,9 @@ def test_failing_report_renders_every_verdict_within_80_columns(failing_report):
 
 def test_json_is_strict_and_keeps_the_contract(failing_report):
     text = to_json(failing_report, command="verify")
-    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    report = json.loads(
+        text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")
+    )
     assert report["passed"] is False and report["command"] == "verify"
     checks = {(c["tensor"], c["subject"]): c for c in report["checks"]}
     assert checks[("dX", "supplied")]["max_abs_error"] is None  # NaN subject: no error to report

@@ -1,0 +1,96 @@
+"""Property-based tests: no false alarms, planted errors always caught, lossless files."""
+
+import io
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lincheck import arrays, check, numeric
+
+SETTINGS = settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+
+dims = st.integers(min_value=1, max_value=12)
+dtypes = st.sampled_from(["float64", "float32", "float16"])
+exponents = st.integers(min_value=-8, max_value=8)
+
+
+def _layer(seed, N, D_in, D_out, dtype, ex, ew, eg):
+    rng = np.random.default_rng(seed)
+    X = (rng.standard_normal((N, D_in)) * 10.0**ex).astype(dtype)
+    W = (rng.standard_normal((D_out, D_in)) * 10.0**ew).astype(dtype)
+    B = (rng.standard_normal(D_out) * 10.0 ** (ex + ew)).astype(dtype)
+    G = (rng.standard_normal((N, D_out)) * 10.0**eg).astype(dtype)
+    return X, W, B, G
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    N=dims,
+    D_in=dims,
+    D_out=dims,
+    dtype=dtypes,
+    ex=exponents,
+    ew=exponents,
+    eg=exponents,
+)
+def test_correct_gradients_in_their_dtype_always_pass(seed, N, D_in, D_out, dtype, ex, ew, eg):
+    if dtype == "float16":  # keep float16 values and products inside its range (6e-5 .. 65504)
+        ex, ew, eg = (int(np.clip(e, -1, 1)) for e in (ex, ew, eg))
+    X, W, B, G = _layer(seed, N, D_in, D_out, dtype, ex, ew, eg)
+    report = check(X, W, B, G, dX=G @ W, dW=G.T @ X, dB=G.sum(0))
+    assert report.passed, [(c.tensor, c.subject, c.bound_ratio) for c in report.failed]
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    N=dims,
+    D_in=dims,
+    D_out=dims,
+    ex=exponents,
+    ew=exponents,
+    eg=exponents,
+    tensor=st.sampled_from(["dX", "dW", "dB"]),
+    data=st.data(),
+)
+def test_one_entry_off_by_twice_its_tolerance_is_caught_and_located(
+    seed, N, D_in, D_out, ex, ew, eg, tensor, data
+):
+    X, W, B, G = _layer(seed, N, D_in, D_out, "float64", ex, ew, eg)
+    grads = {"dX": G @ W, "dW": G.T @ X, "dB": G.sum(0)}
+    g = grads[tensor]
+    index = tuple(data.draw(st.integers(0, s - 1)) for s in g.shape)
+    # Twice the tolerance there: the subject's and the reference's float64 bounds.
+    mags = numeric.Magnitudes.of(X, W, B, G)
+    M = {"dX": mags.dX, "dW": mags.dW, "dB": mags.dB}[tensor][index]
+    k = {"dX": D_out, "dW": N, "dB": N}[tensor]
+    tol = 2 * numeric.product_bound(M, k, np.float64, False)
+    planted = 2 * tol + 4 * abs(g[index]) * 2.0**-52
+    g[index] += planted
+    failed = check(X, W, B, G, **grads).failed
+    assert [c.tensor for c in failed] == [tensor]
+    assert failed[0].worst_index == index
+
+
+@SETTINGS
+@given(
+    shape=st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple),
+    dtype=st.sampled_from(["<f8", ">f8", "<f4", ">f4", "<f2", "int8", ">i4", "<u2", "bool"]),
+    fortran=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_npy_roundtrip_is_lossless(shape, dtype, fortran, seed):
+    a = (np.random.default_rng(seed).standard_normal(shape) * 100).astype(dtype)
+    if fortran:
+        a = np.asfortranarray(a)
+    buf = io.BytesIO()
+    np.save(buf, a)
+    size = buf.tell()
+    buf.seek(0)
+    back = arrays._read_npy(buf, size, "X")
+    assert back.dtype == a.dtype and back.shape == a.shape
+    assert np.array_equal(back, a, equal_nan=True)
