@@ -64,7 +64,7 @@ def bench_sizes(sizes, repeats: int) -> None:
         )
         if N * D_in * D_out <= 32 * 64 * 16:
             t_dense = median_time(
-                max(1, repeats // 4), numeric.central_differences, X, W, B, G, method="dense"
+                max(1, repeats // 4), numeric.central_differences, X, W, B, G, grouped=False
             )
             row += f" {t_dense * 1e3:8.1f}ms {t_dense / t_floor:6.0f}x"
         print(row, flush=True)

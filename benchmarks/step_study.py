@@ -23,12 +23,12 @@ def main() -> None:
     for method in ("dense", "grouped"):
         for h in (1e-8, 1e-5, 1e-3, 1.0, None):
             if h is None:
-                witness = numeric.central_differences(X, W, B, G, method=method)
+                witness = numeric.central_differences(X, W, B, G, grouped=method == "grouped")
                 label = "default"
             else:
                 fixed = lambda values, A, M, rel_step, h=h: np.full(np.shape(M), h)  # noqa: E731
                 with mock.patch.object(numeric, "step_sizes", fixed):
-                    witness = numeric.central_differences(X, W, B, G, method=method)
+                    witness = numeric.central_differences(X, W, B, G, grouped=method == "grouped")
                 label = f"{h:.0e}"
             err = max(float(np.max(np.abs(e - x))) for e, x in zip(witness.grads, exact))
             bound = max(float(np.max(b)) for b in witness.bounds)

@@ -7,7 +7,8 @@
 True
 """
 
-from .checks import Hint, Layer, Report, TensorCheck, analytic_gradients, check, random_inputs
+from .checks import Layer, Report, TensorCheck, analytic_gradients, check, random_inputs
+from .diagnose import Hint
 from .errors import InputError, LincheckError
 
 __version__ = "0.1.0"

@@ -17,15 +17,23 @@ from typing import Any
 
 import numpy as np
 
-from . import numeric
+from . import diagnose, numeric
 from .core import Gradients, as_batch, backward, forward
+from .diagnose import Hint
 from .errors import InputError
+from .precision import (
+    PRECISIONS,
+    ErrorBound,
+    Precision,
+    precision_for,
+    product_error,
+    representable,
+    storage_format,
+)
 
 INPUT_NAMES = ("X", "W", "B", "dY")
 SUBJECT_NAMES = ("dX", "dW", "dB", "Y")
 DTYPES = ("float64", "float32", "float16")
-
-_FORMULA = {"dX": "G W", "dW": "Gᵀ X", "dB": "Σₙ G", "Y": "X Wᵀ + B"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,17 @@ class TensorCheck:
     ``subject`` says what was checked ("supplied" by the user, "analytic" as
     computed by lincheck in the run's dtype, or the float64 "reference"),
     ``oracle`` what it was checked against ("reference": the analytic
-    gradient in float64; "witness": the central-difference estimate).
+    gradient in float64; "witness": the numerical estimate). ``precision``
+    is the arithmetic the subject is held to, ``rule`` what set the
+    tolerance: "bound" (rounding-error bounds of subject and oracle) or
+    "allclose" (the user's atol + rtol·|oracle|).
+
+    ``bound_ratio`` is max |error| / tolerance (≤ 1 to pass);
+    ``typical_ratio`` is max |error| / (√k u Σ|terms|), the probabilistic
+    scale of rounding error (near 1 is normal); ``min_detectable_error`` is
+    the smallest change to any single entry that is certain to fail the
+    check: max over entries of tolerance + current error.
+
     Error fields are None when there is nothing to compare (wrong shape or
     non-finite values; ``message`` says which). Indices index the tensor as
     the user supplied it, leading batch dimensions included.
@@ -56,14 +74,18 @@ class TensorCheck:
     subject: str
     subject_dtype: str
     oracle: str
+    precision: str
+    rule: str
     passed: bool
     shape: tuple[int, ...]
     expected_shape: tuple[int, ...]
     max_abs_error: float | None
     max_rel_error: float | None
     bound_ratio: float | None
+    typical_ratio: float | None
     worst_index: tuple[int, ...] | None
     tolerance: float | None
+    min_detectable_error: float | None
     tolerance_rule: str
     message: str = ""
     worst_entries: tuple[Entry, ...] = ()
@@ -74,14 +96,18 @@ class TensorCheck:
             "subject": self.subject,
             "subject_dtype": self.subject_dtype,
             "oracle": self.oracle,
+            "precision": self.precision,
+            "rule": self.rule,
             "passed": self.passed,
             "shape": list(self.shape),
             "expected_shape": list(self.expected_shape),
             "max_abs_error": _json_float(self.max_abs_error),
             "max_rel_error": _json_float(self.max_rel_error),
             "bound_ratio": _json_float(self.bound_ratio),
+            "typical_ratio": _json_float(self.typical_ratio),
             "worst_index": None if self.worst_index is None else list(self.worst_index),
             "tolerance": _json_float(self.tolerance),
+            "min_detectable_error": _json_float(self.min_detectable_error),
             "tolerance_rule": self.tolerance_rule,
             "message": self.message,
             "worst_entries": [
@@ -95,18 +121,6 @@ class TensorCheck:
                 for e in self.worst_entries
             ],
         }
-
-
-@dataclass(frozen=True)
-class Hint:
-    """A diagnosis of a failed check: a stable ``code``, the tensor, a sentence."""
-
-    code: str
-    tensor: str
-    message: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "tensor": self.tensor, "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -219,14 +233,6 @@ def _nonfinite_summary(a: np.ndarray) -> str:
     return f"contains {' and '.join(parts)}, first at {first}"
 
 
-def _representable(a: np.ndarray, dtype: np.dtype) -> bool:
-    """Whether every value of ``a`` is exactly a value of ``dtype``."""
-    if np.can_cast(a.dtype, dtype, casting="safe"):
-        return True
-    with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.array_equal(a.astype(dtype).astype(np.float64), a.astype(np.float64)))
-
-
 @dataclass(frozen=True)
 class _Inputs:
     """Validated inputs, flattened to 2-D and upcast exactly to float64."""
@@ -298,6 +304,20 @@ def _validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> _Inputs:
 # Checking
 
 
+@dataclass(frozen=True)
+class _Oracle:
+    """Values of one oracle in the user's shapes, with per-entry error bounds."""
+
+    name: str
+    values: Mapping[str, np.ndarray | None]
+    worst: Mapping[str, np.ndarray | None]
+    typical: Mapping[str, np.ndarray | None]
+    precision: str
+
+
+_OPERANDS = {"dX": ("dY", "W"), "dW": ("dY", "X"), "dB": ("dY",), "Y": ("X", "W", "B")}
+
+
 def check(
     X,
     W,
@@ -308,8 +328,12 @@ def check(
     dB=None,
     Y=None,
     *,
+    precision: str | None = None,
     against: str = "reference",
-    method: str = "grouped",
+    method: str = "central",
+    grouped: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
     subject: str = "supplied",
     sources: Mapping[str, str] | None = None,
 ) -> Report:
@@ -323,16 +347,26 @@ def check(
     dY : array_like, shape (*, D_out)
         The upstream gradient G = ∂L/∂Y.
     dX, dW, dB, Y : array_like, optional
-        Subjects: gradients (and a forward output) to check. Their dtype is
-        taken as the precision they were computed in.
+        Subjects: gradients (and a forward output) to check.
+    precision : {"fp64", "fp32", "tf32", "bf16", "fp16"}, optional
+        The arithmetic the subjects were computed in (see
+        :mod:`lincheck.precision`). Default: from each subject's dtype
+        (float64 → fp64, float32 → fp32, float16 → fp16, integers → fp64).
     against : {"reference", "witness"}
         The oracle for the subjects: the analytic gradients computed in
-        float64 from the exactly upcast inputs ("reference"; the
-        central-difference witness then also checks the reference), or the
-        witness itself. ``Y`` is always checked against the float64 forward.
-    method : {"grouped", "dense"}
-        How the witness perturbs entries; see
-        :func:`lincheck.numeric.central_differences`.
+        float64 from the exactly upcast inputs ("reference"; the witness
+        then also checks the reference), or the witness itself. ``Y`` is
+        always checked against the float64 forward pass.
+    method : {"central", "complex-step"}
+        How the witness estimates the gradients; see
+        :func:`lincheck.numeric.central_differences` and
+        :func:`lincheck.numeric.complex_step`.
+    grouped : bool
+        Perturb whole columns per forward pass (default) or one entry at a
+        time (the textbook check; central differences only).
+    atol, rtol : float, optional
+        If either is given, replace the bounds by ``numpy.allclose``'s rule,
+        |subject − oracle| ≤ atol + rtol·|oracle| (the other defaults to 0).
     subject : str
         What to call the subjects in the report ("supplied", "analytic").
     sources : mapping, optional
@@ -342,15 +376,16 @@ def check(
     -------
     Report
         With no subjects, the report checks the float64 analytic formulas
-        against the witness.
+        against the witness. A failed subject that fits a less accurate
+        arithmetic gets a ``lower_precision`` hint.
 
     Raises
     ------
     InputError
         X, W, B or dY is malformed (not real numbers, NaN/Inf, wrong rank, a
-        zero-size dimension) or their shapes disagree; or dB is given
-        without B. A subject that is wrong in any way is a failed check,
-        not an error.
+        zero-size dimension, values whose products overflow) or their shapes
+        disagree; or dB is given without B. A subject that is wrong in any
+        way is a failed check, not an error.
 
     Examples
     --------
@@ -362,6 +397,9 @@ def check(
     """
     if against not in ("reference", "witness"):
         raise ValueError(f"against must be 'reference' or 'witness', not {against!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, not {precision!r}")
+    allclose = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
     sources = sources or {}
     inputs = _validate_inputs(X, W, B, dY, sources)
     X64, W64, B64, G64 = inputs.X, inputs.W, inputs.B, inputs.G
@@ -375,8 +413,8 @@ def check(
         mags = numeric.Magnitudes.of(X64, W64, B64, G64)
         _check_no_overflow([mags.dX, mags.dW, mags.Y], sources)
         reference = backward(X64, W64, G64, bias=bias)
-        witness = numeric.central_differences(X64, W64, B64, G64, method=method, magnitudes=mags)
-        _check_no_overflow([*witness.grads, *witness.bounds], sources)
+        wit = numeric.witness(X64, W64, B64, G64, method=method, grouped=grouped, magnitudes=mags)
+        _check_no_overflow([*wit.grads, *wit.bounds], sources)
     L = inputs.layer
     expected = {
         "dX": inputs.x_shape,
@@ -388,66 +426,69 @@ def check(
 
     def as_given(values: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:
         # Back from the flattened batch to the shapes the user supplied.
-        return {n: None if v is None else v.reshape(expected[n]) for n, v in values.items()}
+        return {n: None if v is None else np.reshape(v, expected[n]) for n, v in values.items()}
 
-    magnitude = as_given({"dX": mags.dX, "dW": mags.dW, "dB": mags.dB, "Y": mags.Y})
-    ref_values = as_given({**reference._asdict(), "Y": forward(X64, W64, B64)})
-    wit_values = as_given(witness.grads._asdict())
-    wit_bounds = as_given(witness.bounds._asdict())
+    def subject_bound(name: str, p: Precision, dtype: np.dtype) -> ErrorBound:
+        M, S = mags.of_tensor(name)
+        given = [inputs.given[o] for o in _OPERANDS[name] if o in inputs.given]
+        rounded = not all(representable(g, p.operands) for g in given)
+        bound = product_error(M, S, inner[name], p, storage_format(dtype), rounded)
+        shape = expected[name]
+        return ErrorBound(bound.worst.reshape(shape), bound.typical.reshape(shape), bound.rule)
 
-    def ref_bound(name):
-        return numeric.product_bound(magnitude[name], inner[name], np.float64, False)
+    fp64 = PRECISIONS["fp64"]
+    ref_bounds = {
+        n: subject_bound(n, fp64, np.dtype(np.float64)) for n in expected if n != "dB" or bias
+    }
+    ref = _Oracle(
+        "reference",
+        as_given({**reference._asdict(), "Y": forward(X64, W64, B64)}),
+        {n: b.worst for n, b in ref_bounds.items()},
+        {n: b.typical for n, b in ref_bounds.items()},
+        "fp64",
+    )
+    witness_oracle = _Oracle(
+        "witness",
+        as_given(wit.grads._asdict()),
+        as_given(wit.bounds._asdict()),
+        as_given(wit.typical._asdict()),
+        "fp64",
+    )
 
     supplied = {n: v for n, v in (("dX", dX), ("dW", dW), ("dB", dB), ("Y", Y)) if v is not None}
     checks: list[TensorCheck] = []
+    hints: list[Hint] = []
     for name, value in supplied.items():
         a = _real_array(name, value, sources)
-        rounded = not all(_representable(g, a.dtype) for g in inputs.given.values())
-        own = numeric.product_bound(magnitude[name], inner[name], a.dtype, rounded)
-        own_rule = f"γ_{inner[name] + 2 * rounded}({numeric.precision_of(a.dtype)}) × Σ|terms|"
-        if against == "witness" and name != "Y":
-            oracle, values, bound, rule = (
-                "witness",
-                wit_values[name],
-                wit_bounds[name],
-                "witness bound",
-            )
-        else:
-            oracle, values, bound, rule = (
-                "reference",
-                ref_values[name],
-                ref_bound(name),
-                "reference bound",
-            )
-        checks.append(
-            _compare(
+        p = PRECISIONS[precision] if precision else precision_for(a.dtype)
+        oracle = witness_oracle if against == "witness" and name != "Y" else ref
+        own = subject_bound(name, p, a.dtype)
+        result = _compare(name, subject, a, oracle, own, p.name, allclose, expected[name])
+        checks.append(result)
+        if not result.passed and result.max_abs_error is not None and allclose is None:
+            err = np.abs(a.astype(np.float64) - oracle.values[name])
+            hint = diagnose.lower_precision(
                 name,
-                subject,
-                a,
-                oracle,
-                values,
-                own + bound,
-                f"{own_rule} + {rule}",
-                expected[name],
+                p,
+                err,
+                oracle.worst[name],
+                lambda q, n=name, d=a.dtype: subject_bound(n, q, d),
             )
-        )
-    witness_checks = not supplied or against == "reference"
-    if witness_checks:
+            if hint is not None:
+                hints.append(hint)
+    if not supplied or against == "reference":
         for name in ("dX", "dW", "dB"):
-            if name == "dB" and not bias:
+            if (name == "dB" and not bias) or (supplied and name not in supplied):
                 continue
-            if supplied and name not in supplied:
-                continue
-            tol = ref_bound(name) + wit_bounds[name]
             checks.append(
                 _compare(
                     name,
                     "reference",
-                    ref_values[name],
-                    "witness",
-                    wit_values[name],
-                    tol,
-                    f"γ_{inner[name]}(float64) × Σ|terms| + witness bound",
+                    ref.values[name],
+                    witness_oracle,
+                    ErrorBound(ref.worst[name], ref.typical[name], ref_bounds[name].rule),
+                    "fp64",
+                    allclose,
                     expected[name],
                 )
             )
@@ -455,10 +496,12 @@ def check(
         layer=L,
         checks=tuple(checks),
         witness={
-            "method": witness.method,
-            "forward_passes": witness.forward_passes,
-            "steps": witness.steps,
+            "method": wit.method,
+            "grouped": wit.grouped,
+            "forward_passes": wit.forward_passes,
+            "steps": wit.steps,
         },
+        hints=tuple(hints),
     )
 
 
@@ -473,47 +516,73 @@ def _check_no_overflow(arrays, sources: Mapping[str, str]) -> None:
     )
 
 
-def _compare(tensor, subject, value, oracle, oracle_values, tolerance, rule, expected_shape):
-    """Compare one subject (as supplied) with float64 oracle values (2-D) under a tolerance."""
+def _compare(
+    tensor: str,
+    subject: str,
+    value: np.ndarray,
+    oracle: _Oracle,
+    own: ErrorBound,
+    precision: str,
+    allclose: tuple[float, float] | None,
+    expected_shape: tuple[int, ...],
+) -> TensorCheck:
+    """Compare one subject (as supplied) with an oracle, entry by entry."""
     value = np.asarray(value)
     shape = tuple(value.shape)
-    dtype = str(value.dtype)
+    if allclose is None:
+        rule, rule_text = "bound", f"{own.rule} + {oracle.name} bound"
+    else:
+        rule, rule_text = (
+            "allclose",
+            f"atol {allclose[0]:g} + rtol {allclose[1]:g} × |{oracle.name}|",
+        )
     base = dict(
         tensor=tensor,
         subject=subject,
-        subject_dtype=dtype,
-        oracle=oracle,
+        subject_dtype=str(value.dtype),
+        oracle=oracle.name,
+        precision=precision,
+        rule=rule,
         shape=shape,
         expected_shape=tuple(expected_shape),
-        tolerance_rule=rule,
+        tolerance_rule=rule_text,
+    )
+    nothing = dict(
+        passed=False,
+        max_abs_error=None,
+        max_rel_error=None,
+        bound_ratio=None,
+        typical_ratio=None,
+        tolerance=None,
+        min_detectable_error=None,
     )
     if shape != tuple(expected_shape):
         return TensorCheck(
             **base,
-            passed=False,
-            max_abs_error=None,
-            max_rel_error=None,
-            bound_ratio=None,
+            **nothing,
             worst_index=None,
-            tolerance=None,
             message=f"wrong shape: expected {tuple(expected_shape)}, got {shape}",
         )
     if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
         first = np.flatnonzero(~np.isfinite(value))[0]
         return TensorCheck(
             **base,
-            passed=False,
-            max_abs_error=None,
-            max_rel_error=None,
-            bound_ratio=None,
+            **nothing,
             worst_index=tuple(_index(int(first), shape)),
-            tolerance=None,
             message=_nonfinite_summary(value),
         )
-    s = value.astype(np.float64).reshape(np.shape(oracle_values))
-    o = np.asarray(oracle_values, dtype=np.float64)
-    tol = np.broadcast_to(tolerance, o.shape)
+    s = value.astype(np.float64)
+    o = np.asarray(oracle.values[tensor], dtype=np.float64)
+    if allclose is None:
+        tol = own.worst + oracle.worst[tensor]
+    else:
+        tol = allclose[0] + allclose[1] * np.abs(o)
+    tol = np.broadcast_to(tol, o.shape)
+    typical = np.sqrt(own.typical**2 + oracle.typical[tensor] ** 2)
     cmp = numeric.compare(s, o, tol)
+    err = np.abs(s - o)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        typical_ratio = float(np.max(np.where(err == 0, 0.0, err / typical), initial=0.0))
     s_flat, o_flat, tol_flat = s.ravel(), o.ravel(), tol.ravel()
     entries = tuple(
         Entry(
@@ -528,7 +597,7 @@ def _compare(tensor, subject, value, oracle, oracle_values, tolerance, rule, exp
     if cmp.passed:
         message = ""
     else:
-        n_bad = int(np.count_nonzero(np.abs(s - o) > tol))
+        n_bad = int(np.count_nonzero(err > tol))
         message = f"{n_bad} of {s.size} entries exceed their tolerance"
     return TensorCheck(
         **base,
@@ -536,8 +605,10 @@ def _compare(tensor, subject, value, oracle, oracle_values, tolerance, rule, exp
         max_abs_error=cmp.max_abs_error,
         max_rel_error=cmp.max_rel_error,
         bound_ratio=cmp.bound_ratio,
+        typical_ratio=typical_ratio,
         worst_index=tuple(_index(cmp.worst, shape)),
         tolerance=cmp.tolerance_at_worst,
+        min_detectable_error=float(np.max(tol + err, initial=0.0)),
         message=message,
         worst_entries=entries,
     )

@@ -45,6 +45,19 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class PrecisionChoice(str, Enum):
+    fp64 = "fp64"
+    fp32 = "fp32"
+    tf32 = "tf32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Method(str, Enum):
+    central = "central"
+    complex_step = "complex-step"
+
+
 def _fail(message: str) -> typer.Exit:
     """Print one line on stderr and return the exit to raise (code 2: bad input)."""
     stderr.print(f"lincheck: error: {message}", markup=False, highlight=False, soft_wrap=True)
@@ -104,6 +117,24 @@ DTypeOption = Annotated[
     DType, typer.Option("--dtype", help="dtype of the arrays and of the analytic computation.")
 ]
 Force = Annotated[bool, typer.Option("--force", help="Replace existing .npy files.")]
+MethodOption = Annotated[
+    Method,
+    typer.Option(
+        "--method",
+        help="How the numerical witness differentiates: central differences, or the "
+        "complex step Im L(θ + ih)/h (no cancellation; about twice the cost).",
+    ),
+]
+Atol = Annotated[
+    float | None,
+    typer.Option(
+        "--atol",
+        min=0.0,
+        help="Override the rounding-error bounds with numpy.allclose's rule "
+        "|a − b| ≤ atol + rtol·|b| (the other defaults to 0).",
+    ),
+]
+Rtol = Annotated[float | None, typer.Option("--rtol", min=0.0, help="See --atol.")]
 
 
 @app.command(
@@ -119,6 +150,9 @@ def run(
         bool, typer.Option("--no-bias", help="A layer without bias (no B, no dB).")
     ] = False,
     json_path: JsonOption = None,
+    method: MethodOption = Method.central,
+    atol: Atol = None,
+    rtol: Rtol = None,
     save: Annotated[
         Path | None,
         typer.Option(
@@ -130,7 +164,8 @@ def run(
     force: Force = False,
 ) -> None:
     """Generate a random layer, compute its gradients analytically in --dtype, and check
-    every entry against central differences of L = Σ G ⊙ Y (float64)."""
+    every entry against a numerical witness from L = Σ G ⊙ Y (float64), within
+    rounding-error bounds derived for --dtype."""
     import numpy as np
 
     from . import arrays, checks
@@ -147,6 +182,9 @@ def run(
         **grads,
         against="witness",
         subject="analytic",
+        method=method.value,
+        atol=atol,
+        rtol=rtol,
     )
     bias = "without bias" if no_bias else "with bias"
     header = (
@@ -176,10 +214,25 @@ def verify(
         ),
     ],
     json_path: JsonOption = None,
+    precision: Annotated[
+        PrecisionChoice | None,
+        typer.Option(
+            "--precision",
+            help="The arithmetic your gradients were computed in; sets their error bounds. "
+            "Default: from each file's dtype (float64 → fp64, float32 → fp32, "
+            "float16 → fp16). tf32: fp32 operands cut to 10-bit significands, fp32 sums; "
+            "bf16: bfloat16 operands and result, fp32 sums.",
+            show_default=False,
+        ),
+    ] = None,
+    method: MethodOption = Method.central,
+    atol: Atol = None,
+    rtol: Rtol = None,
 ) -> None:
     """Check gradients your code produced (dX, dW, dB, Y) against the float64 analytic
-    reference, which is itself checked against central differences; with no gradients
-    given, check the analytic formulas on your X, W, B, dY."""
+    reference, which is itself checked against a numerical witness; with no gradients
+    given, check the analytic formulas on your X, W, B, dY. Each entry's tolerance is
+    derived from the arithmetic (--precision), not set by hand."""
     from . import arrays, checks
 
     try:
@@ -191,6 +244,10 @@ def verify(
             a.get("B"),
             a["dY"],
             **{name: a[name] for name in checks.SUBJECT_NAMES if name in a},
+            precision=None if precision is None else precision.value,
+            method=method.value,
+            atol=atol,
+            rtol=rtol,
             sources=loaded.sources,
         )
     except LincheckError as exc:

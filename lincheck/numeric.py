@@ -17,20 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .core import Gradients, forward, surrogate_loss
+from .precision import FLOAT64, gamma
 
-U64 = 2.0**-53
-ETA64 = 2.0**-1074
-
-PRECISIONS: dict[str, tuple[float, float]] = {
-    "float64": (2.0**-53, 2.0**-1074),
-    "float32": (2.0**-24, 2.0**-149),
-    "float16": (2.0**-11, 2.0**-24),
-}
-"""Per IEEE 754 format: the unit roundoff u = 2⁻ᵖ for a p-bit significand, and
-η, the smallest subnormal number. A rounding that underflows has an absolute
-error of at most η/2 [Higham §2.1]; lincheck uses η itself, because η/2 for
-float64 is not a float64 number."""
-
+U64 = FLOAT64.u
+ETA64 = FLOAT64.eta
 
 DEFAULT_REL_STEP = 2.0**10
 """How far past the cancellation threshold the step goes; see :func:`step_sizes`."""
@@ -42,31 +32,11 @@ _CHUNK_BYTES = 32 * 2**20
 """Memory for one batch of perturbed forward passes (inputs plus outputs)."""
 
 
-def precision_of(dtype: np.dtype) -> str:
-    """The arithmetic a gradient of this dtype is taken to be computed in.
-
-    Integer and bool gradients are held to float64 arithmetic.
-    """
-    name = np.dtype(dtype).name
-    return name if name in PRECISIONS else "float64"
-
-
-def unit_roundoff(dtype: np.dtype) -> float:
-    """u of :func:`precision_of` ``dtype``."""
-    return PRECISIONS[precision_of(dtype)][0]
-
-
-def gamma(k: int, u: float) -> float:
-    """γ_k = k u / (1 − k u); infinite when k u ≥ 1 (no worst-case bound exists)."""
-    ku = k * u
-    return ku / (1.0 - ku) if ku < 1.0 else float("inf")
-
-
 def _upper(computed: np.ndarray, k: int) -> np.ndarray:
     """An upper bound on an exact sum of k non-negative products, from its float64 value.
 
     A computed non-negative sum is at least (1 − γ_k) times the exact one
-    less 2kη for underflow (see :func:`product_bound`), and 1/(1 − γ) ≤
+    less 2kη for underflow (see :func:`lincheck.precision.product_error`), and 1/(1 − γ) ≤
     1 + 2γ for γ ≤ 1/2.
     """
     return computed * (1.0 + 2.0 * gamma(k + 1, U64)) + 4 * (k + 1) * ETA64
@@ -83,12 +53,17 @@ class Magnitudes:
     γ_k times the inner product of the absolute values, not of the result:
     a gradient entry that cancels to near zero still carries the rounding of
     its large terms.
+
+    ``sums`` holds, per tensor, Σ(|a| + |b|) over each entry's terms (e.g.
+    Σᵢ |G[n, i]| + Σᵢ |W[i, j]| for dX[n, j]): the scale of the error of
+    operands that underflow when rounded to a narrow format.
     """
 
     dX: np.ndarray
     dW: np.ndarray
     dB: np.ndarray | None
     Y: np.ndarray
+    sums: dict[str, np.ndarray | float]
 
     @classmethod
     def of(cls, X: np.ndarray, W: np.ndarray, B: np.ndarray | None, G: np.ndarray):
@@ -99,30 +74,23 @@ class Magnitudes:
         Y = aX @ aW.T
         if B is not None:
             Y = Y + np.abs(B)
+        sums = {
+            "dX": aG.sum(1)[:, None] + aW.sum(0)[None, :],
+            "dW": aG.sum(0)[:, None] + aX.sum(0)[None, :],
+            "dB": float(N),
+            "Y": aX.sum(1)[:, None] + aW.sum(1)[None, :] + 1.0,
+        }
         return cls(
             dX=_upper(aG @ aW, D_out),
             dW=_upper(aG.T @ aX, N),
             dB=_upper(aG.sum(axis=0), N) if B is not None else None,
             Y=_upper(Y, D_in + 1),
+            sums={k: _upper(v, max(N, D_in, D_out) + 1) for k, v in sums.items()},
         )
 
-
-def product_bound(
-    magnitude: np.ndarray, k: int, dtype: np.dtype, inputs_rounded: bool
-) -> np.ndarray:
-    """Bound on the error of a k-term inner product computed in the precision of ``dtype``.
-
-    |fl(aᵀb) − aᵀb| ≤ γ_k |a|ᵀ|b| + 2kη, which also covers rounding the
-    result to the storage format (the last operation). The 2kη term covers
-    gradual underflow, where a rounding error is absolute (at most η) rather
-    than relative; it is negligible unless the terms are near the smallest
-    normal number. If the operands had to be rounded to this precision first,
-    each product gains two more roundings: (1 + δ₁)(1 + δ₂)(1 + θ_k) ≤
-    1 + γ_{k+2} [Higham Lemma 3.3].
-    """
-    u, eta = PRECISIONS[precision_of(dtype)]
-    k = k + 2 if inputs_rounded else k
-    return gamma(k, u) * magnitude + 2 * k * eta
+    def of_tensor(self, name: str) -> tuple[np.ndarray, np.ndarray | float]:
+        """(M, S) for "dX", "dW", "dB" or "Y"."""
+        return getattr(self, name), self.sums[name]
 
 
 def step_sizes(
@@ -157,23 +125,49 @@ class Witness:
     Attributes
     ----------
     grads : Gradients
-        The central-difference estimates, float64, shapes as in ``backward``.
+        The estimates, float64, shapes as in ``backward``.
     bounds : Gradients
         Per entry, an upper bound on |estimate − exact gradient|.
+    typical : Gradients
+        Per entry, the probabilistic scale of the error (√c in place of c
+        roundings; see :class:`lincheck.precision.ErrorBound`).
     method : str
-        ``"grouped"`` or ``"dense"``.
+        ``"central"`` or ``"complex-step"``.
+    grouped : bool
+        Whether whole columns were perturbed per pass (see below).
     forward_passes : int
-        Forward passes evaluated (one per perturbed copy of a batch row or
-        weight row counts once per copy of the whole layer it belongs to).
+        Forward passes of the whole layer evaluated.
     steps : dict
         The smallest and largest step h used for each of "X", "W", "B".
     """
 
     grads: Gradients
     bounds: Gradients
+    typical: Gradients
     method: str
+    grouped: bool
     forward_passes: int
     steps: dict[str, tuple[float, float]]
+
+
+def witness(
+    X: np.ndarray,
+    W: np.ndarray,
+    B: np.ndarray | None,
+    G: np.ndarray,
+    *,
+    method: str = "central",
+    grouped: bool = True,
+    magnitudes: Magnitudes | None = None,
+) -> Witness:
+    """The numerical witness by ``method``: "central" (default) or "complex-step"."""
+    if method == "central":
+        return central_differences(X, W, B, G, grouped=grouped, magnitudes=magnitudes)
+    if method == "complex-step":
+        if not grouped:
+            raise ValueError("the complex step is only implemented grouped")
+        return complex_step(X, W, B, G, magnitudes=magnitudes)
+    raise ValueError(f"method must be 'central' or 'complex-step', not {method!r}")
 
 
 def central_differences(
@@ -182,7 +176,7 @@ def central_differences(
     B: np.ndarray | None,
     G: np.ndarray,
     *,
-    method: str = "grouped",
+    grouped: bool = True,
     rel_step: float = DEFAULT_REL_STEP,
     magnitudes: Magnitudes | None = None,
 ) -> Witness:
@@ -201,10 +195,10 @@ def central_differences(
     W : ndarray, shape (D_out, D_in), float64
     B : ndarray, shape (D_out,), float64, or None
     G : ndarray, shape (N, D_out), float64
-    method : {"grouped", "dense"}
-        ``"dense"`` perturbs one entry at a time and evaluates the whole L,
+    grouped : bool
+        False perturbs one entry at a time and evaluates the whole L,
         2·(N·D_in + D_out·D_in + D_out) forward passes: the textbook check.
-        ``"grouped"`` (default) uses the structure of the layer: Y[n, :]
+        True (default) uses the structure of the layer: Y[n, :]
         depends only on X[n, :], and Y[:, i] only on W[i, :] and B[i]. So
         perturbing a whole column X[:, j] in one forward pass and reading
         each row's share of the loss, ℓₙ = Σᵢ G[n, i] Y[n, i], gives N
@@ -231,7 +225,7 @@ def central_differences(
         |estimate − ∂L/∂θ| ≤ (1 + γ₃) γ_c (2A/(θ⁺ − θ⁻) + M) + γ₃ M
 
     with c = D_in + 1 + D_out for X, D_in + 1 + N for W and B (D_in + 1 +
-    N·D_out for the dense method, whose A sums over the whole loss). The
+    N·D_out when not grouped, where A sums over the whole loss). The
     2A/(θ⁺ − θ⁻) term is the cancellation in L(θ⁺) − L(θ⁻) and falls as h
     grows; the γ_c M term is the rounding of the perturbation's own
     contribution and stays. In float64 at (32, 64, 16) the worst error of
@@ -247,15 +241,13 @@ def central_differences(
     Jacobian matrices", IMA J. Appl. Math. 13 (1974) 117–119.
     W. H. Press et al., *Numerical Recipes*, 3rd ed., §5.7.
     """
-    if method not in ("grouped", "dense"):
-        raise ValueError(f"method must be 'grouped' or 'dense', not {method!r}")
     mags = magnitudes if magnitudes is not None else Magnitudes.of(X, W, B, G)
     N, D_in = X.shape
     D_out = W.shape[0]
     aG = np.abs(G)
     # A: the sum of absolute terms of each loss share read off, and c the
     # number of roundings in it (forward pass, bias, then the share's sum).
-    if method == "grouped":
+    if grouped:
         A_X = _upper(np.sum(aG * mags.Y, axis=1), D_out)[:, None]  # row shares
         A_B = _upper(np.sum(aG * mags.Y, axis=0), N)  # column shares
         A_W = A_B[:, None]
@@ -272,22 +264,28 @@ def central_differences(
 
     g3 = gamma(3, U64)
 
-    def bound(n_ops, A, delta, M):
-        c = gamma(n_ops, U64)
-        # Each loss value is also off by at most 2·n_ops·η from underflow (see
-        # product_bound), the quotient by one more η; (1 + 8u) covers
-        # evaluating this expression in float64.
+    def bound(n_ops, A, delta, M, typical=False):
+        # Each loss value is also off by at most 2·n_ops·η from underflow
+        # (see lincheck.precision.product_error), the quotient by one more η;
+        # (1 + 2⁻⁵⁰) covers evaluating this expression in float64.
+        c = np.sqrt(n_ops) * U64 if typical else gamma(n_ops, U64)
         roundoff = (1.0 + g3) * c * (2.0 * A / delta + M) + g3 * M
+        if typical:
+            return roundoff
         underflow = (1.0 + g3) * 4.0 * n_ops * ETA64 / delta + 3.0 * ETA64
-        return (roundoff + underflow) * (1.0 + 8.0 * U64)
+        return (roundoff + underflow) * (1.0 + 2.0**-50)
 
-    bounds = Gradients(
-        bound(k_X, A_X, DX, mags.dX),
-        bound(k_W, A_W, DW, mags.dW),
-        bound(k_W, A_B, DB, mags.dB) if B is not None else None,
-    )
+    def bounds(typical):
+        return Gradients(
+            bound(k_X, A_X, DX, mags.dX, typical),
+            bound(k_W, A_W, DW, mags.dW, typical),
+            bound(k_W, A_B, DB, mags.dB, typical) if B is not None else None,
+        )
+
     steps = {name: (float(v.min()), float(v.max())) for name, v in h.items()}
-    return Witness(Gradients(dX, dW, dB), bounds, method, passes, steps)
+    return Witness(
+        Gradients(dX, dW, dB), bounds(False), bounds(True), "central", grouped, passes, steps
+    )
 
 
 def _grouped(X, W, B, G, steps):
@@ -366,6 +364,107 @@ def _dense(X, W, B, G, steps):
     if B is None:
         results.append((None, None))
     return (*results, 2 * sum(p.size for p in params.values()))
+
+
+def complex_step(
+    X: np.ndarray,
+    W: np.ndarray,
+    B: np.ndarray | None,
+    G: np.ndarray,
+    *,
+    magnitudes: Magnitudes | None = None,
+) -> Witness:
+    """Estimate every entry of dX, dW, dB by the complex step, Im L(θ + i h) / h.
+
+    Column-grouped like :func:`central_differences` (one complex forward
+    pass per column of X and of W, one for all of B: 2·D_in + 1 in all),
+    with h a power of two at the scale of the perturbed array.
+
+    Notes
+    -----
+    The complex step [Squire and Trapp 1998] has no subtraction, hence no
+    cancellation: with standard complex arithmetic (as BLAS ``zgemm`` and
+    NumPy use), the imaginary part of the forward pass carries only the
+    perturbation, h·W[i, j] for X[n, j], and every other imaginary term is
+    an exact zero. So for dX[n, j]
+
+        |Im L̂ / h − ∂L/∂θ| ≤ γ_{2·D_in + 2·D_out} · M
+
+    (γ_{2·D_in + 2·N} for dW, γ_{2·N} for dB, M the entry's magnitude), with
+    no term in the size of L and no dependence on h, which only has to keep
+    h·M clear of overflow and underflow. For a nonlinear function this lets
+    h be tiny without cancellation, its classic advantage. L is linear, so
+    central differences have no truncation error either and reach the same
+    floor with a large h; the complex step costs about twice as much (one
+    complex pass is about four real matrix products). It is offered as a
+    second, independent witness. A "3M" complex product (Gauss's trick) would
+    mix real parts into the imaginary one and void this bound; BLAS uses it
+    only in separately named routines (``zgemm3m``), which NumPy does not call.
+
+    References
+    ----------
+    W. Squire, G. Trapp, "Using complex variables to estimate derivatives of
+    real functions", SIAM Review 40 (1998) 110–112.
+    """
+    mags = magnitudes if magnitudes is not None else Magnitudes.of(X, W, B, G)
+    N, D_in = X.shape
+    D_out = W.shape[0]
+    h = {"X": _scale(X), "W": _scale(W)}
+    if B is not None:
+        h["B"] = _scale(mags.Y)
+    passes = 0
+
+    dX = np.empty_like(X)
+    for cols in _chunks(D_in, 16 * N * (D_in + D_out)):
+        c, k = len(cols), np.arange(len(cols))
+        Xs = np.broadcast_to(X, (c, N, D_in)).astype(np.complex128)
+        Xs[k, :, cols] += 1j * h["X"]
+        Y = forward(Xs.reshape(-1, D_in), W, B).reshape(c, N, D_out)
+        dX[:, cols] = (np.einsum("cni,ni->cn", Y, G).imag / h["X"]).T
+        passes += c
+
+    dW = np.empty_like(W)
+    Bs = None
+    for cols in _chunks(D_in, 16 * D_out * (N + D_in)):
+        c, k = len(cols), np.arange(len(cols))
+        Ws = np.broadcast_to(W, (c, D_out, D_in)).astype(np.complex128)
+        Ws[k, :, cols] += 1j * h["W"]
+        if B is not None:
+            Bs = np.tile(B, c)
+        Y = forward(X, Ws.reshape(-1, D_in), Bs).reshape(N, c, D_out)
+        dW[:, cols] = (np.einsum("nci,ni->ci", Y, G).imag / h["W"]).T
+        passes += c
+
+    dB = None
+    if B is not None:
+        Y = forward(X, W, B + 1j * h["B"])
+        dB = np.einsum("ni,ni->i", Y, G).imag / h["B"]
+        passes += 1
+
+    def bound(n_ops, M, step, typical):
+        if typical:
+            return np.sqrt(n_ops) * U64 * M
+        return (gamma(n_ops, U64) * M + 2 * n_ops * ETA64 / step + ETA64) * (1.0 + 2.0**-50)
+
+    def bounds(typical):
+        return Gradients(
+            bound(2 * (D_in + D_out), mags.dX, h["X"], typical),
+            bound(2 * (D_in + N), mags.dW, h["W"], typical),
+            bound(2 * N, mags.dB, h["B"], typical) if B is not None else None,
+        )
+
+    steps = {name: (v, v) for name, v in h.items()}
+    return Witness(
+        Gradients(dX, dW, dB), bounds(False), bounds(True), "complex-step", True, passes, steps
+    )
+
+
+def _scale(values: np.ndarray) -> float:
+    """2^⌈log₂ max |values|⌉ (1 if all are zero): a power-of-two step at the data's scale."""
+    scale = float(np.max(np.abs(values), initial=0.0))
+    if not np.isfinite(scale) or scale == 0.0:
+        return 1.0
+    return float(np.ldexp(1.0, int(np.frexp(scale)[1])))
 
 
 def _chunks(count: int, bytes_per_item: int):

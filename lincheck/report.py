@@ -23,14 +23,15 @@ _SUBJECT = {
 }
 _ORACLE = {
     "reference": "the float64 analytic reference",
-    "witness": "the numerical witness (central differences, float64)",
+    "witness": "the numerical witness",
 }
+_METHOD = {"central": "central differences", "complex-step": "complex step"}
 
 
-def _num(x: float | None) -> str:
+def _num(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "—"
-    return "0" if x == 0 else f"{x:.2e}"
+    return "0" if x == 0 else f"{x:.{digits - 1}e}"
 
 
 def _index(index: tuple[int, ...] | None) -> str:
@@ -45,14 +46,34 @@ def _result(check: TensorCheck) -> Text:
     return Text("PASS", style="bold green") if check.passed else Text("FAIL", style="bold red")
 
 
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2g}"
+
+
 def _title(check: TensorCheck, report: Report) -> str:
     subject = _SUBJECT.get(check.subject, check.subject)
-    if check.subject == "analytic":
-        subject += f" ({check.subject_dtype})"
+    if check.subject != "reference":
+        subject += f" ({check.precision})"
     title = f"{subject} vs {_ORACLE.get(check.oracle, check.oracle)}"
     if check.oracle == "witness":
-        title += f", {report.witness['forward_passes']:,} forward passes"
+        method = _METHOD.get(report.witness["method"], report.witness["method"])
+        title += f" ({method}, {report.witness['forward_passes']:,} forward passes)"
     return title
+
+
+def _caption(checks: list[TensorCheck]) -> str:
+    """Which rule set the tolerances, and the smallest single-entry change each check catches."""
+    rule = checks[0].rule
+    how = "rounding-error bounds" if rule == "bound" else checks[0].tolerance_rule
+    caught = " · ".join(
+        f"{c.tensor} {_num(c.min_detectable_error, 2)}"
+        for c in checks
+        if c.min_detectable_error is not None
+    )
+    text = f"Tolerance: {how}."
+    if caught:
+        text += f" Any single entry changed by more than this is caught: {caught}."
+    return text
 
 
 def _table(title: str) -> Table:
@@ -73,23 +94,27 @@ def summary_tables(report: Report) -> list[Table]:
     for _, group in groupby(report.checks, key=lambda c: (c.subject, c.oracle)):
         checks = list(group)
         table = _table(_title(checks[0], report))
+        table.caption = _caption(checks)
+        table.caption_justify = "left"
         table.add_column("Tensor", style="bold", no_wrap=True, min_width=6)
         table.add_column("Shape", no_wrap=True)
         table.add_column("Max abs", justify="right", no_wrap=True)
         table.add_column("Max rel", justify="right", no_wrap=True)
         table.add_column("Worst at", no_wrap=True)
-        table.add_column("Tol there", justify="right", no_wrap=True)
+        table.add_column("Tol", justify="right", no_wrap=True)
         table.add_column("Err/tol", justify="right", no_wrap=True)
-        table.add_column("Result", no_wrap=True, min_width=6)
+        table.add_column("Err/typ", justify="right", no_wrap=True)
+        table.add_column("", no_wrap=True, min_width=4)
         for c in checks:
             table.add_row(
                 c.tensor,
                 _shape(c.shape),
-                _num(c.max_abs_error),
-                _num(c.max_rel_error),
+                _num(c.max_abs_error, 2),
+                _num(c.max_rel_error, 2),
                 "—" if c.max_abs_error == 0 else _index(c.worst_index),
-                _num(c.tolerance),
-                "—" if c.bound_ratio is None else f"{c.bound_ratio:.2g}",
+                _num(c.tolerance, 2),
+                _ratio(c.bound_ratio),
+                _ratio(c.typical_ratio),
                 _result(c),
             )
         tables.append(table)
@@ -137,7 +162,7 @@ def problems(report: Report) -> Text | None:
     lines = [
         f"{c.tensor} ({c.subject} vs {c.oracle}): {c.message}" for c in report.failed if c.message
     ]
-    lines += [f"hint [{h.code}] {h.tensor}: {h.message}" for h in report.hints]
+    lines += [f"hint [{h.code}] {h.message}" for h in report.hints]
     return Text("\n".join(lines), style="red") if lines else None
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lincheck import arrays, check, numeric
+from lincheck import arrays, check, numeric, precision
 
 SETTINGS = settings(
     max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -65,10 +65,10 @@ def test_one_entry_off_by_twice_its_tolerance_is_caught_and_located(
     g = grads[tensor]
     index = tuple(data.draw(st.integers(0, s - 1)) for s in g.shape)
     # Twice the tolerance there: the subject's and the reference's float64 bounds.
-    mags = numeric.Magnitudes.of(X, W, B, G)
-    M = {"dX": mags.dX, "dW": mags.dW, "dB": mags.dB}[tensor][index]
+    M, S = numeric.Magnitudes.of(X, W, B, G).of_tensor(tensor)
     k = {"dX": D_out, "dW": N, "dB": N}[tensor]
-    tol = 2 * numeric.product_bound(M, k, np.float64, False)
+    fp64 = precision.PRECISIONS["fp64"]
+    tol = 2 * precision.product_error(M[index], 0.0, k, fp64, precision.FLOAT64, False).worst
     planted = 2 * tol + 4 * abs(g[index]) * 2.0**-52
     g[index] += planted
     failed = check(X, W, B, G, **grads).failed

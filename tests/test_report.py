@@ -32,8 +32,10 @@ def test_failing_report_renders_every_verdict_within_80_columns(failing_report):
     lines = out.splitlines()
     assert lines[0] == "HEADER"
     assert max(len(line) for line in lines) <= 80
-    assert "Your gradients vs the float64 analytic reference" in out
-    assert "The float64 analytic formulas vs the numerical witness" in out
+    flat = " ".join(out.split())
+    assert "Your gradients (fp64) vs the float64 analytic reference" in flat
+    assert "The float64 analytic formulas vs the numerical witness (central differences" in flat
+    assert "Tolerance: rounding-error bounds. Any single entry changed by more than" in flat
     rows = [line.split() for line in lines if line.split()[:1] in (["dX"], ["dW"], ["dB"])]
     summary = [r for r in rows if r[-1] in ("PASS", "FAIL")]
     assert [(r[0], r[-1]) for r in summary] == [

@@ -1,0 +1,73 @@
+"""Diagnosis of failed checks: what kind of mistake the errors look like.
+
+A hint is a claim: it is made only when an alternative explains the subject
+within the same rigorous bound the verdict uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .precision import PRECISIONS, ErrorBound, Precision
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A diagnosis of a failed check: a stable ``code``, the tensor, a sentence."""
+
+    code: str
+    tensor: str
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "tensor": self.tensor, "message": self.message}
+
+
+# Less accurate arithmetics to try, most accurate first, after a failure under each.
+_LOWER = {
+    "fp64": ("fp32", "tf32", "fp16", "bf16"),
+    "fp32": ("tf32", "fp16", "bf16"),
+    "tf32": ("fp16", "bf16"),
+    "fp16": ("bf16",),
+    "bf16": (),
+}
+
+_QUESTION = {
+    "fp32": "was it computed in float32 and saved as float64?",
+    "tf32": "was TF32 enabled (torch.backends.cuda.matmul.allow_tf32, or "
+    "torch.set_float32_matmul_precision('high'))?",
+    "fp16": "was float16 in use (autocast, .half())?",
+    "bf16": "was bfloat16 in use (autocast(dtype=torch.bfloat16))?",
+}
+
+
+def lower_precision(
+    tensor: str,
+    declared: Precision,
+    error: np.ndarray,
+    oracle_bound: np.ndarray,
+    bound_for: Callable[[Precision], ErrorBound],
+) -> Hint | None:
+    """A ``lower_precision`` hint if the errors fit a less accurate arithmetic.
+
+    ``error`` is |subject − oracle| per entry, ``oracle_bound`` the oracle's
+    own bound, and ``bound_for(p)`` the subject's bound under precision p.
+    The first precision in which every entry fits is named.
+    """
+    for name in _LOWER[declared.name]:
+        candidate = PRECISIONS[name]
+        tol = bound_for(candidate).worst + oracle_bound
+        if np.all(error <= tol):
+            ratio = float(np.max(np.where(error == 0, 0.0, error / tol)))
+            return Hint(
+                "lower_precision",
+                tensor,
+                f"{tensor} is off by more than {declared.description} allows, but every entry "
+                f"fits {candidate.description} (at most {ratio:.2g} of that bound): "
+                f"{_QUESTION[name]} Check it under that bound with --precision {name}.",
+            )
+    return None
