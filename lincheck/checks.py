@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -467,13 +468,8 @@ def check(
         checks.append(result)
         if not result.passed and result.max_abs_error is not None and allclose is None:
             err = np.abs(a.astype(np.float64) - oracle.values[name])
-            hint = diagnose.lower_precision(
-                name,
-                p,
-                err,
-                oracle.worst[name],
-                lambda q, n=name, d=a.dtype: subject_bound(n, q, d),
-            )
+            bound_for = partial(subject_bound, name, dtype=a.dtype)
+            hint = diagnose.lower_precision(name, p, a, err, oracle.worst[name], bound_for)
             if hint is not None:
                 hints.append(hint)
     if not supplied or against == "reference":

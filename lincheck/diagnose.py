@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .precision import PRECISIONS, ErrorBound, Precision
+from .precision import PRECISIONS, ErrorBound, Precision, representable, storage_format
 
 
 @dataclass(frozen=True)
@@ -48,26 +48,43 @@ _QUESTION = {
 def lower_precision(
     tensor: str,
     declared: Precision,
+    subject: np.ndarray,
     error: np.ndarray,
     oracle_bound: np.ndarray,
     bound_for: Callable[[Precision], ErrorBound],
 ) -> Hint | None:
     """A ``lower_precision`` hint if the errors fit a less accurate arithmetic.
 
-    ``error`` is |subject − oracle| per entry, ``oracle_bound`` the oracle's
-    own bound, and ``bound_for(p)`` the subject's bound under precision p.
-    The first precision in which every entry fits is named.
+    ``subject`` holds the values as supplied, ``error`` |subject − oracle|
+    per entry, ``oracle_bound`` the oracle's own bound, and ``bound_for(p)``
+    the subject's bound under precision p. Candidates whose result format
+    holds every value of the subject (a bfloat16 result saved as float32 is
+    still made of bfloat16 numbers) are tried first, narrowest format first,
+    as that is direct evidence of the arithmetic; then the rest, most
+    accurate first. The first in which every entry fits is named.
     """
-    for name in _LOWER[declared.name]:
-        candidate = PRECISIONS[name]
+    stored = storage_format(subject.dtype)
+    candidates = [PRECISIONS[name] for name in _LOWER[declared.name]]
+    # The narrowest result format that holds every value is the most specific evidence.
+    evidence = sorted(
+        (p for p in candidates if p.result.bits < stored.bits and representable(subject, p.result)),
+        key=lambda p: p.result.bits,
+    )
+    for candidate in evidence + [p for p in candidates if p not in evidence]:
         tol = bound_for(candidate).worst + oracle_bound
         if np.all(error <= tol):
             ratio = float(np.max(np.where(error == 0, 0.0, error / tol)))
+            why = (
+                f" and every value is a {candidate.result.name} number"
+                if candidate in evidence
+                else ""
+            )
             return Hint(
                 "lower_precision",
                 tensor,
                 f"{tensor} is off by more than {declared.description} allows, but every entry "
-                f"fits {candidate.description} (at most {ratio:.2g} of that bound): "
-                f"{_QUESTION[name]} Check it under that bound with --precision {name}.",
+                f"fits {candidate.description} (at most {ratio:.2g} of that bound){why}: "
+                f"{_QUESTION[candidate.name]} Check it under that bound with "
+                f"--precision {candidate.name}.",
             )
     return None

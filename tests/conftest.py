@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests: a seeded, bounded run by default (a few seconds, the same examples
+# every time); LINCHECK_HYPOTHESIS=long explores 5,000 fresh examples per property.
+settings.register_profile(
+    "default",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long",
+    max_examples=5000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("LINCHECK_HYPOTHESIS", "default"))
 
 # Layer shapes (N, D_in, D_out), including the degenerate ones.
 SHAPES = [(1, 1, 1), (1, 5, 3), (4, 1, 3), (4, 5, 1), (7, 3, 7), (6, 6, 6), (32, 64, 16)]
@@ -56,3 +76,32 @@ def loop_forward(X, W, B):
         for i in range(D_out):
             Y[n, i] = sum(X[n, j] * W[i, j] for j in range(D_in)) + (B[i] if B is not None else 0.0)
     return Y
+
+
+def matmul_in(precision, A, Bm):
+    """A @ Bm as a kernel in ``precision`` computes it, simulated with NumPy.
+
+    fp64/fp32/fp16: operands converted to that dtype, NumPy's product (float16
+    products accumulate in float32 and round to float16). tf32: operands rounded to
+    11-bit significands, float32 product. bf16: operands and result rounded to
+    8-bit significands, float32 product.
+    """
+    from lincheck.precision import BFLOAT16, TF32, round_to
+
+    if precision in ("fp64", "fp32", "fp16"):
+        dtype = {"fp64": np.float64, "fp32": np.float32, "fp16": np.float16}[precision]
+        return np.asarray(A).astype(dtype) @ np.asarray(Bm).astype(dtype)
+    fmt = {"tf32": TF32, "bf16": BFLOAT16}[precision]
+    out = round_to(A, fmt).astype(np.float32) @ round_to(Bm, fmt).astype(np.float32)
+    return round_to(out, BFLOAT16).astype(np.float32) if precision == "bf16" else out
+
+
+def compute_in(precision, X, W, G):
+    """dX, dW, dB computed in ``precision`` (see :func:`matmul_in`); dX has X's shape."""
+    X2, G2 = X.reshape(-1, X.shape[-1]), G.reshape(-1, G.shape[-1])
+    ones = np.ones((1, G2.shape[0]))
+    return {
+        "dX": matmul_in(precision, G2, W).reshape(X.shape),
+        "dW": matmul_in(precision, G2.T, X2),
+        "dB": matmul_in(precision, ones, G2)[0],
+    }

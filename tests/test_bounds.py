@@ -1,0 +1,155 @@
+"""Verdicts without tolerances: every precision, sensitivity, lower-precision hints, overrides."""
+
+import numpy as np
+import pytest
+from conftest import compute_in, layer
+
+from lincheck import check
+from lincheck.precision import PRECISIONS, TF32, round_to
+
+ALL = list(PRECISIONS)
+
+
+def inputs_for(precision, rng, N=32, D_in=64, D_out=16, batch=None):
+    """float64 inputs; for fp16 kept inside float16's range."""
+    X, W, B, G = layer(rng, N, D_in, D_out, batch=batch)
+    if precision == "fp16":
+        X, W, G = X / 4, W / 4, G / 4
+    return X, W, B, G
+
+
+def supplied(report, tensor):
+    (c,) = [c for c in report.checks if c.tensor == tensor and c.subject == "supplied"]
+    return c
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_correct_subjects_pass_in_their_declared_arithmetic(rng, precision):
+    X, W, B, G = inputs_for(precision, rng)
+    report = check(X, W, B, G, **compute_in(precision, X, W, G), precision=precision)
+    assert report.passed, [(c.tensor, c.bound_ratio) for c in report.failed]
+    assert {c.precision for c in report.checks if c.subject == "supplied"} == {precision}
+    assert report.hints == ()
+
+
+@pytest.mark.parametrize("precision", ALL)
+@pytest.mark.parametrize(
+    "bug, tensor",
+    [("transposed", "dW"), ("mean", "dB"), ("sign", "dX"), ("scaled", "dW")],
+)
+def test_common_bugs_fail_under_every_precision(rng, precision, bug, tensor):
+    X, W, B, G = inputs_for(precision, rng, N=32, D_in=32, D_out=32)  # square: transposes fit
+    grads = compute_in(precision, X, W, G)
+    if bug == "transposed":
+        grads["dW"] = grads["dW"].T.copy()
+    elif bug == "mean":
+        grads["dB"] = grads["dB"] / 32
+    elif bug == "sign":
+        grads["dX"] = -grads["dX"]
+    else:
+        grads["dW"] = grads["dW"] * 1.5
+    report = check(X, W, B, G, **grads, precision=precision)
+    assert [c.tensor for c in report.failed] == [tensor]
+
+
+@pytest.mark.parametrize("precision", ALL)
+@pytest.mark.parametrize("tensor", ["dX", "dW", "dB"])
+def test_sensitivity_is_exact(rng, precision, tensor):
+    """A change just above min_detectable_error fails; an error just under the tolerance passes."""
+    X, W, B, G = inputs_for(precision, rng, N=16, D_in=12, D_out=8)
+    grads = {k: v.astype(np.float64) for k, v in compute_in(precision, X, W, G).items()}
+    clean = supplied(check(X, W, B, G, **grads, precision=precision), tensor)
+    assert clean.passed
+    worst = clean.worst_entries[0]
+    index = worst.index
+    g = grads[tensor]
+
+    # Just below the tolerance at the worst entry: still passes.
+    g[index] = worst.oracle + 0.99 * worst.tolerance
+    assert supplied(check(X, W, B, G, **grads, precision=precision), tensor).passed
+    # Just above it: fails, at that entry.
+    g[index] = worst.oracle + 1.01 * worst.tolerance
+    above = supplied(check(X, W, B, G, **grads, precision=precision), tensor)
+    assert not above.passed and above.worst_index == index
+
+    # A change of 1.01 × min_detectable_error anywhere is caught and located.
+    g[index] = worst.subject
+    for where in [index, tuple(0 for _ in g.shape), tuple(s - 1 for s in g.shape)]:
+        planted = g.copy()
+        planted[where] += 1.01 * clean.min_detectable_error
+        report = check(X, W, B, G, **{**grads, tensor: planted}, precision=precision)
+        assert [c.tensor for c in report.failed] == [tensor]
+        assert supplied(report, tensor).worst_index == where
+
+
+def test_tf32_rounded_float32_fails_fp32_passes_tf32_and_is_hinted(rng):
+    X, W, B, G = inputs_for("fp32", rng)
+    X, W, B, G = (a.astype(np.float32) for a in (X, W, B, G))
+    tf32 = {k: v for k, v in compute_in("tf32", X, W, G).items() if k != "dB"}
+    as_fp32 = check(X, W, B, G, **tf32)
+    assert {c.tensor for c in as_fp32.failed} == {"dX", "dW"}
+    assert [(h.code, h.tensor) for h in as_fp32.hints] == [
+        ("lower_precision", "dX"),
+        ("lower_precision", "dW"),
+    ]
+    assert "fits TF32 arithmetic" in as_fp32.hints[0].message
+    assert "--precision tf32" in as_fp32.hints[0].message
+    assert check(X, W, B, G, **tf32, precision="tf32").passed
+
+
+def test_bfloat16_subject_is_hinted_as_bf16(rng):
+    X, W, B, G = (a.astype(np.float32) for a in inputs_for("bf16", rng))
+    grads = compute_in("bf16", X, W, G)
+    report = check(X, W, B, G, **grads)
+    assert not report.passed
+    assert {h.tensor for h in report.hints} == {"dX", "dW", "dB"}
+    assert all("fits bfloat16 arithmetic" in h.message for h in report.hints)
+
+
+def test_real_bugs_get_no_lower_precision_hint(rng):
+    X, W, B, G = (a.astype(np.float32) for a in inputs_for("fp32", rng))
+    grads = compute_in("fp32", X, W, G)
+    grads["dB"] = grads["dB"] / 32
+    report = check(X, W, B, G, **grads)
+    assert [c.tensor for c in report.failed] == ["dB"] and report.hints == ()
+
+
+def test_typical_ratio_shows_how_far_from_typical(rng):
+    X, W, B, G = (a.astype(np.float32) for a in inputs_for("fp32", rng))
+    report = check(X, W, B, G, **compute_in("fp32", X, W, G))
+    for c in report.checks:
+        if c.subject == "supplied":
+            # Real float32 errors sit well under the worst case but near the √k·u scale.
+            assert c.bound_ratio < 0.5 and 0.05 < c.typical_ratio < 5, c
+
+
+def test_allclose_override_decides_when_given(rng):
+    X, W, B, G = layer(rng, 8, 5, 3)
+    grads = compute_in("fp64", X, W, G)
+    grads["dW"][1, 2] *= 1 + 1e-4
+    assert not check(X, W, B, G, **grads).passed
+    loose = check(X, W, B, G, **grads, rtol=1e-3)
+    assert loose.passed
+    assert {c.rule for c in loose.checks} == {"allclose"}
+    assert supplied(loose, "dW").tolerance_rule == "atol 0 + rtol 0.001 × |reference|"
+    strict = check(X, W, B, G, **grads, atol=1e-12)
+    assert [c.tensor for c in strict.failed] == ["dW"] and strict.hints == ()
+
+
+def test_complex_step_witness_agrees(rng):
+    X, W, B, G = layer(rng, 8, 5, 3)
+    report = check(X, W, B, G, method="complex-step")
+    assert report.passed and report.witness["method"] == "complex-step"
+    assert report.witness["forward_passes"] == 2 * 5 + 1
+    grads = compute_in("fp64", X, W, G)
+    grads["dX"] = -grads["dX"]
+    assert [
+        c.tensor
+        for c in check(X, W, B, G, **grads, against="witness", method="complex-step").failed
+    ] == ["dX"]
+
+
+def test_tf32_rounding_simulation_is_what_the_bound_assumes(rng):
+    x = rng.standard_normal(1000)
+    rel = np.abs(round_to(x, TF32) - x) / np.abs(x)
+    assert rel.max() <= 2.0**-11 < TF32.u

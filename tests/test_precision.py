@@ -1,0 +1,117 @@
+"""Number formats, precisions and the rounding-error bound of a product."""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import matmul_in
+
+from lincheck import numeric
+from lincheck.precision import (
+    BFLOAT16,
+    FLOAT16,
+    FLOAT32,
+    FLOAT64,
+    PRECISIONS,
+    TF32,
+    gamma,
+    precision_for,
+    product_error,
+    representable,
+    round_to,
+    storage_format,
+)
+
+
+def test_round_to_hand_cases():
+    one = 1.0
+    # tf32 keeps 10 fraction bits: 1 + 2⁻¹¹ is a tie and goes to even (1), 1 + 3·2⁻¹² goes up.
+    assert round_to(
+        np.array([one + 2.0**-11, one + 3 * 2.0**-12, one + 2.0**-10]), TF32
+    ).tolist() == [1.0, 1.0 + 2.0**-10, 1.0 + 2.0**-10]
+    # bfloat16 keeps 7: 1 + 2⁻⁸ ties to 1, 1 + 3·2⁻⁹ goes up to 1 + 2⁻⁷.
+    assert round_to(np.array([one + 2.0**-8, one + 3 * 2.0**-9]), BFLOAT16).tolist() == [
+        1.0,
+        1.0 + 2.0**-7,
+    ]
+    assert round_to(np.array([-3.0, 0.0, 2.0**-140]), BFLOAT16).tolist() == [-3.0, 0.0, 2.0**-140]
+    assert round_to(np.array([0.1]), FLOAT32)[0] == float(np.float32(0.1))
+
+
+def test_representable():
+    assert representable(np.array([0.5, 2.0]), BFLOAT16)
+    assert not representable(np.array([0.1]), FLOAT32)
+    assert representable(np.array([0.1], dtype=np.float16), TF32)  # float16 fits in tf32
+    assert not representable(np.array([0.1], dtype=np.float32), TF32)
+    assert representable(np.array([1e6], dtype=np.float32), FLOAT64)
+    assert not representable(np.array([1e6]), FLOAT16)  # beyond float16's range
+    assert representable(np.array([True, False]), FLOAT16)
+    assert representable(np.array([2**40], dtype=np.int64), FLOAT64)
+    assert not representable(np.array([2**53 + 1], dtype=np.int64), FLOAT64)
+
+
+def test_precision_for_dtype_and_storage():
+    assert precision_for(np.float32).name == "fp32"
+    assert precision_for(np.float16).name == "fp16"
+    assert precision_for(np.int8).name == "fp64"
+    assert storage_format(np.float16) is FLOAT16 and storage_format(np.int32) is FLOAT64
+
+
+def test_gamma():
+    assert gamma(1, 2.0**-53) == pytest.approx(2.0**-53)
+    assert gamma(10, 0.01) == pytest.approx(0.1 / 0.9)
+    assert gamma(100, 0.01) == math.inf
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("k", [1, 7, 64, 300])
+@pytest.mark.parametrize("rounded", [False, True], ids=["exact-operands", "rounded-operands"])
+def test_product_error_holds_for_each_precision(rng, precision, k, rounded):
+    """Each simulated kernel lands within the bound of every entry, and the bound is tight-ish."""
+    G, W = rng.standard_normal((20, k)), rng.standard_normal((k, 9))
+    if not rounded:  # operands already in the operand format
+        fmt = PRECISIONS[precision].operands
+        G, W = round_to(G, fmt), round_to(W, fmt)
+    exact = G @ W  # float64; its own error is far below every bound here but fp64's
+    M = np.abs(G) @ np.abs(W)
+    S = np.abs(G).sum(1)[:, None] + np.abs(W).sum(0)[None, :]
+    got = matmul_in(precision, G, W)
+    p = PRECISIONS[precision]
+    bound = product_error(M, S, k, p, storage_format(got.dtype), rounded)
+    ref = product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False)
+    err = np.abs(got.astype(np.float64) - exact)
+    assert np.all(err <= bound.worst + ref.worst)
+    # Not vacuous: within a few hundred times the typical scale of the errors seen.
+    assert np.max(bound.worst / M) < 1e3 * np.max(bound.typical / M)
+
+
+def test_float16_operands_that_underflow_are_covered(rng):
+    """Values near float16's subnormal range lose absolute, not relative, accuracy when rounded."""
+    G = rng.standard_normal((6, 5)) * 1e-6
+    W = rng.standard_normal((5, 4)) * 1e-2
+    exact = G @ W
+    got = G.astype(np.float16).astype(np.float32) @ W.astype(np.float16).astype(np.float32)
+    got = got.astype(np.float16).astype(np.float64)
+    M = np.abs(G) @ np.abs(W)
+    S = np.abs(G).sum(1)[:, None] + np.abs(W).sum(0)[None, :]
+    bound = product_error(M, S, 5, PRECISIONS["fp16"], FLOAT16, True)
+    assert np.all(np.abs(got - exact) <= bound.worst)
+    assert np.any(np.abs(got - exact) > gamma(7, FLOAT16.u) * M)  # the relative model alone fails
+
+
+def test_narrower_storage_adds_a_rounding():
+    M = np.array([1.0])
+    as32 = product_error(M, 0.0, 4, PRECISIONS["fp32"], FLOAT32, False).worst[0]
+    as16 = product_error(M, 0.0, 4, PRECISIONS["fp32"], FLOAT16, False).worst[0]
+    assert as16 == pytest.approx(as32 + FLOAT16.u, rel=1e-3)
+    wider = product_error(M, 0.0, 4, PRECISIONS["fp32"], FLOAT64, False).worst[0]
+    assert wider == as32
+
+
+def test_magnitude_sums_match_their_definition(rng):
+    X, W, B, G = (rng.standard_normal(s) for s in ((5, 4), (3, 4), (3,), (5, 3)))
+    mags = numeric.Magnitudes.of(X, W, B, G)
+    n, j, i = 2, 1, 0
+    assert mags.sums["dX"][n, j] == pytest.approx(np.abs(G[n]).sum() + np.abs(W[:, j]).sum())
+    assert mags.sums["dW"][i, j] == pytest.approx(np.abs(G[:, i]).sum() + np.abs(X[:, j]).sum())
+    assert mags.sums["Y"][n, i] == pytest.approx(np.abs(X[n]).sum() + np.abs(W[i]).sum() + 1)
