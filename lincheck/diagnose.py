@@ -38,10 +38,9 @@ _LOWER = {
 
 _QUESTION = {
     "fp32": "was it computed in float32 and saved as float64?",
-    "tf32": "was TF32 enabled (torch.backends.cuda.matmul.allow_tf32, or "
-    "torch.set_float32_matmul_precision('high'))?",
+    "tf32": "was TF32 enabled (torch.backends.cuda.matmul.allow_tf32)?",
     "fp16": "was float16 in use (autocast, .half())?",
-    "bf16": "was bfloat16 in use (autocast(dtype=torch.bfloat16))?",
+    "bf16": "was bfloat16 in use (autocast with torch.bfloat16)?",
 }
 
 
@@ -82,9 +81,8 @@ def lower_precision(
             return Hint(
                 "lower_precision",
                 tensor,
-                f"{tensor} is off by more than {declared.description} allows, but every entry "
-                f"fits {candidate.description} (at most {ratio:.2g} of that bound){why}: "
-                f"{_QUESTION[candidate.name]} Check it under that bound with "
-                f"--precision {candidate.name}.",
+                f"{tensor} exceeds the bound of {declared.description} but every entry fits "
+                f"{candidate.description} (at most {ratio:.2g} of its bound){why}: "
+                f"{_QUESTION[candidate.name]} If so, check with --precision {candidate.name}.",
             )
     return None

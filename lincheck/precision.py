@@ -78,14 +78,14 @@ PRECISIONS = {
             TF32,
             FLOAT32,
             FLOAT32,
-            "TF32 arithmetic (operands cut to 10-bit significands, float32 sums)",
+            "TF32 arithmetic",
         ),
         Precision(
             "bf16",
             BFLOAT16,
             FLOAT32,
             BFLOAT16,
-            "bfloat16 arithmetic (bfloat16 operands and result, float32 sums)",
+            "bfloat16 arithmetic",
         ),
         Precision("fp16", FLOAT16, FLOAT16, FLOAT16, "float16 arithmetic"),
     )

@@ -93,7 +93,7 @@ def test_tf32_rounded_float32_fails_fp32_passes_tf32_and_is_hinted(rng):
         ("lower_precision", "dW"),
     ]
     assert "fits TF32 arithmetic" in as_fp32.hints[0].message
-    assert "--precision tf32" in as_fp32.hints[0].message
+    assert "check with --precision tf32" in as_fp32.hints[0].message
     assert check(X, W, B, G, **tf32, precision="tf32").passed
 
 

@@ -362,3 +362,71 @@ def test_console_script_bad_input_has_no_traceback(tmp_path, rng):
     assert done.returncode == 2
     assert done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.startswith("lincheck: error: dY (") and done.stderr.count("\n") == 1
+
+
+# --- precisions, witnesses and overrides -----------------------------------------
+
+
+def _tf32_case(folder, rng):
+    from conftest import compute_in
+
+    X, W, B, G = (
+        rng.standard_normal(s).astype(np.float32) for s in ((32, 64), (16, 64), (16,), (32, 16))
+    )
+    folder.mkdir()
+    grads = compute_in("tf32", X, W, G)
+    for name, a in {"X": X, "W": W, "B": B, "dY": G, "dX": grads["dX"], "dW": grads["dW"]}.items():
+        np.save(folder / f"{name}.npy", a)
+
+
+def test_verify_tf32_gradients_fail_fp32_with_a_hint_and_pass_tf32(tmp_path, rng):
+    _tf32_case(tmp_path / "c", rng)
+    result = invoke("verify", tmp_path / "c", "--json", "-")
+    assert result.exit_code == 1, result.output
+    report = report_json(result)
+    assert [(h["code"], h["tensor"]) for h in report["hints"]] == [
+        ("lower_precision", "dX"),
+        ("lower_precision", "dW"),
+    ]
+    assert "hint [lower_precision] dX exceeds the bound of float32 arithmetic" in " ".join(
+        result.stderr.split()
+    )
+    tf32 = invoke("verify", tmp_path / "c", "--precision", "tf32", "--json", "-")
+    assert tf32.exit_code == 0, tf32.output
+    checks = report_json(tf32)["checks"]
+    assert {c["precision"] for c in checks if c["subject"] == "supplied"} == {"tf32"}
+    assert all(c["typical_ratio"] is not None and c["min_detectable_error"] > 0 for c in checks)
+
+
+def test_verify_complex_step_and_allclose_override(tmp_path, rng):
+    def corrupt(d):
+        dW = d["dW"].copy()
+        dW[0, 1] *= 1 + 1e-6
+        return {"dW": dW}
+
+    case(tmp_path / "c", rng, fn=corrupt)
+    result = invoke("verify", tmp_path / "c", "--method", "complex-step", "--json", "-")
+    assert result.exit_code == 1
+    report = report_json(result)
+    assert report["witness"]["method"] == "complex-step"
+    assert [c["tensor"] for c in report["checks"] if not c["passed"]] == ["dW"]
+    loose = invoke("verify", tmp_path / "c", "--rtol", "1e-5", "--json", "-")
+    assert loose.exit_code == 0, loose.output
+    assert {c["rule"] for c in report_json(loose)["checks"]} == {"allclose"}
+    assert "Tolerance: atol 0 + rtol 1e-05" in " ".join(loose.stderr.split())
+
+
+def test_run_complex_step_passes():
+    result = invoke("run", "--n", 8, "--din", 6, "--dout", 4, "--method", "complex-step")
+    assert result.exit_code == 0, result.output
+    assert "(complex step, 13 forward passes)" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--precision", "fp8"], ["--method", "forward"], ["--atol", "-1"]],
+)
+def test_verify_bad_options_exit_2(tmp_path, rng, args):
+    case(tmp_path / "c", rng)
+    result = invoke("verify", tmp_path / "c", *args)
+    assert result.exit_code == 2, result.output

@@ -3,10 +3,9 @@
 import io
 
 import numpy as np
+from conftest import compute_in
 from hypothesis import given
 from hypothesis import strategies as st
-
-from conftest import compute_in
 
 from lincheck import arrays, check, numeric, precision
 from lincheck.precision import PRECISIONS
