@@ -179,7 +179,8 @@ def verdict(report: Report) -> Text:
 def render(report: Report, header: RenderableType | None = None) -> Group:
     """Everything a terminal shows for one report, in order."""
     parts: list[RenderableType] = [] if header is None else [header]
-    parts += summary_tables(report)
+    for table in summary_tables(report):
+        parts += [table, Text("")]
     worst = worst_entries_table(report)
     if worst is not None:
         parts.append(worst)
