@@ -32,13 +32,14 @@ def test_correct_subjects_pass_in_their_declared_arithmetic(rng, precision):
     assert report.hints == ()
 
 
+@pytest.mark.parametrize("shape", [(32, 64, 16), (32, 32, 32)], ids=["readme", "square"])
 @pytest.mark.parametrize("precision", ALL)
 @pytest.mark.parametrize(
     "bug, tensor",
     [("transposed", "dW"), ("mean", "dB"), ("sign", "dX"), ("scaled", "dW")],
 )
-def test_common_bugs_fail_under_every_precision(rng, precision, bug, tensor):
-    X, W, B, G = inputs_for(precision, rng, N=32, D_in=32, D_out=32)  # square: transposes fit
+def test_common_bugs_fail_under_every_precision(rng, precision, bug, tensor, shape):
+    X, W, B, G = inputs_for(precision, rng, *shape)  # square: a transposed dW has the right shape
     grads = compute_in(precision, X, W, G)
     if bug == "transposed":
         grads["dW"] = grads["dW"].T.copy()
