@@ -11,20 +11,19 @@ where each bound is a rigorous worst-case rounding-error bound (see
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
 
 from . import diagnose, numeric
-from .core import Gradients, as_batch, backward, forward
+from .core import Gradients, as_batch, backward
 from .diagnose import Hint
 from .errors import InputError
 from .precision import (
+    FLOAT64,
     PRECISIONS,
-    ErrorBound,
     Precision,
     precision_for,
     product_error,
@@ -281,7 +280,7 @@ def _validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> _Inputs:
         )
     for name, a in given.items():
         _check_finite(name, a, sources)
-    X64, G64 = as_batch(X.astype(np.float64), G.astype(np.float64))
+    X64, G64 = as_batch(np.asarray(X, dtype=np.float64), np.asarray(G, dtype=np.float64))
     layer = Layer(
         N=X64.shape[0],
         D_in=D_in,
@@ -292,8 +291,8 @@ def _validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> _Inputs:
     )
     return _Inputs(
         X=X64,
-        W=W.astype(np.float64),
-        B=None if B is None else B.astype(np.float64),
+        W=np.asarray(W, dtype=np.float64),
+        B=None if B is None else np.asarray(B, dtype=np.float64),
         G=G64,
         given=given,
         x_shape=tuple(X.shape),
@@ -303,17 +302,6 @@ def _validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> _Inputs:
 
 # ---------------------------------------------------------------------------
 # Checking
-
-
-@dataclass(frozen=True)
-class _Oracle:
-    """Values of one oracle in the user's shapes, with per-entry error bounds."""
-
-    name: str
-    values: Mapping[str, np.ndarray | None]
-    worst: Mapping[str, np.ndarray | None]
-    typical: Mapping[str, np.ndarray | None]
-    precision: str
 
 
 _OPERANDS = {"dX": ("dY", "W"), "dW": ("dY", "X"), "dB": ("dY",), "Y": ("X", "W", "B")}
@@ -332,11 +320,11 @@ def check(
     precision: str | None = None,
     against: str = "reference",
     method: str = "central",
-    grouped: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
     subject: str = "supplied",
     sources: Mapping[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Check gradients of Y = X Wᵀ + B, every entry, with rigorous rounding bounds.
 
@@ -358,13 +346,11 @@ def check(
         float64 from the exactly upcast inputs ("reference"; the witness
         then also checks the reference), or the witness itself. ``Y`` is
         always checked against the float64 forward pass.
-    method : {"central", "complex-step"}
-        How the witness estimates the gradients; see
-        :func:`lincheck.numeric.central_differences` and
-        :func:`lincheck.numeric.complex_step`.
-    grouped : bool
-        Perturb whole columns per forward pass (default) or one entry at a
-        time (the textbook check; central differences only).
+    method : {"central", "dense", "complex-step"}
+        How the witness estimates the gradients: central differences with
+        whole columns perturbed per forward pass (default), central
+        differences one entry at a time (the textbook check), or the complex
+        step; see :func:`lincheck.numeric.witness_block`.
     atol, rtol : float, optional
         If either is given, replace the bounds by ``numpy.allclose``'s rule,
         |subject − oracle| ≤ atol + rtol·|oracle| (the other defaults to 0).
@@ -372,6 +358,9 @@ def check(
         What to call the subjects in the report ("supplied", "analytic").
     sources : mapping, optional
         Array name → file it came from, for error messages.
+    progress : callable, optional
+        Called as ``progress(done, total)`` in forward passes of the witness
+        as the check goes.
 
     Returns
     -------
@@ -410,12 +399,8 @@ def check(
             f"{_label('dB', sources)}: a bias gradient is given but there is no bias B; "
             "supply B or leave dB out"
         )
-    with np.errstate(over="ignore", invalid="ignore"):
-        mags = numeric.Magnitudes.of(X64, W64, B64, G64)
-        _check_no_overflow([mags.dX, mags.dW, mags.Y], sources)
-        reference = backward(X64, W64, G64, bias=bias)
-        wit = numeric.witness(X64, W64, B64, G64, method=method, grouped=grouped, magnitudes=mags)
-        _check_no_overflow([*wit.grads, *wit.bounds], sources)
+    if method not in numeric.METHODS:
+        raise ValueError(f"method must be one of {numeric.METHODS}, not {method!r}")
     L = inputs.layer
     expected = {
         "dX": inputs.x_shape,
@@ -423,79 +408,53 @@ def check(
         "dB": (L.D_out,),
         "Y": L.batch_shape + (L.D_out,),
     }
-    inner = {"dX": L.D_out, "dW": L.N, "dB": L.N, "Y": L.D_in + int(bias)}
-
-    def as_given(values: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:
-        # Back from the flattened batch to the shapes the user supplied.
-        return {n: None if v is None else np.reshape(v, expected[n]) for n, v in values.items()}
-
-    def subject_bound(name: str, p: Precision, dtype: np.dtype) -> ErrorBound:
-        M, S = mags.of_tensor(name)
-        given = [inputs.given[o] for o in _OPERANDS[name] if o in inputs.given]
-        rounded = not all(representable(g, p.operands) for g in given)
-        bound = product_error(M, S, inner[name], p, storage_format(dtype), rounded)
-        shape = expected[name]
-        return ErrorBound(bound.worst.reshape(shape), bound.typical.reshape(shape), bound.rule)
-
-    fp64 = PRECISIONS["fp64"]
-    ref_bounds = {
-        n: subject_bound(n, fp64, np.dtype(np.float64)) for n in expected if n != "dB" or bias
-    }
-    ref = _Oracle(
-        "reference",
-        as_given({**reference._asdict(), "Y": forward(X64, W64, B64)}),
-        {n: b.worst for n, b in ref_bounds.items()},
-        {n: b.typical for n, b in ref_bounds.items()},
-        "fp64",
-    )
-    witness_oracle = _Oracle(
-        "witness",
-        as_given(wit.grads._asdict()),
-        as_given(wit.bounds._asdict()),
-        as_given(wit.typical._asdict()),
-        "fp64",
-    )
-
     supplied = {n: v for n, v in (("dX", dX), ("dW", dW), ("dB", dB), ("Y", Y)) if v is not None}
-    checks: list[TensorCheck] = []
-    hints: list[Hint] = []
-    for name, value in supplied.items():
-        a = _real_array(name, value, sources)
-        p = PRECISIONS[precision] if precision else precision_for(a.dtype)
-        oracle = witness_oracle if against == "witness" and name != "Y" else ref
-        own = subject_bound(name, p, a.dtype)
-        result = _compare(name, subject, a, oracle, own, p.name, allclose, expected[name])
-        checks.append(result)
-        if not result.passed and result.max_abs_error is not None and allclose is None:
-            err = np.abs(a.astype(np.float64) - oracle.values[name])
-            bound_for = partial(subject_bound, name, dtype=a.dtype)
-            hint = diagnose.lower_precision(name, p, a, err, oracle.worst[name], bound_for)
-            if hint is not None:
-                hints.append(hint)
-    if not supplied or against == "reference":
-        for name in ("dX", "dW", "dB"):
-            if (name == "dB" and not bias) or (supplied and name not in supplied):
-                continue
-            checks.append(
-                _compare(
-                    name,
-                    "reference",
-                    ref.values[name],
-                    witness_oracle,
-                    ErrorBound(ref.worst[name], ref.typical[name], ref_bounds[name].rule),
-                    "fp64",
-                    allclose,
-                    expected[name],
-                )
-            )
+    with np.errstate(over="ignore", invalid="ignore"):
+        layer = numeric.Layer(X64, W64, B64, G64)
+        _check_no_overflow([layer.MY, layer.A_rows, layer.A_cols], sources)
+    plans = []
+    for tensor in ("dX", "dW", "dB", "Y"):
+        if tensor == "dB" and not bias:
+            continue
+        plan = _Plan(tensor, expected[tensor])
+        if tensor in supplied:
+            a = _real_array(tensor, supplied[tensor], sources)
+            p = PRECISIONS[precision] if precision else precision_for(a.dtype)
+            plan.subject = _Subject(a, p, subject, inputs.given, allclose)
+            plan.against_witness = against == "witness" and tensor != "Y"
+            plan.prepare(layer)
+        witnessed_too = against == "reference" and tensor in supplied
+        plan.witnessed = tensor != "Y" and (not supplied or witnessed_too)
+        if plan.subject is not None or plan.witnessed:
+            plans.append(plan)
+    total = sum(layer.passes(p.tensor, method) for p in plans if p.needs_witness)
+    done = 0
+    steps: dict[str, list[float]] = {}
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for plan in plans:
+            for cols in layer.blocks(plan.tensor, method):
+                M, S = layer.magnitude(plan.tensor, cols)
+                block = None
+                if plan.needs_witness:
+                    block = numeric.witness_block(layer, plan.tensor, cols, M, method)
+                    _check_no_overflow([M, block.estimate, block.bound], sources)
+                    done += block.passes
+                    name = plan.tensor[1:]
+                    lo, hi = steps.get(name, [np.inf, 0.0])
+                    steps[name] = [min(lo, block.steps[0]), max(hi, block.steps[1])]
+                plan.add(layer, cols, M, S, block)
+                if progress is not None and block is not None:
+                    progress(done, total)
+    checks = [p.subject_check() for p in plans if p.subject is not None]
+    checks += [p.witness_check() for p in plans if p.witnessed]
+    hints = [h for p in plans if p.subject is not None for h in [p.hint()] if h is not None]
     return Report(
         layer=L,
         checks=tuple(checks),
         witness={
-            "method": wit.method,
-            "grouped": wit.grouped,
-            "forward_passes": wit.forward_passes,
-            "steps": wit.steps,
+            "method": method,
+            "forward_passes": done,
+            "steps": {name: tuple(v) for name, v in steps.items()},
         },
         hints=tuple(hints),
     )
@@ -512,102 +471,194 @@ def _check_no_overflow(arrays, sources: Mapping[str, str]) -> None:
     )
 
 
-def _compare(
-    tensor: str,
-    subject: str,
-    value: np.ndarray,
-    oracle: _Oracle,
-    own: ErrorBound,
-    precision: str,
-    allclose: tuple[float, float] | None,
-    expected_shape: tuple[int, ...],
-) -> TensorCheck:
-    """Compare one subject (as supplied) with an oracle, entry by entry."""
-    value = np.asarray(value)
-    shape = tuple(value.shape)
-    if allclose is None:
-        rule, rule_text = "bound", f"{own.rule} + {oracle.name} bound"
-    else:
-        rule, rule_text = (
-            "allclose",
-            f"atol {allclose[0]:g} + rtol {allclose[1]:g} × |{oracle.name}|",
+class _Subject:
+    """A supplied tensor, how it was computed, and what it is compared under."""
+
+    def __init__(self, array, precision: Precision, label: str, given, allclose):
+        self.array = array
+        self.precision = precision
+        self.label = label
+        self.allclose = allclose
+        self.storage = storage_format(array.dtype)
+        self.given = given
+        self.problem = ""
+
+    def rounded(self, tensor: str, p: Precision) -> bool:
+        """Whether the inputs, as given, had to be converted to ``p``'s operand format."""
+        operands = [self.given[o] for o in _OPERANDS[tensor] if o in self.given]
+        return not all(representable(g, p.operands) for g in operands)
+
+
+class _Plan:
+    """Everything checked for one tensor, accumulated block by block."""
+
+    def __init__(self, tensor: str, shape: tuple[int, ...]):
+        self.tensor = tensor
+        self.shape = shape  # as the user supplies it
+        self.subject: _Subject | None = None
+        self.against_witness = False
+        self.witnessed = False
+        self.values: np.ndarray | None = None  # the subject as float64, 2-D
+        self.own_tally = numeric.Tally()
+        self.witness_tally = numeric.Tally()
+        self.rules = {"subject": "", "witness": ""}
+        self.alternatives = ()
+        self.usable = False
+
+    @property
+    def needs_witness(self) -> bool:
+        return self.witnessed or (self.usable and self.against_witness)
+
+    def prepare(self, layer: numeric.Layer) -> None:
+        """Decide once whether the subject can be compared at all (shape, NaN/Inf)."""
+        sub = self.subject
+        a = sub.array
+        if tuple(a.shape) != tuple(self.shape):
+            sub.problem = f"wrong shape: expected {tuple(self.shape)}, got {tuple(a.shape)}"
+        elif a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            sub.problem = _nonfinite_summary(a)
+        else:
+            self.usable = True
+            self.values = np.asarray(a, dtype=np.float64).reshape(layer.shape(self.tensor))
+            if sub.allclose is None:
+                self.alternatives = diagnose.candidates(sub.precision)
+            self._rounded = {
+                p.name: sub.rounded(self.tensor, p)
+                for p in [sub.precision, *(PRECISIONS[n] for n in self.alternatives)]
+            }
+
+    def add(self, layer: numeric.Layer, cols, M, S, block) -> None:
+        """Compare one block: the subject against its oracle, the reference against the witness."""
+        tensor, k = self.tensor, layer.inner(self.tensor)
+        ref = layer.reference(tensor, cols)
+        ref_bound = product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False)
+        flat = _flat_map(layer.shape(tensor), cols)
+        if self.usable:
+            sub = self.subject
+            s = self.values if cols is None else self.values[:, cols]
+            if self.against_witness:
+                o, o_worst, o_typ, oracle = block.estimate, block.bound, block.typical, "witness"
+            else:
+                o, o_worst, o_typ, oracle = ref, ref_bound.worst, ref_bound.typical, "reference"
+            rounded = self._rounded[sub.precision.name]
+            own = product_error(M, S, k, sub.precision, sub.storage, rounded)
+            if sub.allclose is None:
+                tol = own.worst + o_worst
+                self.rules["subject"] = f"{own.rule} + {oracle} bound"
+                alternatives = {
+                    name: product_error(
+                        M, S, k, PRECISIONS[name], sub.storage, self._rounded[name]
+                    ).worst + o_worst
+                    for name in self.alternatives
+                }
+            else:
+                tol = sub.allclose[0] + sub.allclose[1] * np.abs(o)
+                self.rules["subject"] = _allclose_rule(sub.allclose, oracle)
+                alternatives = None
+            typical = np.sqrt(own.typical**2 + o_typ**2)
+            self.own_tally.add(s, o, tol, typical, flat, alternatives)
+        if self.witnessed:
+            allclose = self.subject.allclose if self.subject is not None else None
+            if allclose is None:
+                tol = ref_bound.worst + block.bound
+                self.rules["witness"] = f"{ref_bound.rule} + witness bound"
+            else:
+                tol = allclose[0] + allclose[1] * np.abs(block.estimate)
+                self.rules["witness"] = _allclose_rule(allclose, "witness")
+            typical = np.sqrt(ref_bound.typical**2 + block.typical**2)
+            self.witness_tally.add(ref, block.estimate, tol, typical, flat)
+
+    def subject_check(self) -> TensorCheck:
+        sub = self.subject
+        a = sub.array
+        oracle = "witness" if self.against_witness else "reference"
+        rule = "bound" if sub.allclose is None else "allclose"
+        if not self.usable:
+            first = None
+            if sub.problem.startswith("contains"):
+                first = tuple(_index(int(np.flatnonzero(~np.isfinite(a))[0]), tuple(a.shape)))
+            return TensorCheck(
+                tensor=self.tensor, subject=sub.label, subject_dtype=str(a.dtype), oracle=oracle,
+                precision=sub.precision.name, rule=rule, passed=False, shape=tuple(a.shape),
+                expected_shape=tuple(self.shape), max_abs_error=None, max_rel_error=None,
+                bound_ratio=None, typical_ratio=None, worst_index=first, tolerance=None,
+                min_detectable_error=None, tolerance_rule=self.rules["subject"],
+                message=sub.problem,
+            )
+        return self._from_tally(
+            self.own_tally, sub.label, str(a.dtype), oracle, sub.precision.name, rule,
+            self.rules["subject"],
         )
-    base = dict(
-        tensor=tensor,
-        subject=subject,
-        subject_dtype=str(value.dtype),
-        oracle=oracle.name,
-        precision=precision,
-        rule=rule,
-        shape=shape,
-        expected_shape=tuple(expected_shape),
-        tolerance_rule=rule_text,
-    )
-    nothing = dict(
-        passed=False,
-        max_abs_error=None,
-        max_rel_error=None,
-        bound_ratio=None,
-        typical_ratio=None,
-        tolerance=None,
-        min_detectable_error=None,
-    )
-    if shape != tuple(expected_shape):
+
+    def witness_check(self) -> TensorCheck:
+        allclose = self.subject.allclose if self.subject is not None else None
+        rule = "bound" if allclose is None else "allclose"
+        return self._from_tally(
+            self.witness_tally, "reference", "float64", "witness", "fp64", rule,
+            self.rules["witness"],
+        )
+
+    def _from_tally(self, tally, subject, dtype, oracle, precision, rule, rule_text):
+        best = tally.best
+        shape = tuple(self.shape)
+        entries = tuple(
+            Entry(
+                index=tuple(_index(flat, shape)),
+                subject=s,
+                oracle=o,
+                abs_error=abs(s - o),
+                tolerance=tol,
+            )
+            for flat, s, o, tol in best
+        )
+        message = "" if tally.passed else (
+            f"{tally.exceeded} of {tally.count} entries exceed their tolerance"
+        )
         return TensorCheck(
-            **base,
-            **nothing,
-            worst_index=None,
-            message=f"wrong shape: expected {tuple(expected_shape)}, got {shape}",
+            tensor=self.tensor,
+            subject=subject,
+            subject_dtype=dtype,
+            oracle=oracle,
+            precision=precision,
+            rule=rule,
+            passed=tally.passed,
+            shape=shape,
+            expected_shape=shape,
+            max_abs_error=tally.max_abs,
+            max_rel_error=tally.max_rel,
+            bound_ratio=tally.max_ratio,
+            typical_ratio=tally.max_typical_ratio,
+            worst_index=entries[0].index if entries else None,
+            tolerance=entries[0].tolerance if entries else None,
+            min_detectable_error=tally.detectable,
+            tolerance_rule=rule_text,
+            message=message,
+            worst_entries=entries,
         )
-    if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-        first = np.flatnonzero(~np.isfinite(value))[0]
-        return TensorCheck(
-            **base,
-            **nothing,
-            worst_index=tuple(_index(int(first), shape)),
-            message=_nonfinite_summary(value),
+
+    def hint(self):
+        if not self.usable or self.own_tally.passed or not self.alternatives:
+            return None
+        return diagnose.lower_precision(
+            self.tensor, self.subject.precision, self.subject.array, self.own_tally.alternatives
         )
-    s = value.astype(np.float64)
-    o = np.asarray(oracle.values[tensor], dtype=np.float64)
-    if allclose is None:
-        tol = own.worst + oracle.worst[tensor]
-    else:
-        tol = allclose[0] + allclose[1] * np.abs(o)
-    tol = np.broadcast_to(tol, o.shape)
-    typical = np.sqrt(own.typical**2 + oracle.typical[tensor] ** 2)
-    cmp = numeric.compare(s, o, tol)
-    err = np.abs(s - o)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        typical_ratio = float(np.max(np.where(err == 0, 0.0, err / typical), initial=0.0))
-    s_flat, o_flat, tol_flat = s.ravel(), o.ravel(), tol.ravel()
-    entries = tuple(
-        Entry(
-            index=tuple(_index(i, shape)),
-            subject=float(s_flat[i]),
-            oracle=float(o_flat[i]),
-            abs_error=float(abs(s_flat[i] - o_flat[i])),
-            tolerance=float(tol_flat[i]),
-        )
-        for i in cmp.order
-    )
-    if cmp.passed:
-        message = ""
-    else:
-        n_bad = int(np.count_nonzero(err > tol))
-        message = f"{n_bad} of {s.size} entries exceed their tolerance"
-    return TensorCheck(
-        **base,
-        passed=cmp.passed,
-        max_abs_error=cmp.max_abs_error,
-        max_rel_error=cmp.max_rel_error,
-        bound_ratio=cmp.bound_ratio,
-        typical_ratio=typical_ratio,
-        worst_index=tuple(_index(cmp.worst, shape)),
-        tolerance=cmp.tolerance_at_worst,
-        min_detectable_error=float(np.max(tol + err, initial=0.0)),
-        message=message,
-        worst_entries=entries,
-    )
+
+
+def _allclose_rule(allclose: tuple[float, float], oracle: str) -> str:
+    return f"atol {allclose[0]:g} + rtol {allclose[1]:g} × |{oracle}|"
+
+
+def _flat_map(shape: tuple[int, ...], cols):
+    """Map flat positions within a block to flat indices of the whole 2-D tensor."""
+    if cols is None:
+        return lambda local: np.asarray(local, dtype=np.int64)
+    width = shape[1]
+
+    def to_flat(local):
+        rows, j = np.divmod(np.asarray(local, dtype=np.int64), len(cols))
+        return rows * width + cols[j]
+
+    return to_flat
 
 
 def random_inputs(

@@ -6,13 +6,12 @@ within the same rigorous bound the verdict uses.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .precision import PRECISIONS, ErrorBound, Precision, representable, storage_format
+from .precision import PRECISIONS, Precision, representable, storage_format
 
 
 @dataclass(frozen=True)
@@ -44,45 +43,52 @@ _QUESTION = {
 }
 
 
+def candidates(declared: Precision) -> tuple[str, ...]:
+    """The less accurate precisions a failure under ``declared`` is tested against."""
+    return _LOWER[declared.name]
+
+
 def lower_precision(
     tensor: str,
     declared: Precision,
     subject: np.ndarray,
-    error: np.ndarray,
-    oracle_bound: np.ndarray,
-    bound_for: Callable[[Precision], ErrorBound],
+    fits: dict[str, list],
 ) -> Hint | None:
     """A ``lower_precision`` hint if the errors fit a less accurate arithmetic.
 
-    ``subject`` holds the values as supplied, ``error`` |subject − oracle|
-    per entry, ``oracle_bound`` the oracle's own bound, and ``bound_for(p)``
-    the subject's bound under precision p. Candidates whose result format
-    holds every value of the subject (a bfloat16 result saved as float32 is
-    still made of bfloat16 numbers) are tried first, narrowest format first,
-    as that is direct evidence of the arithmetic; then the rest, most
-    accurate first. The first in which every entry fits is named.
+    ``subject`` holds the values as supplied; ``fits`` maps each candidate
+    precision to [whether every entry's error was within the subject's bound
+    under it plus the oracle's, the largest ratio of error to that]
+    (:class:`lincheck.numeric.Tally` keeps these block by block).
+    Candidates whose result format holds every value of the subject (a
+    bfloat16 result saved as float32 is still made of bfloat16 numbers) are
+    tried first, narrowest format first, as that is direct evidence of the
+    arithmetic; then the rest, most accurate first. The first that fits
+    every entry is named.
     """
     stored = storage_format(subject.dtype)
-    candidates = [PRECISIONS[name] for name in _LOWER[declared.name]]
+    names = [n for n in candidates(declared) if n in fits]
     # The narrowest result format that holds every value is the most specific evidence.
     evidence = sorted(
-        (p for p in candidates if p.result.bits < stored.bits and representable(subject, p.result)),
-        key=lambda p: p.result.bits,
+        (
+            n
+            for n in names
+            if PRECISIONS[n].result.bits < stored.bits
+            and representable(subject, PRECISIONS[n].result)
+        ),
+        key=lambda n: PRECISIONS[n].result.bits,
     )
-    for candidate in evidence + [p for p in candidates if p not in evidence]:
-        tol = bound_for(candidate).worst + oracle_bound
-        if np.all(error <= tol):
-            ratio = float(np.max(np.where(error == 0, 0.0, error / tol)))
-            why = (
-                f" and every value is a {candidate.result.name} number"
-                if candidate in evidence
-                else ""
-            )
+    for name in evidence + [n for n in names if n not in evidence]:
+        fit, ratio = fits[name]
+        if fit:
+            candidate = PRECISIONS[name]
+            why = f" and every value is a {candidate.result.name} number"
+            why = why if name in evidence else ""
             return Hint(
                 "lower_precision",
                 tensor,
                 f"{tensor} exceeds the bound of {declared.description} but every entry fits "
                 f"{candidate.description} (at most {ratio:.2g} of its bound){why}: "
-                f"{_QUESTION[candidate.name]} If so, check with --precision {candidate.name}.",
+                f"{_QUESTION[name]} If so, check with --precision {name}.",
             )
     return None

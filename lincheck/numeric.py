@@ -1,10 +1,13 @@
-"""Finite differences of the surrogate loss, rounding-error bounds and error metrics.
+"""The numerical witness, its rounding-error bounds, and entry-by-entry error tallies.
 
-Everything here is deterministic float64 NumPy. The derivation of every bound
-is in ``docs/numerics.md``; the docstrings give the formulas.
+Everything here is deterministic float64 NumPy. Work is done in *column
+blocks*: a block of columns of dX (or dW) is estimated, bounded and compared
+at once, so a full check never holds more than one block of intermediate
+values beside its inputs (see :class:`Layer` and :func:`witness_block`). The
+derivation of every bound is in ``docs/numerics.md``.
 
-Notation: u is the unit roundoff of a precision (2⁻⁵³ for float64) and
-γ_k = k u / (1 − k u) the factor of Higham's inner-product bound
+Notation: u is the unit roundoff (2⁻⁵³ for float64), η the smallest
+subnormal, γ_k = k u / (1 − k u) the factor of Higham's inner-product bound
 |fl(aᵀb) − aᵀb| ≤ γ_k |a|ᵀ|b| for k terms, any summation order, with or
 without fused multiply-add [Higham, *Accuracy and Stability of Numerical
 Algorithms*, 2nd ed., SIAM 2002, §3.1 (Lemma 3.1, 3.3) and §3.5].
@@ -12,7 +15,8 @@ Algorithms*, 2nd ed., SIAM 2002, §3.1 (Lemma 3.1, 3.3) and §3.5].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,435 +32,21 @@ DEFAULT_REL_STEP = 2.0**10
 _MAX_STEP_FACTOR = 2.0**64
 """Cap on a step, in units of its array's scale, so perturbed values stay far from overflow."""
 
-_CHUNK_BYTES = 32 * 2**20
-"""Memory for one batch of perturbed forward passes (inputs plus outputs)."""
+BLOCK_BYTES = 32 * 2**20
+"""Memory for one block of perturbed forward passes (their inputs and outputs)."""
+
+METHODS = ("central", "dense", "complex-step")
+"""Witness methods: grouped central differences, one entry at a time, the complex step."""
 
 
 def _upper(computed: np.ndarray, k: int) -> np.ndarray:
     """An upper bound on an exact sum of k non-negative products, from its float64 value.
 
     A computed non-negative sum is at least (1 − γ_k) times the exact one
-    less 2kη for underflow (see :func:`lincheck.precision.product_error`), and 1/(1 − γ) ≤
-    1 + 2γ for γ ≤ 1/2.
+    less 2kη for underflow (see :func:`lincheck.precision.product_error`),
+    and 1/(1 − γ) ≤ 1 + 2γ for γ ≤ 1/2.
     """
     return computed * (1.0 + 2.0 * gamma(k + 1, U64)) + 4 * (k + 1) * ETA64
-
-
-@dataclass(frozen=True)
-class Magnitudes:
-    """Per-entry sums of absolute terms: the scale of each entry's rounding error.
-
-    ``dX = |G| |W|``, ``dW = |G|ᵀ |X|``, ``dB = Σₙ |G[n]|`` and
-    ``Y = |X| |W|ᵀ + |B|``, each an upper bound on the exact value (float64
-    evaluation rounding included). Every rounding bound in lincheck is a
-    multiple of one of these, because an inner product's error is bounded by
-    γ_k times the inner product of the absolute values, not of the result:
-    a gradient entry that cancels to near zero still carries the rounding of
-    its large terms.
-
-    ``sums`` holds, per tensor, Σ(|a| + |b|) over each entry's terms (e.g.
-    Σᵢ |G[n, i]| + Σᵢ |W[i, j]| for dX[n, j]): the scale of the error of
-    operands that underflow when rounded to a narrow format.
-    """
-
-    dX: np.ndarray
-    dW: np.ndarray
-    dB: np.ndarray | None
-    Y: np.ndarray
-    sums: dict[str, np.ndarray | float]
-
-    @classmethod
-    def of(cls, X: np.ndarray, W: np.ndarray, B: np.ndarray | None, G: np.ndarray):
-        """Compute them for float64 X (N, D_in), W (D_out, D_in), B (D_out,), G (N, D_out)."""
-        N, D_in = X.shape
-        D_out = W.shape[0]
-        aX, aW, aG = np.abs(X), np.abs(W), np.abs(G)
-        Y = aX @ aW.T
-        if B is not None:
-            Y = Y + np.abs(B)
-        sums = {
-            "dX": aG.sum(1)[:, None] + aW.sum(0)[None, :],
-            "dW": aG.sum(0)[:, None] + aX.sum(0)[None, :],
-            "dB": float(N),
-            "Y": aX.sum(1)[:, None] + aW.sum(1)[None, :] + 1.0,
-        }
-        return cls(
-            dX=_upper(aG @ aW, D_out),
-            dW=_upper(aG.T @ aX, N),
-            dB=_upper(aG.sum(axis=0), N) if B is not None else None,
-            Y=_upper(Y, D_in + 1),
-            sums={k: _upper(v, max(N, D_in, D_out) + 1) for k, v in sums.items()},
-        )
-
-    def of_tensor(self, name: str) -> tuple[np.ndarray, np.ndarray | float]:
-        """(M, S) for "dX", "dW", "dB" or "Y"."""
-        return getattr(self, name), self.sums[name]
-
-
-def step_sizes(
-    values: np.ndarray, A: np.ndarray | float, M: np.ndarray, rel_step: float = DEFAULT_REL_STEP
-) -> np.ndarray:
-    """Per-entry central-difference steps h = rel_step · 2^⌈log₂ max(s, A/M)⌉.
-
-    The estimate's rounding error (see :func:`central_differences`) has two
-    parts: γ·2A/(θ⁺ − θ⁻), the cancellation between two loss values of size
-    about A, which falls as h grows, and γ·M, the rounding of the
-    perturbation's own effect, which does not. At h = A/M the two are equal;
-    ``rel_step`` = 1024 times that makes the cancellation part about 1/1000
-    of the rest, so the witness is as accurate as the forward pass allows.
-    L is linear in each entry, so a large h adds no truncation error. The
-    step is never below s = max |values| (so it is meaningful for arrays of
-    any scale; s = 1 if all are zero), never above 2⁶⁴·s (far from
-    overflow), and a power of two.
-    """
-    scale = float(np.max(np.abs(values), initial=0.0))
-    if not np.isfinite(scale) or scale == 0.0:
-        scale = 1.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        threshold = np.where(M > 0, A / M, np.inf)
-    target = np.clip(threshold, scale, scale * _MAX_STEP_FACTOR)
-    return rel_step * np.ldexp(1.0, np.frexp(target)[1])
-
-
-@dataclass(frozen=True)
-class Witness:
-    """Numerical estimates of dX, dW, dB with a rigorous bound on each entry's error.
-
-    Attributes
-    ----------
-    grads : Gradients
-        The estimates, float64, shapes as in ``backward``.
-    bounds : Gradients
-        Per entry, an upper bound on |estimate − exact gradient|.
-    typical : Gradients
-        Per entry, the probabilistic scale of the error (√c in place of c
-        roundings; see :class:`lincheck.precision.ErrorBound`).
-    method : str
-        ``"central"`` or ``"complex-step"``.
-    grouped : bool
-        Whether whole columns were perturbed per pass (see below).
-    forward_passes : int
-        Forward passes of the whole layer evaluated.
-    steps : dict
-        The smallest and largest step h used for each of "X", "W", "B".
-    """
-
-    grads: Gradients
-    bounds: Gradients
-    typical: Gradients
-    method: str
-    grouped: bool
-    forward_passes: int
-    steps: dict[str, tuple[float, float]]
-
-
-def witness(
-    X: np.ndarray,
-    W: np.ndarray,
-    B: np.ndarray | None,
-    G: np.ndarray,
-    *,
-    method: str = "central",
-    grouped: bool = True,
-    magnitudes: Magnitudes | None = None,
-) -> Witness:
-    """The numerical witness by ``method``: "central" (default) or "complex-step"."""
-    if method == "central":
-        return central_differences(X, W, B, G, grouped=grouped, magnitudes=magnitudes)
-    if method == "complex-step":
-        if not grouped:
-            raise ValueError("the complex step is only implemented grouped")
-        return complex_step(X, W, B, G, magnitudes=magnitudes)
-    raise ValueError(f"method must be 'central' or 'complex-step', not {method!r}")
-
-
-def central_differences(
-    X: np.ndarray,
-    W: np.ndarray,
-    B: np.ndarray | None,
-    G: np.ndarray,
-    *,
-    grouped: bool = True,
-    rel_step: float = DEFAULT_REL_STEP,
-    magnitudes: Magnitudes | None = None,
-) -> Witness:
-    """Estimate every entry of dX, dW, dB by central differences of L = Σ G ⊙ Y.
-
-    For one entry θ of X, W or B, with θ± = fl(θ ± h)::
-
-        ∂L/∂θ ≈ (L(θ⁺) − L(θ⁻)) / (θ⁺ − θ⁻)
-
-    Only forward passes are evaluated. Dividing by the perturbation actually
-    applied, θ⁺ − θ⁻, rather than by 2h, removes the error of forming θ ± h.
-
-    Parameters
-    ----------
-    X : ndarray, shape (N, D_in), float64
-    W : ndarray, shape (D_out, D_in), float64
-    B : ndarray, shape (D_out,), float64, or None
-    G : ndarray, shape (N, D_out), float64
-    grouped : bool
-        False perturbs one entry at a time and evaluates the whole L,
-        2·(N·D_in + D_out·D_in + D_out) forward passes: the textbook check.
-        True (default) uses the structure of the layer: Y[n, :]
-        depends only on X[n, :], and Y[:, i] only on W[i, :] and B[i]. So
-        perturbing a whole column X[:, j] in one forward pass and reading
-        each row's share of the loss, ℓₙ = Σᵢ G[n, i] Y[n, i], gives N
-        independent central differences at once, one per entry of that
-        column; likewise a column W[:, j] with the column shares
-        ℓᵢ = Σₙ G[n, i] Y[n, i], and all of B at once. The other rows'
-        terms of L are unchanged by the perturbation, so each estimate is
-        still exactly the central difference of L for that entry, at
-        2·(2·D_in + 1) forward passes in all. This is the grouping of
-        Curtis, Powell and Reid (1974), which scipy's
-        ``approx_derivative(sparsity=...)`` also uses.
-    rel_step : float
-        Steps are chosen per entry by :func:`step_sizes`. For B the scale is
-        that of |X| |W|ᵀ + |B|, the values B is added to.
-
-    Notes
-    -----
-    L is linear in every single entry, so L(θ⁺) − L(θ⁻) = (θ⁺ − θ⁻)·∂L/∂θ
-    exactly and the estimate has no truncation error for any h. Its error is
-    the rounding of the two forward passes: with A the sum of absolute terms
-    of the loss share read (A = Σᵢ |G[n, i]| (|X||W|ᵀ + |B|)[n, i] for a row)
-    and M the entry's gradient magnitude (e.g. Σᵢ |G[n, i]| |W[i, j]|),
-
-        |estimate − ∂L/∂θ| ≤ (1 + γ₃) γ_c (2A/(θ⁺ − θ⁻) + M) + γ₃ M
-
-    with c = D_in + 1 + D_out for X, D_in + 1 + N for W and B (D_in + 1 +
-    N·D_out when not grouped, where A sums over the whole loss). The
-    2A/(θ⁺ − θ⁻) term is the cancellation in L(θ⁺) − L(θ⁻) and falls as h
-    grows; the γ_c M term is the rounding of the perturbation's own
-    contribution and stays. In float64 at (32, 64, 16) the worst error of
-    the dense method falls from 2.3e-7 at h = 1e-8 to 3.0e-12 at h = 1e-3
-    and 7.1e-15 at the default steps (``benchmarks/step_study.py``), which
-    put the first term at about 1/1000 of the second, entry by entry
-    (:func:`step_sizes`), and so stay accurate for badly scaled inputs too.
-    See ``docs/numerics.md`` for the derivation.
-
-    References
-    ----------
-    A. R. Curtis, M. J. D. Powell, J. K. Reid, "On the estimation of sparse
-    Jacobian matrices", IMA J. Appl. Math. 13 (1974) 117–119.
-    W. H. Press et al., *Numerical Recipes*, 3rd ed., §5.7.
-    """
-    mags = magnitudes if magnitudes is not None else Magnitudes.of(X, W, B, G)
-    N, D_in = X.shape
-    D_out = W.shape[0]
-    aG = np.abs(G)
-    # A: the sum of absolute terms of each loss share read off, and c the
-    # number of roundings in it (forward pass, bias, then the share's sum).
-    if grouped:
-        A_X = _upper(np.sum(aG * mags.Y, axis=1), D_out)[:, None]  # row shares
-        A_B = _upper(np.sum(aG * mags.Y, axis=0), N)  # column shares
-        A_W = A_B[:, None]
-        k_X, k_W = D_in + 1 + D_out, D_in + 1 + N
-        estimate = _grouped
-    else:
-        A_X = A_W = A_B = float(_upper(np.sum(aG * mags.Y), N * D_out))
-        k_X = k_W = D_in + 1 + N * D_out
-        estimate = _dense
-    h = {"X": step_sizes(X, A_X, mags.dX, rel_step), "W": step_sizes(W, A_W, mags.dW, rel_step)}
-    if B is not None:
-        h["B"] = step_sizes(mags.Y, A_B, mags.dB, rel_step)
-    (dX, DX), (dW, DW), (dB, DB), passes = estimate(X, W, B, G, h)
-
-    g3 = gamma(3, U64)
-
-    def bound(n_ops, A, delta, M, typical=False):
-        # Each loss value is also off by at most 2·n_ops·η from underflow
-        # (see lincheck.precision.product_error), the quotient by one more η;
-        # (1 + 2⁻⁵⁰) covers evaluating this expression in float64.
-        c = np.sqrt(n_ops) * U64 if typical else gamma(n_ops, U64)
-        roundoff = (1.0 + g3) * c * (2.0 * A / delta + M) + g3 * M
-        if typical:
-            return roundoff
-        underflow = (1.0 + g3) * 4.0 * n_ops * ETA64 / delta + 3.0 * ETA64
-        return (roundoff + underflow) * (1.0 + 2.0**-50)
-
-    def bounds(typical):
-        return Gradients(
-            bound(k_X, A_X, DX, mags.dX, typical),
-            bound(k_W, A_W, DW, mags.dW, typical),
-            bound(k_W, A_B, DB, mags.dB, typical) if B is not None else None,
-        )
-
-    steps = {name: (float(v.min()), float(v.max())) for name, v in h.items()}
-    return Witness(
-        Gradients(dX, dW, dB), bounds(False), bounds(True), "central", grouped, passes, steps
-    )
-
-
-def _grouped(X, W, B, G, steps):
-    """Column-grouped central differences; returns (estimate, θ⁺ − θ⁻) per array."""
-    N, D_in = X.shape
-    D_out = W.shape[0]
-    passes = 0
-
-    # dX: perturb X[:, j] for every row n at once; row shares ℓₙ = Σᵢ G[n, i] Y[n, i].
-    dX, DX = np.empty_like(X), np.empty_like(X)
-    per_col = 2 * 8 * N * (D_in + D_out)
-    for cols in _chunks(D_in, per_col):
-        c = len(cols)
-        Xs = np.broadcast_to(X, (2, c, N, D_in)).copy()
-        k = np.arange(c)
-        Xs[0, k, :, cols] += steps["X"][:, cols].T
-        Xs[1, k, :, cols] -= steps["X"][:, cols].T
-        Y = forward(Xs.reshape(-1, D_in), W, B).reshape(2, c, N, D_out)
-        shares = np.einsum("scni,ni->scn", Y, G)
-        delta = Xs[0, k, :, cols] - Xs[1, k, :, cols]  # (c, N)
-        dX[:, cols] = ((shares[0] - shares[1]) / delta).T
-        DX[:, cols] = delta.T
-        passes += 2 * c
-
-    # dW: perturb W[:, j] for every output i at once; column shares ℓᵢ = Σₙ G[n, i] Y[n, i].
-    dW, DW = np.empty_like(W), np.empty_like(W)
-    per_col = 2 * 8 * D_out * (N + D_in)
-    Bs = None
-    for cols in _chunks(D_in, per_col):
-        c = len(cols)
-        Ws = np.broadcast_to(W, (2, c, D_out, D_in)).copy()
-        k = np.arange(c)
-        Ws[0, k, :, cols] += steps["W"][:, cols].T
-        Ws[1, k, :, cols] -= steps["W"][:, cols].T
-        if B is not None:
-            Bs = np.tile(B, 2 * c)
-        Y = forward(X, Ws.reshape(-1, D_in), Bs).reshape(N, 2, c, D_out)
-        shares = np.einsum("nsci,ni->sci", Y, G)
-        delta = Ws[0, k, :, cols] - Ws[1, k, :, cols]  # (c, D_out)
-        dW[:, cols] = ((shares[0] - shares[1]) / delta).T
-        DW[:, cols] = delta.T
-        passes += 2 * c
-
-    # dB: perturb all of B at once; column shares again.
-    dB = DB = None
-    if B is not None:
-        Bp, Bm = B + steps["B"], B - steps["B"]
-        delta = Bp - Bm
-        shares = [np.einsum("ni,ni->i", forward(X, W, Bpm), G) for Bpm in (Bp, Bm)]
-        dB, DB = (shares[0] - shares[1]) / delta, delta
-        passes += 2
-    return (dX, DX), (dW, DW), (dB, DB), passes
-
-
-def _dense(X, W, B, G, steps):
-    """One entry at a time, the whole loss each time: the literal textbook check."""
-    params = {"X": X.copy(), "W": W.copy()}
-    if B is not None:
-        params["B"] = B.copy()
-    results = []
-    for name, theta in params.items():
-        est, delta = np.empty_like(theta), np.empty_like(theta)
-        for idx in np.ndindex(theta.shape):
-            original = theta[idx]
-            theta[idx] = original + steps[name][idx]
-            plus, L_plus = theta[idx], surrogate_loss(params["X"], params["W"], params.get("B"), G)
-            theta[idx] = original - steps[name][idx]
-            minus, L_minus = (
-                theta[idx],
-                surrogate_loss(params["X"], params["W"], params.get("B"), G),
-            )
-            theta[idx] = original
-            delta[idx] = plus - minus
-            est[idx] = (L_plus - L_minus) / delta[idx]
-        results.append((est, delta))
-    if B is None:
-        results.append((None, None))
-    return (*results, 2 * sum(p.size for p in params.values()))
-
-
-def complex_step(
-    X: np.ndarray,
-    W: np.ndarray,
-    B: np.ndarray | None,
-    G: np.ndarray,
-    *,
-    magnitudes: Magnitudes | None = None,
-) -> Witness:
-    """Estimate every entry of dX, dW, dB by the complex step, Im L(θ + i h) / h.
-
-    Column-grouped like :func:`central_differences` (one complex forward
-    pass per column of X and of W, one for all of B: 2·D_in + 1 in all),
-    with h a power of two at the scale of the perturbed array.
-
-    Notes
-    -----
-    The complex step [Squire and Trapp 1998] has no subtraction, hence no
-    cancellation: with standard complex arithmetic (as BLAS ``zgemm`` and
-    NumPy use), the imaginary part of the forward pass carries only the
-    perturbation, h·W[i, j] for X[n, j], and every other imaginary term is
-    an exact zero. So for dX[n, j]
-
-        |Im L̂ / h − ∂L/∂θ| ≤ γ_{2·D_in + 2·D_out} · M
-
-    (γ_{2·D_in + 2·N} for dW, γ_{2·N} for dB, M the entry's magnitude), with
-    no term in the size of L and no dependence on h, which only has to keep
-    h·M clear of overflow and underflow. For a nonlinear function this lets
-    h be tiny without cancellation, its classic advantage. L is linear, so
-    central differences have no truncation error either and reach the same
-    floor with a large h; the complex step costs about twice as much (one
-    complex pass is about four real matrix products). It is offered as a
-    second, independent witness. A "3M" complex product (Gauss's trick) would
-    mix real parts into the imaginary one and void this bound; BLAS uses it
-    only in separately named routines (``zgemm3m``), which NumPy does not call.
-
-    References
-    ----------
-    W. Squire, G. Trapp, "Using complex variables to estimate derivatives of
-    real functions", SIAM Review 40 (1998) 110–112.
-    """
-    mags = magnitudes if magnitudes is not None else Magnitudes.of(X, W, B, G)
-    N, D_in = X.shape
-    D_out = W.shape[0]
-    h = {"X": _scale(X), "W": _scale(W)}
-    if B is not None:
-        h["B"] = _scale(mags.Y)
-    passes = 0
-
-    dX = np.empty_like(X)
-    for cols in _chunks(D_in, 16 * N * (D_in + D_out)):
-        c, k = len(cols), np.arange(len(cols))
-        Xs = np.broadcast_to(X, (c, N, D_in)).astype(np.complex128)
-        Xs[k, :, cols] += 1j * h["X"]
-        Y = forward(Xs.reshape(-1, D_in), W, B).reshape(c, N, D_out)
-        dX[:, cols] = (np.einsum("cni,ni->cn", Y, G).imag / h["X"]).T
-        passes += c
-
-    dW = np.empty_like(W)
-    Bs = None
-    for cols in _chunks(D_in, 16 * D_out * (N + D_in)):
-        c, k = len(cols), np.arange(len(cols))
-        Ws = np.broadcast_to(W, (c, D_out, D_in)).astype(np.complex128)
-        Ws[k, :, cols] += 1j * h["W"]
-        if B is not None:
-            Bs = np.tile(B, c)
-        Y = forward(X, Ws.reshape(-1, D_in), Bs).reshape(N, c, D_out)
-        dW[:, cols] = (np.einsum("nci,ni->ci", Y, G).imag / h["W"]).T
-        passes += c
-
-    dB = None
-    if B is not None:
-        Y = forward(X, W, B + 1j * h["B"])
-        dB = np.einsum("ni,ni->i", Y, G).imag / h["B"]
-        passes += 1
-
-    def bound(n_ops, M, step, typical):
-        if typical:
-            return np.sqrt(n_ops) * U64 * M
-        return (gamma(n_ops, U64) * M + 2 * n_ops * ETA64 / step + ETA64) * (1.0 + 2.0**-50)
-
-    def bounds(typical):
-        return Gradients(
-            bound(2 * (D_in + D_out), mags.dX, h["X"], typical),
-            bound(2 * (D_in + N), mags.dW, h["W"], typical),
-            bound(2 * N, mags.dB, h["B"], typical) if B is not None else None,
-        )
-
-    steps = {name: (v, v) for name, v in h.items()}
-    return Witness(
-        Gradients(dX, dW, dB), bounds(False), bounds(True), "complex-step", True, passes, steps
-    )
 
 
 def _scale(values: np.ndarray) -> float:
@@ -467,21 +57,504 @@ def _scale(values: np.ndarray) -> float:
     return float(np.ldexp(1.0, int(np.frexp(scale)[1])))
 
 
-def _chunks(count: int, bytes_per_item: int):
-    size = max(1, _CHUNK_BYTES // max(bytes_per_item, 1))
-    for start in range(0, count, size):
-        yield np.arange(start, min(start + size, count))
+def step_sizes(
+    values: np.ndarray | float,
+    A: np.ndarray | float,
+    M: np.ndarray,
+    rel_step: float = DEFAULT_REL_STEP,
+) -> np.ndarray:
+    """Per-entry central-difference steps h = rel_step · 2^⌈log₂ max(s, A/M)⌉.
+
+    The estimate's rounding error (see :func:`witness_block`) has two parts:
+    γ·2A/(θ⁺ − θ⁻), the cancellation between two loss values of size about
+    A, which falls as h grows, and γ·M, the rounding of the perturbation's
+    own effect, which does not. At h = A/M the two are equal; ``rel_step``
+    = 1024 times that makes the cancellation part about 1/1000 of the rest,
+    so the witness is as accurate as the forward pass allows. L is linear
+    in each entry, so a large h adds no truncation error. The step is never
+    below s = max |values| (a number may be given instead of the values;
+    s = 1 if all are zero), so it is meaningful for arrays of any scale,
+    never above 2⁶⁴·s (far from overflow), and a power of two.
+    """
+    scale = float(np.max(np.abs(values), initial=0.0))
+    if not np.isfinite(scale) or scale == 0.0:
+        scale = 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        threshold = np.where(M > 0, A / M, np.inf)
+    target = np.clip(threshold, scale, scale * _MAX_STEP_FACTOR)
+    return rel_step * np.ldexp(1.0, np.frexp(target)[1])
+
+
+class Layer:
+    """A float64 layer prepared for block-wise checking.
+
+    Holds the inputs as float64 (views when they already are), their
+    absolute values, ``MY = |X| |W|ᵀ + |B|`` and the per-row and per-column
+    sums of absolute terms of the loss, ``A_rows[n] = Σᵢ |G[n, i]| MY[n, i]``
+    and ``A_cols[i] = Σₙ |G[n, i]| MY[n, i]``: memory of about twice the
+    inputs. Everything per entry (magnitudes, the reference, the witness) is
+    computed a block of columns at a time from these.
+
+    Parameters
+    ----------
+    X : ndarray, shape (N, D_in)
+    W : ndarray, shape (D_out, D_in)
+    B : ndarray, shape (D_out,), or None
+    G : ndarray, shape (N, D_out)
+    """
+
+    def __init__(self, X, W, B, G):
+        self.X, self.W, self.G = (np.asarray(a, dtype=np.float64) for a in (X, W, G))
+        self.B = None if B is None else np.asarray(B, dtype=np.float64)
+        self.N, self.D_in = self.X.shape
+        self.D_out = self.W.shape[0]
+        self.aX, self.aW, self.aG = np.abs(self.X), np.abs(self.W), np.abs(self.G)
+        MY = self.aX @ self.aW.T
+        if self.B is not None:
+            MY += np.abs(self.B)
+        self.MY = _upper(MY, self.D_in + 1)
+        shares = self.aG * self.MY
+        self.A_rows = _upper(shares.sum(axis=1), self.D_out)
+        self.A_cols = _upper(shares.sum(axis=0), self.N)
+        self.A_all = float(_upper(shares.sum(), self.N * self.D_out))
+        del shares
+        self.sum_G_rows, self.sum_G_cols = self.aG.sum(axis=1), self.aG.sum(axis=0)
+        self.sum_X_cols, self.sum_X_rows = self.aX.sum(axis=0), self.aX.sum(axis=1)
+        self.sum_W_cols, self.sum_W_rows = self.aW.sum(axis=0), self.aW.sum(axis=1)
+        # The scale of the values each tensor's perturbation competes with (see step_sizes).
+        self.scale = {
+            "dX": float(self.aX.max(initial=0.0)),
+            "dW": float(self.aW.max(initial=0.0)),
+            "dB": float(self.MY.max(initial=0.0)),
+        }
+
+    @property
+    def bias(self) -> bool:
+        return self.B is not None
+
+    def inner(self, tensor: str) -> int:
+        """Terms per entry: D_out for dX, N for dW and dB, D_in + 1 (with bias) for Y."""
+        return {"dX": self.D_out, "dW": self.N, "dB": self.N, "Y": self.D_in + self.bias}[tensor]
+
+    def shape(self, tensor: str) -> tuple[int, int] | tuple[int]:
+        return {
+            "dX": (self.N, self.D_in),
+            "dW": (self.D_out, self.D_in),
+            "dB": (self.D_out,),
+            "Y": (self.N, self.D_out),
+        }[tensor]
+
+    def magnitude(self, tensor: str, cols: np.ndarray | None = None):
+        """(M, S) for a block: M = Σ|terms| per entry, S = Σ(|a| + |b|) over its terms.
+
+        M scales every rounding bound (γ_k times it); S scales the error of
+        operands that underflow when rounded to a narrow format. ``cols``
+        selects columns of dX or dW (all if None); dB and Y come whole.
+        """
+        cols = slice(None) if cols is None else cols
+        if tensor == "dX":
+            M = self.aG @ self.aW[:, cols]
+            S = self.sum_G_rows[:, None] + self.sum_W_cols[None, cols]
+        elif tensor == "dW":
+            M = self.aG.T @ self.aX[:, cols]
+            S = self.sum_G_cols[:, None] + self.sum_X_cols[None, cols]
+        elif tensor == "dB":
+            M, S = self.sum_G_cols, float(self.N)
+        else:
+            return self.MY, _upper(self.sum_X_rows[:, None] + self.sum_W_rows[None, :] + 1.0, 1)
+        k = max(self.N, self.D_in, self.D_out) + 1
+        return _upper(M, self.inner(tensor)), _upper(S, k)
+
+    def reference(self, tensor: str, cols: np.ndarray | None = None) -> np.ndarray:
+        """The analytic values of a block, in float64: G W, Gᵀ X, Σₙ G or X Wᵀ + B."""
+        cols = slice(None) if cols is None else cols
+        if tensor == "dX":
+            return self.G @ self.W[:, cols]
+        if tensor == "dW":
+            return self.G.T @ self.X[:, cols]
+        if tensor == "dB":
+            return self.G.sum(axis=0)
+        return forward(self.X, self.W, self.B)
+
+    def blocks(self, tensor: str, method: str = "central") -> Iterator[np.ndarray | None]:
+        """Column blocks of dX or dW sized so one block's perturbed passes fit BLOCK_BYTES.
+
+        dB and Y come as one block (None).
+        """
+        if tensor in ("dB", "Y"):
+            yield None
+            return
+        rows = self.N if tensor == "dX" else self.D_out
+        # Per column: the perturbed copies of X or W and their outputs, plus about
+        # ten arrays of one value per row (magnitudes, reference, witness, bounds).
+        item = 16 if method == "complex-step" else 8
+        copies = 1 if method == "complex-step" else 2
+        per_col = copies * item * (rows * self.D_in + self.N * self.D_out) + 80 * rows
+        size = max(1, BLOCK_BYTES // per_col)
+        for start in range(0, self.D_in, size):
+            yield np.arange(start, min(start + size, self.D_in))
+
+    def passes(self, tensor: str, method: str) -> int:
+        """Forward passes the witness of one tensor takes."""
+        per_entry = {"dX": self.N * self.D_in, "dW": self.D_out * self.D_in, "dB": self.D_out}
+        if method == "dense":
+            return 2 * per_entry[tensor]
+        columns = 1 if tensor == "dB" else self.D_in
+        return columns * (1 if method == "complex-step" else 2)
+
+
+@dataclass(frozen=True)
+class Block:
+    """The witness for one block: estimates with worst-case and typical error bounds."""
+
+    estimate: np.ndarray
+    bound: np.ndarray
+    typical: np.ndarray
+    passes: int
+    steps: tuple[float, float]
+
+
+def witness_block(
+    layer: Layer,
+    tensor: str,
+    cols: np.ndarray | None,
+    M: np.ndarray,
+    method: str = "central",
+    rel_step: float = DEFAULT_REL_STEP,
+) -> Block:
+    """Estimate a block of dX, dW or dB from forward passes of L = Σ G ⊙ Y alone.
+
+    Parameters
+    ----------
+    layer : Layer
+    tensor : {"dX", "dW", "dB"}
+    cols : ndarray of int, or None
+        The columns of dX or dW (None for dB).
+    M : ndarray
+        The block's magnitudes, from ``layer.magnitude``.
+    method : {"central", "dense", "complex-step"}
+        ``"central"``: central differences, grouped. Y[n, :] depends only on
+        X[n, :], and Y[:, i] only on W[i, :] and B[i]. So perturbing a whole
+        column X[:, j] in one forward pass and reading each row's share of
+        the loss, ℓₙ = Σᵢ G[n, i] Y[n, i], gives N independent central
+        differences at once; likewise a column W[:, j] with the column
+        shares ℓᵢ = Σₙ G[n, i] Y[n, i], and all of B at once. The other
+        rows' terms of L are unchanged by the perturbation, so each estimate
+        is exactly the central difference of L for its entry, at
+        2·(2·D_in + 1) forward passes in all: the grouping of Curtis, Powell
+        and Reid (1974), which scipy's ``approx_derivative(sparsity=...)``
+        also uses. The perturbed passes of a block go through one BLAS call.
+        ``"dense"``: one entry at a time, the whole of L each time: the
+        textbook check, 2 passes per entry. ``"complex-step"``: Im L(θ + ih)/h,
+        grouped, one complex pass per column.
+    rel_step : float
+        See :func:`step_sizes`.
+
+    Notes
+    -----
+    Central differences: for one entry θ with θ± = fl(θ ± h), the estimate is
+    (L(θ⁺) − L(θ⁻)) / (θ⁺ − θ⁻); dividing by the perturbation actually
+    applied removes the error of forming θ ± h. L is linear in every single
+    entry, so L(θ⁺) − L(θ⁻) = (θ⁺ − θ⁻)·∂L/∂θ exactly: no truncation error
+    for any h. What is left is rounding: with A the sum of absolute terms
+    of the loss share read (A_rows for X, A_cols for W and B, the whole
+    loss for the dense method) and M the entry's magnitude,
+
+        |estimate − ∂L/∂θ| ≤ (1 + γ₃) γ_c (2A/(θ⁺ − θ⁻) + M) + γ₃ M + underflow
+
+    with c = D_in + 1 + D_out for X, D_in + 1 + N for W and B
+    (D_in + 1 + N·D_out dense). The 2A/(θ⁺ − θ⁻) term is the cancellation and
+    falls as h grows; γ_c M, the rounding of the perturbation's own effect,
+    stays. In float64 at (32, 64, 16) the worst error of the dense method
+    falls from 2.3e-7 at h = 1e-8 to 3.0e-12 at h = 1e-3 and 7.1e-15 at the
+    default steps (``benchmarks/step_study.py``), which put the first term
+    at about 1/1000 of the second, entry by entry (:func:`step_sizes`).
+
+    Complex step [Squire and Trapp 1998]: with standard complex arithmetic
+    (BLAS ``zgemm``, NumPy) the imaginary part of the forward pass carries
+    only the perturbation, every other imaginary term being an exact zero,
+    so there is no subtraction: |estimate − ∂L/∂θ| ≤ γ_c M with
+    c = 2·D_in + 2·D_out for X, 2·D_in + 2·N for W, 2·N for B, for any h.
+    (A "3M" complex product would void this; BLAS offers it only as
+    ``zgemm3m``, which NumPy does not call.)
+
+    The typical bound replaces γ_c by √c·u (Higham and Mary 2019). See
+    ``docs/numerics.md`` §4 for the derivation.
+
+    References
+    ----------
+    A. R. Curtis, M. J. D. Powell, J. K. Reid, "On the estimation of sparse
+    Jacobian matrices", IMA J. Appl. Math. 13 (1974) 117–119.
+    W. Squire, G. Trapp, "Using complex variables to estimate derivatives of
+    real functions", SIAM Review 40 (1998) 110–112.
+    W. H. Press et al., *Numerical Recipes*, 3rd ed., §5.7.
+    """
+    if method == "complex-step":
+        return _complex_block(layer, tensor, cols, M)
+    if method not in ("central", "dense"):
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    L = layer
+    if method == "dense":
+        A = L.A_all
+        n_ops = L.D_in + 1 + L.N * L.D_out
+    elif tensor == "dX":
+        A, n_ops = L.A_rows[:, None], L.D_in + 1 + L.D_out
+    else:
+        A = L.A_cols[:, None] if tensor == "dW" else L.A_cols
+        n_ops = L.D_in + 1 + L.N
+    h = step_sizes(L.scale[tensor], A, M, rel_step)
+    run = _dense_block if method == "dense" else _central_block
+    estimate, delta, passes = run(L, tensor, cols, h)
+    g3 = gamma(3, U64)
+    # Each loss value is also off by at most 2·n_ops·η from underflow (see
+    # lincheck.precision.product_error) and the quotient by one more η;
+    # (1 + 2⁻⁵⁰) covers evaluating the bound in float64.
+    roundoff = (1.0 + g3) * gamma(n_ops, U64) * (2.0 * A / delta + M) + g3 * M
+    underflow = (1.0 + g3) * 4.0 * n_ops * ETA64 / delta + 3.0 * ETA64
+    bound = (roundoff + underflow) * (1.0 + 2.0**-50)
+    typical = (1.0 + g3) * np.sqrt(n_ops) * U64 * (2.0 * A / delta + M) + g3 * M
+    return Block(estimate, bound, typical, passes, (float(h.min()), float(h.max())))
+
+
+def _central_block(L: Layer, tensor: str, cols, h):
+    """Grouped central differences; returns (estimate, θ⁺ − θ⁻, passes)."""
+    if tensor == "dX":
+        c, k = len(cols), np.arange(len(cols))
+        Xs = np.broadcast_to(L.X, (2, c, L.N, L.D_in)).copy()
+        Xs[0, k, :, cols] += h.T
+        Xs[1, k, :, cols] -= h.T
+        Y = forward(Xs.reshape(-1, L.D_in), L.W, L.B).reshape(2, c, L.N, L.D_out)
+        shares = np.einsum("scni,ni->scn", Y, L.G)
+        delta = Xs[0, k, :, cols] - Xs[1, k, :, cols]  # (c, N)
+        return ((shares[0] - shares[1]) / delta).T, delta.T, 2 * c
+    if tensor == "dW":
+        c, k = len(cols), np.arange(len(cols))
+        Ws = np.broadcast_to(L.W, (2, c, L.D_out, L.D_in)).copy()
+        Ws[0, k, :, cols] += h.T
+        Ws[1, k, :, cols] -= h.T
+        Bs = None if L.B is None else np.tile(L.B, 2 * c)
+        Y = forward(L.X, Ws.reshape(-1, L.D_in), Bs).reshape(L.N, 2, c, L.D_out)
+        shares = np.einsum("nsci,ni->sci", Y, L.G)
+        delta = Ws[0, k, :, cols] - Ws[1, k, :, cols]  # (c, D_out)
+        return ((shares[0] - shares[1]) / delta).T, delta.T, 2 * c
+    Bp, Bm = L.B + h, L.B - h
+    plus, minus = (np.einsum("ni,ni->i", forward(L.X, L.W, b), L.G) for b in (Bp, Bm))
+    delta = Bp - Bm
+    return (plus - minus) / delta, delta, 2
+
+
+def _dense_block(L: Layer, tensor: str, cols, h):
+    """One entry at a time, the whole loss each time: the literal textbook check."""
+    name = {"dX": "X", "dW": "W", "dB": "B"}[tensor]
+    params = {"X": L.X.copy(), "W": L.W.copy(), "B": None if L.B is None else L.B.copy()}
+    theta = params[name]
+    shape = h.shape
+    estimate, delta = np.empty(shape), np.empty(shape)
+    for local in np.ndindex(shape):
+        idx = local if cols is None else (local[0], int(cols[local[1]]))
+        original = theta[idx]
+        theta[idx] = original + h[local]
+        plus, L_plus = theta[idx], surrogate_loss(params["X"], params["W"], params["B"], L.G)
+        theta[idx] = original - h[local]
+        minus, L_minus = theta[idx], surrogate_loss(params["X"], params["W"], params["B"], L.G)
+        theta[idx] = original
+        delta[local] = plus - minus
+        estimate[local] = (L_plus - L_minus) / delta[local]
+    return estimate, delta, 2 * estimate.size
+
+
+def _complex_block(L: Layer, tensor: str, cols, M) -> Block:
+    """Grouped complex step, Im L(θ + ih)/h, with h a power of two at the data's scale."""
+    h = _scale(np.array(L.scale[tensor]))
+    if tensor == "dX":
+        c, k = len(cols), np.arange(len(cols))
+        Xs = np.broadcast_to(L.X, (c, L.N, L.D_in)).astype(np.complex128)
+        Xs[k, :, cols] += 1j * h
+        Y = forward(Xs.reshape(-1, L.D_in), L.W, L.B).reshape(c, L.N, L.D_out)
+        estimate = (np.einsum("cni,ni->cn", Y, L.G).imag / h).T
+        n_ops, passes = 2 * (L.D_in + L.D_out), c
+    elif tensor == "dW":
+        c, k = len(cols), np.arange(len(cols))
+        Ws = np.broadcast_to(L.W, (c, L.D_out, L.D_in)).astype(np.complex128)
+        Ws[k, :, cols] += 1j * h
+        Bs = None if L.B is None else np.tile(L.B, c)
+        Y = forward(L.X, Ws.reshape(-1, L.D_in), Bs).reshape(L.N, c, L.D_out)
+        estimate = (np.einsum("nci,ni->ci", Y, L.G).imag / h).T
+        n_ops, passes = 2 * (L.D_in + L.N), c
+    else:
+        Y = forward(L.X, L.W, L.B + 1j * h)
+        estimate = np.einsum("ni,ni->i", Y, L.G).imag / h
+        n_ops, passes = 2 * L.N, 1
+    bound = (gamma(n_ops, U64) * M + 2 * n_ops * ETA64 / h + ETA64) * (1.0 + 2.0**-50)
+    typical = np.sqrt(n_ops) * U64 * M
+    return Block(estimate, bound, typical, passes, (h, h))
+
+
+# ---------------------------------------------------------------------------
+# Whole-tensor conveniences (small layers, tests, studies)
+
+
+@dataclass(frozen=True)
+class Magnitudes:
+    """Whole-tensor magnitudes M (``dX``, ``dW``, ``dB``, ``Y``) and operand sums S (``sums``)."""
+
+    dX: np.ndarray
+    dW: np.ndarray
+    dB: np.ndarray | None
+    Y: np.ndarray
+    sums: dict[str, np.ndarray | float]
+
+    @classmethod
+    def of(cls, X, W, B, G) -> Magnitudes:
+        L = Layer(X, W, B, G)
+        pairs = {t: L.magnitude(t) for t in ("dX", "dW", "dB", "Y")}
+        return cls(
+            dX=pairs["dX"][0],
+            dW=pairs["dW"][0],
+            dB=pairs["dB"][0] if L.bias else None,
+            Y=pairs["Y"][0],
+            sums={t: S for t, (_, S) in pairs.items()},
+        )
+
+    def of_tensor(self, name: str):
+        """(M, S) for "dX", "dW", "dB" or "Y"."""
+        return getattr(self, name), self.sums[name]
+
+
+@dataclass(frozen=True)
+class Witness:
+    """Whole-tensor witness: estimates, worst-case bounds, typical bounds, cost."""
+
+    grads: Gradients
+    bounds: Gradients
+    typical: Gradients
+    method: str
+    forward_passes: int
+    steps: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def witness(X, W, B, G, *, method: str = "central", rel_step: float = DEFAULT_REL_STEP) -> Witness:
+    """Estimate every entry of dX, dW (and dB) with :func:`witness_block`, whole tensors."""
+    L = Layer(X, W, B, G)
+    parts: dict[str, list[Block]] = {}
+    for tensor in ("dX", "dW", "dB") if L.bias else ("dX", "dW"):
+        for cols in L.blocks(tensor, method):
+            M, _ = L.magnitude(tensor, cols)
+            parts.setdefault(tensor, []).append(witness_block(L, tensor, cols, M, method, rel_step))
+
+    def join(attr):
+        out = {
+            t: np.concatenate([getattr(b, attr) for b in blocks], axis=-1)
+            for t, blocks in parts.items()
+        }
+        return Gradients(out["dX"], out["dW"], out.get("dB"))
+
+    steps = {
+        t[1:]: (min(b.steps[0] for b in blocks), max(b.steps[1] for b in blocks))
+        for t, blocks in parts.items()
+    }
+    passes = sum(b.passes for blocks in parts.values() for b in blocks)
+    return Witness(join("estimate"), join("bound"), join("typical"), method, passes, steps)
+
+
+def central_differences(X, W, B, G, *, grouped: bool = True, rel_step: float = DEFAULT_REL_STEP):
+    """Every entry by central differences (grouped, or one at a time if not ``grouped``)."""
+    return witness(X, W, B, G, method="central" if grouped else "dense", rel_step=rel_step)
+
+
+def complex_step(X, W, B, G) -> Witness:
+    """Every entry by the complex step, grouped."""
+    return witness(X, W, B, G, method="complex-step")
+
+
+# ---------------------------------------------------------------------------
+# Comparing
+
+
+class Tally:
+    """A running entry-by-entry comparison of a subject with an oracle, block by block.
+
+    Each block brings subject and oracle values, per-entry tolerances and
+    typical error scales, and a map from the block's flat positions to flat
+    indices of the whole tensor. The tally keeps only summaries: whether
+    every entry was within its tolerance and how many were not, the largest
+    absolute and relative errors, the largest error / tolerance and where it
+    was, the largest error / typical scale, the largest tolerance + error
+    (the smallest single-entry change certain to be caught), the ``top``
+    entries by error / tolerance, and, for each named alternative
+    tolerance, whether every entry fit it and the largest ratio to it.
+
+    Relative error is |error| / |oracle|, taken as 0 where both are 0 and as
+    infinite where only the oracle is 0; ratios are likewise 0 where the
+    error is 0.
+    """
+
+    def __init__(self, top: int = 5):
+        self.top = top
+        self.count = 0
+        self.exceeded = 0
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.max_ratio = 0.0
+        self.max_typical_ratio = 0.0
+        self.detectable = 0.0
+        self._best = np.empty(0), np.empty(0, dtype=np.int64), np.empty((0, 3))
+        self.alternatives: dict[str, list] = {}  # name -> [all fit, max ratio]
+
+    def add(
+        self,
+        subject: np.ndarray,
+        oracle: np.ndarray,
+        tolerance: np.ndarray,
+        typical: np.ndarray,
+        flat: Callable[[np.ndarray], np.ndarray],
+        alternatives: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        s, o = np.ravel(subject), np.ravel(oracle)
+        tol = np.broadcast_to(tolerance, np.shape(subject)).ravel()
+        typ = np.broadcast_to(typical, np.shape(subject)).ravel()
+        err = np.abs(s - o)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(err == 0, 0.0, err / tol)
+            rel = np.where(err == 0, 0.0, err / np.abs(o))
+            typ_ratio = np.where(err == 0, 0.0, err / typ)
+        self.count += s.size
+        self.exceeded += int(np.count_nonzero(~(err <= tol)))
+        self.max_abs = max(self.max_abs, float(err.max(initial=0.0)))
+        self.max_rel = max(self.max_rel, float(rel.max(initial=0.0)))
+        self.max_typical_ratio = max(self.max_typical_ratio, float(typ_ratio.max(initial=0.0)))
+        self.detectable = max(self.detectable, float(np.max(tol + err, initial=0.0)))
+        # The block's best few, merged with those kept so far.
+        k = min(self.top, ratio.size)
+        if k:
+            local = np.argpartition(-ratio, k - 1)[:k] if k < ratio.size else np.arange(k)
+            ratios = np.concatenate([self._best[0], ratio[local]])
+            where = np.concatenate([self._best[1], flat(local)])
+            values = np.concatenate([self._best[2], np.stack([s[local], o[local], tol[local]], 1)])
+            keep = np.lexsort((where, -ratios))[: self.top]
+            self._best = ratios[keep], where[keep], values[keep]
+            self.max_ratio = float(self._best[0][0])
+        for name, alt in (alternatives or {}).items():
+            alt = np.broadcast_to(alt, np.shape(subject)).ravel()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                alt_ratio = float(np.max(np.where(err == 0, 0.0, err / alt), initial=0.0))
+            fit, worst = self.alternatives.get(name, [True, 0.0])
+            self.alternatives[name] = [fit and bool(np.all(err <= alt)), max(worst, alt_ratio)]
+
+    @property
+    def passed(self) -> bool:
+        return self.exceeded == 0
+
+    @property
+    def best(self) -> list[tuple[int, float, float, float]]:
+        """The kept entries, worst first: (flat index, subject, oracle, tolerance)."""
+        ratios, where, values = self._best
+        return [(int(w), float(v[0]), float(v[1]), float(v[2])) for w, v in zip(where, values)]
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Entry-by-entry errors of a subject against an oracle, under per-entry tolerances.
-
-    ``bound_ratio`` is max |error| / tolerance; the comparison passes iff it is
-    ≤ 1 (every entry within its tolerance). ``worst`` is the flat index of
-    the entry with the largest ratio, ``order`` the flat indices of the
-    largest few ratios, worst first.
-    """
+    """Whole-array comparison: see :class:`Tally` (``order``: flat indices, worst first)."""
 
     passed: bool
     max_abs_error: float
@@ -492,31 +565,17 @@ class Comparison:
     tolerance_at_worst: float
 
 
-def compare(
-    subject: np.ndarray, oracle: np.ndarray, tolerance: np.ndarray, top: int = 5
-) -> Comparison:
-    """Compare two finite float64 arrays of one shape entry by entry.
-
-    Relative error is |error| / |oracle|, taken as 0 where both are 0 and as
-    infinite where only the oracle is 0. The ratio error / tolerance is
-    likewise 0 where both are 0.
-    """
-    err = np.abs(subject - oracle).ravel()
-    tol = np.broadcast_to(tolerance, subject.shape).ravel()
-    ref = np.abs(oracle).ravel()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(err == 0, 0.0, err / tol)
-        rel = np.where(err == 0, 0.0, err / ref)
-    k = min(top, ratio.size)
-    candidates = np.argpartition(-ratio, k - 1)[:k] if 0 < k < ratio.size else np.arange(k)
-    order = candidates[np.lexsort((candidates, -ratio[candidates]))]
-    worst = int(order[0]) if k else 0
+def compare(subject, oracle, tolerance, top: int = 5) -> Comparison:
+    """Compare two float64 arrays of one shape entry by entry (one :class:`Tally` block)."""
+    tally = Tally(top)
+    tally.add(subject, oracle, tolerance, np.inf, lambda local: local)
+    best = tally.best
     return Comparison(
-        passed=bool(np.all(err <= tol)),
-        max_abs_error=float(err.max(initial=0.0)),
-        max_rel_error=float(rel.max(initial=0.0)),
-        bound_ratio=float(ratio.max(initial=0.0)),
-        worst=worst,
-        order=tuple(int(i) for i in order),
-        tolerance_at_worst=float(tol[worst]) if tol.size else 0.0,
+        passed=tally.passed,
+        max_abs_error=tally.max_abs,
+        max_rel_error=tally.max_rel,
+        bound_ratio=tally.max_ratio,
+        worst=best[0][0] if best else 0,
+        order=tuple(b[0] for b in best),
+        tolerance_at_worst=best[0][3] if best else 0.0,
     )

@@ -17,8 +17,8 @@ def _errors_within_bounds(witness, exact):
 
 
 WITNESSES = {
-    "grouped": dict(method="central", grouped=True),
-    "dense": dict(method="central", grouped=False),
+    "grouped": dict(method="central"),
+    "dense": dict(method="dense"),
     "complex-step": dict(method="complex-step"),
 }
 
@@ -124,7 +124,7 @@ def test_typical_scale_is_below_the_worst_case(rng):
 
 def test_unknown_witness_method():
     X = np.ones((2, 2))
-    with pytest.raises(ValueError, match="method must be 'central' or 'complex-step'"):
+    with pytest.raises(ValueError, match="method must be one of"):
         numeric.witness(X, X, None, X, method="forward")
 
 
