@@ -548,7 +548,8 @@ class _Plan:
                 alternatives = {
                     name: product_error(
                         M, S, k, PRECISIONS[name], sub.storage, self._rounded[name]
-                    ).worst + o_worst
+                    ).worst
+                    + o_worst
                     for name in self.alternatives
                 }
             else:
@@ -578,15 +579,32 @@ class _Plan:
             if sub.problem.startswith("contains"):
                 first = tuple(_index(int(np.flatnonzero(~np.isfinite(a))[0]), tuple(a.shape)))
             return TensorCheck(
-                tensor=self.tensor, subject=sub.label, subject_dtype=str(a.dtype), oracle=oracle,
-                precision=sub.precision.name, rule=rule, passed=False, shape=tuple(a.shape),
-                expected_shape=tuple(self.shape), max_abs_error=None, max_rel_error=None,
-                bound_ratio=None, typical_ratio=None, worst_index=first, tolerance=None,
-                min_detectable_error=None, tolerance_rule=self.rules["subject"],
+                tensor=self.tensor,
+                subject=sub.label,
+                subject_dtype=str(a.dtype),
+                oracle=oracle,
+                precision=sub.precision.name,
+                rule=rule,
+                passed=False,
+                shape=tuple(a.shape),
+                expected_shape=tuple(self.shape),
+                max_abs_error=None,
+                max_rel_error=None,
+                bound_ratio=None,
+                typical_ratio=None,
+                worst_index=first,
+                tolerance=None,
+                min_detectable_error=None,
+                tolerance_rule=self.rules["subject"],
                 message=sub.problem,
             )
         return self._from_tally(
-            self.own_tally, sub.label, str(a.dtype), oracle, sub.precision.name, rule,
+            self.own_tally,
+            sub.label,
+            str(a.dtype),
+            oracle,
+            sub.precision.name,
+            rule,
             self.rules["subject"],
         )
 
@@ -594,7 +612,12 @@ class _Plan:
         allclose = self.subject.allclose if self.subject is not None else None
         rule = "bound" if allclose is None else "allclose"
         return self._from_tally(
-            self.witness_tally, "reference", "float64", "witness", "fp64", rule,
+            self.witness_tally,
+            "reference",
+            "float64",
+            "witness",
+            "fp64",
+            rule,
             self.rules["witness"],
         )
 
@@ -611,8 +634,10 @@ class _Plan:
             )
             for flat, s, o, tol in best
         )
-        message = "" if tally.passed else (
-            f"{tally.exceeded} of {tally.count} entries exceed their tolerance"
+        message = (
+            ""
+            if tally.passed
+            else (f"{tally.exceeded} of {tally.count} entries exceed their tolerance")
         )
         return TensorCheck(
             tensor=self.tensor,
