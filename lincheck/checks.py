@@ -12,7 +12,7 @@ where each bound is a rigorous worst-case rounding-error bound (see
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -63,7 +63,11 @@ class TensorCheck:
     ``typical_ratio`` is max |error| / (√k u Σ|terms|), the probabilistic
     scale of rounding error (near 1 is normal); ``min_detectable_error`` is
     the smallest change to any single entry that is certain to fail the
-    check: max over entries of tolerance + current error.
+    check: max over entries of tolerance + current error. ``mode`` is "full"
+    (every entry), "sample" (``checked`` random entries) or "directions"
+    (``checked`` random ±1 directions; errors and tolerances are then per
+    direction, in units of the directional derivative per unit step, and
+    ``worst_index`` is None).
 
     Error fields are None when there is nothing to compare (wrong shape or
     non-finite values; ``message`` says which). Indices index the tensor as
@@ -89,6 +93,8 @@ class TensorCheck:
     tolerance_rule: str
     message: str = ""
     worst_entries: tuple[Entry, ...] = ()
+    mode: str = "full"
+    checked: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +116,8 @@ class TensorCheck:
             "min_detectable_error": _json_float(self.min_detectable_error),
             "tolerance_rule": self.tolerance_rule,
             "message": self.message,
+            "mode": self.mode,
+            "checked": self.checked,
             "worst_entries": [
                 {
                     "index": list(e.index),
@@ -320,6 +328,11 @@ def check(
     precision: str | None = None,
     against: str = "reference",
     method: str = "central",
+    mode: str = "auto",
+    samples: int = 64,
+    directions: int = 16,
+    seed: int = 0,
+    budget: float = 10.0,
     atol: float | None = None,
     rtol: float | None = None,
     subject: str = "supplied",
@@ -351,6 +364,20 @@ def check(
         whole columns perturbed per forward pass (default), central
         differences one entry at a time (the textbook check), or the complex
         step; see :func:`lincheck.numeric.witness_block`.
+    mode : {"auto", "full", "sample", "directions"}
+        How much of the witness to compute. "full": every entry. "sample":
+        ``samples`` random entries of dX and of dW. "directions":
+        ``directions`` random ±1 directions of dX and of dW (an error whose
+        largest entry exceeds the reported ``min_detectable_error`` is caught
+        with probability ≥ 1 − 2^-directions). In both partial modes the
+        subjects are still compared with the reference at every entry, and
+        dB's witness is whole (two forward passes). "auto" (default): "full"
+        if its cost, at a nominal 5·10¹⁰ multiply-adds per second, fits
+        ``budget`` seconds, else "directions"; the report says why.
+    samples, directions, seed : int
+        Sizes of the partial modes and the seed of their random choices.
+    budget : float
+        Seconds of work "auto" allows a full witness.
     atol, rtol : float, optional
         If either is given, replace the bounds by ``numpy.allclose``'s rule,
         |subject − oracle| ≤ atol + rtol·|oracle| (the other defaults to 0).
@@ -412,6 +439,8 @@ def check(
     with np.errstate(over="ignore", invalid="ignore"):
         layer = numeric.Layer(X64, W64, B64, G64)
         _check_no_overflow([layer.MY, layer.A_rows, layer.A_cols], sources)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     plans = []
     for tensor in ("dX", "dW", "dB", "Y"):
         if tensor == "dB" and not bias:
@@ -423,41 +452,84 @@ def check(
             plan.subject = _Subject(a, p, subject, inputs.given, allclose)
             plan.against_witness = against == "witness" and tensor != "Y"
             plan.prepare(layer)
-        witnessed_too = against == "reference" and tensor in supplied
-        plan.witnessed = tensor != "Y" and (not supplied or witnessed_too)
+        plan.witnessed = tensor != "Y" and (not supplied or tensor in supplied)
         if plan.subject is not None or plan.witnessed:
             plans.append(plan)
+    mode, reason = _choose_mode(mode, layer, plans, method, budget)
+    for plan in plans:
+        if mode != "full":
+            # Only a full witness compares every entry; the subjects then go against the
+            # reference (every entry, at the cost of one forward pass), and the reference
+            # against the witness by sample or direction. dB's witness is always whole:
+            # it costs two forward passes.
+            plan.against_witness = False
+            plan.block_witness = plan.tensor == "dB"
+        elif plan.subject is not None and plan.against_witness:
+            plan.witnessed = False  # the subject itself goes against the witness
+        plan.mode = "full" if plan.block_witness else mode
     total = sum(layer.passes(p.tensor, method) for p in plans if p.needs_witness)
     done = 0
     steps: dict[str, list[float]] = {}
+    rng = np.random.default_rng(seed)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for plan in plans:
-            for cols in layer.blocks(plan.tensor, method):
+            for cols in layer.blocks(plan.tensor, method, plan.needs_witness):
                 M, S = layer.magnitude(plan.tensor, cols)
                 block = None
                 if plan.needs_witness:
                     block = numeric.witness_block(layer, plan.tensor, cols, M, method)
                     _check_no_overflow([M, block.estimate, block.bound], sources)
                     done += block.passes
-                    name = plan.tensor[1:]
-                    lo, hi = steps.get(name, [np.inf, 0.0])
-                    steps[name] = [min(lo, block.steps[0]), max(hi, block.steps[1])]
+                    _note_steps(steps, plan.tensor, block.steps)
                 plan.add(layer, cols, M, S, block)
                 if progress is not None and block is not None:
                     progress(done, total)
+            if plan.witnessed and not plan.block_witness:
+                done += plan.add_partial_witness(layer, mode, samples, directions, rng, steps)
     checks = [p.subject_check() for p in plans if p.subject is not None]
     checks += [p.witness_check() for p in plans if p.witnessed]
     hints = [h for p in plans if p.subject is not None for h in [p.hint()] if h is not None]
-    return Report(
-        layer=L,
-        checks=tuple(checks),
-        witness={
-            "method": method,
-            "forward_passes": done,
-            "steps": {name: tuple(v) for name, v in steps.items()},
-        },
-        hints=tuple(hints),
+    witness_info = {
+        "method": method if mode == "full" else "central",
+        "mode": mode,
+        "forward_passes": int(np.ceil(done)),
+        "steps": {name: tuple(v) for name, v in steps.items()},
+    }
+    if mode == "sample":
+        witness_info.update(samples=samples, seed=seed)
+    elif mode == "directions":
+        witness_info.update(directions=directions, seed=seed)
+    if reason:
+        witness_info["reason"] = reason
+    return Report(layer=L, checks=tuple(checks), witness=witness_info, hints=tuple(hints))
+
+
+MODES = ("auto", "full", "sample", "directions")
+
+NOMINAL_RATE = 5e10
+"""Multiply-adds per second assumed when choosing a mode: a deterministic cost
+model (the same inputs always get the same mode), about right for a 2-core
+machine with OpenBLAS in float64."""
+
+
+def _choose_mode(mode, layer, plans, method, budget) -> tuple[str, str]:
+    """The mode to run and, if chosen automatically against the budget, why."""
+    if mode != "auto":
+        return mode, ""
+    passes = sum(layer.passes(p.tensor, method) for p in plans if p.witnessed or p.against_witness)
+    seconds = passes * layer.N * layer.D_in * layer.D_out / NOMINAL_RATE
+    if seconds <= budget:
+        return "full", ""
+    return "directions", (
+        f"a full witness needs {passes:,} forward passes, about {seconds:,.0f} s at "
+        f"{NOMINAL_RATE / 1e9:.0f} G multiply-adds/s, over the {budget:g} s budget; "
+        "checked random directions instead (mode 'full' forces every entry)"
     )
+
+
+def _note_steps(steps: dict[str, list[float]], tensor: str, block_steps) -> None:
+    lo, hi = steps.get(tensor[1:], [np.inf, 0.0])
+    steps[tensor[1:]] = [min(lo, block_steps[0]), max(hi, block_steps[1])]
 
 
 def _check_no_overflow(arrays, sources: Mapping[str, str]) -> None:
@@ -504,10 +576,13 @@ class _Plan:
         self.rules = {"subject": "", "witness": ""}
         self.alternatives = ()
         self.usable = False
+        self.block_witness = True  # the witness comes block by block (full mode, and dB)
+        self.mode = "full"
+        self.directions: numeric.Directions | None = None
 
     @property
     def needs_witness(self) -> bool:
-        return self.witnessed or (self.usable and self.against_witness)
+        return (self.witnessed and self.block_witness) or (self.usable and self.against_witness)
 
     def prepare(self, layer: numeric.Layer) -> None:
         """Decide once whether the subject can be compared at all (shape, NaN/Inf)."""
@@ -558,16 +633,41 @@ class _Plan:
                 alternatives = None
             typical = np.sqrt(own.typical**2 + o_typ**2)
             self.own_tally.add(s, o, tol, typical, flat, alternatives)
-        if self.witnessed:
-            allclose = self.subject.allclose if self.subject is not None else None
-            if allclose is None:
-                tol = ref_bound.worst + block.bound
-                self.rules["witness"] = f"{ref_bound.rule} + witness bound"
-            else:
-                tol = allclose[0] + allclose[1] * np.abs(block.estimate)
-                self.rules["witness"] = _allclose_rule(allclose, "witness")
-            typical = np.sqrt(ref_bound.typical**2 + block.typical**2)
-            self.witness_tally.add(ref, block.estimate, tol, typical, flat)
+        if self.witnessed and block is not None:
+            self._witness(ref, ref_bound, block, flat)
+
+    def _witness(self, ref, ref_bound, block, flat) -> None:
+        """The reference against the witness, for one block or one set of sampled entries."""
+        allclose = self.subject.allclose if self.subject is not None else None
+        if allclose is None:
+            tol = ref_bound.worst + block.bound
+            self.rules["witness"] = f"{ref_bound.rule} + witness bound"
+        else:
+            tol = allclose[0] + allclose[1] * np.abs(block.estimate)
+            self.rules["witness"] = _allclose_rule(allclose, "witness")
+        typical = np.sqrt(ref_bound.typical**2 + block.typical**2)
+        self.witness_tally.add(ref, block.estimate, tol, typical, flat)
+
+    def add_partial_witness(self, layer, mode, samples, directions, rng, steps) -> float:
+        """The reference against the witness at sampled entries or along random directions.
+
+        Returns the forward passes used (in units of the whole layer).
+        """
+        tensor, shape2d = self.tensor, layer.shape(self.tensor)
+        if mode == "directions":
+            reference = layer.reference(tensor)
+            self.directions = numeric.witness_directions(layer, tensor, reference, directions, rng)
+            self.rules["witness"] = "fp64 reference bound along each direction + witness bound"
+            return self.directions.passes
+        size = int(np.prod(shape2d))
+        flat = np.sort(rng.choice(size, size=min(samples, size), replace=False))
+        rows, cols = np.divmod(flat, shape2d[1])
+        ref, M, S = numeric.entry_values(layer, tensor, rows, cols)
+        block = numeric.witness_entries(layer, tensor, rows, cols, M)
+        _note_steps(steps, tensor, block.steps)
+        ref_bound = product_error(M, S, layer.inner(tensor), PRECISIONS["fp64"], FLOAT64, False)
+        self._witness(ref, ref_bound, block, lambda local: flat[local])
+        return block.passes
 
     def subject_check(self) -> TensorCheck:
         sub = self.subject
@@ -598,7 +698,7 @@ class _Plan:
                 tolerance_rule=self.rules["subject"],
                 message=sub.problem,
             )
-        return self._from_tally(
+        check = self._from_tally(
             self.own_tally,
             sub.label,
             str(a.dtype),
@@ -607,11 +707,14 @@ class _Plan:
             rule,
             self.rules["subject"],
         )
+        return replace(check, checked=self.own_tally.count)
 
     def witness_check(self) -> TensorCheck:
         allclose = self.subject.allclose if self.subject is not None else None
         rule = "bound" if allclose is None else "allclose"
-        return self._from_tally(
+        if self.directions is not None:
+            return self._from_directions(self.directions)
+        check = self._from_tally(
             self.witness_tally,
             "reference",
             "float64",
@@ -619,6 +722,41 @@ class _Plan:
             "fp64",
             rule,
             self.rules["witness"],
+        )
+        return replace(check, mode=self.mode, checked=self.witness_tally.count)
+
+    def _from_directions(self, d: numeric.Directions) -> TensorCheck:
+        """A check along random directions: one comparison per direction, no entry to name."""
+        distance = np.abs(d.difference - d.predicted)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(distance == 0, 0.0, distance / d.tolerance)
+            typical = np.where(distance == 0, 0.0, distance / d.typical)
+            rel = np.where(distance == 0, 0.0, distance / np.abs(d.predicted))
+        worst = int(np.argmax(ratio))
+        exceeded = int(np.count_nonzero(~(distance <= d.tolerance)))
+        return TensorCheck(
+            tensor=self.tensor,
+            subject="reference",
+            subject_dtype="float64",
+            oracle="witness",
+            precision="fp64",
+            rule="bound",
+            passed=exceeded == 0,
+            shape=tuple(self.shape),
+            expected_shape=tuple(self.shape),
+            max_abs_error=float(np.max(distance / d.step)),
+            max_rel_error=float(rel.max()),
+            bound_ratio=float(ratio.max()),
+            typical_ratio=float(typical.max()),
+            worst_index=None,
+            tolerance=float(d.tolerance[worst] / d.step[worst]),
+            min_detectable_error=float(np.max((d.tolerance + distance) / d.step)),
+            tolerance_rule=self.rules["witness"],
+            message=""
+            if exceeded == 0
+            else f"{exceeded} of {len(distance)} directions exceed their tolerance",
+            mode="directions",
+            checked=len(distance),
         )
 
     def _from_tally(self, tally, subject, dtype, oracle, precision, rule, rule_text):

@@ -59,6 +59,13 @@ class Method(str, Enum):
     complex_step = "complex-step"
 
 
+class Mode(str, Enum):
+    auto = "auto"
+    full = "full"
+    sample = "sample"
+    directions = "directions"
+
+
 class _ProgressBar:
     """A progress bar on stderr for checks that take more than about a second.
 
@@ -182,6 +189,32 @@ Atol = Annotated[
     ),
 ]
 Rtol = Annotated[float | None, typer.Option("--rtol", min=0.0, help="See --atol.")]
+ModeOption = Annotated[
+    Mode,
+    typer.Option(
+        "--mode",
+        help="How much of the numerical witness to compute: every entry (full), --samples "
+        "random entries of dX and dW (sample), or --directions random ±1 directions "
+        "(directions). Your gradients are always compared with the float64 reference at "
+        "every entry. auto: full if it fits --budget, else directions (and says why).",
+    ),
+]
+Samples = Annotated[
+    int, typer.Option("--samples", min=1, help="Entries per tensor in sample mode.")
+]
+DirectionsOption = Annotated[
+    int,
+    typer.Option("--directions", min=1, help="Random directions per tensor in directions mode."),
+]
+Budget = Annotated[
+    float,
+    typer.Option(
+        "--budget",
+        min=0.0,
+        help="Seconds of work (at a nominal 5·10¹⁰ multiply-adds/s) that --mode auto allows "
+        "a full witness.",
+    ),
+]
 Quiet = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="Print only the verdict line; no tables, no progress bar."),
@@ -202,6 +235,10 @@ def run(
     ] = False,
     json_path: JsonOption = None,
     method: MethodOption = Method.central,
+    mode: ModeOption = Mode.auto,
+    samples: Samples = 64,
+    directions: DirectionsOption = 16,
+    budget: Budget = 10.0,
     atol: Atol = None,
     rtol: Rtol = None,
     quiet: Quiet = False,
@@ -237,6 +274,11 @@ def run(
             against="witness",
             subject="analytic",
             method=method.value,
+            mode=mode.value,
+            samples=samples,
+            directions=directions,
+            seed=seed,
+            budget=budget,
             atol=atol,
             rtol=rtol,
             progress=bar,
@@ -283,6 +325,13 @@ def verify(
         ),
     ] = None,
     method: MethodOption = Method.central,
+    mode: ModeOption = Mode.auto,
+    samples: Samples = 64,
+    directions: DirectionsOption = 16,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Seed of the sample or directions.")
+    ] = 0,
+    budget: Budget = 10.0,
     atol: Atol = None,
     rtol: Rtol = None,
     quiet: Quiet = False,
@@ -305,6 +354,11 @@ def verify(
             **{name: a[name] for name in checks.SUBJECT_NAMES if name in a},
             precision=None if precision is None else precision.value,
             method=method.value,
+            mode=mode.value,
+            samples=samples,
+            directions=directions,
+            seed=seed,
+            budget=budget,
             atol=atol,
             rtol=rtol,
             sources=loaded.sources,

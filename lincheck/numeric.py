@@ -176,10 +176,13 @@ class Layer:
             return self.G.sum(axis=0)
         return forward(self.X, self.W, self.B)
 
-    def blocks(self, tensor: str, method: str = "central") -> Iterator[np.ndarray | None]:
-        """Column blocks of dX or dW sized so one block's perturbed passes fit BLOCK_BYTES.
+    def blocks(
+        self, tensor: str, method: str = "central", witness: bool = True
+    ) -> Iterator[np.ndarray | None]:
+        """Column blocks of dX or dW sized so one block's work fits BLOCK_BYTES.
 
-        dB and Y come as one block (None).
+        With ``witness``, a block's perturbed forward passes count; without,
+        only its per-entry arrays. dB and Y come as one block (None).
         """
         if tensor in ("dB", "Y"):
             yield None
@@ -189,7 +192,9 @@ class Layer:
         # ten arrays of one value per row (magnitudes, reference, witness, bounds).
         item = 16 if method == "complex-step" else 8
         copies = 1 if method == "complex-step" else 2
-        per_col = copies * item * (rows * self.D_in + self.N * self.D_out) + 80 * rows
+        per_col = 80 * rows
+        if witness:
+            per_col += copies * item * (rows * self.D_in + self.N * self.D_out)
         size = max(1, BLOCK_BYTES // per_col)
         for start in range(0, self.D_in, size):
             yield np.arange(start, min(start + size, self.D_in))
@@ -388,6 +393,184 @@ def _complex_block(L: Layer, tensor: str, cols, M) -> Block:
     bound = (gamma(n_ops, U64) * M + 2 * n_ops * ETA64 / h + ETA64) * (1.0 + 2.0**-50)
     typical = np.sqrt(n_ops) * U64 * M
     return Block(estimate, bound, typical, passes, (h, h))
+
+
+# ---------------------------------------------------------------------------
+# Sampled entries and random directions (layers too big for every entry)
+
+
+def entry_values(layer: Layer, tensor: str, rows: np.ndarray, cols: np.ndarray):
+    """(reference, M, S) at chosen entries of dX or dW (rows, cols) or dB (cols).
+
+    Each is an inner product of one row or column pair, so any number of
+    entries of a layer of any size cost O(entries × terms).
+    """
+    L = layer
+    if tensor == "dX":
+        a, b, aa, ab = L.G[rows], L.W[:, cols].T, L.aG[rows], L.aW[:, cols].T
+        S = L.sum_G_rows[rows] + L.sum_W_cols[cols]
+    elif tensor == "dW":
+        a, b, aa, ab = L.G[:, rows].T, L.X[:, cols].T, L.aG[:, rows].T, L.aX[:, cols].T
+        S = L.sum_G_cols[rows] + L.sum_X_cols[cols]
+    else:
+        ref = L.G[:, cols].sum(axis=0)
+        return ref, _upper(L.sum_G_cols[cols], L.N), np.full(len(cols), float(L.N))
+    k = L.inner(tensor)
+    kmax = max(L.N, L.D_in, L.D_out) + 1
+    return np.einsum("ek,ek->e", a, b), _upper(np.einsum("ek,ek->e", aa, ab), k), _upper(S, kmax)
+
+
+def witness_entries(
+    layer: Layer,
+    tensor: str,
+    rows: np.ndarray | None,
+    cols: np.ndarray,
+    M: np.ndarray,
+    rel_step: float = DEFAULT_REL_STEP,
+) -> Block:
+    """Central differences at chosen entries, each from its own row or column of the layer.
+
+    The same estimate and bound as the grouped method (:func:`witness_block`)
+    gives for those entries: X[n, j] is perturbed in a copy of row n alone,
+    which goes through the layer as a batch of one; W[i, j] or B[i] in a
+    copy of output unit i alone, through which the whole batch goes. The
+    loss share read (ℓₙ or ℓᵢ) is the same, so is the rounding analysis.
+    """
+    L = layer
+    if tensor == "dX":
+        A, n_ops = L.A_rows[rows], L.D_in + 1 + L.D_out
+    else:
+        A, n_ops = L.A_cols[rows if tensor == "dW" else cols], L.D_in + 1 + L.N
+    h = step_sizes(L.scale[tensor], A, M, rel_step)
+    e = np.arange(len(cols))
+    if tensor == "dX":
+        Xs = np.stack([L.X[rows], L.X[rows]])  # (2, E, D_in)
+        Xs[0, e, cols] += h
+        Xs[1, e, cols] -= h
+        Y = forward(Xs.reshape(-1, L.D_in), L.W, L.B).reshape(2, len(e), L.D_out)
+        shares = np.einsum("sei,ei->se", Y, L.G[rows])
+        delta = Xs[0, e, cols] - Xs[1, e, cols]
+    else:
+        units = rows if tensor == "dW" else cols
+        Ws = np.concatenate([L.W[units], L.W[units]])  # (2E, D_in)
+        Bs = None if L.B is None else np.concatenate([L.B[units], L.B[units]])
+        if tensor == "dW":
+            Ws[e, cols] += h
+            Ws[len(e) + e, cols] -= h
+            delta = Ws[e, cols] - Ws[len(e) + e, cols]
+        else:
+            Bs[: len(e)] += h
+            Bs[len(e) :] -= h
+            delta = Bs[: len(e)] - Bs[len(e) :]
+        Y = forward(L.X, Ws, Bs).reshape(L.N, 2, len(e))
+        shares = np.einsum("nse,ne->se", Y, L.G[:, units])
+    estimate = (shares[0] - shares[1]) / delta
+    g3 = gamma(3, U64)
+    roundoff = (1.0 + g3) * gamma(n_ops, U64) * (2.0 * A / delta + M) + g3 * M
+    underflow = (1.0 + g3) * 4.0 * n_ops * ETA64 / delta + 3.0 * ETA64
+    typical = (1.0 + g3) * np.sqrt(n_ops) * U64 * (2.0 * A / delta + M) + g3 * M
+    # Rows (or output units) through the layer, in units of whole forward passes.
+    passes = 2 * len(e) / (L.N if tensor == "dX" else L.D_out)
+    steps = (float(h.min()), float(h.max())) if len(e) else (0.0, 0.0)
+    return Block(estimate, (roundoff + underflow) * (1.0 + 2.0**-50), typical, passes, steps)
+
+
+@dataclass(frozen=True)
+class Directions:
+    """Directional checks of a reference r: L(θ⁺) − L(θ⁻) against ⟨r, θ⁺ − θ⁻⟩.
+
+    Per direction: the witness ``difference`` L̂(θ⁺) − L̂(θ⁻), the reference's
+    ``predicted`` ⟨r, Δ⟩ with Δ = θ⁺ − θ⁻, the rigorous ``tolerance`` on
+    their distance, its ``typical`` scale, and ``step`` = min |Δ| over the
+    entries, which converts a distance into a per-entry error (see
+    :func:`witness_directions`).
+    """
+
+    difference: np.ndarray
+    predicted: np.ndarray
+    tolerance: np.ndarray
+    typical: np.ndarray
+    step: np.ndarray
+    passes: int
+
+
+def witness_directions(
+    layer: Layer,
+    tensor: str,
+    reference: np.ndarray,
+    count: int,
+    rng: np.random.Generator,
+    rel_step: float = DEFAULT_REL_STEP,
+) -> Directions:
+    """Check ``reference`` (dX or dW, float64) along ``count`` random ±1 directions.
+
+    For a direction v with entries ±1 (Rademacher), θ± = fl(θ ± h v) and
+    Δ = θ⁺ − θ⁻, L is linear in θ (the other arrays held fixed), so
+    L(θ⁺) − L(θ⁻) = ⟨∇L, Δ⟩ exactly: no truncation error, as for one entry.
+    With A the sum of absolute terms of the whole loss, M_k the entries'
+    magnitudes, E_k the reference's bound and P the number of entries,
+
+        |L̂(θ⁺) − L̂(θ⁻) − ⟨r, Δ̂⟩| ≤ (1 + u) γ_c (2A + 2 max|θ± − θ| ΣM)
+                                   + (2u + γ_m)(1 + u) Σ|d̂|
+                                   + max|Δ̂|(1 + u) (ΣE + (u + 2γ_P) Σ|r|) + underflow
+
+    where the loss difference is summed from its m row shares (for X, m = N,
+    c = D_in + 1 + D_out) or column shares (for W, m = D_out,
+    c = D_in + 1 + N), each differenced first (d̂ the share differences), so
+    its rounding scales with one share's terms, not the whole loss's. h is
+    chosen as for single entries with A and ΣM in place of A and M
+    (:func:`step_sizes`).
+
+    Sensitivity: for any error vector e in r, a ±1 direction gives
+    |⟨e, v⟩| ≥ max |e_k| with probability at least 1/2 (flipping the sign of
+    v at the largest entry moves ⟨e, v⟩ by 2 max |e_k|, so at most one of the
+    two values lies within max |e_k| of zero). So an error whose largest
+    entry exceeds (tolerance + current distance) / step is caught by each
+    direction with probability ≥ 1/2, and by at least one of K directions
+    with probability ≥ 1 − 2⁻ᴷ.
+    """
+    L = layer
+    theta = L.X if tensor == "dX" else L.W
+    if tensor == "dX":
+        sum_M = float(L.sum_G_cols @ L.sum_W_rows)  # Σₙⱼ Σᵢ |G[n,i]||W[i,j]|
+        shares, n_ops, parts = "ni,ni->n", L.D_in + 1 + L.D_out, L.N
+    else:
+        sum_M = float(L.sum_G_rows @ L.sum_X_rows)  # Σᵢⱼ Σₙ |G[n,i]||X[n,j]|
+        shares, n_ops, parts = "ni,ni->i", L.D_in + 1 + L.N, L.D_out
+    P, k = theta.size, L.inner(tensor)
+    sum_M = float(_upper(np.array(sum_M), P * k))
+    sum_E = gamma(k, U64) * sum_M + 2 * k * ETA64 * P
+    sum_r = float(_upper(np.abs(reference).sum(), P))
+    h = float(step_sizes(L.scale[tensor], L.A_all, np.array(sum_M), rel_step))
+    u, g_c, g_m, g_P = U64, gamma(n_ops, U64), gamma(parts, U64), gamma(P, U64)
+    names = ("difference", "predicted", "tolerance", "typical", "step")
+    out = {name: np.empty(count) for name in names}
+    # θ± = fl(θ ± h v) is off from θ ± h v by at most u(|θ| + h) per entry, so every
+    # entry moved by at most `moved`, and Δ = fl(θ⁺ − θ⁻) lies within [small, big].
+    slack = 2.0 * u * (L.scale[tensor] + h)
+    moved = h + slack / 2.0
+    big, small = (2.0 * h + slack) * (1.0 + u), (2.0 * h - slack) * (1.0 - u)
+    loss_part = 2.0 * L.A_all + 2.0 * moved * sum_M
+    fixed = (1.0 + u) * g_c * loss_part + 4 * n_ops * parts * ETA64
+    fixed += big * (sum_E + (u + 2.0 * g_P) * sum_r)
+    typ = np.sqrt(n_ops) * u * loss_part + big * np.sqrt(k) * u * sum_M
+    for d in range(count):
+        hv = np.where(rng.integers(0, 2, size=theta.shape, dtype=bool), h, -h)
+        plus, minus = theta + hv, theta - hv
+        if tensor == "dX":
+            Y_plus, Y_minus = forward(plus, L.W, L.B), forward(minus, L.W, L.B)
+        else:
+            Y_plus, Y_minus = forward(L.X, plus, L.B), forward(L.X, minus, L.B)
+        # The loss as a sum of row (or column) shares, differenced share by share.
+        diffs = np.einsum(shares, Y_plus, L.G) - np.einsum(shares, Y_minus, L.G)
+        difference = float(np.sum(diffs))
+        plus -= minus  # Δ, in place
+        predicted = float(np.vdot(reference, plus))
+        tol = fixed + (2.0 * u + g_m) * float(np.sum(np.abs(diffs))) * (1.0 + u)
+        out["difference"][d], out["predicted"][d] = difference, predicted
+        out["tolerance"][d], out["typical"][d] = tol * (1.0 + 2.0**-50), typ
+        out["step"][d] = small
+    return Directions(**out, passes=2 * count)
 
 
 # ---------------------------------------------------------------------------

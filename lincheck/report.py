@@ -25,7 +25,11 @@ _ORACLE = {
     "reference": "the float64 analytic reference",
     "witness": "the numerical witness",
 }
-_METHOD = {"central": "central differences", "complex-step": "complex step"}
+_METHOD = {
+    "central": "central differences",
+    "dense": "central differences, one entry at a time",
+    "complex-step": "complex step",
+}
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -34,12 +38,19 @@ def _num(x: float | None, digits: int = 3) -> str:
     return "0" if x == 0 else f"{x:.{digits - 1}e}"
 
 
+def _short(x: float | None) -> str:
+    """Two significant digits, compact exponent: 0.17, 54, 1.1e-7, 3.6e14."""
+    if x is None:
+        return "—"
+    if x == 0:
+        return "0"
+    text = f"{x:.2g}"
+    mantissa, _, exponent = text.partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else text
+
+
 def _index(index: tuple[int, ...] | None) -> str:
     return "—" if index is None else "[" + ", ".join(map(str, index)) + "]"
-
-
-def _shape(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
 
 def _result(check: TensorCheck) -> Text:
@@ -47,7 +58,15 @@ def _result(check: TensorCheck) -> Text:
 
 
 def _ratio(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2g}"
+    return _short(x)
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape))
+
+
+def _compact_index(index: tuple[int, ...] | None) -> str:
+    return "—" if index is None else "[" + ",".join(map(str, index)) + "]"
 
 
 def _title(check: TensorCheck, report: Report) -> str:
@@ -57,7 +76,14 @@ def _title(check: TensorCheck, report: Report) -> str:
     title = f"{subject} vs {_ORACLE.get(check.oracle, check.oracle)}"
     if check.oracle == "witness":
         method = _METHOD.get(report.witness["method"], report.witness["method"])
-        title += f" ({method}, {report.witness['forward_passes']:,} forward passes)"
+        if check.mode == "directions":
+            title += f" ({method} along {check.checked} random directions of dX and dW)"
+        elif check.mode == "sample":
+            title += f" ({method} at {check.checked} sampled entries)"
+        elif report.witness.get("mode") != "full":
+            title += f" ({method}, every entry)"
+        else:
+            title += f" ({method}, {report.witness['forward_passes']:,} forward passes)"
     return title
 
 
@@ -66,7 +92,7 @@ def _caption(checks: list[TensorCheck]) -> str:
     rule = checks[0].rule
     how = "rounding-error bounds" if rule == "bound" else checks[0].tolerance_rule
     caught = " · ".join(
-        f"{c.tensor} {_num(c.min_detectable_error, 2)}"
+        f"{c.tensor} {_short(c.min_detectable_error)}"
         for c in checks
         if c.min_detectable_error is not None
     )
@@ -91,7 +117,7 @@ def _table(title: str) -> Table:
 def summary_tables(report: Report) -> list[Table]:
     """One table per (subject, oracle) pair: a row per tensor with its verdict."""
     tables = []
-    for _, group in groupby(report.checks, key=lambda c: (c.subject, c.oracle)):
+    for _, group in groupby(report.checks, key=lambda c: (c.subject, c.oracle, c.mode)):
         checks = list(group)
         table = _table(_title(checks[0], report))
         table.caption = _caption(checks)
@@ -108,11 +134,11 @@ def summary_tables(report: Report) -> list[Table]:
         for c in checks:
             table.add_row(
                 c.tensor,
-                _shape(c.shape),
-                _num(c.max_abs_error, 2),
-                _num(c.max_rel_error, 2),
-                "—" if c.max_abs_error == 0 else _index(c.worst_index),
-                _num(c.tolerance, 2),
+                _dims(c.shape),
+                _short(c.max_abs_error),
+                _short(c.max_rel_error),
+                "—" if c.max_abs_error == 0 else _compact_index(c.worst_index),
+                _short(c.tolerance),
                 _ratio(c.bound_ratio),
                 _ratio(c.typical_ratio),
                 _result(c),
@@ -179,6 +205,8 @@ def verdict(report: Report) -> Text:
 def render(report: Report, header: RenderableType | None = None) -> Group:
     """Everything a terminal shows for one report, in order."""
     parts: list[RenderableType] = [] if header is None else [header]
+    if "reason" in report.witness:
+        parts.append(Text(f"Witness mode {report.witness['mode']}: {report.witness['reason']}."))
     for table in summary_tables(report):
         parts += [table, Text("")]
     worst = worst_entries_table(report)
