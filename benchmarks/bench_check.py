@@ -1,20 +1,25 @@
-"""Speed of a full lincheck check against the floor of the forward passes it needs.
+"""Speed of lincheck against the floor of the forward passes it needs, and against peers.
 
-    python benchmarks/bench_check.py            # default sizes
-    python benchmarks/bench_check.py --quick    # (32, 64, 16) only
+    python benchmarks/bench_check.py              # all sizes (about 10 minutes)
+    python benchmarks/bench_check.py --quick      # (32, 64, 16) and the whole-process timings
 
-For each (N, D_in, D_out), float64, in one run:
+For each (N, D_in, D_out), float64, in one run, medians of repeated runs:
 
-- floor: the 2·(2·D_in + 1) forward passes X Wᵀ + B that the grouped witness
-  evaluates, as plain NumPy matmuls, one after another;
-- lincheck: ``lincheck.check`` on the same arrays (validation, float64
-  reference, magnitudes, every entry of the witness with its bounds, the
-  comparison);
-- dense: the one-entry-at-a-time textbook check (small sizes only).
+- floor: the 2·(2·D_in + 1) forward passes X Wᵀ + B that a full grouped
+  witness evaluates, as plain NumPy matmuls, one after another;
+- lincheck full: ``lincheck.check(X, W, B, G, mode="full")``: validation, the
+  float64 reference, every entry of the witness with its bounds, the
+  comparison; its peak traced memory against 3× the input bytes + 64 MiB;
+- lincheck directions: ``mode="directions"`` with 16 directions per tensor;
+- dense loop: one entry at a time, two forward passes each (run where it
+  takes under a minute, otherwise estimated from its pass count);
+- torch.autograd.gradcheck on F.linear, float64, slow mode (the full
+  Jacobian) and fast mode, where torch is importable and the Jacobian fits
+  in 2 GB. torch is not a dependency: ``pip install torch==2.13.0``.
 
 Then the whole process: ``lincheck run --n 32 --din 64 --dout 16`` against
-``python -c "import numpy, typer, rich"``. Medians of repeated runs and
-their ratios; the machine is shared, so read the ratios, not the seconds.
+``python -c "import numpy, typer, rich"``. The machine is shared: read the
+ratios, not the seconds.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +37,8 @@ import numpy as np
 import lincheck
 from lincheck import numeric
 from lincheck.checks import random_inputs
+
+SIZES = [(32, 64, 16), (256, 512, 256), (1024, 1024, 1024)]
 
 
 def median_time(repeats: int, fn, *args, **kwargs) -> float:
@@ -47,27 +55,74 @@ def floor(X, W, B, passes: int) -> None:
         X @ W.T + B
 
 
-def bench_sizes(sizes, repeats: int) -> None:
-    print(
-        f"{'(N, D_in, D_out)':>18} {'passes':>7} {'floor':>10} {'lincheck':>10} {'ratio':>7}"
-        f" {'dense':>10} {'ratio':>7}"
-    )
-    for N, D_in, D_out in sizes:
-        d = random_inputs(np.random.default_rng(0), N, D_in, D_out)
-        X, W, B, G = d["X"], d["W"], d["B"], d["dY"]
-        passes = 2 * (2 * D_in + 1)
-        t_floor = median_time(repeats, floor, X, W, B, passes)
-        t_check = median_time(repeats, lincheck.check, X, W, B, G)
-        row = (
-            f"{str((N, D_in, D_out)):>18} {passes:>7} {t_floor * 1e3:8.2f}ms "
-            f"{t_check * 1e3:8.2f}ms {t_check / t_floor:6.2f}x"
+def peak_memory(fn, *args, **kwargs) -> int:
+    tracemalloc.start()
+    try:
+        fn(*args, **kwargs)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def torch_gradcheck(X, W, B, fast: bool):
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    inputs = tuple(torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (X, W, B))
+    return torch.autograd.gradcheck(F.linear, inputs, fast_mode=fast)
+
+
+def fmt(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def bench_size(N, D_in, D_out, repeats: int, have_torch: bool) -> None:
+    d = random_inputs(np.random.default_rng(0), N, D_in, D_out)
+    X, W, B, G = d["X"], d["W"], d["B"], d["dY"]
+    passes = 2 * (2 * D_in + 1)
+    big = N * D_in * D_out > 256 * 512 * 256
+    reps = 1 if big else repeats
+    t_floor = median_time(reps, floor, X, W, B, passes)
+    t_full = median_time(reps, lincheck.check, X, W, B, G, mode="full")
+    t_dirs = median_time(repeats, lincheck.check, X, W, B, G, mode="directions", directions=16)
+    inputs = sum(a.nbytes for a in (X, W, B, G))
+    peak = peak_memory(lincheck.check, X, W, B, G, mode="full") if not big else None
+    P = N * D_in + D_out * D_in + D_out
+    t_pass = median_time(5, floor, X, W, B, 1)
+    if 2 * P * t_pass < 60:
+        t_dense = median_time(1, numeric.central_differences, X, W, B, G, grouped=False)
+        dense = fmt(t_dense)
+    else:
+        t_dense = 2 * P * t_pass
+        dense = f"≈{fmt(t_dense)} (est.)"
+    print(f"\n(N, D_in, D_out) = {(N, D_in, D_out)}: {P:,} entries, {passes:,} passes in the floor")
+    print(f"  floor                       {fmt(t_floor):>12}   1.00x")
+    print(f"  lincheck full               {fmt(t_full):>12}   {t_full / t_floor:.2f}x", end="")
+    if peak is not None:
+        print(f"   peak {peak / 2**20:.1f} MiB (limit {(3 * inputs + 64 * 2**20) / 2**20:.1f})")
+    else:
+        print()
+    print(f"  lincheck directions (16)    {fmt(t_dirs):>12}   {t_dirs / t_floor:.3f}x")
+    print(f"  dense loop                  {dense:>12}   {t_dense / t_floor:.0f}x")
+    if not have_torch:
+        print("  torch gradcheck             (torch not importable)")
+        return
+    jacobian_bytes = P * N * D_out * 8
+    if jacobian_bytes <= 2 * 2**30:
+        t_slow = median_time(max(1, repeats // 3), torch_gradcheck, X, W, B, fast=False)
+        print(
+            f"  torch gradcheck slow        {fmt(t_slow):>12}   {t_slow / t_floor:.0f}x"
+            f"   lincheck full is {t_slow / t_full:.0f}x faster"
         )
-        if N * D_in * D_out <= 32 * 64 * 16:
-            t_dense = median_time(
-                max(1, repeats // 4), numeric.central_differences, X, W, B, G, grouped=False
-            )
-            row += f" {t_dense * 1e3:8.1f}ms {t_dense / t_floor:6.0f}x"
-        print(row, flush=True)
+    else:
+        print(
+            f"  torch gradcheck slow        cannot run: its Jacobian needs "
+            f"{jacobian_bytes / 2**30:,.0f} GiB"
+        )
+    t_fast = median_time(max(1, repeats // 3), torch_gradcheck, X, W, B, fast=True)
+    print(f"  torch gradcheck fast        {fmt(t_fast):>12}   {t_fast / t_floor:.1f}x")
 
 
 def bench_process(repeats: int) -> None:
@@ -100,10 +155,16 @@ def bench_process(repeats: int) -> None:
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    sizes = [(32, 64, 16)] if quick else [(32, 64, 16), (128, 256, 64), (256, 512, 256)]
-    print(f"lincheck {lincheck.__version__}, numpy {np.__version__}, float64, medians\n")
-    bench_sizes(sizes, repeats=5 if quick else 9)
-    bench_process(repeats=5 if quick else 9)
+    try:
+        import torch  # noqa: F401
+
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    print(f"lincheck {lincheck.__version__}, numpy {np.__version__}, float64, medians")
+    for size in SIZES[:1] if quick else SIZES:
+        bench_size(*size, repeats=5 if quick else 9, have_torch=have_torch)
+    bench_process(repeats=9)
 
 
 if __name__ == "__main__":
