@@ -134,8 +134,16 @@ def _load_npz(path: Path) -> Loaded:
     return Loaded(arrays, sources, tuple(ignored))
 
 
+MEMMAP_BYTES = 64 * 2**20
+"""Data of a ``.npy`` file beyond this size is memory-mapped (read-only) instead of read."""
+
+
 def _read_npy(fp: IO[bytes], size: int, label: str) -> np.ndarray:
-    """Read one ``.npy`` stream of ``size`` bytes without unpickling or over-allocating."""
+    """Read one ``.npy`` stream of ``size`` bytes without unpickling or over-allocating.
+
+    A large array in a real file is memory-mapped read-only instead, so its
+    pages are read as the check needs them and never copied.
+    """
     try:
         version = npy_format.read_magic(fp)
         if version == (1, 0):
@@ -159,13 +167,17 @@ def _read_npy(fp: IO[bytes], size: int, label: str) -> np.ndarray:
             f"{label}: truncated: the header declares shape {shape} {dtype} "
             f"({needed:,} bytes of data) but the file holds {max(available, 0):,}"
         )
+    order = "F" if fortran else "C"
+    if needed > MEMMAP_BYTES and hasattr(fp, "fileno"):
+        offset = fp.tell()
+        return np.memmap(fp, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
     data = fp.read(needed)
     if len(data) != needed:
         raise InputError(
             f"{label}: truncated: expected {needed:,} bytes of data, read {len(data):,}"
         )
     flat = np.frombuffer(data, dtype=dtype, count=count)
-    return flat.reshape(shape, order="F" if fortran else "C")
+    return flat.reshape(shape, order=order)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -241,3 +241,18 @@ def test_save_into_a_file_is_an_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(InputError, match="exists and is not a folder"):
         arrays.save(tmp_path / "f", {"X": np.ones(1)})
+
+
+def test_large_files_are_memory_mapped_read_only(tmp_path, rng, monkeypatch):
+    folder = tmp_path / "dump"
+    data = _write_inputs(folder, rng)
+    monkeypatch.setattr(arrays, "MEMMAP_BYTES", 50)  # X (96 bytes) and dY (64) are "large"
+    loaded = arrays.load(folder)
+    assert isinstance(loaded.arrays["X"], np.memmap) and not loaded.arrays["X"].flags.writeable
+    assert not isinstance(loaded.arrays["W"], np.memmap)  # 48 bytes
+    for name, a in data.items():
+        assert np.array_equal(loaded.arrays[name], a)
+    np.save(folder / "Y.npy", np.asfortranarray(rng.standard_normal((4, 20))))
+    y = arrays.load(folder).arrays["Y"]
+    assert isinstance(y, np.memmap) and y.flags.f_contiguous
+    assert np.array_equal(y, np.load(folder / "Y.npy"))

@@ -430,3 +430,49 @@ def test_verify_bad_options_exit_2(tmp_path, rng, args):
     case(tmp_path / "c", rng)
     result = invoke("verify", tmp_path / "c", *args)
     assert result.exit_code == 2, result.output
+
+
+def test_run_modes_on_the_command_line():
+    result = invoke(
+        "run",
+        "--n",
+        20,
+        "--din",
+        10,
+        "--dout",
+        6,
+        "--mode",
+        "directions",
+        "--directions",
+        4,
+        "--json",
+        "-",
+    )
+    assert result.exit_code == 0, result.output
+    report = report_json(result)
+    assert report["witness"]["mode"] == "directions" and report["witness"]["directions"] == 4
+    modes = {(c["tensor"], c["oracle"]): c["mode"] for c in report["checks"]}
+    assert modes[("dX", "witness")] == "directions" and modes[("dX", "reference")] == "full"
+    auto = invoke("run", "--n", 20, "--din", 10, "--dout", 6, "--budget", 0)
+    assert auto.exit_code == 0, auto.output
+    assert "Witness mode directions: a full witness needs" in " ".join(auto.stdout.split())
+    sample = invoke("run", "--n", 20, "--din", 10, "--dout", 6, "--mode", "sample", "--samples", 7)
+    assert sample.exit_code == 0 and "at 7 sampled entries" in " ".join(sample.stdout.split())
+
+
+def test_quiet_prints_only_the_verdict(tmp_path, rng):
+    result = invoke("run", "--n", 4, "--din", 3, "--dout", 2, "--quiet")
+    assert result.exit_code == 0 and result.stdout == "PASS  all 3 checks passed\n"
+    case(tmp_path / "c", rng, dB=np.zeros(3))
+    result = invoke("verify", tmp_path / "c", "-q")
+    assert result.exit_code == 1
+    assert result.stdout == "FAIL  1 of 6 checks failed: dB (supplied)\n"
+
+
+def test_dense_method_agrees(tmp_path, rng):
+    case(tmp_path / "c", rng, N=3, D_in=2, D_out=2)
+    result = invoke("verify", tmp_path / "c", "--method", "dense", "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = report_json(result)
+    assert report["witness"]["method"] == "dense"
+    assert report["witness"]["forward_passes"] == 2 * (3 * 2 + 2 * 2 + 2)
