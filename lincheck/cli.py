@@ -143,13 +143,15 @@ JsonOption = Annotated[
 
 def _emit(report, header, json_path: Path | None, context: dict, quiet: bool = False) -> None:
     """Render the tables (or only the verdict) and the JSON report, then exit 0 or 1."""
-    from . import arrays
-    from .report import render, to_json, verdict
+    from .report import render, verdict
 
     to_stdout = json_path is not None and str(json_path) == "-"
     console = stderr if to_stdout else stdout
     console.print(verdict(report) if quiet else render(report, header))
     if json_path is not None:
+        from . import arrays
+        from .report import to_json
+
         text = to_json(report, **context)
         if to_stdout:
             typer.echo(text, nl=False)
@@ -257,11 +259,13 @@ def run(
     rounding-error bounds derived for --dtype."""
     import numpy as np
 
-    from . import arrays, checks
+    from . import checks
 
     data = checks.random_inputs(np.random.default_rng(seed), n, din, dout, dtype.value, not no_bias)
     grads = checks.analytic_gradients(data)
     if save is not None:
+        from . import arrays  # only the file layer touches files; import it only to write
+
         try:
             arrays.save(save, {**data, **grads}, force=force)
         except LincheckError as exc:

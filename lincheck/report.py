@@ -5,7 +5,6 @@ Nothing here prints; the CLI decides where output goes.
 
 from __future__ import annotations
 
-import json
 from itertools import groupby
 from typing import Any
 
@@ -221,4 +220,6 @@ def render(report: Report, header: RenderableType | None = None) -> Group:
 
 def to_json(report: Report, **context: Any) -> str:
     """The JSON report, with ``context`` (command, inputs) merged in at the top level."""
+    import json  # only for --json
+
     return json.dumps({**report.as_dict(), **context}, indent=2, allow_nan=False) + "\n"
