@@ -122,7 +122,7 @@ def bench_size(N, D_in, D_out, repeats: int, have_torch: bool) -> None:
             f"{jacobian_bytes / 2**30:,.0f} GiB"
         )
     t_fast = median_time(max(1, repeats // 3), torch_gradcheck, X, W, B, fast=True)
-    print(f"  torch gradcheck fast        {fmt(t_fast):>12}   {t_fast / t_floor:.1f}x")
+    print(f"  torch gradcheck fast        {fmt(t_fast):>12}   {t_fast / t_floor:.3f}x")
 
 
 def bench_process(repeats: int) -> None:

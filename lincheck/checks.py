@@ -488,7 +488,7 @@ def check(
                 done += plan.add_partial_witness(layer, mode, samples, directions, rng, steps)
     checks = [p.subject_check() for p in plans if p.subject is not None]
     checks += [p.witness_check() for p in plans if p.witnessed]
-    hints = [h for p in plans if p.subject is not None for h in [p.hint()] if h is not None]
+    hints = [h for p in plans if p.subject is not None for h in p.hints(layer, L.batch_shape)]
     witness_info = {
         "method": method if mode == "full" else "central",
         "mode": mode,
@@ -799,12 +799,27 @@ class _Plan:
             worst_entries=entries,
         )
 
-    def hint(self):
-        if not self.usable or self.own_tally.passed or not self.alternatives:
-            return None
-        return diagnose.lower_precision(
-            self.tensor, self.subject.precision, self.subject.array, self.own_tally.alternatives
+    def hints(self, layer: numeric.Layer, batch_shape: tuple[int, ...]) -> list[Hint]:
+        """What kind of mistake a failed subject looks like (nothing for a passing one)."""
+        sub = self.subject
+        if self.usable and self.own_tally.passed:
+            return []
+        lower = None
+        if self.usable and self.alternatives:
+            lower = diagnose.lower_precision(
+                self.tensor, sub.precision, sub.array, self.own_tally.alternatives
+            )
+        case = diagnose.Case(
+            tensor=self.tensor,
+            subject=sub.array,
+            expected_shape=tuple(self.shape),
+            layer=layer,
+            precision=sub.precision,
+            storage=sub.storage,
+            rounded=self._rounded[sub.precision.name] if self.usable else False,
+            batch_shape=batch_shape,
         )
+        return diagnose.explain(case, lower)
 
 
 def _allclose_rule(allclose: tuple[float, float], oracle: str) -> str:

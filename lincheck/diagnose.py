@@ -6,24 +6,58 @@ within the same rigorous bound the verdict uses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .precision import PRECISIONS, Precision, representable, storage_format
+from .core import forward
+from .precision import (
+    FLOAT64,
+    PRECISIONS,
+    Format,
+    Precision,
+    gamma,
+    product_error,
+    representable,
+    storage_format,
+)
 
 
 @dataclass(frozen=True)
 class Hint:
-    """A diagnosis of a failed check: a stable ``code``, the tensor, a sentence."""
+    """A diagnosis of a failed check: a stable ``code``, the tensor, a sentence, the evidence.
+
+    Codes: ``transposed``, ``mean_instead_of_sum``, ``sign_flipped``,
+    ``scaled``, ``bias_not_summed``, ``wrong_operand``, ``localized``,
+    ``lower_precision``, ``non_finite``, and ``unexplained`` when a check
+    failed and none of them fits.
+    """
 
     code: str
     tensor: str
     message: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "tensor": self.tensor, "message": self.message}
+        return {
+            "code": self.code,
+            "tensor": self.tensor,
+            "message": self.message,
+            "evidence": _plain(dict(self.evidence)),
+        }
+
+
+def _plain(value):
+    """Evidence as plain JSON values: NumPy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 # Less accurate arithmetics to try, most accurate first, after a failure under each.
@@ -90,5 +124,292 @@ def lower_precision(
                 f"{tensor} exceeds the bound of {declared.description} but every entry fits "
                 f"{candidate.description} (at most {ratio:.2g} of its bound){why}: "
                 f"{_QUESTION[name]} If so, check with --precision {name}.",
+                {"precision": name, "bound_ratio": ratio, "result_format_holds_values": bool(why)},
             )
     return None
+
+
+# ---------------------------------------------------------------------------
+# What kind of mistake: alternatives that explain the subject within the bound
+
+
+@dataclass(frozen=True)
+class Case:
+    """What the diagnosis needs to know about one failed subject.
+
+    ``layer`` is the float64 layer (:class:`lincheck.numeric.Layer`);
+    ``precision``, ``storage`` and ``rounded`` say how the subject was
+    computed, as for its verdict; ``batch_shape`` holds X's leading
+    dimensions, to name batch rows as the user indexes them.
+    """
+
+    tensor: str
+    subject: np.ndarray
+    expected_shape: tuple[int, ...]
+    layer: Any
+    precision: Precision
+    storage: Format
+    rounded: bool
+    batch_shape: tuple[int, ...]
+
+
+_ROLES = {
+    "dX": ("batch row", "input feature"),
+    "dW": ("output unit", "input feature"),
+    "Y": ("batch row", "output unit"),
+}
+
+
+def explain(case: Case, lower: Hint | None = None) -> list[Hint]:
+    """Hints for one failed subject: the first alternative that fits, else ``unexplained``.
+
+    Tried in order: NaN/Inf; a shape that is the transpose of the expected
+    one, or dY's shape for dB; then, for values, a flipped sign, a mean over
+    the batch, the transpose, one row of dY for dB, a wrong operand, a
+    constant factor; then ``lower`` (a lower-precision hint, if the caller
+    found one); then errors confined to a few rows, columns or entries.
+    """
+    s, tensor, L = case.subject, case.tensor, case.layer
+    if s.dtype.kind == "f" and not np.all(np.isfinite(s)):
+        return [_non_finite(tensor, s)]
+    shape2d = L.shape(tensor)
+    if tuple(s.shape) != tuple(case.expected_shape):
+        hint = _shape_hint(case)
+        return [hint] if hint is not None else [_unexplained(tensor, "its shape")]
+    values = np.asarray(s, dtype=np.float64).reshape(shape2d)
+    M, S = L.magnitude(tensor)
+    k = L.inner(tensor)
+    own = product_error(M, S, k, case.precision, case.storage, case.rounded).worst
+    ref_bound = product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False).worst
+    reference = L.reference(tensor)
+    hint = next(_value_hints(case, values, reference, own, ref_bound), None)
+    if hint is not None:
+        return [hint]
+    if lower is not None:
+        return [lower]
+    hint = _localized(case, np.abs(values - reference), own + ref_bound)
+    return [hint] if hint is not None else [_unexplained(tensor, "its values")]
+
+
+def _fit(values, alternative, tolerance) -> float | None:
+    """The largest |values − alternative| / tolerance if every entry is within it, else None."""
+    err = np.abs(values - alternative)
+    if not np.all(err <= tolerance):
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.max(np.where(err == 0, 0.0, err / tolerance), initial=0.0))
+
+
+def _value_hints(case: Case, values, reference, own, ref_bound):
+    """Hints for the alternatives that fit, in order; the caller takes the first.
+
+    Each alternative is computed only when the ones before it did not fit.
+    """
+    tensor, L = case.tensor, case.layer
+    u = max(case.precision.accumulate.u, case.storage.u, case.precision.result.u)
+    tol = own + ref_bound
+
+    ratio = _fit(values, -reference, tol)
+    if ratio is not None:
+        yield Hint(
+            "sign_flipped", tensor,
+            f"{tensor} is the correct gradient with the sign flipped (it fits −{tensor} to "
+            f"{ratio:.2g} of the bound): check the sign of dY, or of a subtraction.",
+            {"alternative": f"-{tensor}", "bound_ratio": ratio},
+        )
+
+    if tensor in ("dW", "dB") and L.N > 1:
+        mean = reference / L.N
+        ratio = _fit(values, mean, tol / L.N + 2 * u * np.abs(mean))
+        formula = "dY.mean(0)" if tensor == "dB" else "dYᵀ X / N"
+        right = "dY.sum(0)" if tensor == "dB" else "dYᵀ X"
+        if ratio is not None:
+            yield Hint(
+                "mean_instead_of_sum", tensor,
+                f"{tensor} = {formula} fits to {ratio:.2g} of the bound: it was averaged over the "
+                f"batch of N = {L.N}; the gradient of a sum over the batch is {right}.",
+                {"alternative": f"{tensor} / N", "N": L.N, "bound_ratio": ratio},
+            )
+
+    if values.ndim == 2 and values.shape[0] == values.shape[1]:
+        ratio = _fit(values, reference.T, tol.T)
+        if ratio is not None:
+            yield Hint(
+                "transposed", tensor,
+                f"{tensor} equals the correct {tensor} transposed (to {ratio:.2g} of the bound): "
+                f"{_TRANSPOSE_ADVICE.get(tensor, 'the indices are swapped')}.",
+                {"alternative": f"{tensor}ᵀ", "bound_ratio": ratio},
+            )
+
+    if tensor == "dB":
+        G = L.G
+        exact = case.storage.u * np.abs(G) + case.storage.eta  # dY's row, stored in the dtype
+        close = np.all(np.abs(values[None, :] - G) <= exact, axis=1)
+        rows = np.flatnonzero(close)
+        if rows.size:
+            n = int(rows[0])
+            where = _batch_index(n, case.batch_shape)
+            yield Hint(
+                "bias_not_summed", tensor,
+                f"dB equals row {where} of dY: the sum over the batch is missing "
+                "(dB = dY.sum(0), one term per sample).",
+                {"row": [int(i) for i in np.unravel_index(n, case.batch_shape or (L.N,))]},
+            )
+
+    for name, alternative, bound, advice in _operands(case, own):
+        ratio = _fit(values, alternative, bound)
+        if ratio is not None:
+            yield Hint(
+                "wrong_operand", tensor,
+                f"{tensor} = {name} fits to {ratio:.2g} of the bound: {advice}.",
+                {"alternative": name, "bound_ratio": ratio},
+            )
+
+    rr = float(np.vdot(reference, reference))
+    if rr > 0:
+        c = float(np.vdot(values, reference)) / rr
+        ordinary = [1.0, -1.0] + ([1.0 / L.N] if tensor in ("dW", "dB") else [])
+        if all(abs(c - o) > 1e-3 * abs(o) for o in ordinary) and c != 0:
+            ratio = _fit(values, c * reference, abs(c) * tol + 2 * u * np.abs(c * reference))
+            if ratio is not None:
+                yield Hint(
+                    "scaled", tensor,
+                    f"{tensor} = {c:.6g} × the correct {tensor} (to {ratio:.2g} of the bound): a "
+                    "constant factor is wrong (a loss scale, a doubled or halved term?).",
+                    {"scale": c, "bound_ratio": ratio},
+                )
+
+
+_TRANSPOSE_ADVICE = {
+    "dW": "dW = dYᵀ X has W's shape (D_out, D_in); Xᵀ dY is its transpose",
+    "dX": "dX = dY W has X's shape (N, D_in)",
+}
+
+
+def _operands(case: Case, own):
+    """Common wrong products: the forward output Y in place of dY, or Wᵀ in place of W."""
+    L, tensor, p = case.layer, case.tensor, case.precision
+    Y = forward(L.X, L.W, L.B)
+    aY = np.abs(Y)
+    # The subject's own Y, if its code computed one, is off by at most γ_{D_in+1}(u)·|X||W|ᵀ.
+    dY_err = gamma(L.D_in + 1, max(p.accumulate.u, p.operands.u)) * L.MY
+    fp64 = PRECISIONS["fp64"]
+
+    def bound(M, k, extra):
+        subject = product_error(M, 0.0, k, p, case.storage, case.rounded).worst
+        return subject + product_error(M, 0.0, k, fp64, FLOAT64, False).worst + extra
+
+    use_y = "the forward output Y was used where the upstream gradient dY belongs"
+    if tensor == "dX":
+        yield "Y W", Y @ L.W, bound(aY @ L.aW, L.D_out, dY_err @ L.aW), use_y
+        if L.D_in == L.D_out:
+            yield (
+                "dY Wᵀ", L.G @ L.W.T, bound(L.aG @ L.aW.T, L.D_out, 0.0),
+                "W was transposed; dX = dY W",
+            )
+    elif tensor == "dW":
+        yield "Yᵀ X", Y.T @ L.X, bound(aY.T @ L.aX, L.N, dY_err.T @ L.aX), use_y
+    elif tensor == "dB":
+        yield "Y.sum(0)", Y.sum(axis=0), bound(aY.sum(axis=0), L.N, dY_err.sum(axis=0)), use_y
+
+
+def _shape_hint(case: Case) -> Hint | None:
+    s, tensor, L = case.subject, case.tensor, case.layer
+    expected = tuple(case.expected_shape)
+    if tensor == "dB" and s.ndim >= 2 and s.shape[-1] == L.D_out and s.size == L.N * L.D_out:
+        same = np.all(np.asarray(s, dtype=np.float64).reshape(L.N, L.D_out) == L.G)
+        return Hint(
+            "bias_not_summed", tensor,
+            f"dB has shape {tuple(s.shape)}, the shape of dY{' and equals dY' if same else ''}: "
+            f"the sum over the batch is missing; dB = dY.sum(0) has shape ({L.D_out},).",
+            {"shape": list(s.shape), "equals_dY": bool(same)},
+        )
+    if s.ndim == 2 and len(expected) == 2 and tuple(s.shape) == expected[::-1]:
+        M, S = L.magnitude(tensor)
+        k = L.inner(tensor)
+        tol = product_error(M, S, k, case.precision, case.storage, case.rounded).worst
+        tol = tol + product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False).worst
+        ratio = _fit(np.asarray(s, dtype=np.float64).T, L.reference(tensor), tol)
+        if ratio is not None:
+            return Hint(
+                "transposed", tensor,
+                f"{tensor} has shape {tuple(s.shape)} and its transpose is the correct {tensor} "
+                f"(to {ratio:.2g} of the bound): "
+                f"{_TRANSPOSE_ADVICE.get(tensor, 'the indices are swapped')}.",
+                {"shape": list(s.shape), "bound_ratio": ratio},
+            )
+    return None
+
+
+def _non_finite(tensor: str, s: np.ndarray) -> Hint:
+    bad = ~np.isfinite(s)
+    first = [[int(i) for i in np.unravel_index(f, s.shape)] for f in np.flatnonzero(bad)[:3]]
+    n_nan = int(np.count_nonzero(np.isnan(s)))
+    n_inf = int(np.count_nonzero(bad)) - n_nan
+    return Hint(
+        "non_finite", tensor,
+        f"{tensor} holds {n_nan} NaN and {n_inf} Inf, first at {', '.join(map(str, first))}: "
+        "look for a division by zero, a log or sqrt of a negative number, or an overflow "
+        "before these entries.",
+        {"nan": n_nan, "inf": n_inf, "first": first},
+    )
+
+
+def _localized(case: Case, err: np.ndarray, tol: np.ndarray) -> Hint | None:
+    """A hint if most of the error beyond tolerance sits in a few rows, columns or entries."""
+    excess = np.maximum(err - tol, 0.0)
+    total = float(excess.sum())
+    if total == 0:
+        return None
+    tensor = case.tensor
+    bad = np.flatnonzero(excess)
+    if bad.size <= 5:
+        shape = tuple(case.expected_shape)
+        where = [[int(i) for i in np.unravel_index(f, shape)] for f in bad]
+        return Hint(
+            "localized", tensor,
+            f"only {bad.size} entr{'y' if bad.size == 1 else 'ies'} of {tensor} "
+            f"{'is' if bad.size == 1 else 'are'} wrong, at {', '.join(map(str, where))}: an "
+            "indexing or boundary bug (an off-by-one, a missed first or last element)?",
+            {"entries": where, "share": 1.0},
+        )
+    if excess.ndim != 2:
+        return None
+    for axis, role in ((1, 0), (0, 1)):
+        mass = excess.sum(axis=axis)
+        order = np.argsort(-mass, kind="stable")
+        share = np.cumsum(mass[order]) / total
+        count = int(np.searchsorted(share, 0.75) + 1)
+        limit = min(3, max(1, mass.size // 4))
+        if count <= limit:
+            picked = sorted(int(i) for i in order[:count])
+            name = _ROLES.get(tensor, ("row", "column"))[role]
+            if role == 0 and tensor in ("dX", "Y"):
+                labels = [str(_batch_index(i, case.batch_shape)) for i in picked]
+            else:
+                labels = [str(i) for i in picked]
+            return Hint(
+                "localized", tensor,
+                f"{float(share[count - 1]):.0%} of {tensor}'s error sits in {name}"
+                f"{'s' if count > 1 else ''} {', '.join(labels)}: an indexing or boundary bug "
+                "(an off-by-one, a missed first or last element)?",
+                {"axis": "rows" if role == 0 else "columns", "indices": picked,
+                 "share": float(share[count - 1])},
+            )
+    return None
+
+
+def _unexplained(tensor: str, what: str) -> Hint:
+    return Hint(
+        "unexplained", tensor,
+        f"No common mistake explains {what} (tried: a flipped sign, a mean for a sum, a "
+        "transpose, a wrong operand, a constant factor, a lower precision, errors in a few "
+        "rows or columns): compare your formula with the one above, index by index.",
+    )
+
+
+def _batch_index(n: int, batch_shape: tuple[int, ...]):
+    """Row n of the flattened batch, as the user indexes it (a tuple with leading dims)."""
+    if len(batch_shape) <= 1:
+        return n
+    return tuple(int(i) for i in np.unravel_index(n, batch_shape))

@@ -476,3 +476,20 @@ def test_dense_method_agrees(tmp_path, rng):
     report = report_json(result)
     assert report["witness"]["method"] == "dense"
     assert report["witness"]["forward_passes"] == 2 * (3 * 2 + 2 * 2 + 2)
+
+
+@pytest.mark.parametrize("bug", __import__("test_diagnose").BUGS)
+def test_every_hint_code_through_the_cli(tmp_path, rng, bug):
+    from test_diagnose import planted
+
+    X, W, B, G = (rng.standard_normal(s) for s in ((12, 7), (5, 7), (5,), (12, 5)))
+    grads, code, tensor = planted(bug, X, W, B, G)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for name, a in {"X": X, "W": W, "B": B, "dY": G, **grads}.items():
+        np.save(folder / f"{name}.npy", a)
+    result = invoke("verify", folder, "--json", "-")
+    assert result.exit_code == 1, result.output
+    hints = report_json(result)["hints"]
+    assert [(h["code"], h["tensor"]) for h in hints] == [(code, tensor)]
+    assert f"hint [{code}] " in result.stderr

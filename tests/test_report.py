@@ -65,4 +65,9 @@ def test_json_is_strict_and_keeps_the_contract(failing_report):
     assert checks[("dW", "supplied")]["worst_index"] == [1, 4]
     assert checks[("dW", "supplied")]["max_abs_error"] == pytest.approx(0.5)
     assert checks[("dB", "supplied")]["passed"] is False
-    assert report["hints"] == []
+    assert [(h["code"], h["tensor"]) for h in report["hints"]] == [
+        ("non_finite", "dX"),
+        ("localized", "dW"),
+        ("mean_instead_of_sum", "dB"),
+    ]
+    assert report["hints"][0]["evidence"] == {"nan": 1, "inf": 0, "first": [[0, 0]]}

@@ -1,0 +1,166 @@
+"""Diagnosis: each kind of mistake is named when, and only when, it explains the subject."""
+
+import numpy as np
+import pytest
+from conftest import compute_in, layer
+
+from lincheck import check
+from lincheck.core import forward
+
+
+def gradients(X, W, B, G):
+    X2, G2 = X.reshape(-1, X.shape[-1]), G.reshape(-1, G.shape[-1])
+    return {"dX": (G2 @ W).reshape(X.shape), "dW": G2.T @ X2, "dB": G2.sum(0)}
+
+
+def hints_of(X, W, B, G, **grads):
+    report = check(X, W, B, G, **grads)
+    return [(h.code, h.tensor) for h in report.hints], report
+
+
+def planted(name, X, W, B, G):
+    """The broken gradients of each planted bug, and the hint it must get."""
+    X2, G2 = X.reshape(-1, X.shape[-1]), G.reshape(-1, G.shape[-1])
+    N = X2.shape[0]
+    good = gradients(X, W, B, G)
+    Y = forward(X2, W, B)
+    bugs = {
+        "transposed dW (shape)": ({"dW": good["dW"].T.copy()}, "transposed"),
+        "mean dW": ({"dW": good["dW"] / N}, "mean_instead_of_sum"),
+        "mean dB": ({"dB": G2.mean(0)}, "mean_instead_of_sum"),
+        "sign dX": ({"dX": -good["dX"]}, "sign_flipped"),
+        "scaled dW": ({"dW": 2.5 * good["dW"]}, "scaled"),
+        "dB one row": ({"dB": G2[3].copy()}, "bias_not_summed"),
+        "dB not summed (shape)": ({"dB": G.copy()}, "bias_not_summed"),
+        "dX from Y": ({"dX": (Y @ W).reshape(X.shape)}, "wrong_operand"),
+        "dW from Y": ({"dW": Y.T @ X2}, "wrong_operand"),
+        "dB from Y": ({"dB": Y.sum(0)}, "wrong_operand"),
+        "dW last column missed": (
+            {"dW": np.concatenate([good["dW"][:, :-1], np.zeros((W.shape[0], 1))], axis=1)},
+            "localized",
+        ),
+        "dX one batch row wrong": ({"dX": _row_off(good["dX"], 2)}, "localized"),
+        "dW two entries wrong": ({"dW": _entries_off(good["dW"], [(0, 1), (2, 3)])}, "localized"),
+        "NaN in dW": ({"dW": _with_nan(good["dW"])}, "non_finite"),
+        "noise in dW": (
+            {"dW": good["dW"] + np.random.default_rng(9).standard_normal(good["dW"].shape)},
+            "unexplained",
+        ),
+    }
+    broken, code = bugs[name]
+    tensor = next(iter(broken))
+    return {**good, **broken}, code, tensor
+
+
+def _row_off(dX, n):
+    out = dX.copy().reshape(-1, dX.shape[-1])
+    out[n] += 1.0
+    return out.reshape(dX.shape)
+
+
+def _entries_off(a, where):
+    out = a.copy()
+    for idx in where:
+        out[idx] += 0.5
+    return out
+
+
+def _with_nan(a):
+    out = a.copy()
+    out[1, 2] = np.nan
+    return out
+
+
+BUGS = [
+    "transposed dW (shape)",
+    "mean dW",
+    "mean dB",
+    "sign dX",
+    "scaled dW",
+    "dB one row",
+    "dB not summed (shape)",
+    "dX from Y",
+    "dW from Y",
+    "dB from Y",
+    "dW last column missed",
+    "dX one batch row wrong",
+    "dW two entries wrong",
+    "NaN in dW",
+    "noise in dW",
+]
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_each_planted_bug_gets_its_hint_on_its_tensor_only(rng, bug):
+    X, W, B, G = layer(rng, 12, 7, 5)
+    grads, code, tensor = planted(bug, X, W, B, G)
+    hints, report = hints_of(X, W, B, G, **grads)
+    assert [c.tensor for c in report.failed] == [tensor]
+    assert hints == [(code, tensor)]
+
+
+def test_correct_gradients_get_no_hints(rng):
+    for dtype in ("float64", "float32", "float16"):
+        X, W, B, G = (a.astype(dtype) for a in layer(rng, 12, 7, 5))
+        hints, report = hints_of(
+            X,
+            W,
+            B,
+            G,
+            **compute_in({"float64": "fp64", "float32": "fp32", "float16": "fp16"}[dtype], X, W, G),
+        )
+        assert report.passed and hints == []
+
+
+def test_square_transpose_and_transposed_operand(rng):
+    X, W, B, G = layer(rng, 6, 6, 6)
+    good = gradients(X, W, B, G)
+    assert hints_of(X, W, B, G, **{**good, "dW": good["dW"].T.copy()})[0] == [("transposed", "dW")]
+    assert hints_of(X, W, B, G, **{**good, "dX": G @ W.T})[0] == [("wrong_operand", "dX")]
+
+
+def test_messages_carry_the_evidence(rng):
+    X, W, B, G = layer(rng, 12, 7, 5)
+    report = check(X, W, B, G, **{**gradients(X, W, B, G), "dB": G.mean(0)})
+    (hint,) = report.hints
+    assert hint.message.startswith("dB = dY.mean(0) fits to ")
+    assert "the gradient of a sum over the batch is dY.sum(0)" in hint.message
+    assert hint.evidence["N"] == 12 and hint.evidence["bound_ratio"] <= 1
+    scaled = check(X, W, B, G, **{**gradients(X, W, B, G), "dW": 2.5 * (G.T @ X)}).hints[0]
+    assert scaled.evidence["scale"] == pytest.approx(2.5) and "2.5 ×" in scaled.message
+    row = check(X, W, B, G, **{**gradients(X, W, B, G), "dB": G[3].copy()}).hints[0]
+    assert row.message.startswith("dB equals row 3 of dY")
+
+
+def test_mixed_bugs_each_on_their_tensor(rng):
+    X, W, B, G = layer(rng, 12, 7, 5)
+    good = gradients(X, W, B, G)
+    hints, _ = hints_of(X, W, B, G, dX=-good["dX"], dW=good["dW"], dB=G.mean(0))
+    assert hints == [("sign_flipped", "dX"), ("mean_instead_of_sum", "dB")]
+
+
+def test_a_batch_of_one_cannot_tell_mean_from_sum(rng):
+    X, W, B, G = layer(rng, 1, 7, 5)
+    good = gradients(X, W, B, G)
+    hints, report = hints_of(X, W, B, G, **{**good, "dB": G.mean(0)})
+    assert report.passed and hints == []  # N = 1: the mean is the sum
+
+
+def test_leading_batch_dims_without_bias_name_rows_as_supplied(rng):
+    X, W, _, G = layer(rng, 0, 7, 5, batch=(3, 4))
+    good = gradients(X, W, None, G)
+    del good["dB"]
+    dX = good["dX"].copy()
+    dX[1, 2] += 1.0
+    report = check(X, W, None, G, dX=dX, dW=good["dW"])
+    (hint,) = report.hints
+    assert hint.code == "localized" and "batch row (1, 2)" in hint.message
+    assert hints_of(X, W, None, G, dX=-good["dX"], dW=good["dW"])[0] == [("sign_flipped", "dX")]
+
+
+def test_float32_bugs_are_diagnosed_in_float32(rng):
+    X, W, B, G = (a.astype(np.float32) for a in layer(rng, 12, 7, 5))
+    grads = compute_in("fp32", X, W, G)
+    grads["dB"] = (G.sum(0) / 12).astype(np.float32)
+    hints, _ = hints_of(X, W, B, G, **grads)
+    assert hints == [("mean_instead_of_sum", "dB")]
