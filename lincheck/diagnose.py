@@ -97,8 +97,9 @@ def lower_precision(
     Candidates whose result format holds every value of the subject (a
     bfloat16 result saved as float32 is still made of bfloat16 numbers) are
     tried first, narrowest format first, as that is direct evidence of the
-    arithmetic; then the rest, most accurate first. The first that fits
-    every entry is named.
+    arithmetic; then the rest, most accurate first, except that a precision
+    whose result format is narrower than the subject's dtype is claimed
+    only with that evidence. The first that fits every entry is named.
     """
     stored = storage_format(subject.dtype)
     names = [n for n in candidates(declared) if n in fits]
@@ -112,7 +113,11 @@ def lower_precision(
         ),
         key=lambda n: PRECISIONS[n].result.bits,
     )
-    for name in evidence + [n for n in names if n not in evidence]:
+    # A bfloat16 or float16 kernel returns bfloat16 or float16 numbers: without that
+    # signature in the values, those arithmetics are not claimed (noise of their size fits
+    # their loose bounds too). TF32 returns float32 and leaves no such trace.
+    plausible = [n for n in names if n in evidence or PRECISIONS[n].result.bits >= stored.bits]
+    for name in evidence + [n for n in plausible if n not in evidence]:
         fit, ratio = fits[name]
         if fit:
             candidate = PRECISIONS[name]

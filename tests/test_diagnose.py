@@ -164,3 +164,13 @@ def test_float32_bugs_are_diagnosed_in_float32(rng):
     grads["dB"] = (G.sum(0) / 12).astype(np.float32)
     hints, _ = hints_of(X, W, B, G, **grads)
     assert hints == [("mean_instead_of_sum", "dB")]
+
+
+def test_noise_within_bfloat16s_loose_bound_is_not_called_bfloat16(rng):
+    """bf16 kernels return bf16 numbers; float32 noise of bf16's size is not claimed as bf16."""
+    X, W, B, G = (a.astype(np.float32) for a in layer(rng, 256, 64, 16))
+    grads = compute_in("fp32", X, W, G)
+    noise = np.random.default_rng(2).standard_normal(grads["dW"].shape).astype(np.float32)
+    grads["dW"] = grads["dW"] + 0.5 * noise
+    hints, _ = hints_of(X, W, B, G, **grads)
+    assert hints == [("unexplained", "dW")]
