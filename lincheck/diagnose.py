@@ -196,6 +196,11 @@ def explain(case: Case, lower: Hint | None = None) -> list[Hint]:
     return [hint] if hint is not None else [_unexplained(tensor, "its values")]
 
 
+def _how(ratio: float) -> str:
+    """How closely an alternative fits: exactly, or within a share of the rounding bound."""
+    return "exactly" if ratio == 0 else f"to within {ratio:.2g} of the rounding bound"
+
+
 def _fit(values, alternative, tolerance) -> float | None:
     """The largest |values − alternative| / tolerance if every entry is within it, else None."""
     err = np.abs(values - alternative)
@@ -218,8 +223,8 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
     if ratio is not None:
         yield Hint(
             "sign_flipped", tensor,
-            f"{tensor} is the correct gradient with the sign flipped (it fits −{tensor} to "
-            f"{ratio:.2g} of the bound): check the sign of dY, or of a subtraction.",
+            f"{tensor} is the correct gradient with its sign flipped ({tensor} = −{tensor} "
+            f"{_how(ratio)}): check the sign of dY, or of a subtraction.",
             {"alternative": f"-{tensor}", "bound_ratio": ratio},
         )
 
@@ -231,8 +236,8 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
         if ratio is not None:
             yield Hint(
                 "mean_instead_of_sum", tensor,
-                f"{tensor} = {formula} fits to {ratio:.2g} of the bound: it was averaged over the "
-                f"batch of N = {L.N}; the gradient of a sum over the batch is {right}.",
+                f"{tensor} = {formula} {_how(ratio)}: it was averaged over the batch of "
+                f"N = {L.N}, but the gradient of a sum over the batch is {right}.",
                 {"alternative": f"{tensor} / N", "N": L.N, "bound_ratio": ratio},
             )
 
@@ -241,7 +246,7 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
         if ratio is not None:
             yield Hint(
                 "transposed", tensor,
-                f"{tensor} equals the correct {tensor} transposed (to {ratio:.2g} of the bound): "
+                f"{tensor} is the correct {tensor} transposed ({_how(ratio)}): "
                 f"{_TRANSPOSE_ADVICE.get(tensor, 'the indices are swapped')}.",
                 {"alternative": f"{tensor}ᵀ", "bound_ratio": ratio},
             )
@@ -266,7 +271,7 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
         if ratio is not None:
             yield Hint(
                 "wrong_operand", tensor,
-                f"{tensor} = {name} fits to {ratio:.2g} of the bound: {advice}.",
+                f"{tensor} = {name} {_how(ratio)}: {advice}.",
                 {"alternative": name, "bound_ratio": ratio},
             )
 
@@ -279,8 +284,8 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
             if ratio is not None:
                 yield Hint(
                     "scaled", tensor,
-                    f"{tensor} = {c:.6g} × the correct {tensor} (to {ratio:.2g} of the bound): a "
-                    "constant factor is wrong (a loss scale, a doubled or halved term?).",
+                    f"{tensor} = {c:.6g} × the correct {tensor} ({_how(ratio)}): a constant "
+                    "factor is wrong (a loss scale, a doubled or halved term?).",
                     {"scale": c, "bound_ratio": ratio},
                 )
 
@@ -338,9 +343,8 @@ def _shape_hint(case: Case) -> Hint | None:
         if ratio is not None:
             return Hint(
                 "transposed", tensor,
-                f"{tensor} has shape {tuple(s.shape)} and its transpose is the correct {tensor} "
-                f"(to {ratio:.2g} of the bound): "
-                f"{_TRANSPOSE_ADVICE.get(tensor, 'the indices are swapped')}.",
+                f"{tensor} has shape {tuple(s.shape)} and is the correct {tensor} transposed "
+                f"({_how(ratio)}): {_TRANSPOSE_ADVICE.get(tensor, 'the indices are swapped')}.",
                 {"shape": list(s.shape), "bound_ratio": ratio},
             )
     return None
