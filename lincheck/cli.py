@@ -141,6 +141,20 @@ JsonOption = Annotated[
 ]
 
 
+def _options(method, mode, samples, directions, seed, budget, atol, rtol) -> dict:
+    """The options run and verify share, as keyword arguments of ``checks.check``."""
+    return dict(
+        method=method.value,
+        mode=mode.value,
+        samples=samples,
+        directions=directions,
+        seed=seed,
+        budget=budget,
+        atol=atol,
+        rtol=rtol,
+    )
+
+
 def _emit(report, header, json_path: Path | None, context: dict, quiet: bool = False) -> None:
     """Render the tables (or only the verdict) and the JSON report, then exit 0 or 1."""
     from .report import render, verdict
@@ -277,14 +291,7 @@ def run(
             **grads,
             against="witness",
             subject="analytic",
-            method=method.value,
-            mode=mode.value,
-            samples=samples,
-            directions=directions,
-            seed=seed,
-            budget=budget,
-            atol=atol,
-            rtol=rtol,
+            **_options(method, mode, samples, directions, seed, budget, atol, rtol),
             progress=bar,
         )
     finally:
@@ -357,14 +364,7 @@ def verify(
             a["dY"],
             **{name: a[name] for name in checks.SUBJECT_NAMES if name in a},
             precision=None if precision is None else precision.value,
-            method=method.value,
-            mode=mode.value,
-            samples=samples,
-            directions=directions,
-            seed=seed,
-            budget=budget,
-            atol=atol,
-            rtol=rtol,
+            **_options(method, mode, samples, directions, seed, budget, atol, rtol),
             sources=loaded.sources,
             progress=bar,
         )
