@@ -7,6 +7,7 @@
 True
 """
 
+from .api import CaseResult, Sweep, assert_gradients, check_backward, check_forward
 from .checks import Layer, Report, TensorCheck, analytic_gradients, check, random_inputs
 from .diagnose import Hint
 from .errors import InputError, LincheckError
@@ -14,6 +15,11 @@ from .errors import InputError, LincheckError
 __version__ = "0.1.0"
 
 __all__ = [
+    "CaseResult",
+    "Sweep",
+    "assert_gradients",
+    "check_backward",
+    "check_forward",
     "Hint",
     "InputError",
     "Layer",

@@ -180,6 +180,12 @@ class Report:
             "witness": dict(self.witness),
         }
 
+    def to_json(self, **context: Any) -> str:
+        """The JSON report as strict JSON text, with ``context`` merged in at the top level."""
+        import json
+
+        return json.dumps({**self.as_dict(), **context}, indent=2, allow_nan=False) + "\n"
+
 
 def _json_float(x: float | None) -> float | None:
     """Strict JSON has no NaN or infinity: those become null."""
@@ -199,11 +205,16 @@ def _index(flat: int, shape: tuple[int, ...]) -> list[int]:
 
 
 def _real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
-    """``value`` as an ndarray of real numbers, or InputError naming it."""
-    try:
-        a = np.asarray(value)
-    except Exception as exc:  # anything np.asarray cannot read is bad input
-        raise InputError(f"{_label(name, sources)}: cannot be read as an array ({exc})") from None
+    """``value`` as an ndarray of real numbers, or InputError naming it.
+
+    Takes NumPy arrays and anything with ``__array__`` or DLPack
+    (``__dlpack__``): PyTorch CPU tensors, JAX arrays, CuPy on the host,
+    without importing those libraries. A tensor that requires grad is read
+    through its ``detach()``.
+    """
+    a = _as_numpy(value)
+    if isinstance(a, Exception):
+        raise InputError(f"{_label(name, sources)}: cannot be read as an array ({a})") from None
     kind = a.dtype.kind
     if kind == "f" and a.dtype.itemsize > 8:
         raise InputError(
@@ -225,6 +236,24 @@ def _real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray
             "float, integer or bool array"
         )
     return a
+
+
+def _as_numpy(value: Any) -> np.ndarray | Exception:
+    """An ndarray view of ``value`` (no copy where the producer allows), or the reason not."""
+    if isinstance(value, np.ndarray):
+        return value
+    problem: Exception | None = None
+    for candidate in (value, getattr(value, "detach", lambda: value)()):
+        if hasattr(candidate, "__dlpack__"):
+            try:
+                return np.from_dlpack(candidate)
+            except Exception as exc:  # a device or dtype DLPack cannot hand to NumPy
+                problem = exc
+        try:
+            return np.asarray(candidate)
+        except Exception as exc:
+            problem = exc
+    return problem
 
 
 def _check_finite(name: str, a: np.ndarray, sources: Mapping[str, str]) -> None:

@@ -222,7 +222,8 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
     ratio = _fit(values, -reference, tol)
     if ratio is not None:
         yield Hint(
-            "sign_flipped", tensor,
+            "sign_flipped",
+            tensor,
             f"{tensor} is the correct gradient with its sign flipped ({tensor} = −{tensor} "
             f"{_how(ratio)}): check the sign of dY, or of a subtraction.",
             {"alternative": f"-{tensor}", "bound_ratio": ratio},
@@ -235,7 +236,8 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
         right = "dY.sum(0)" if tensor == "dB" else "dYᵀ X"
         if ratio is not None:
             yield Hint(
-                "mean_instead_of_sum", tensor,
+                "mean_instead_of_sum",
+                tensor,
                 f"{tensor} = {formula} {_how(ratio)}: it was averaged over the batch of "
                 f"N = {L.N}, but the gradient of a sum over the batch is {right}.",
                 {"alternative": f"{tensor} / N", "N": L.N, "bound_ratio": ratio},
@@ -245,7 +247,8 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
         ratio = _fit(values, reference.T, tol.T)
         if ratio is not None:
             yield Hint(
-                "transposed", tensor,
+                "transposed",
+                tensor,
                 f"{tensor} is the correct {tensor} transposed ({_how(ratio)}): "
                 f"{_TRANSPOSE_ADVICE.get(tensor, 'the indices are swapped')}.",
                 {"alternative": f"{tensor}ᵀ", "bound_ratio": ratio},
@@ -260,7 +263,8 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
             n = int(rows[0])
             where = _batch_index(n, case.batch_shape)
             yield Hint(
-                "bias_not_summed", tensor,
+                "bias_not_summed",
+                tensor,
                 f"dB equals row {where} of dY: the sum over the batch is missing "
                 "(dB = dY.sum(0), one term per sample).",
                 {"row": [int(i) for i in np.unravel_index(n, case.batch_shape or (L.N,))]},
@@ -270,7 +274,8 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
         ratio = _fit(values, alternative, bound)
         if ratio is not None:
             yield Hint(
-                "wrong_operand", tensor,
+                "wrong_operand",
+                tensor,
                 f"{tensor} = {name} {_how(ratio)}: {advice}.",
                 {"alternative": name, "bound_ratio": ratio},
             )
@@ -283,7 +288,8 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
             ratio = _fit(values, c * reference, abs(c) * tol + 2 * u * np.abs(c * reference))
             if ratio is not None:
                 yield Hint(
-                    "scaled", tensor,
+                    "scaled",
+                    tensor,
                     f"{tensor} = {c:.6g} × the correct {tensor} ({_how(ratio)}): a constant "
                     "factor is wrong (a loss scale, a doubled or halved term?).",
                     {"scale": c, "bound_ratio": ratio},
@@ -314,7 +320,9 @@ def _operands(case: Case, own):
         yield "Y W", Y @ L.W, bound(aY @ L.aW, L.D_out, dY_err @ L.aW), use_y
         if L.D_in == L.D_out:
             yield (
-                "dY Wᵀ", L.G @ L.W.T, bound(L.aG @ L.aW.T, L.D_out, 0.0),
+                "dY Wᵀ",
+                L.G @ L.W.T,
+                bound(L.aG @ L.aW.T, L.D_out, 0.0),
                 "W was transposed; dX = dY W",
             )
     elif tensor == "dW":
@@ -329,7 +337,8 @@ def _shape_hint(case: Case) -> Hint | None:
     if tensor == "dB" and s.ndim >= 2 and s.shape[-1] == L.D_out and s.size == L.N * L.D_out:
         same = np.all(np.asarray(s, dtype=np.float64).reshape(L.N, L.D_out) == L.G)
         return Hint(
-            "bias_not_summed", tensor,
+            "bias_not_summed",
+            tensor,
             f"dB has shape {tuple(s.shape)}, the shape of dY{' and equals dY' if same else ''}: "
             f"the sum over the batch is missing; dB = dY.sum(0) has shape ({L.D_out},).",
             {"shape": list(s.shape), "equals_dY": bool(same)},
@@ -342,7 +351,8 @@ def _shape_hint(case: Case) -> Hint | None:
         ratio = _fit(np.asarray(s, dtype=np.float64).T, L.reference(tensor), tol)
         if ratio is not None:
             return Hint(
-                "transposed", tensor,
+                "transposed",
+                tensor,
                 f"{tensor} has shape {tuple(s.shape)} and is the correct {tensor} transposed "
                 f"({_how(ratio)}): {_TRANSPOSE_ADVICE.get(tensor, 'the indices are swapped')}.",
                 {"shape": list(s.shape), "bound_ratio": ratio},
@@ -356,7 +366,8 @@ def _non_finite(tensor: str, s: np.ndarray) -> Hint:
     n_nan = int(np.count_nonzero(np.isnan(s)))
     n_inf = int(np.count_nonzero(bad)) - n_nan
     return Hint(
-        "non_finite", tensor,
+        "non_finite",
+        tensor,
         f"{tensor} holds {n_nan} NaN and {n_inf} Inf, first at {', '.join(map(str, first))}: "
         "look for a division by zero, a log or sqrt of a negative number, or an overflow "
         "before these entries.",
@@ -376,7 +387,8 @@ def _localized(case: Case, err: np.ndarray, tol: np.ndarray) -> Hint | None:
         shape = tuple(case.expected_shape)
         where = [[int(i) for i in np.unravel_index(f, shape)] for f in bad]
         return Hint(
-            "localized", tensor,
+            "localized",
+            tensor,
             f"only {bad.size} entr{'y' if bad.size == 1 else 'ies'} of {tensor} "
             f"{'is' if bad.size == 1 else 'are'} wrong, at {', '.join(map(str, where))}: an "
             "indexing or boundary bug (an off-by-one, a missed first or last element)?",
@@ -398,19 +410,24 @@ def _localized(case: Case, err: np.ndarray, tol: np.ndarray) -> Hint | None:
             else:
                 labels = [str(i) for i in picked]
             return Hint(
-                "localized", tensor,
+                "localized",
+                tensor,
                 f"{float(share[count - 1]):.0%} of {tensor}'s error sits in {name}"
                 f"{'s' if count > 1 else ''} {', '.join(labels)}: an indexing or boundary bug "
                 "(an off-by-one, a missed first or last element)?",
-                {"axis": "rows" if role == 0 else "columns", "indices": picked,
-                 "share": float(share[count - 1])},
+                {
+                    "axis": "rows" if role == 0 else "columns",
+                    "indices": picked,
+                    "share": float(share[count - 1]),
+                },
             )
     return None
 
 
 def _unexplained(tensor: str, what: str) -> Hint:
     return Hint(
-        "unexplained", tensor,
+        "unexplained",
+        tensor,
         f"No common mistake explains {what} (tried: a flipped sign, a mean for a sum, a "
         "transpose, a wrong operand, a constant factor, a lower precision, errors in a few "
         "rows or columns): compare your formula with the one above, index by index.",

@@ -220,6 +220,15 @@ def render(report: Report, header: RenderableType | None = None) -> Group:
 
 def to_json(report: Report, **context: Any) -> str:
     """The JSON report, with ``context`` (command, inputs) merged in at the top level."""
-    import json  # only for --json
+    return report.to_json(**context)
 
-    return json.dumps({**report.as_dict(), **context}, indent=2, allow_nan=False) + "\n"
+
+def to_text(report: Report, header: RenderableType | None = None, width: int = 100) -> str:
+    """The tables as plain text (no colour), as an assertion message or a log shows them."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(file=StringIO(), width=width, color_system=None, highlight=False)
+    console.print(render(report, header))
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())

@@ -5,12 +5,12 @@ import doctest
 import pytest
 
 import lincheck
-from lincheck import checks, core, numeric
+from lincheck import api, checks, core, numeric
 
 
-@pytest.mark.parametrize("module", [lincheck, core, checks, numeric], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [lincheck, core, checks, numeric, api], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.failed == 0
     if module is not numeric:
         assert result.attempted > 0

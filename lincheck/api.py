@@ -1,0 +1,278 @@
+"""The Python API for tests and CI: assert on gradients, sweep a user's backward function.
+
+``check`` (from :mod:`lincheck.checks`) returns a :class:`~lincheck.checks.Report`;
+``assert_gradients`` raises ``AssertionError`` with the tables when it fails;
+``check_backward`` and ``check_forward`` call a user's implementation on a
+sweep of seeded random layers (the requested shape, the edge shapes and each
+requested dtype) and check every case.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .checks import Report, analytic_gradients, check, random_inputs
+from .errors import LincheckError
+
+
+def assert_gradients(X, W, B, dY, dX=None, dW=None, dB=None, Y=None, **options) -> Report:
+    """Check gradients like :func:`lincheck.check`; raise ``AssertionError`` if any check fails.
+
+    The message is the readable report: each tensor's verdict, its largest
+    error against its tolerance and where, the worst entries, and the hints
+    (what kind of mistake it looks like). Returns the report when all pass.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> X, W, G = rng.normal(size=(8, 5)), rng.normal(size=(3, 5)), rng.normal(size=(8, 3))
+    >>> assert_gradients(X, W, None, G, dX=G @ W, dW=G.T @ X).passed
+    True
+    >>> assert_gradients(X, W, None, G, dX=G @ W, dW=-(G.T @ X))
+    Traceback (most recent call last):
+    ...
+    AssertionError: lincheck: 1 of 4 checks failed: dW (supplied)
+    ...
+    """
+    from .report import to_text
+
+    report = check(X, W, B, dY, dX=dX, dW=dW, dB=dB, Y=Y, **options)
+    if not report.passed:
+        failed = ", ".join(f"{c.tensor} ({c.subject})" for c in report.failed)
+        head = f"lincheck: {len(report.failed)} of {len(report.checks)} checks failed: {failed}"
+        raise AssertionError(head + "\n" + to_text(report))
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Sweeps over a user's implementation
+
+
+@dataclass(frozen=True)
+class Case:
+    """One layer of a sweep: its sizes, dtype, bias, seed, and a name saying what it tests."""
+
+    name: str
+    batch_shape: tuple[int, ...]
+    D_in: int
+    D_out: int
+    dtype: str
+    bias: bool
+    seed: int
+
+    @property
+    def slug(self) -> str:
+        """The name as a folder name."""
+        return re.sub(r"[^A-Za-z0-9=._-]+", "_", self.name).strip("_")
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """Seeded random X, W, B, dY for this case (X and dY with the leading dimensions)."""
+        N = int(np.prod(self.batch_shape))
+        rng = np.random.default_rng(self.seed)
+        data = random_inputs(rng, N, self.D_in, self.D_out, self.dtype, self.bias)
+        data["X"] = data["X"].reshape(self.batch_shape + (self.D_in,))
+        data["dY"] = data["dY"].reshape(self.batch_shape + (self.D_out,))
+        return data
+
+
+def sweep(
+    N: int = 32,
+    D_in: int = 64,
+    D_out: int = 16,
+    dtypes: Iterable[str] = ("float64", "float32"),
+    seed: int = 0,
+) -> list[Case]:
+    """The cases a sweep checks, per dtype: the requested shape and its edges.
+
+    ``N=1``, ``D_in=1``, ``D_out=1`` (sums of one term, where a mean and a sum
+    agree and broadcasting hides bugs), the two sizes swapped (or made unequal,
+    for a square layer) so D_in and D_out cannot be confused, leading batch
+    dimensions as ``torch.nn.Linear`` accepts, and no bias.
+    """
+    lead = (2, max(1, (N + 1) // 2))
+    other = (N, D_out, D_in) if D_in != D_out else (N, D_in, D_out + 1)
+    shapes = [
+        (f"N={N} D_in={D_in} D_out={D_out}", (N,), D_in, D_out, True),
+        (f"N=1 D_in={D_in} D_out={D_out}", (1,), D_in, D_out, True),
+        (f"N={N} D_in=1 D_out={D_out}", (N,), 1, D_out, True),
+        (f"N={N} D_in={D_in} D_out=1", (N,), D_in, 1, True),
+        (f"N={other[0]} D_in={other[1]} D_out={other[2]}", (other[0],), other[1], other[2], True),
+        (f"X {lead + (D_in,)} D_out={D_out}", lead, D_in, D_out, True),
+        (f"N={N} D_in={D_in} D_out={D_out} no bias", (N,), D_in, D_out, False),
+    ]
+    cases = []
+    for dtype in dtypes:
+        for label, batch, d_in, d_out, bias in shapes:
+            name = f"{dtype} {label}"
+            cases.append(Case(name, batch, d_in, d_out, dtype, bias, seed + len(cases)))
+    return cases
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """A case's outcome: its report, or the error the user's function raised (never both)."""
+
+    case: Case
+    report: Report | None
+    error: str | None
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.report is not None and self.report.passed
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"case": self.case.name, "passed": self.passed, "error": self.error}
+        if self.report is not None:
+            out["report"] = self.report.as_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Every case of a sweep. ``passed`` iff every case passed."""
+
+    results: tuple[CaseResult, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> tuple[CaseResult, ...]:
+        return tuple(r for r in self.results if not r.passed)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON report: ``passed``, every case's ``checks`` and ``hints`` (each naming
+        its ``case``), and ``cases`` with one report (or error) per case."""
+        checks, hints = [], []
+        for r in self.results:
+            if r.report is not None:
+                checks += [{"case": r.case.name, **c.as_dict()} for c in r.report.checks]
+                hints += [{"case": r.case.name, **h.as_dict()} for h in r.report.hints]
+        return {
+            "passed": self.passed,
+            "checks": checks,
+            "hints": hints,
+            "cases": [r.as_dict() for r in self.results],
+        }
+
+    def to_json(self, **context: Any) -> str:
+        import json
+
+        return json.dumps({**self.as_dict(), **context}, indent=2, allow_nan=False) + "\n"
+
+
+def check_backward(
+    fn: Callable,
+    N: int = 32,
+    D_in: int = 64,
+    D_out: int = 16,
+    dtypes: Iterable[str] = ("float64", "float32"),
+    seed: int = 0,
+    forward: Callable | None = None,
+    **options,
+) -> Sweep:
+    """Check ``fn(X, W, B, dY) -> (dX, dW, dB)`` on every case of :func:`sweep`.
+
+    ``B`` is None for the no-bias cases, and ``dB`` must then be None. The
+    arrays are NumPy arrays in the case's dtype; the returned gradients are
+    held to that dtype's arithmetic (or ``precision=`` in ``options``). If
+    ``forward`` is given, ``forward(X, W, B) -> Y`` is checked too. An
+    exception from a user function, or a result of the wrong form, fails
+    that case with the error; it does not stop the sweep.
+
+    Examples
+    --------
+    >>> def backward(X, W, B, dY):
+    ...     X2, G = X.reshape(-1, X.shape[-1]), dY.reshape(-1, dY.shape[-1])
+    ...     return (dY @ W, G.T @ X2, None if B is None else G.sum(0))
+    >>> check_backward(backward, N=8, D_in=5, D_out=3).passed
+    True
+    """
+    results = []
+    for case in sweep(N, D_in, D_out, dtypes, seed):
+        results.append(run_case(case, fn, forward, **options))
+    return Sweep(tuple(results))
+
+
+def check_forward(
+    forward: Callable,
+    N: int = 32,
+    D_in: int = 64,
+    D_out: int = 16,
+    dtypes: Iterable[str] = ("float64", "float32"),
+    seed: int = 0,
+    **options,
+) -> Sweep:
+    """Check ``forward(X, W, B) -> Y`` against X Wᵀ + B on every case of :func:`sweep`."""
+    cases = sweep(N, D_in, D_out, dtypes, seed)
+    return Sweep(tuple(run_case(case, None, forward, **options) for case in cases))
+
+
+def run_case(case: Case, fn: Callable | None, forward: Callable | None = None, **options):
+    """Call the user's functions on one case and check what they return."""
+    data = case.inputs()
+    X, W, B, G = data["X"], data["W"], data.get("B"), data["dY"]
+    subjects: dict[str, Any] = {}
+    errors = []
+    if fn is not None:
+        try:
+            out = fn(X.copy(), W.copy(), None if B is None else B.copy(), G.copy())
+        except Exception as exc:  # the user's code failed: a failed case, not our traceback
+            errors.append(f"{_name(fn)} raised {type(exc).__name__}: {exc}")
+        else:
+            problem = _unpack(out, case.bias, subjects)
+            if problem:
+                errors.append(f"{_name(fn)} {problem}")
+    if forward is not None:
+        try:
+            subjects["Y"] = forward(X.copy(), W.copy(), None if B is None else B.copy())
+        except Exception as exc:
+            errors.append(f"{_name(forward)} raised {type(exc).__name__}: {exc}")
+    arrays = {**data, **{k: v for k, v in subjects.items() if _savable(v)}}
+    if errors:
+        return CaseResult(case, None, "; ".join(errors), arrays)
+    try:
+        report = check(X, W, B, G, **subjects, **options)
+    except LincheckError as exc:  # e.g. a subject that is not an array of numbers
+        return CaseResult(case, None, str(exc), arrays)
+    return CaseResult(case, report, None, arrays)
+
+
+def _unpack(out, bias: bool, subjects: dict) -> str:
+    """Fill ``subjects`` from a backward's result; return what is wrong with it, if anything."""
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        size = len(out) if isinstance(out, (tuple, list)) else type(out).__name__
+        return f"returned {size!r} instead of (dX, dW, dB)"
+    dX, dW, dB = out
+    subjects["dX"], subjects["dW"] = dX, dW
+    if bias:
+        if dB is None:
+            return "returned dB = None for a layer with a bias"
+        subjects["dB"] = dB
+    elif dB is not None:
+        return "returned a dB for a layer without bias (B is None); return None"
+    return ""
+
+
+def _savable(value) -> bool:
+    try:
+        return np.asarray(value).dtype.kind in "biuf"
+    except Exception:
+        return False
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def reference_backward(X, W, B, dY):
+    """The correct backward of Y = X Wᵀ + B in NumPy, in the inputs' dtype (a model answer)."""
+    grads = analytic_gradients({"X": X, "W": W, "dY": dY, **({"B": B} if B is not None else {})})
+    return grads["dX"], grads["dW"], grads.get("dB")
