@@ -115,19 +115,27 @@ def sweep(
 
 @dataclass(frozen=True)
 class CaseResult:
-    """A case's outcome: its report, or the error the user's function raised (never both)."""
+    """A case's outcome: its report, or the error that stopped it (never both).
 
-    case: Case
+    ``name`` says what the case is (a sweep case, or the path of a dump);
+    ``arrays`` holds its inputs and whatever the user's function returned, to
+    save a failing case for ``verify``; ``bad_input`` marks an error in the
+    inputs themselves rather than in what is checked.
+    """
+
+    name: str
     report: Report | None
     error: str | None
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
+    case: Case | None = None
+    bad_input: bool = False
 
     @property
     def passed(self) -> bool:
         return self.error is None and self.report is not None and self.report.passed
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"case": self.case.name, "passed": self.passed, "error": self.error}
+        out: dict[str, Any] = {"case": self.name, "passed": self.passed, "error": self.error}
         if self.report is not None:
             out["report"] = self.report.as_dict()
         return out
@@ -153,8 +161,8 @@ class Sweep:
         checks, hints = [], []
         for r in self.results:
             if r.report is not None:
-                checks += [{"case": r.case.name, **c.as_dict()} for c in r.report.checks]
-                hints += [{"case": r.case.name, **h.as_dict()} for h in r.report.hints]
+                checks += [{"case": r.name, **c.as_dict()} for c in r.report.checks]
+                hints += [{"case": r.name, **h.as_dict()} for h in r.report.hints]
         return {
             "passed": self.passed,
             "checks": checks,
@@ -237,12 +245,12 @@ def run_case(case: Case, fn: Callable | None, forward: Callable | None = None, *
             errors.append(f"{_name(forward)} raised {type(exc).__name__}: {exc}")
     arrays = {**data, **{k: v for k, v in subjects.items() if _savable(v)}}
     if errors:
-        return CaseResult(case, None, "; ".join(errors), arrays)
+        return CaseResult(case.name, None, "; ".join(errors), arrays, case)
     try:
         report = check(X, W, B, G, **subjects, **options)
     except LincheckError as exc:  # e.g. a subject that is not an array of numbers
-        return CaseResult(case, None, str(exc), arrays)
-    return CaseResult(case, report, None, arrays)
+        return CaseResult(case.name, None, str(exc), arrays, case)
+    return CaseResult(case.name, report, None, arrays, case)
 
 
 def _unpack(out, bias: bool, subjects: dict) -> str:

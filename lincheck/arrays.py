@@ -75,6 +75,22 @@ def load(path: str | os.PathLike) -> Loaded:
     return loaded
 
 
+def cases(path: str | os.PathLike) -> list[Path]:
+    """The dumps a path stands for: itself, or each case inside it.
+
+    A folder that holds no array of its own but holds folders or ``.npz``
+    files (one per layer of a model, say) stands for each of those, sorted.
+    """
+    path = Path(path)
+    if path.is_dir():
+        entries = sorted(path.iterdir())
+        own = [e for e in entries if e.suffix.lower() == ".npy" and _canonical(e.stem)]
+        inner = [e for e in entries if e.is_dir() or e.suffix.lower() == ".npz"]
+        if not own and inner:
+            return inner
+    return [path]
+
+
 def _canonical(stem: str) -> str | None:
     return _BY_LOWER.get(stem.lower())
 

@@ -6,6 +6,7 @@ Exit codes (stable): 0 every check passed; 1 at least one check failed;
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -155,26 +156,86 @@ def _options(method, mode, samples, directions, seed, budget, atol, rtol) -> dic
     )
 
 
-def _emit(report, header, json_path: Path | None, context: dict, quiet: bool = False) -> None:
-    """Render the tables (or only the verdict) and the JSON report, then exit 0 or 1."""
+def _write_report(path: Path, text: str) -> None:
+    """Replace a report file the user named (--json, --junit) atomically."""
+    from . import arrays
+
+    try:
+        arrays.write_text(path, text)
+    except LincheckError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _finish(results, json_text, json_path, junit_path, github, to_stdout) -> None:
+    """Write the JSON and JUnit reports, print GitHub annotations; then exit 0, 1 or 2."""
+    outcomes = [(r.name, r.report, r.error) for r in results]
+    if json_path is not None:
+        if to_stdout:
+            typer.echo(json_text, nl=False)
+        else:
+            _write_report(json_path, json_text)
+    if junit_path is not None:
+        from .ci import junit_xml
+
+        _write_report(junit_path, junit_xml(outcomes))
+    if github or os.environ.get("GITHUB_ACTIONS") == "true":
+        from .ci import github_annotations
+
+        for line in github_annotations(outcomes):
+            typer.echo(line, err=to_stdout)
+    if any(r.bad_input for r in results):
+        raise typer.Exit(code=2)
+    raise typer.Exit(code=0 if all(r.passed for r in results) else 1)
+
+
+def _emit(report, header, name: str, out: dict, context: dict) -> None:
+    """One report: the tables (or only the verdict), then the reports for CI; exit 0 or 1."""
+    from .api import CaseResult
     from .report import render, verdict
 
-    to_stdout = json_path is not None and str(json_path) == "-"
+    to_stdout = out["json_path"] is not None and str(out["json_path"]) == "-"
     console = stderr if to_stdout else stdout
-    console.print(verdict(report) if quiet else render(report, header))
-    if json_path is not None:
-        from . import arrays
-        from .report import to_json
+    console.print(verdict(report) if out["quiet"] else render(report, header))
+    json_text = report.to_json(**context) if out["json_path"] is not None else ""
+    results = [CaseResult(name, report, None)]
+    _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout)
 
-        text = to_json(report, **context)
-        if to_stdout:
-            typer.echo(text, nl=False)
-        else:
-            try:
-                arrays.write_text(json_path, text)
-            except LincheckError as exc:
-                raise _fail(str(exc)) from None
-    raise typer.Exit(code=0 if report.passed else 1)
+
+def _emit_many(results, header, out: dict, context: dict) -> None:
+    """Several cases: one summary table, details of the failures, reports for CI; exit."""
+    from .api import Sweep
+    from .report import render_cases, verdict_cases
+
+    to_stdout = out["json_path"] is not None and str(out["json_path"]) == "-"
+    console = stderr if to_stdout else stdout
+    console.print(verdict_cases(results) if out["quiet"] else render_cases(results, header))
+    json_text = Sweep(tuple(results)).to_json(**context) if out["json_path"] is not None else ""
+    _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout)
+
+
+def _load_callable(spec: str, option: str):
+    """Import ``package.module:function`` (the current folder importable), or exit 2."""
+    import importlib
+    import sys
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise _fail(f"{option} {spec}: expected package.module:function")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module failed to import: say so in one line
+        message = f"{option} {spec}: cannot import {module_name}: {type(exc).__name__}: {exc}"
+        raise _fail(message) from None
+    fn = module
+    for part in attribute.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise _fail(f"{option} {spec}: {module_name} has no {attribute}")
+    if not callable(fn):
+        raise _fail(f"{option} {spec}: {attribute} is not callable")
+    return fn
 
 
 SizeN = Annotated[int, typer.Option("--n", min=1, help="Batch size N.")]
@@ -183,6 +244,31 @@ SizeOut = Annotated[int, typer.Option("--dout", min=1, help="Output features D_o
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Seed of the random arrays.")]
 DTypeOption = Annotated[
     DType, typer.Option("--dtype", help="dtype of the arrays and of the analytic computation.")
+]
+DTypesOption = Annotated[
+    list[DType] | None,
+    typer.Option(
+        "--dtype",
+        help="dtype of the arrays and of the computed gradients (repeat for several; "
+        "default float64, with --impl float64 and float32).",
+        show_default=False,
+    ),
+]
+JunitOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--junit",
+        help="Also write a JUnit XML report (one test case per tensor per case) to this file.",
+        metavar="PATH",
+    ),
+]
+GithubOption = Annotated[
+    bool,
+    typer.Option(
+        "--github",
+        help="Print GitHub Actions error annotations for failures (on by default when "
+        "GITHUB_ACTIONS=true).",
+    ),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Replace existing .npy files.")]
 MethodOption = Annotated[
@@ -238,18 +324,41 @@ Quiet = Annotated[
 
 
 @app.command(
-    epilog=EXIT_CODES + "\nExample: lincheck run --n 32 --din 64 --dout 16 --dtype float32"
+    epilog=EXIT_CODES
+    + "\nExample: lincheck run --n 32 --din 64 --dout 16 --dtype float32"
+    + "\nExample: lincheck run --impl mypkg.layers:linear_backward --junit report.xml"
 )
 def run(
     n: SizeN = 32,
     din: SizeIn = 64,
     dout: SizeOut = 16,
     seed: Seed = 0,
-    dtype: DTypeOption = DType.float64,
+    dtype: DTypesOption = None,
     no_bias: Annotated[
         bool, typer.Option("--no-bias", help="A layer without bias (no B, no dB).")
     ] = False,
+    impl: Annotated[
+        str | None,
+        typer.Option(
+            "--impl",
+            help="Check your backward instead: package.module:function, called as "
+            "fn(X, W, B, dY) -> (dX, dW, dB) (B and dB None without bias), on the requested "
+            "shape, N=1, D_in=1, D_out=1, swapped sizes, leading batch dimensions and no bias, "
+            "in each --dtype.",
+            metavar="MODULE:FUNCTION",
+        ),
+    ] = None,
+    forward: Annotated[
+        str | None,
+        typer.Option(
+            "--forward",
+            help="Also check your forward, fn(X, W, B) -> Y, against X Wᵀ + B on the same cases.",
+            metavar="MODULE:FUNCTION",
+        ),
+    ] = None,
     json_path: JsonOption = None,
+    junit: JunitOption = None,
+    github: GithubOption = False,
     method: MethodOption = Method.central,
     mode: ModeOption = Mode.auto,
     samples: Samples = 64,
@@ -266,64 +375,120 @@ def run(
             metavar="DIR",
         ),
     ] = None,
+    save_failures: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-failures",
+            help="With --impl/--forward: write each failing case to DIR/<case>/ as .npy files "
+            "that 'lincheck verify' reproduces.",
+            metavar="DIR",
+        ),
+    ] = None,
     force: Force = False,
 ) -> None:
     """Generate a random layer, compute its gradients analytically in --dtype, and check
     every entry against a numerical witness from L = Σ G ⊙ Y (float64), within
-    rounding-error bounds derived for --dtype."""
+    rounding-error bounds derived for --dtype. With --impl, check your own backward."""
     import numpy as np
 
-    from . import checks
+    from . import api, checks
 
-    data = checks.random_inputs(np.random.default_rng(seed), n, din, dout, dtype.value, not no_bias)
-    grads = checks.analytic_gradients(data)
-    if save is not None:
-        from . import arrays  # only the file layer touches files; import it only to write
-
-        try:
-            arrays.save(save, {**data, **grads}, force=force)
-        except LincheckError as exc:
-            raise _fail(str(exc)) from None
-    bar = _ProgressBar(not quiet)
-    try:
-        report = checks.check(
-            *(data.get(k) for k in ("X", "W", "B", "dY")),
-            **grads,
-            against="witness",
-            subject="analytic",
-            **_options(method, mode, samples, directions, seed, budget, atol, rtol),
-            progress=bar,
+    options = _options(method, mode, samples, directions, seed, budget, atol, rtol)
+    out = dict(json_path=json_path, junit=junit, github=github, quiet=quiet)
+    if impl or forward:
+        dtypes = [d.value for d in dtype] if dtype else ["float64", "float32"]
+        fn = _load_callable(impl, "--impl") if impl else None
+        fwd = _load_callable(forward, "--forward") if forward else None
+        cases = api.sweep(n, din, dout, dtypes, seed)
+        if no_bias:
+            cases = [c for c in cases if not c.bias]
+        results = [api.run_case(case, fn, fwd, **options) for case in cases]
+        if save_failures is not None:
+            _save_failures(save_failures, results, force)
+        what = " and ".join(x for x in (impl, forward) if x)
+        header = (
+            f"[bold]lincheck run[/] {what}: {len(cases)} cases "
+            f"({', '.join(dtypes)}; N={n} D_in={din} D_out={dout} and edges), seed {seed}"
         )
-    finally:
-        bar.close()
+        context = {"command": "run", "impl": impl, "forward": forward, "seed": seed}
+        _emit_many(results, header, out, context)
+    if save_failures is not None:
+        raise _fail("--save-failures needs --impl or --forward")
+    dtypes = [d.value for d in dtype] if dtype else ["float64"]
+    if save is not None and len(dtypes) > 1:
+        raise _fail("--save takes a single --dtype")
+    results = []
+    for value in dtypes:
+        data = checks.random_inputs(np.random.default_rng(seed), n, din, dout, value, not no_bias)
+        grads = checks.analytic_gradients(data)
+        if save is not None:
+            from . import arrays  # only the file layer touches files; import it only to write
+
+            try:
+                arrays.save(save, {**data, **grads}, force=force)
+            except LincheckError as exc:
+                raise _fail(str(exc)) from None
+        bar = _ProgressBar(not quiet)
+        try:
+            report = checks.check(
+                *(data.get(k) for k in ("X", "W", "B", "dY")),
+                **grads,
+                against="witness",
+                subject="analytic",
+                **options,
+                progress=bar,
+            )
+        finally:
+            bar.close()
+        results.append(api.CaseResult(f"{value} N={n} D_in={din} D_out={dout}", report, None))
     bias = "without bias" if no_bias else "with bias"
     header = (
-        f"[bold]lincheck run[/]  N={n} D_in={din} D_out={dout}, {dtype.value}, {bias}, "
+        f"[bold]lincheck run[/]  N={n} D_in={din} D_out={dout}, {', '.join(dtypes)}, {bias}, "
         f"seed {seed}\n"
         f"[dim]reproduce: lincheck run --n {n} --din {din} --dout {dout} --seed {seed} "
-        f"--dtype {dtype.value}{' --no-bias' if no_bias else ''}[/]"
+        + " ".join(f"--dtype {d}" for d in dtypes)
+        + f"{' --no-bias' if no_bias else ''}[/]"
     )
-    context = {"command": "run", "seed": seed, "dtype": dtype.value}
-    _emit(report, header, json_path, context, quiet)
+    if len(results) == 1:
+        context = {"command": "run", "seed": seed, "dtype": dtypes[0]}
+        _emit(results[0].report, header, results[0].name, out, context)
+    _emit_many(results, header, out, {"command": "run", "seed": seed, "dtypes": dtypes})
+
+
+def _save_failures(folder: Path, results, force: bool) -> None:
+    """Write each failing case's inputs and the user's outputs to folder/<case>/."""
+    from . import arrays
+
+    for result in results:
+        if result.passed:
+            continue
+        try:
+            arrays.save(folder / result.case.slug, dict(result.arrays), force=force)
+        except LincheckError as exc:
+            raise _fail(str(exc)) from None
 
 
 @app.command(
     epilog=EXIT_CODES
     + "\nExample: lincheck verify dump/ --json report.json"
     + "   (dump/ holds X.npy W.npy B.npy dY.npy dW.npy …)"
+    + "\nExample: lincheck verify model_dump/ --junit report.xml   (one folder per layer)"
 )
 def verify(
-    path: Annotated[
-        Path,
+    paths: Annotated[
+        list[Path],
         typer.Argument(
-            help="A folder of .npy files or one .npz file. Names (case-insensitive): "
-            "X, W, dY required; B optional; dX, dW, dB, Y are the gradients (and "
-            "forward output) to check.",
+            help="Folders of .npy files or .npz files, one case each; a folder that holds "
+            "only case folders (or .npz files) stands for all of them. Names "
+            "(case-insensitive): X, W, dY required; B optional; dX, dW, dB, Y are the "
+            "gradients (and forward output) to check.",
             show_default=False,
-            metavar="PATH",
+            metavar="PATH...",
         ),
     ],
     json_path: JsonOption = None,
+    junit: JunitOption = None,
+    github: GithubOption = False,
     precision: Annotated[
         PrecisionChoice | None,
         typer.Option(
@@ -345,15 +510,49 @@ def verify(
     budget: Budget = 10.0,
     atol: Atol = None,
     rtol: Rtol = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="Worker processes for several cases (default: the number of cores).",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Check gradients your code produced (dX, dW, dB, Y) against the float64 analytic
     reference, which is itself checked against a numerical witness; with no gradients
     given, check the analytic formulas on your X, W, B, dY. Each entry's tolerance is
-    derived from the arithmetic (--precision), not set by hand."""
-    from . import arrays, checks
+    derived from the arithmetic (--precision), not set by hand. Several cases (one per
+    layer of a model, say) are checked in parallel and summarized in one table."""
+    from . import arrays
 
-    bar = _ProgressBar(not quiet)
+    options = dict(
+        precision=None if precision is None else precision.value,
+        **_options(method, mode, samples, directions, seed, budget, atol, rtol),
+    )
+    out = dict(json_path=json_path, junit=junit, github=github, quiet=quiet)
+    cases = [case for path in paths for case in arrays.cases(path)]
+    if len(cases) == 1:
+        _verify_one_path(cases[0], options, out)
+    workers = min(jobs or os.cpu_count() or 1, len(cases))
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_verify_case, cases, [options] * len(cases)))
+    else:
+        results = [_verify_case(case, options) for case in cases]
+    header = f"[bold]lincheck verify[/] {len(cases)} cases"
+    _emit_many(results, header, out, {"command": "verify", "paths": [str(p) for p in cases]})
+
+
+def _verify_case(path: Path, options: dict):
+    """Check one dump (in a worker process): its result, or the bad input that stopped it."""
+    from . import api, arrays, checks
+
     try:
         loaded = arrays.load(path)
         a = loaded.arrays
@@ -363,8 +562,29 @@ def verify(
             a.get("B"),
             a["dY"],
             **{name: a[name] for name in checks.SUBJECT_NAMES if name in a},
-            precision=None if precision is None else precision.value,
-            **_options(method, mode, samples, directions, seed, budget, atol, rtol),
+            **options,
+            sources=loaded.sources,
+        )
+    except LincheckError as exc:
+        return api.CaseResult(str(path), None, str(exc), bad_input=True)
+    return api.CaseResult(str(path), report, None)
+
+
+def _verify_one_path(path: Path, options: dict, out: dict) -> None:
+    """One dump: its full tables, as before several cases existed."""
+    from . import arrays, checks
+
+    bar = _ProgressBar(not out["quiet"])
+    try:
+        loaded = arrays.load(path)
+        a = loaded.arrays
+        report = checks.check(
+            a["X"],
+            a["W"],
+            a.get("B"),
+            a["dY"],
+            **{name: a[name] for name in checks.SUBJECT_NAMES if name in a},
+            **options,
             sources=loaded.sources,
             progress=bar,
         )
@@ -382,7 +602,7 @@ def verify(
         f"{'with' if layer.bias else 'without'} bias\n[dim]{shapes}[/]"
     )
     context = {"command": "verify", "path": str(path), "sources": dict(loaded.sources)}
-    _emit(report, header, json_path, context, quiet)
+    _emit(report, header, str(path), out, context)
 
 
 @app.command(

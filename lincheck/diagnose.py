@@ -180,7 +180,7 @@ def explain(case: Case, lower: Hint | None = None) -> list[Hint]:
     shape2d = L.shape(tensor)
     if tuple(s.shape) != tuple(case.expected_shape):
         hint = _shape_hint(case)
-        return [hint] if hint is not None else [_unexplained(tensor, "its shape")]
+        return [hint] if hint is not None else [_unexplained(tensor, "shape")]
     values = np.asarray(s, dtype=np.float64).reshape(shape2d)
     M, S = L.magnitude(tensor)
     k = L.inner(tensor)
@@ -193,7 +193,7 @@ def explain(case: Case, lower: Hint | None = None) -> list[Hint]:
     if lower is not None:
         return [lower]
     hint = _localized(case, np.abs(values - reference), own + ref_bound)
-    return [hint] if hint is not None else [_unexplained(tensor, "its values")]
+    return [hint] if hint is not None else [_unexplained(tensor, "values")]
 
 
 def _how(ratio: float) -> str:
@@ -383,7 +383,7 @@ def _localized(case: Case, err: np.ndarray, tol: np.ndarray) -> Hint | None:
         return None
     tensor = case.tensor
     bad = np.flatnonzero(excess)
-    if bad.size <= 5:
+    if bad.size <= min(5, excess.size // 4):
         shape = tuple(case.expected_shape)
         where = [[int(i) for i in np.unravel_index(f, shape)] for f in bad]
         return Hint(
@@ -428,7 +428,7 @@ def _unexplained(tensor: str, what: str) -> Hint:
     return Hint(
         "unexplained",
         tensor,
-        f"No common mistake explains {what} (tried: a flipped sign, a mean for a sum, a "
+        f"No common mistake explains {tensor}'s {what} (tried: a flipped sign, a mean for a sum, a "
         "transpose, a wrong operand, a constant factor, a lower precision, errors in a few "
         "rows or columns): compare your formula with the one above, index by index.",
     )

@@ -232,3 +232,66 @@ def to_text(report: Report, header: RenderableType | None = None, width: int = 1
     console = Console(file=StringIO(), width=width, color_system=None, highlight=False)
     console.print(render(report, header))
     return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
+
+
+def _case_failures(result) -> str:
+    if result.error is not None:
+        return result.error.splitlines()[0]
+    parts = []
+    for c in result.report.failed:
+        codes = [h.code for h in result.report.hints if h.tensor == c.tensor]
+        parts.append(c.tensor + (f" ({', '.join(codes)})" if codes else ""))
+    return ", ".join(parts)
+
+
+def cases_table(results) -> Table:
+    """One row per case: how many checks passed, the verdict, what failed and why."""
+    table = _table(f"{len(results)} cases")
+    table.add_column("Case", overflow="fold")
+    table.add_column("Checks", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True, min_width=4)
+    table.add_column("Failed (hints)", overflow="fold")
+    for r in results:
+        if r.report is None:
+            checks = "—"
+            mark = Text("BAD" if r.bad_input else "ERROR", style="bold red")
+        else:
+            n = len(r.report.checks)
+            checks = f"{n - len(r.report.failed)}/{n}"
+            mark = Text("PASS", style="bold green") if r.passed else Text("FAIL", style="bold red")
+        table.add_row(r.name, checks, mark, _case_failures(r))
+    return table
+
+
+def verdict_cases(results) -> Text:
+    failed = [r for r in results if not r.passed]
+    if not failed:
+        return Text.assemble(("PASS", "bold green"), f"  all {len(results)} cases passed")
+    names = ", ".join(r.name for r in failed)
+    return Text.assemble(
+        ("FAIL", "bold red"), f"  {len(failed)} of {len(results)} cases failed: {names}"
+    )
+
+
+def render_cases(results, header: RenderableType | None = None) -> Group:
+    """A summary table of all cases, then the failures: the first in full, the rest briefly."""
+    from rich.rule import Rule
+
+    parts: list[RenderableType] = [] if header is None else [header]
+    parts += [cases_table(results), Text("")]
+    shown_in_full = False
+    for r in results:
+        if r.passed:
+            continue
+        parts.append(Rule(r.name, align="left"))
+        if r.report is None:
+            kind = "bad input" if r.bad_input else "error"
+            parts.append(Text(f"{kind}: {r.error}", style="red"))
+        elif not shown_in_full:
+            parts.append(render(r.report))
+            shown_in_full = True
+        else:
+            parts.append(problems(r.report))
+        parts.append(Text(""))
+    parts.append(verdict_cases(results))
+    return Group(*parts)
