@@ -1,0 +1,393 @@
+"""lincheck as a CI assertion: the Python API, --impl sweeps, many cases, JUnit and annotations."""
+
+import json
+import re
+import uuid
+from xml.etree import ElementTree as ET
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import lincheck
+from lincheck.api import reference_backward, sweep
+from lincheck.cli import app
+
+runner = CliRunner()
+
+IMPLEMENTATIONS = """
+import numpy as np
+
+def _flat(X, dY):
+    return X.reshape(-1, X.shape[-1]), dY.reshape(-1, dY.shape[-1])
+
+def correct(X, W, B, dY):
+    X2, G = _flat(X, dY)
+    return dY @ W, G.T @ X2, None if B is None else G.sum(0)
+
+def transposed_dW(X, W, B, dY):
+    X2, G = _flat(X, dY)
+    return dY @ W, X2.T @ G, None if B is None else G.sum(0)
+
+def mean_dB(X, W, B, dY):
+    X2, G = _flat(X, dY)
+    return dY @ W, G.T @ X2, None if B is None else G.mean(0)
+
+def wrong_when_one_sample(X, W, B, dY):
+    X2, G = _flat(X, dY)
+    dW = G.T @ X2 if G.shape[0] > 1 else np.zeros_like(W)
+    return dY @ W, dW, None if B is None else G.sum(0)
+
+def wrong_with_leading_dims(X, W, B, dY):
+    if X.ndim > 2:  # keeps only the first batch slice
+        X, dY = X[0], dY[0]
+    return dY @ W, dY.T @ X, None if B is None else dY.sum(0)
+
+def raises(X, W, B, dY):
+    raise RuntimeError("shapes not aligned")
+
+def two_values(X, W, B, dY):
+    return dY @ W, dY.T @ X
+
+def forward(X, W, B):
+    return X @ W.T + (0 if B is None else B)
+
+def forward_without_bias(X, W, B):
+    return X @ W.T
+"""
+
+
+@pytest.fixture
+def impl(tmp_path, monkeypatch):
+    """A user module of backward implementations, importable from the current folder."""
+    name = f"impl_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(IMPLEMENTATIONS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def cases_of(result):
+    return {c["case"]: c for c in json.loads(result.stdout)["cases"]}
+
+
+# --- the Python API ---------------------------------------------------------
+
+
+def test_api_and_cli_agree(tmp_path, rng):
+    X, W, B, G = (rng.standard_normal(s) for s in ((6, 4), (3, 4), (3,), (6, 3)))
+    grads = {"dX": G @ W, "dW": (G.T @ X).T.copy().T * 1.0, "dB": G.mean(0)}
+    for name, a in {"X": X, "W": W, "B": B, "dY": G, **grads}.items():
+        np.save(tmp_path / f"{name}.npy", a)
+    result = invoke("verify", tmp_path, "--json", "-")
+    assert result.exit_code == 1
+    from_cli = json.loads(result.stdout)
+    from_api = json.loads(lincheck.check(X, W, B, G, **grads).to_json())
+    assert from_cli["checks"] == from_api["checks"] and from_cli["hints"] == from_api["hints"]
+    assert from_cli["passed"] is from_api["passed"] is False
+
+
+def test_assert_gradients_message_is_the_readable_report(rng):
+    X, W, B, G = (rng.standard_normal(s) for s in ((6, 4), (3, 4), (3,), (6, 3)))
+    lincheck.assert_gradients(X, W, B, G, dX=G @ W, dW=G.T @ X, dB=G.sum(0))
+    with pytest.raises(AssertionError) as info:
+        lincheck.assert_gradients(X, W, B, G, dX=G @ W, dW=G.T @ X, dB=G.mean(0))
+    message = str(info.value)
+    assert message.startswith("lincheck: 1 of 6 checks failed: dB (supplied)\n")
+    assert "Your gradients (fp64) vs the float64 analytic reference" in message
+    assert re.search(r"dB\s+3\s+.*FAIL", message)  # the row of the failing tensor
+    assert "hint [mean_instead_of_sum] dB = dY.mean(0)" in " ".join(message.split())
+    assert "\x1b[" not in message  # plain text, no colour codes
+
+
+def test_arrays_from_dlpack_and_array_protocol_without_importing_their_library(rng):
+    X, W, B, G = (rng.standard_normal(s) for s in ((6, 4), (3, 4), (3,), (6, 3)))
+
+    class OnlyDLPack:  # like a tensor of another library: only the protocol
+        def __init__(self, a):
+            self._a = a
+
+        def __dlpack__(self, **kwargs):
+            return self._a.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self._a.__dlpack_device__()
+
+    class OnlyArray:
+        def __init__(self, a):
+            self._a = a
+
+        def __array__(self, dtype=None, copy=None):
+            return self._a
+
+    report = lincheck.check(
+        OnlyDLPack(X), OnlyArray(W), B, OnlyDLPack(G), dX=OnlyArray(G @ W), dW=OnlyDLPack(G.T @ X)
+    )
+    assert report.passed
+
+
+def test_check_backward_sweep_names_the_failing_cases(rng):
+    assert lincheck.check_backward(reference_backward, N=6, D_in=4, D_out=3).passed
+    names = [c.name for c in sweep(6, 4, 3, ["float32"])]
+    assert names == [
+        "float32 N=6 D_in=4 D_out=3",
+        "float32 N=1 D_in=4 D_out=3",
+        "float32 N=6 D_in=1 D_out=3",
+        "float32 N=6 D_in=4 D_out=1",
+        "float32 N=6 D_in=3 D_out=4",
+        "float32 X (2, 3, 4) D_out=3",
+        "float32 N=6 D_in=4 D_out=3 no bias",
+    ]
+
+    def raises(X, W, B, dY):
+        raise ValueError("boom")
+
+    result = lincheck.check_backward(raises, N=4, D_in=3, D_out=2, dtypes=["float64"])
+    assert not result.passed
+    assert all(
+        r.error == "test_check_backward_sweep_names_the_failing_cases.<locals>.raises "
+        "raised ValueError: boom"
+        for r in result.results
+    )
+
+
+# --- run --impl ----------------------------------------------------------------
+
+
+def test_impl_correct_passes(impl):
+    result = invoke(
+        "run",
+        "--impl",
+        f"{impl}:correct",
+        "--forward",
+        f"{impl}:forward",
+        "--n",
+        6,
+        "--din",
+        4,
+        "--dout",
+        3,
+        "--json",
+        "-",
+    )
+    assert result.exit_code == 0, result.output
+    cases = cases_of(result)
+    assert len(cases) == 14 and all(c["passed"] for c in cases.values())
+    assert {"Y"} < {c["tensor"] for c in json.loads(result.stdout)["checks"]}
+
+
+@pytest.mark.parametrize(
+    "function, failing, tensor",
+    [
+        ("transposed_dW", None, "dW"),
+        ("mean_dB", None, "dB"),
+        (
+            "wrong_when_one_sample",
+            {"float64 N=1 D_in=4 D_out=3", "float32 N=1 D_in=4 D_out=3"},
+            "dW",
+        ),
+        (
+            "wrong_with_leading_dims",
+            {"float64 X (2, 3, 4) D_out=3", "float32 X (2, 3, 4) D_out=3"},
+            "dX",
+        ),
+    ],
+)
+def test_impl_planted_bugs_fail_and_save_reproducible_cases(
+    impl, tmp_path, function, failing, tensor
+):
+    saved = tmp_path / "failures"
+    result = invoke(
+        "run",
+        "--impl",
+        f"{impl}:{function}",
+        "--n",
+        6,
+        "--din",
+        4,
+        "--dout",
+        3,
+        "--save-failures",
+        saved,
+        "--json",
+        "-",
+    )
+    assert result.exit_code == 1, result.output
+    cases = cases_of(result)
+    failed = {name for name, c in cases.items() if not c["passed"]}
+    if failing is not None:
+        assert failed == failing
+    assert failed
+    assert f"FAIL {len(failed)} of 14 cases failed" in " ".join(result.stderr.split())
+    for name in failed:
+        case_tensors = {c["tensor"] for c in cases[name]["report"]["checks"] if not c["passed"]}
+        assert tensor in case_tensors
+        folder = saved / re.sub(r"[^A-Za-z0-9=._-]+", "_", name).strip("_")
+        again = invoke("verify", folder, "--json", "-")
+        assert again.exit_code == 1, again.output
+        verify_tensors = {
+            c["tensor"] for c in json.loads(again.stdout)["checks"] if not c["passed"]
+        }
+        assert verify_tensors == case_tensors  # reproduces the same failure
+
+
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        ("raises", "raises raised RuntimeError: shapes not aligned"),
+        ("two_values", "two_values returned 2 instead of (dX, dW, dB)"),
+    ],
+)
+def test_impl_errors_are_failed_cases_not_tracebacks(impl, function, message):
+    result = invoke(
+        "run",
+        "--impl",
+        f"{impl}:{function}",
+        "--n",
+        4,
+        "--din",
+        3,
+        "--dout",
+        2,
+        "--dtype",
+        "float64",
+        "--json",
+        "-",
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    cases = cases_of(result)
+    assert len(cases) == 7 and all(c["error"] == message for c in cases.values())
+
+
+def test_forward_without_bias_is_caught(impl):
+    result = invoke(
+        "run",
+        "--forward",
+        f"{impl}:forward_without_bias",
+        "--n",
+        4,
+        "--din",
+        3,
+        "--dout",
+        2,
+        "--dtype",
+        "float64",
+        "--json",
+        "-",
+    )
+    assert result.exit_code == 1
+    cases = cases_of(result)
+    assert not cases["float64 N=4 D_in=3 D_out=2"]["passed"]
+    assert cases["float64 N=4 D_in=3 D_out=2 no bias"]["passed"]
+
+
+@pytest.mark.parametrize("spec", ["nomodule_xyz:fn", "json:nothing_here", "justaname"])
+def test_bad_impl_spec_exits_2(impl, spec):
+    result = invoke("run", "--impl", spec)
+    assert result.exit_code == 2 and result.stderr.startswith("lincheck: error: --impl")
+
+
+# --- many cases ------------------------------------------------------------------
+
+
+def _dump(folder, rng, bug=None):
+    folder.mkdir(parents=True)
+    X, W, B, G = (rng.standard_normal(s) for s in ((5, 4), (3, 4), (3,), (5, 3)))
+    grads = {"dX": G @ W, "dW": G.T @ X, "dB": G.sum(0)}
+    if bug == "mean":
+        grads["dB"] = G.mean(0)
+    for name, a in {"X": X, "W": W, "B": B, "dY": G, **grads}.items():
+        np.save(folder / f"{name}.npy", a)
+
+
+def test_verify_a_model_dump_of_many_layers_in_parallel(tmp_path, rng):
+    model = tmp_path / "model"
+    for i in range(4):
+        _dump(model / f"layer{i}", rng, bug="mean" if i == 2 else None)
+    np.savez(model / "head.npz", X=np.ones((2, 3)), W=np.ones((1, 3)), dY=np.ones((2, 1)))
+    result = invoke("verify", model, "--jobs", 2, "--json", "-", "--junit", tmp_path / "j.xml")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    cases = {c["case"]: c for c in report["cases"]}
+    assert sorted(cases) == sorted(
+        str(model / n) for n in ["head.npz", "layer0", "layer1", "layer2", "layer3"]
+    )
+    assert [n for n, c in cases.items() if not c["passed"]] == [str(model / "layer2")]
+    assert {(h["case"], h["code"]) for h in report["hints"]} == {
+        (str(model / "layer2"), "mean_instead_of_sum")
+    }
+    text = " ".join(result.stderr.split())
+    assert "5 cases" in text and "layer2" in text and "dB (mean_instead_of_sum)" in text
+    assert text.endswith(f"FAIL 1 of 5 cases failed: {model / 'layer2'}")
+    suite = ET.parse(tmp_path / "j.xml").getroot().find("testsuite")
+    assert suite.get("tests") == str(4 * 6 + 2) and suite.get("failures") == "1"
+
+
+def test_verify_several_paths_and_bad_input_in_one(tmp_path, rng):
+    _dump(tmp_path / "a", rng)
+    _dump(tmp_path / "b", rng)
+    (tmp_path / "b" / "W.npy").write_bytes(b"junk")
+    result = invoke("verify", tmp_path / "a", tmp_path / "b", "--jobs", 1, "--json", "-")
+    assert result.exit_code == 2  # bad input decides the exit code
+    cases = cases_of(result)
+    assert cases[str(tmp_path / "a")]["passed"] is True
+    assert "not a valid .npy file" in cases[str(tmp_path / "b")]["error"]
+
+
+# --- JUnit and GitHub ------------------------------------------------------------
+
+
+def test_junit_counts_and_github_annotations(tmp_path, rng):
+    _dump(tmp_path / "c", rng, bug="mean")
+    junit = tmp_path / "report.xml"
+    junit.write_text("stale")
+    result = runner.invoke(
+        app, ["verify", str(tmp_path / "c"), "--junit", str(junit)], env={"GITHUB_ACTIONS": "true"}
+    )
+    assert result.exit_code == 1
+    root = ET.parse(junit).getroot()
+    assert root.tag == "testsuites" and root.get("tests") == "6" and root.get("failures") == "1"
+    suite = root.find("testsuite")
+    (failed,) = [t for t in suite.findall("testcase") if t.find("failure") is not None]
+    assert failed.get("name") == "dB (supplied vs reference)"
+    assert "mean_instead_of_sum" in failed.find("failure").text
+    lines = [line for line in result.stdout.splitlines() if line.startswith("::")]
+    assert len(lines) == 1
+    assert re.fullmatch(r"::error title=[^:,\n]+::[^\n]+", lines[0]), lines[0]
+    assert "%0A" in lines[0]  # multi-line message escaped as GitHub requires
+    quiet = invoke("verify", tmp_path / "c", "--quiet")
+    assert quiet.stdout == "FAIL  1 of 6 checks failed: dB (supplied)\n"
+
+
+def test_junit_marks_errors(impl, tmp_path):
+    junit = tmp_path / "j.xml"
+    result = invoke(
+        "run",
+        "--impl",
+        f"{impl}:raises",
+        "--n",
+        4,
+        "--din",
+        3,
+        "--dout",
+        2,
+        "--dtype",
+        "float64",
+        "--junit",
+        junit,
+        "--github",
+    )
+    assert result.exit_code == 1
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("tests") == "7" and suite.get("errors") == "7"
+    assert (
+        sum(
+            line.startswith("::error title=lincheck float64 ")
+            for line in result.stdout.splitlines()
+        )
+        == 7
+    )
