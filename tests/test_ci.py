@@ -391,3 +391,24 @@ def test_junit_marks_errors(impl, tmp_path):
         )
         == 7
     )
+
+
+def test_run_in_several_dtypes_is_one_case_each():
+    result = invoke(
+        "run",
+        "--n",
+        6,
+        "--din",
+        4,
+        "--dout",
+        3,
+        "--dtype",
+        "float64",
+        "--dtype",
+        "float16",
+        "--json",
+        "-",
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(cases_of(result)) == ["float16 N=6 D_in=4 D_out=3", "float64 N=6 D_in=4 D_out=3"]
+    assert invoke("run", "--dtype", "float64", "--dtype", "float32", "--save", "x").exit_code == 2
