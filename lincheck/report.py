@@ -113,10 +113,11 @@ def _table(title: str) -> Table:
     )
 
 
-def summary_tables(report: Report) -> list[Table]:
+def summary_tables(report: Report, only_failed: bool = False) -> list[Table]:
     """One table per (subject, oracle) pair: a row per tensor with its verdict."""
     tables = []
-    for _, group in groupby(report.checks, key=lambda c: (c.subject, c.oracle, c.mode)):
+    shown = report.failed if only_failed else report.checks
+    for _, group in groupby(shown, key=lambda c: (c.subject, c.oracle, c.mode)):
         checks = list(group)
         table = _table(_title(checks[0], report))
         table.caption = _caption(checks)
@@ -274,7 +275,8 @@ def verdict_cases(results) -> Text:
 
 
 def render_cases(results, header: RenderableType | None = None) -> Group:
-    """A summary table of all cases, then the failures: the first in full, the rest briefly."""
+    """A summary table of all cases, then each failure: the first in full, the rest with
+    only their failed rows, problems and hints."""
     from rich.rule import Rule
 
     parts: list[RenderableType] = [] if header is None else [header]
@@ -290,7 +292,9 @@ def render_cases(results, header: RenderableType | None = None) -> Group:
         elif not shown_in_full:
             parts.append(render(r.report))
             shown_in_full = True
-        else:
+        else:  # the rest more briefly: the failed rows, the problems and the hints
+            for table in summary_tables(r.report, only_failed=True):
+                parts += [table, Text("")]
             parts.append(problems(r.report))
         parts.append(Text(""))
     parts.append(verdict_cases(results))
