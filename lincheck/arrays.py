@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -125,8 +126,8 @@ def _load_folder(folder: Path) -> Loaded:
 def _load_npz(path: Path) -> Loaded:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable .npz (zip) file: {exc}") from None
+    except Exception as exc:  # BadZipFile, an unsupported zip version or feature, ...
+        raise InputError(f"{path}: not a readable .npz (zip) file: {_first_line(exc)}") from None
     with archive:
         members: dict[str, zipfile.ZipInfo] = {}
         sources: dict[str, str] = {}
@@ -145,8 +146,10 @@ def _load_npz(path: Path) -> Loaded:
             try:
                 with archive.open(info) as fp:
                     arrays[name] = _read_npy(fp, info.file_size, label)
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-                raise InputError(f"{label}: corrupt archive member: {exc}") from None
+            except InputError:
+                raise
+            except Exception as exc:  # a corrupt member: bad CRC, compression, zip features
+                raise InputError(f"{label}: corrupt archive member: {_first_line(exc)}") from None
     return Loaded(arrays, sources, tuple(ignored))
 
 
@@ -161,14 +164,18 @@ def _read_npy(fp: IO[bytes], size: int, label: str) -> np.ndarray:
     pages are read as the check needs them and never copied.
     """
     try:
-        version = npy_format.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran, dtype = npy_format.read_array_header_1_0(fp)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = npy_format.read_array_header_2_0(fp)
-        else:
-            raise ValueError(f"unsupported .npy format version {version}")
-    except (ValueError, EOFError, SyntaxError, TypeError) as exc:
+        # The header is a Python literal that NumPy parses with ast.literal_eval (no code
+        # runs); a mangled one can fail in the tokenizer too, and may warn on the way.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            version = npy_format.read_magic(fp)
+            if version == (1, 0):
+                shape, fortran, dtype = npy_format.read_array_header_1_0(fp)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = npy_format.read_array_header_2_0(fp)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+    except Exception as exc:  # any malformed header is bad input, never a traceback
         raise InputError(f"{label}: not a valid .npy file ({_first_line(exc)})") from None
     if dtype.hasobject:
         raise InputError(
