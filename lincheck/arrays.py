@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import uuid
 import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -276,37 +277,74 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def _atomic_write(target: Path, write, *, replace: bool) -> None:
-    """Write through a temporary file in the same folder, then rename (or link) it into place.
+    """Write ``target`` so that it appears whole or not at all.
 
-    ``os.replace`` on a symlink replaces the link, never the file it points
-    to. Without ``replace``, ``os.link`` refuses an existing target
-    atomically, so a file that appeared since the check is not clobbered.
+    The data goes to an unnamed file in the target's folder (``O_TMPFILE``),
+    is flushed to disk, and only then is given its name: with ``os.link``,
+    which refuses an existing file, or, to replace one, under a temporary
+    name and then ``os.replace``, which swaps in a symlink's place rather than
+    writing through it. A process killed while writing leaves nothing behind.
+    Where unnamed files are not available, a named temporary file in the same
+    folder plays their part (a kill then can leave that temporary file, never
+    a partial target).
     """
+    folder = target.parent
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        fd, named = _open_temporary(folder, target.name)
     except OSError as exc:
         raise InputError(f"{target}: cannot write: {exc.strerror or exc}") from None
     try:
-        with os.fdopen(fd, "wb") as fp:
+        with os.fdopen(fd, "wb", closefd=False) as fp:
             write(fp)
             fp.flush()
-            os.fsync(fp.fileno())
-        if replace:
-            os.replace(tmp, target)
+            os.fsync(fd)
+        if named is None:
+            if replace:
+                staged = folder / f".{target.name}.{uuid.uuid4().hex}.tmp"
+                _link_open_file(fd, staged)
+                os.replace(staged, target)
+            else:
+                _link_open_file(fd, target)
+        elif replace:
+            os.replace(named, target)
         else:
             try:
-                os.link(tmp, target)
+                os.link(named, target)
             except FileExistsError:
-                raise InputError(f"{target}: already exists; not replaced (use --force)") from None
-            except OSError:
-                # A file system without hard links: check, then rename.
+                raise
+            except OSError:  # a file system without hard links: check, then rename
                 if target.exists() or target.is_symlink():
-                    raise InputError(
-                        f"{target}: already exists; not replaced (use --force)"
-                    ) from None
-                os.replace(tmp, target)
+                    raise FileExistsError(target) from None
+                os.replace(named, target)
+    except FileExistsError:
+        raise InputError(f"{target}: already exists; not replaced (use --force)") from None
     except OSError as exc:
         raise InputError(f"{target}: cannot write: {exc.strerror or exc}") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        os.close(fd)
+        if named is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(named)
+
+
+def _open_temporary(folder: Path, name: str) -> tuple[int, Path | None]:
+    """An unnamed file in ``folder`` (and None), or a named temporary one and its path."""
+    if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
+        try:
+            return os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o666), None
+        except OSError:
+            pass  # not supported by this file system
+    fd, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # as an ordinary new file would be, not mkstemp's 0600
+    return fd, Path(path)
+
+
+def _link_open_file(fd: int, target: Path) -> None:
+    """Give the unnamed file open as ``fd`` the name ``target`` (linkat, following /proc)."""
+    root = os.open("/", os.O_RDONLY)
+    try:
+        os.link(f"proc/self/fd/{fd}", target, src_dir_fd=root, follow_symlinks=True)
+    finally:
+        os.close(root)

@@ -256,3 +256,53 @@ def test_large_files_are_memory_mapped_read_only(tmp_path, rng, monkeypatch):
     y = arrays.load(folder).arrays["Y"]
     assert isinstance(y, np.memmap) and y.flags.f_contiguous
     assert np.array_equal(y, np.load(folder / "Y.npy"))
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+import numpy as np
+from lincheck import arrays
+
+def dying_write(fp, array, allow_pickle):
+    fp.write(b"\\x93NUMPY half an array")
+    fp.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+arrays.npy_format.write_array = dying_write
+arrays.save(sys.argv[1], {"X": np.ones(1000)}, force=sys.argv[2] == "force")
+"""
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_process_killed_mid_write_leaves_nothing_partial(tmp_path, force):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    if force:
+        np.save(folder / "X.npy", np.arange(3.0))
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_MID_WRITE, str(folder), "force" if force else "keep"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == -9, done.stderr  # killed while writing
+    if force:  # the old file, whole, and nothing else
+        assert [p.name for p in folder.iterdir()] == ["X.npy"]
+        assert np.array_equal(np.load(folder / "X.npy"), np.arange(3.0))
+    else:
+        assert list(folder.iterdir()) == []
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        arrays.save(tmp_path / "out", {"X": np.ones(2)})
+        arrays.write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out" / "X.npy").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
