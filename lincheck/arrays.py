@@ -48,11 +48,15 @@ class Loaded:
     ignored: tuple[str, ...]
 
 
-def load(path: str | os.PathLike) -> Loaded:
-    """Load a folder of ``.npy`` files or one ``.npz`` file.
+def load(
+    path: str | os.PathLike | None, files: Mapping[str, str | os.PathLike] | None = None
+) -> Loaded:
+    """Load a folder of ``.npy`` files or one ``.npz`` file, plus single files by name.
 
     Names are file stems or ``.npz`` keys, case-insensitive. X, W and dY are
-    required; B, dX, dW, dB and Y are optional.
+    required; B, dX, dW, dB and Y are optional. ``files`` maps array names
+    to ``.npy`` files given one by one (``--x FILE`` and the like); ``path``
+    may then be None.
 
     Raises
     ------
@@ -61,19 +65,32 @@ def load(path: str | os.PathLike) -> Loaded:
         missing, two files name one array, or a file is not a readable,
         complete ``.npy`` array of plain numbers.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    if path.is_dir():
-        loaded = _load_folder(path)
-    elif path.suffix.lower() == ".npz":
-        loaded = _load_npz(path)
+    if path is None:
+        loaded = Loaded({}, {}, ())
     else:
-        raise InputError(f"{path}: expected a folder of .npy files or one .npz file")
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
+        if path.is_dir():
+            loaded = _load_folder(path)
+        elif path.suffix.lower() == ".npz":
+            loaded = _load_npz(path)
+        else:
+            raise InputError(f"{path}: expected a folder of .npy files or one .npz file")
+    if files:
+        arrays, sources = dict(loaded.arrays), dict(loaded.sources)
+        for name, file in files.items():
+            name = _canonical(name) or name
+            _claim(sources, name, f"--{name.lower()} {file}")
+            arrays[name] = _read_file(name, Path(file))
+            sources[name] = str(file)
+        loaded = Loaded(arrays, sources, loaded.ignored)
     missing = [name for name in REQUIRED if name not in loaded.arrays]
     if missing:
+        where = path if path is not None else "the files given"
         found = ", ".join(sorted(loaded.arrays)) or "no known array"
-        raise InputError(f"{path}: missing {', '.join(missing)} (needs X, W and dY; found {found})")
+        needs = f"needs X, W and dY; found {found}"
+        raise InputError(f"{where}: missing {', '.join(missing)} ({needs})")
     return loaded
 
 
@@ -112,16 +129,20 @@ def _load_folder(folder: Path) -> Loaded:
             ignored.append(str(entry))
         else:
             _claim(files, name, str(entry))
-    arrays = {}
-    for name, source in files.items():
-        label = f"{name} ({source})"
-        try:
-            with open(source, "rb") as fp:
-                size = os.fstat(fp.fileno()).st_size
-                arrays[name] = _read_npy(fp, size, label)
-        except OSError as exc:
-            raise InputError(f"{label}: cannot read: {exc.strerror or exc}") from None
+    arrays = {name: _read_file(name, Path(source)) for name, source in files.items()}
     return Loaded(arrays, files, tuple(ignored))
+
+
+def _read_file(name: str, path: Path) -> np.ndarray:
+    """One ``.npy`` file, read or memory-mapped; errors name the array and the file."""
+    label = f"{name} ({path})"
+    if not path.exists():
+        raise InputError(f"{label}: no such file")
+    try:
+        with open(path, "rb") as fp:
+            return _read_npy(fp, os.fstat(fp.fileno()).st_size, label)
+    except OSError as exc:
+        raise InputError(f"{label}: cannot read: {exc.strerror or exc}") from None
 
 
 def _load_npz(path: Path) -> Loaded:
@@ -164,6 +185,17 @@ def _read_npy(fp: IO[bytes], size: int, label: str) -> np.ndarray:
     A large array in a real file is memory-mapped read-only instead, so its
     pages are read as the check needs them and never copied.
     """
+    if size == 0:
+        raise InputError(f"{label}: empty file")
+    start = fp.tell()
+    lead = fp.read(12)
+    if lead[:6] != npy_format.MAGIC_PREFIX:
+        raise InputError(f"{label}: not a .npy file (it does not start with \\x93NUMPY)")
+    # Magic (6 bytes), version (2), header length (2 bytes in version 1, 4 after), header.
+    width = 2 if lead[6:7] == b"\x01" else 4
+    if len(lead) < 8 + width or 8 + width + int.from_bytes(lead[8 : 8 + width], "little") > size:
+        raise InputError(f"{label}: not a valid .npy file (its header is cut short)")
+    fp.seek(start)
     try:
         # The header is a Python literal that NumPy parses with ast.literal_eval (no code
         # runs); a mangled one can fail in the tokenizer too, and may warn on the way.
@@ -175,9 +207,15 @@ def _read_npy(fp: IO[bytes], size: int, label: str) -> np.ndarray:
             elif version in ((2, 0), (3, 0)):
                 shape, fortran, dtype = npy_format.read_array_header_2_0(fp)
             else:
-                raise ValueError(f"unsupported .npy format version {version}")
-    except Exception as exc:  # any malformed header is bad input, never a traceback
-        raise InputError(f"{label}: not a valid .npy file ({_first_line(exc)})") from None
+                raise InputError(f"{label}: .npy format version {version} is not supported")
+    except InputError:
+        raise
+    except EOFError:
+        raise InputError(f"{label}: not a valid .npy file (its header is cut short)") from None
+    except Exception:  # any other malformed header is bad input, never a traceback
+        raise InputError(f"{label}: not a valid .npy file (its header is malformed)") from None
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InputError(f"{label}: not a valid .npy file (its header declares shape {shape})")
     if dtype.hasobject:
         raise InputError(
             f"{label}: dtype {dtype} holds Python objects (pickled data); "

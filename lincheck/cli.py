@@ -317,6 +317,21 @@ Budget = Annotated[
         "a full witness.",
     ),
 ]
+
+
+def ArrayFile(name: str):  # a factory that reads as a type in the signatures below
+    """The type of a ``--x FILE``-style option giving one array's ``.npy`` file."""
+    return Annotated[
+        Path | None,
+        typer.Option(
+            f"--{name.lower()}",
+            help=f"{name} from this .npy file (with or instead of PATH).",
+            metavar="FILE",
+            show_default=False,
+        ),
+    ]
+
+
 Quiet = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="Print only the verdict line; no tables, no progress bar."),
@@ -476,7 +491,7 @@ def _save_failures(folder: Path, results, force: bool) -> None:
 )
 def verify(
     paths: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Argument(
             help="Folders of .npy files or .npz files, one case each; a folder that holds "
             "only case folders (or .npz files) stands for all of them. Names "
@@ -485,7 +500,15 @@ def verify(
             show_default=False,
             metavar="PATH...",
         ),
-    ],
+    ] = None,
+    x: ArrayFile("X") = None,
+    w: ArrayFile("W") = None,
+    b: ArrayFile("B") = None,
+    dy: ArrayFile("dY") = None,
+    dx: ArrayFile("dX") = None,
+    dw: ArrayFile("dW") = None,
+    db: ArrayFile("dB") = None,
+    y: ArrayFile("Y") = None,
     json_path: JsonOption = None,
     junit: JunitOption = None,
     github: GithubOption = False,
@@ -510,6 +533,9 @@ def verify(
     budget: Budget = 10.0,
     atol: Atol = None,
     rtol: Rtol = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also list the files that were ignored.")
+    ] = False,
     jobs: Annotated[
         int | None,
         typer.Option(
@@ -533,10 +559,17 @@ def verify(
         precision=None if precision is None else precision.value,
         **_options(method, mode, samples, directions, seed, budget, atol, rtol),
     )
-    out = dict(json_path=json_path, junit=junit, github=github, quiet=quiet)
+    out = dict(json_path=json_path, junit=junit, github=github, quiet=quiet, verbose=verbose)
+    given = {"X": x, "W": w, "B": b, "dY": dy, "dX": dx, "dW": dw, "dB": db, "Y": y}
+    files = {name: file for name, file in given.items() if file is not None}
+    paths = paths or []
+    if not paths and not files:
+        raise _fail("give a PATH (a folder or .npz) or the arrays' files (--x, --w, --dy, ...)")
     cases = [case for path in paths for case in arrays.cases(path)]
-    if len(cases) == 1:
-        _verify_one_path(cases[0], options, out)
+    if files and len(cases) > 1:
+        raise _fail("--x, --w, --dy and the like add to one case; got several PATHs")
+    if len(cases) <= 1:
+        _verify_one_path(cases[0] if cases else None, options, out, files)
     workers = min(jobs or os.cpu_count() or 1, len(cases))
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -570,13 +603,13 @@ def _verify_case(path: Path, options: dict):
     return api.CaseResult(str(path), report, None)
 
 
-def _verify_one_path(path: Path, options: dict, out: dict) -> None:
-    """One dump: its full tables, as before several cases existed."""
+def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -> None:
+    """One dump (a folder, an .npz, and/or single files): its full tables."""
     from . import arrays, checks
 
     bar = _ProgressBar(not out["quiet"])
     try:
-        loaded = arrays.load(path)
+        loaded = arrays.load(path, files)
         a = loaded.arrays
         report = checks.check(
             a["X"],
@@ -597,12 +630,15 @@ def _verify_one_path(path: Path, options: dict, out: dict) -> None:
     shapes = ", ".join(
         f"{name} {tuple(a[name].shape)} {a[name].dtype}" for name in order if name in a
     )
+    name = str(path) if path is not None else "files"
     header = (
-        f"[bold]lincheck verify[/] {path}  N={layer.N} D_in={layer.D_in} D_out={layer.D_out}, "
+        f"[bold]lincheck verify[/] {name}  N={layer.N} D_in={layer.D_in} D_out={layer.D_out}, "
         f"{'with' if layer.bias else 'without'} bias\n[dim]{shapes}[/]"
     )
-    context = {"command": "verify", "path": str(path), "sources": dict(loaded.sources)}
-    _emit(report, header, str(path), out, context)
+    if out["verbose"] and loaded.ignored:
+        header += f"\n[dim]ignored: {', '.join(loaded.ignored)}[/]"
+    context = {"command": "verify", "path": name, "sources": dict(loaded.sources)}
+    _emit(report, header, name, out, context)
 
 
 @app.command(

@@ -116,10 +116,13 @@ class _Payload:
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"", r"not a valid \.npy file"),
-        (b"this is text, not an array\n" * 4, r"not a valid \.npy file"),
-        (bytes(range(256)), r"not a valid \.npy file"),
-        (_npy_bytes(np.ones((4, 3)))[:40], r"not a valid \.npy file"),  # header cut
+        (b"", r"empty file$"),
+        (
+            b"this is text, not an array\n" * 4,
+            r"not a \.npy file \(it does not start with \\x93NUMPY\)$",
+        ),
+        (bytes(range(256)), r"not a \.npy file \(it does not start with \\x93NUMPY\)$"),
+        (_npy_bytes(np.ones((4, 3)))[:40], r"not a valid \.npy file \(its header is cut short\)$"),
         (
             _npy_bytes(np.ones((4, 3)))[:-8],
             r"truncated: the header declares shape \(4, 3\) float64 \(96 bytes of data\) "

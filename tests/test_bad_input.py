@@ -1,0 +1,350 @@
+"""The catalogue of bad input (docs/bad-input.md): each case, its exact message, its exit code.
+
+Every entry builds a dump in a temporary folder DIR, runs ``lincheck verify`` on it and
+compares stderr with the catalogue's message (DIR standing for the folder); a test
+also checks that docs/bad-input.md lists every message, so the page cannot drift.
+"""
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lincheck.cli import app
+
+runner = CliRunner()
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
+
+
+def good(N=4, D_in=3, D_out=2):
+    rng = np.random.default_rng(0)
+    X, W, B, G = (rng.standard_normal(s) for s in ((N, D_in), (D_out, D_in), (D_out,), (N, D_out)))
+    return {"X": X, "W": W, "B": B, "dY": G, "dW": G.T @ X}
+
+
+def npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=True)
+    return buf.getvalue()
+
+
+def folder(d, **changes):
+    """Write good arrays to d, with changes: an array, raw bytes, or None to leave it out."""
+    d.mkdir(exist_ok=True)
+    for name, value in {**good(), **changes}.items():
+        if value is None:
+            continue
+        (d / f"{name}.npy").write_bytes(value if isinstance(value, bytes) else npy(value))
+    return [str(d)]
+
+
+def npz(d, members: dict, name="case.npz"):
+    d.mkdir(exist_ok=True)
+    with zipfile.ZipFile(d / name, "w") as z:
+        for key, data in members.items():
+            z.writestr(f"{key}.npy", data)
+    return [str(d / name)]
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.mkdir, (str(Path(os.environ["LINCHECK_PROOF"])),))
+
+
+def pickle_payload():
+    a = np.empty(2, dtype=object)
+    a[0] = Exploit()
+    return npy(a)
+
+
+X_BYTES = npy(np.ones((4, 3)))
+
+CATALOGUE = [
+    # (id, setup(DIR) -> argv after "verify", message with {dir}, exit code)
+    ("missing folder", lambda d: [str(d / "nowhere")], "{dir}/nowhere: no such file or folder", 2),
+    (
+        "missing --x file",
+        lambda d: folder(d, X=None) + ["--x", str(d / "none.npy")],
+        "X ({dir}/none.npy): no such file",
+        2,
+    ),
+    (
+        "not a folder or .npz",
+        lambda d: folder(d) and [str(d / "X.npy")],
+        "{dir}/X.npy: expected a folder of .npy files or one .npz file",
+        2,
+    ),
+    (
+        "required array missing",
+        lambda d: folder(d, W=None, dY=None),
+        "{dir}: missing W, dY (needs X, W and dY; found B, X, dW)",
+        2,
+    ),
+    ("empty file", lambda d: folder(d, X=b""), "X ({dir}/X.npy): empty file", 2),
+    (
+        "text named .npy",
+        lambda d: folder(d, X=b"1,2,3\n4,5,6\n"),
+        "X ({dir}/X.npy): not a .npy file (it does not start with \\x93NUMPY)",
+        2,
+    ),
+    (
+        "random bytes",
+        lambda d: folder(d, X=bytes(range(200))),
+        "X ({dir}/X.npy): not a .npy file (it does not start with \\x93NUMPY)",
+        2,
+    ),
+    (
+        "truncated header",
+        lambda d: folder(d, X=X_BYTES[:30]),
+        "X ({dir}/X.npy): not a valid .npy file (its header is cut short)",
+        2,
+    ),
+    (
+        "malformed header",
+        lambda d: folder(d, X=X_BYTES.replace(b"(4, 3)", b"(4, 3", 1)),
+        "X ({dir}/X.npy): not a valid .npy file (its header is malformed)",
+        2,
+    ),
+    (
+        "negative shape",
+        lambda d: folder(d, X=X_BYTES.replace(b"(4, 3)", b"(-4, 3)", 1)),
+        "X ({dir}/X.npy): not a valid .npy file (its header declares shape (-4, 3))",
+        2,
+    ),
+    (
+        "truncated data",
+        lambda d: folder(d, X=X_BYTES[:-8]),
+        "X ({dir}/X.npy): truncated: the header declares shape (4, 3) float64 (96 bytes of data) "
+        "but the file holds 88",
+        2,
+    ),
+    (
+        "huge declared shape",
+        lambda d: folder(d, X=X_BYTES.replace(b"(4, 3)", b"(99999999999, 3)")),
+        "X ({dir}/X.npy): truncated: the header declares shape (99999999999, 3) float64 "
+        "(2,399,999,999,976 bytes of data) but the file holds 106",
+        2,
+    ),
+    (
+        "npz that is not a zip",
+        lambda d: (d.mkdir(), (d / "c.npz").write_bytes(b"PK no zip")) and [str(d / "c.npz")],
+        "{dir}/c.npz: not a readable .npz (zip) file: File is not a zip file",
+        2,
+    ),
+    (
+        "npz with a corrupt member",
+        lambda d: npz(d, {"X": X_BYTES[:-8], "W": npy(good()["W"]), "dY": npy(good()["dY"])}),
+        "X ({dir}/case.npz:X): truncated: the header declares shape (4, 3) float64 (96 bytes of "
+        "data) but the file holds 88",
+        2,
+    ),
+    (
+        "object array",
+        lambda d: folder(d, W=np.array([[1, 2, 3], [4, 5, None]], dtype=object)),
+        "W ({dir}/W.npy): dtype object holds Python objects (pickled data); lincheck never "
+        "unpickles, save plain numbers",
+        2,
+    ),
+    (
+        "pickle payload",
+        lambda d: folder(d, X=pickle_payload()),
+        "X ({dir}/X.npy): dtype object holds Python objects (pickled data); lincheck never "
+        "unpickles, save plain numbers",
+        2,
+    ),
+    (
+        "structured array",
+        lambda d: folder(d, B=np.zeros(2, dtype=[("a", "<f8")])),
+        "B ({dir}/B.npy): dtype [('a', '<f8')] is structured or void; expected a real float, "
+        "integer or bool array",
+        2,
+    ),
+    (
+        "string array",
+        lambda d: folder(d, X=np.array([["1", "2", "3"]] * 4)),
+        "X ({dir}/X.npy): dtype <U1 is string; expected a real float, integer or bool array",
+        2,
+    ),
+    (
+        "complex array",
+        lambda d: folder(d, W=good()["W"] + 0j),
+        "W ({dir}/W.npy): dtype complex128 is complex; expected a real float, integer or bool "
+        "array",
+        2,
+    ),
+    (
+        "datetime array",
+        lambda d: folder(d, dY=np.zeros((4, 2), dtype="datetime64[s]")),
+        "dY ({dir}/dY.npy): dtype datetime64[s] is datetime; expected a real float, integer or "
+        "bool array",
+        2,
+    ),
+    (
+        "extended precision",
+        lambda d: folder(d, X=np.ones((4, 3), dtype=np.longdouble)),
+        "X ({dir}/X.npy): dtype float128 (extended precision) is not supported; save it as float64",
+        2,
+    ),
+    (
+        "0-d X",
+        lambda d: folder(d, X=np.array(1.0)),
+        "X ({dir}/X.npy): shape () does not fit W (2, 3): expected (..., 3), the last dimension "
+        "equal to W's D_in",
+        2,
+    ),
+    (
+        "wrong rank W",
+        lambda d: folder(d, W=np.ones(3)),
+        "W ({dir}/W.npy): expected 2 dimensions (D_out, D_in), found shape (3,)",
+        2,
+    ),
+    (
+        "zero-size dimension",
+        lambda d: folder(d, X=np.ones((0, 3)), dY=np.ones((0, 2))),
+        "X ({dir}/X.npy): a dimension has size 0 (X (0, 3), W (2, 3)); there is nothing to check",
+        2,
+    ),
+    (
+        "X and W disagree",
+        lambda d: folder(d, X=np.ones((4, 5))),
+        "X ({dir}/X.npy): shape (4, 5) does not fit W (2, 3): expected (..., 3), the last "
+        "dimension equal to W's D_in",
+        2,
+    ),
+    (
+        "X and dY disagree",
+        lambda d: folder(d, dY=np.ones((5, 2))),
+        "dY ({dir}/dY.npy): shape (5, 2) does not fit X (4, 3) and W (2, 3): expected (4, 2), X's "
+        "leading dimensions then D_out",
+        2,
+    ),
+    (
+        "W and B disagree",
+        lambda d: folder(d, B=np.ones(3)),
+        "B ({dir}/B.npy): shape (3,) does not fit W (2, 3): expected (2,)",
+        2,
+    ),
+    (
+        "W and dY disagree",
+        lambda d: folder(d, dY=np.ones((4, 5))),
+        "dY ({dir}/dY.npy): shape (4, 5) does not fit X (4, 3) and W (2, 3): expected (4, 2), X's "
+        "leading dimensions then D_out",
+        2,
+    ),
+    (
+        "leading dims of X and dY disagree",
+        lambda d: folder(d, X=np.ones((2, 2, 3)), dY=np.ones((4, 2)), dW=None),
+        "dY ({dir}/dY.npy): shape (4, 2) does not fit X (2, 2, 3) and W (2, 3): expected (2, 2, "
+        "2), X's leading dimensions then D_out",
+        2,
+    ),
+    (
+        "NaN in an input",
+        lambda d: folder(d, X=np.where(np.eye(4, 3) > 0, np.nan, 1.0)),
+        "X ({dir}/X.npy): contains 3 NaN, first at [0, 0]",
+        2,
+    ),
+    (
+        "Inf in an input",
+        lambda d: folder(d, W=np.array([[1.0, np.inf, 2], [3, 4, -np.inf]])),
+        "W ({dir}/W.npy): contains 2 Inf, first at [0, 1]",
+        2,
+    ),
+    (
+        "products overflow",
+        lambda d: folder(d, X=np.full((4, 3), 1e200), W=np.full((2, 3), 1e200)),
+        "X ({dir}/X.npy), W ({dir}/W.npy), dY ({dir}/dY.npy): values too large: sums of products "
+        "overflow float64 (largest representable 1.8e308); rescale the inputs",
+        2,
+    ),
+    (
+        "dB without B",
+        lambda d: folder(d, B=None, dB=np.ones(2)),
+        "dB ({dir}/dB.npy): a bias gradient is given but there is no bias B; supply B or leave dB "
+        "out",
+        2,
+    ),
+    (
+        "two files for one name",
+        lambda d: folder(d) and ((d / "x.npy").write_bytes(X_BYTES), [str(d)])[1],
+        "X: two sources for one array: {dir}/X.npy and {dir}/x.npy",
+        2,
+    ),
+    (
+        "a folder and --x",
+        lambda d: folder(d) + ["--x", str(d / "X.npy")],
+        "X: two sources for one array: {dir}/X.npy and --x {dir}/X.npy",
+        2,
+    ),
+    (
+        "unreadable file",
+        lambda d: (folder(d, X=None), (d / "X.npy").mkdir(), [str(d)])[2],
+        "X ({dir}/X.npy): cannot read: Is a directory",
+        2,
+    ),
+]
+
+
+@pytest.mark.parametrize("entry", CATALOGUE, ids=[e[0] for e in CATALOGUE])
+def test_catalogue(tmp_path, monkeypatch, entry):
+    name, setup, message, code = entry
+    d = tmp_path / "dump"
+    monkeypatch.setenv("LINCHECK_PROOF", str(tmp_path / "pwned"))
+    argv = setup(d)
+    result = runner.invoke(app, ["verify", *argv])
+    assert result.exit_code == code, result.output
+    assert result.stdout == ""
+    assert result.stderr == f"lincheck: error: {message.format(dir=d)}\n"
+    assert not (tmp_path / "pwned").exists()  # no pickle ever ran
+
+
+def test_unreadable_permissions(tmp_path, monkeypatch):
+    """As root every file is readable; a denied open stands in for chmod 000."""
+    from lincheck import arrays
+
+    folder(tmp_path / "dump")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(arrays, "open", denied, raising=False)
+    result = runner.invoke(app, ["verify", str(tmp_path / "dump")])
+    assert result.exit_code == 2
+    assert (
+        result.stderr
+        == f"lincheck: error: B ({tmp_path}/dump/B.npy): cannot read: Permission denied\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.asfortranarray(good()["X"]), good()["X"].astype(">f8"), good()["X"].astype(">f4")],
+    ids=["Fortran order", "big-endian float64", "big-endian float32"],
+)
+def test_valid_layouts_are_checked(tmp_path, array):
+    d = tmp_path / "dump"
+    folder(d, X=array, dW=good()["dY"].T @ np.asarray(array, dtype=np.float64))
+    result = runner.invoke(app, ["verify", str(d)])
+    assert result.exit_code == 0, result.output
+
+
+def test_unknown_files_are_ignored_and_listed_with_verbose(tmp_path):
+    d = tmp_path / "dump"
+    folder(d)
+    (d / "notes.txt").write_text("hello")
+    np.save(d / "activations.npy", np.ones(3))
+    assert runner.invoke(app, ["verify", str(d)]).exit_code == 0
+    verbose = runner.invoke(app, ["verify", str(d), "--verbose"])
+    assert verbose.exit_code == 0
+    text = "".join(verbose.stdout.split())  # long paths wrap anywhere
+    assert f"ignored:{d}/activations.npy,{d}/notes.txt" in text
+
+
+def test_the_docs_list_every_message():
+    text = " ".join(DOC.read_text().split())
+    for name, _, message, _code in CATALOGUE:
+        assert " ".join(message.format(dir="DIR").split()) in text, name
