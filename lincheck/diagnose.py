@@ -280,9 +280,10 @@ def _value_hints(case: Case, values, reference, own, ref_bound):
                 {"alternative": name, "bound_ratio": ratio},
             )
 
-    rr = float(np.vdot(reference, reference))
+    # NumPy's pairwise sums, not BLAS dot products: the same digits with any thread count.
+    rr = float(np.sum(reference * reference))
     if rr > 0:
-        c = float(np.vdot(values, reference)) / rr
+        c = float(np.sum(values * reference)) / rr
         ordinary = [1.0, -1.0] + ([1.0 / L.N] if tensor in ("dW", "dB") else [])
         if all(abs(c - o) > 1e-3 * abs(o) for o in ordinary) and c != 0:
             ratio = _fit(values, c * reference, abs(c) * tol + 2 * u * np.abs(c * reference))

@@ -585,7 +585,8 @@ def witness_directions(
         diffs = np.einsum(shares, Y_plus, L.G) - np.einsum(shares, Y_minus, L.G)
         difference = float(np.sum(diffs))
         plus -= minus  # Δ, in place
-        predicted = float(np.vdot(reference, plus))
+        # A pairwise sum, not a BLAS dot product, whose order depends on the thread count.
+        predicted = float(np.sum(reference * plus))
         tol = fixed + (2.0 * u + g_m) * float(np.sum(np.abs(diffs))) * (1.0 + u)
         out["difference"][d], out["predicted"][d] = difference, predicted
         out["tolerance"][d], out["typical"][d] = tol * (1.0 + 2.0**-50), typ
