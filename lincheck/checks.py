@@ -882,6 +882,29 @@ def _flat_map(shape: tuple[int, ...], cols):
     return to_flat
 
 
+def memory_needed(shapes: Mapping[str, tuple[int, ...]], mode: str = "full") -> int:
+    """Bytes a check of arrays with these shapes needs beyond the arrays themselves.
+
+    ``shapes`` maps the names of the arrays given (X, W, dY, and any of B,
+    dX, dW, dB, Y) to their shapes. The estimate counts float64 copies of
+    the inputs and of the subjects, the absolute values and magnitudes the
+    bounds need (:class:`lincheck.numeric.Layer`), one block of perturbed
+    forward passes and its per-entry arrays (twice ``numeric.BLOCK_BYTES``), and, for
+    directions, a few
+    copies of the largest tensor. It is an upper estimate, within a small
+    factor of what the check allocates.
+    """
+    size = {name: int(np.prod(shape)) for name, shape in shapes.items()}
+    D_in, D_out = shapes["W"][-1], shapes["W"][0]
+    N = size["X"] // max(D_in, 1)
+    inputs = size["X"] + size["W"] + size["dY"] + size.get("B", 0)
+    subjects = sum(size.get(n, 0) for n in SUBJECT_NAMES)
+    layer = 2 * inputs + 2 * N * D_out  # float64 views or copies, |·|, MY and its shares
+    directions = 4 * max(N * D_in, D_out * D_in) if mode == "directions" else 0
+    # A block's perturbed passes and its per-entry arrays each take up to BLOCK_BYTES.
+    return 8 * (layer + subjects + directions) + 2 * numeric.BLOCK_BYTES
+
+
 def random_inputs(
     rng: np.random.Generator,
     N: int,

@@ -7,6 +7,7 @@ Exit codes (stable): 0 every check passed; 1 at least one check failed;
 from __future__ import annotations
 
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -319,6 +320,71 @@ Budget = Annotated[
 ]
 
 
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Refuse checks that would need more memory than this (like 4G or 512M); "
+        "default: half of the memory available when lincheck starts.",
+        metavar="SIZE",
+        show_default=False,
+    ),
+]
+
+
+def _parse_size(text: str) -> int:
+    """'4G', '512M', '1.5GiB', '100000' → bytes (binary units)."""
+    from .errors import InputError
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not match:
+        raise InputError(f"--max-memory {text}: expected a size like 4G, 512M or 1000000")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fp:
+            for line in fp:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _memory_guard(arrays: dict, mode: str, limit_text: str | None, quiet: bool) -> None:
+    """Say how much memory a large check needs before starting it; refuse it past the limit."""
+    from .checks import memory_needed
+    from .errors import InputError
+
+    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    if any(name not in shapes for name in ("X", "W", "dY")) or len(shapes["W"]) != 2:
+        return  # malformed inputs: the check itself says what is wrong
+    need = memory_needed(shapes, mode)
+    if limit_text is not None:
+        limit, why = _parse_size(limit_text), "--max-memory"
+    else:
+        available = _available_memory()
+        limit, why = (available // 2, "half the available memory") if available else (None, "")
+    if limit is not None and need > limit:
+        raise InputError(
+            f"this check needs about {_size(need)} of memory beyond its inputs, over "
+            f"{_size(limit)} ({why}); free memory or raise --max-memory"
+        )
+    if need > 256 * 2**20 and not quiet:
+        stderr.print(
+            f"lincheck: this check needs about {_size(need)} of memory beyond its inputs",
+            highlight=False,
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def ArrayFile(name: str):  # a factory that reads as a type in the signatures below
     """The type of a ``--x FILE``-style option giving one array's ``.npy`` file."""
     return Annotated[
@@ -536,6 +602,7 @@ def verify(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Also list the files that were ignored.")
     ] = False,
+    max_memory: MaxMemory = None,
     jobs: Annotated[
         int | None,
         typer.Option(
@@ -559,7 +626,14 @@ def verify(
         precision=None if precision is None else precision.value,
         **_options(method, mode, samples, directions, seed, budget, atol, rtol),
     )
-    out = dict(json_path=json_path, junit=junit, github=github, quiet=quiet, verbose=verbose)
+    out = dict(
+        json_path=json_path,
+        junit=junit,
+        github=github,
+        quiet=quiet,
+        verbose=verbose,
+        max_memory=max_memory,
+    )
     given = {"X": x, "W": w, "B": b, "dY": dy, "dX": dx, "dW": dw, "dB": db, "Y": y}
     files = {name: file for name, file in given.items() if file is not None}
     paths = paths or []
@@ -575,20 +649,22 @@ def verify(
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_verify_case, cases, [options] * len(cases)))
+            many = [options] * len(cases), [max_memory] * len(cases)
+            results = list(pool.map(_verify_case, cases, *many))
     else:
-        results = [_verify_case(case, options) for case in cases]
+        results = [_verify_case(case, options, max_memory) for case in cases]
     header = f"[bold]lincheck verify[/] {len(cases)} cases"
     _emit_many(results, header, out, {"command": "verify", "paths": [str(p) for p in cases]})
 
 
-def _verify_case(path: Path, options: dict):
+def _verify_case(path: Path, options: dict, max_memory: str | None = None):
     """Check one dump (in a worker process): its result, or the bad input that stopped it."""
     from . import api, arrays, checks
 
     try:
         loaded = arrays.load(path)
         a = loaded.arrays
+        _memory_guard(a, options["mode"], max_memory, quiet=True)
         report = checks.check(
             a["X"],
             a["W"],
@@ -611,6 +687,7 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
     try:
         loaded = arrays.load(path, files)
         a = loaded.arrays
+        _memory_guard(a, options["mode"], out["max_memory"], out["quiet"])
         report = checks.check(
             a["X"],
             a["W"],

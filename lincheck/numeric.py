@@ -193,10 +193,11 @@ class Layer:
             return
         rows = self.N if tensor == "dX" else self.D_out
         # Per column: the perturbed copies of X or W and their outputs, plus about
-        # ten arrays of one value per row (magnitudes, reference, witness, bounds).
+        # thirty arrays of one value per row (magnitudes, reference, witness, bounds,
+        # tolerances, errors and their ratios).
         item = 16 if method == "complex-step" else 8
         copies = 1 if method == "complex-step" else 2
-        per_col = 80 * rows
+        per_col = 240 * rows
         stacked = not (tensor == "dX" and method == "central" and self.column_at_a_time)
         if witness and stacked:
             per_col += copies * item * (rows * self.D_in + self.N * self.D_out)

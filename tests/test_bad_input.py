@@ -348,3 +348,41 @@ def test_the_docs_list_every_message():
     text = " ".join(DOC.read_text().split())
     for name, _, message, _code in CATALOGUE:
         assert " ".join(message.format(dir="DIR").split()) in text, name
+
+
+@pytest.mark.parametrize("mode", ["full", "directions"])
+@pytest.mark.parametrize("shape", [(256, 512, 256), (2048, 256, 128)], ids=str)
+def test_memory_estimate_bounds_what_the_check_allocates(mode, shape):
+    import tracemalloc
+
+    from lincheck import check
+    from lincheck.checks import analytic_gradients, memory_needed, random_inputs
+
+    data = random_inputs(np.random.default_rng(0), *shape, "float32")
+    grads = analytic_gradients(data)
+    tracemalloc.start()
+    try:
+        check(data["X"], data["W"], data["B"], data["dY"], **grads, mode=mode)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    shapes = {name: a.shape for name, a in {**data, **grads}.items()}
+    assert peak <= memory_needed(shapes, mode)
+
+
+def test_max_memory_refuses_and_large_checks_say_what_they_need(tmp_path, monkeypatch):
+    from lincheck import checks
+
+    folder(tmp_path / "dump")
+    result = runner.invoke(app, ["verify", str(tmp_path / "dump"), "--max-memory", "1M"])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "lincheck: error: this check needs about 64 MiB of memory beyond its inputs, over "
+        "1 MiB (--max-memory); free memory or raise --max-memory\n"
+    )
+    bad = runner.invoke(app, ["verify", str(tmp_path / "dump"), "--max-memory", "lots"])
+    assert bad.exit_code == 2 and "expected a size like 4G, 512M" in bad.stderr
+    monkeypatch.setattr(checks, "memory_needed", lambda shapes, mode: 3 * 2**30)
+    big = runner.invoke(app, ["verify", str(tmp_path / "dump"), "--max-memory", "8G"])
+    assert big.exit_code == 0
+    assert big.stderr == "lincheck: this check needs about 3.0 GiB of memory beyond its inputs\n"
