@@ -459,6 +459,10 @@ def check(
         raise ValueError(f"against must be 'reference' or 'witness', not {against!r}")
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, not {precision!r}")
+    if method not in numeric.METHODS:
+        raise ValueError(f"method must be one of {numeric.METHODS}, not {method!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     allclose = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
     sources = sources or {}
     inputs = _validate_inputs(X, W, B, dY, sources)
@@ -469,8 +473,6 @@ def check(
             f"{_label('dB', sources)}: a bias gradient is given but there is no bias B; "
             "supply B or leave dB out"
         )
-    if method not in numeric.METHODS:
-        raise ValueError(f"method must be one of {numeric.METHODS}, not {method!r}")
     L = inputs.layer
     expected = {
         "dX": inputs.x_shape,
@@ -479,11 +481,8 @@ def check(
         "Y": L.batch_shape + (L.D_out,),
     }
     supplied = {n: v for n, v in (("dX", dX), ("dW", dW), ("dB", dB), ("Y", Y)) if v is not None}
-    with np.errstate(over="ignore", invalid="ignore"):
-        layer = numeric.Layer(X64, W64, B64, G64)
-        _check_no_overflow([layer.MY, layer.A_rows, layer.A_cols], sources)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    layer = numeric.Layer(X64, W64, B64, G64)  # floating-point warnings are off (_quiet_numpy)
+    _check_no_overflow([layer.MY, layer.A_rows, layer.A_cols], sources)
     plans = []
     for tensor in ("dX", "dW", "dB", "Y"):
         if tensor == "dB" and not bias:
@@ -514,21 +513,20 @@ def check(
     done = 0
     steps: dict[str, list[float]] = {}
     rng = np.random.default_rng(seed)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for plan in plans:
-            for cols in layer.blocks(plan.tensor, method, plan.needs_witness):
-                M, S = layer.magnitude(plan.tensor, cols)
-                block = None
-                if plan.needs_witness:
-                    block = numeric.witness_block(layer, plan.tensor, cols, M, method)
-                    _check_no_overflow([M, block.estimate, block.bound], sources)
-                    done += block.passes
-                    _note_steps(steps, plan.tensor, block.steps)
-                plan.add(layer, cols, M, S, block)
-                if progress is not None and block is not None:
-                    progress(done, total)
-            if plan.witnessed and not plan.block_witness:
-                done += plan.add_partial_witness(layer, mode, samples, directions, rng, steps)
+    for plan in plans:
+        for cols in layer.blocks(plan.tensor, method, plan.needs_witness):
+            M, S = layer.magnitude(plan.tensor, cols)
+            block = None
+            if plan.needs_witness:
+                block = numeric.witness_block(layer, plan.tensor, cols, M, method)
+                _check_no_overflow([M, block.estimate, block.bound], sources)
+                done += block.passes
+                _note_steps(steps, plan.tensor, block.steps)
+            plan.add(layer, cols, M, S, block)
+            if progress is not None and block is not None:
+                progress(done, total)
+        if plan.witnessed and not plan.block_witness:
+            done += plan.add_partial_witness(layer, mode, samples, directions, rng, steps)
     checks = [p.subject_check() for p in plans if p.subject is not None]
     checks += [p.witness_check() for p in plans if p.witnessed]
     hints = [h for p in plans if p.subject is not None for h in p.hints(layer, L.batch_shape)]
