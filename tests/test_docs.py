@@ -14,3 +14,18 @@ def test_docstring_examples(module):
     assert result.failed == 0
     if module is not numeric:
         assert result.attempted > 0
+
+
+def test_the_package_exports_what_it_lists_and_imports_lazily():
+    import subprocess
+    import sys
+
+    assert sorted(lincheck.__all__) == sorted(lincheck._EXPORTS)
+    for name in lincheck.__all__:
+        assert getattr(lincheck, name) is not None
+    # `lincheck --help` needs neither NumPy nor the checking code.
+    code = (
+        "import sys, lincheck.cli; print('numpy' in sys.modules, 'lincheck.checks' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
