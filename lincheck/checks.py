@@ -813,11 +813,16 @@ class _Plan:
             )
             for flat, s, o, tol in best
         )
-        message = (
-            ""
-            if tally.passed
-            else (f"{tally.exceeded} of {tally.count} entries exceed their tolerance")
-        )
+        if tally.exceeded:
+            message = f"{tally.exceeded} of {tally.count} entries exceed their tolerance"
+        elif tally.unbounded:
+            message = (
+                f"inconclusive: {precision} arithmetic bounds nothing here (sums of k terms "
+                "with k·u ≥ 1 can lose every digit); if the sums were accumulated in float32, "
+                "check with --precision fp32"
+            )
+        else:
+            message = ""
         return TensorCheck(
             tensor=self.tensor,
             subject=subject,
@@ -843,8 +848,8 @@ class _Plan:
     def hints(self, layer: numeric.Layer, batch_shape: tuple[int, ...]) -> list[Hint]:
         """What kind of mistake a failed subject looks like (nothing for a passing one)."""
         sub = self.subject
-        if self.usable and self.own_tally.passed:
-            return []
+        if self.usable and self.own_tally.exceeded == 0:
+            return []  # passed, or inconclusive (no finite bound to measure a mistake by)
         lower = None
         if self.usable and self.alternatives:
             lower = diagnose.lower_precision(

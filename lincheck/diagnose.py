@@ -204,8 +204,8 @@ def _how(ratio: float) -> str:
 def _fit(values, alternative, tolerance) -> float | None:
     """The largest |values − alternative| / tolerance if every entry is within it, else None."""
     err = np.abs(values - alternative)
-    if not np.all(err <= tolerance):
-        return None
+    if not np.all(np.isfinite(tolerance)) or not np.all(err <= tolerance):
+        return None  # an infinite bound fits anything: no claim
     with np.errstate(divide="ignore", invalid="ignore"):
         return float(np.max(np.where(err == 0, 0.0, err / tolerance), initial=0.0))
 

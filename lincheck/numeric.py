@@ -698,6 +698,7 @@ class Tally:
         self.top = top
         self.count = 0
         self.exceeded = 0
+        self.unbounded = 0  # entries whose tolerance is infinite: nothing can be concluded
         self.max_abs = 0.0
         self.max_rel = 0.0
         self.max_ratio = 0.0
@@ -725,6 +726,7 @@ class Tally:
             typ_ratio = np.where(err == 0, 0.0, err / typ)
         self.count += s.size
         self.exceeded += int(np.count_nonzero(~(err <= tol)))
+        self.unbounded += int(np.count_nonzero(np.isinf(tol)))
         self.max_abs = max(self.max_abs, float(err.max(initial=0.0)))
         self.max_rel = max(self.max_rel, float(rel.max(initial=0.0)))
         self.max_typical_ratio = max(self.max_typical_ratio, float(typ_ratio.max(initial=0.0)))
@@ -748,7 +750,9 @@ class Tally:
 
     @property
     def passed(self) -> bool:
-        return self.exceeded == 0
+        """Every entry within a finite tolerance. An infinite tolerance (a worst-case bound
+        that does not exist, k·u ≥ 1) cannot certify anything, so it does not pass."""
+        return self.exceeded == 0 and self.unbounded == 0
 
     @property
     def best(self) -> list[tuple[int, float, float, float]]:

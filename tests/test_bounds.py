@@ -156,3 +156,20 @@ def test_tf32_rounding_simulation_is_what_the_bound_assumes(rng):
     x = rng.standard_normal(1000)
     rel = np.abs(round_to(x, TF32) - x) / np.abs(x)
     assert rel.max() <= 2.0**-11 < TF32.u
+
+
+def test_float16_sums_too_long_for_any_bound_are_inconclusive_not_passed(rng):
+    """k·u ≥ 1 (float16 sums of 2048+ terms): no worst-case bound exists, so no pass."""
+    from lincheck.checks import analytic_gradients, random_inputs
+
+    data = random_inputs(rng, 4096, 8, 4, "float16")
+    grads = analytic_gradients(data)
+    args = (data["X"], data["W"], data["B"], data["dY"])
+    report = check(*args, **grads)
+    inconclusive = {c.tensor: c for c in report.failed}
+    assert sorted(inconclusive) == ["dB", "dW"]  # N = 4096 terms; dX sums only 4
+    assert inconclusive["dW"].message.startswith("inconclusive: fp16 arithmetic bounds nothing")
+    assert report.hints == ()  # an infinite bound fits anything: no claims
+    assert check(*args, **grads, precision="fp32").passed  # float32 sums, float16 storage
+    grads["dW"] = grads["dW"] * 3
+    assert [c.tensor for c in check(*args, **grads, precision="fp32").failed] == ["dW"]
