@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import Report, analytic_gradients, check, random_inputs
+from .checks import Report, analytic_gradients, check, json_text, random_inputs
 from .errors import LincheckError
 
 
@@ -171,9 +171,8 @@ class Sweep:
         }
 
     def to_json(self, **context: Any) -> str:
-        import json
-
-        return json.dumps({**self.as_dict(), **context}, indent=2, allow_nan=False) + "\n"
+        """The JSON report as strict JSON text, with ``context`` merged in at the top level."""
+        return json_text({**self.as_dict(), **context})
 
 
 def check_backward(

@@ -183,9 +183,14 @@ class Report:
 
     def to_json(self, **context: Any) -> str:
         """The JSON report as strict JSON text, with ``context`` merged in at the top level."""
-        import json
+        return json_text({**self.as_dict(), **context})
 
-        return json.dumps({**self.as_dict(), **context}, indent=2, allow_nan=False) + "\n"
+
+def json_text(report: Mapping[str, Any]) -> str:
+    """A report as strict JSON (no NaN or Infinity: those are null already), indented."""
+    import json
+
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
 
 
 def _json_float(x: float | None) -> float | None:

@@ -657,23 +657,32 @@ def verify(
     _emit_many(results, header, out, {"command": "verify", "paths": [str(p) for p in cases]})
 
 
+def _check_dump(path, files, options, max_memory, quiet, progress=None):
+    """Load one dump (a folder, an .npz, and/or single files) and check it: (loaded, report)."""
+    from . import arrays, checks
+
+    loaded = arrays.load(path, files)
+    a = loaded.arrays
+    _memory_guard(a, options["mode"], max_memory, quiet)
+    report = checks.check(
+        a["X"],
+        a["W"],
+        a.get("B"),
+        a["dY"],
+        **{name: a[name] for name in checks.SUBJECT_NAMES if name in a},
+        **options,
+        sources=loaded.sources,
+        progress=progress,
+    )
+    return loaded, report
+
+
 def _verify_case(path: Path, options: dict, max_memory: str | None = None):
     """Check one dump (in a worker process): its result, or the bad input that stopped it."""
-    from . import api, arrays, checks
+    from . import api
 
     try:
-        loaded = arrays.load(path)
-        a = loaded.arrays
-        _memory_guard(a, options["mode"], max_memory, quiet=True)
-        report = checks.check(
-            a["X"],
-            a["W"],
-            a.get("B"),
-            a["dY"],
-            **{name: a[name] for name in checks.SUBJECT_NAMES if name in a},
-            **options,
-            sources=loaded.sources,
-        )
+        _, report = _check_dump(path, None, options, max_memory, quiet=True)
     except LincheckError as exc:
         return api.CaseResult(str(path), None, str(exc), bad_input=True)
     return api.CaseResult(str(path), report, None)
@@ -681,23 +690,12 @@ def _verify_case(path: Path, options: dict, max_memory: str | None = None):
 
 def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -> None:
     """One dump (a folder, an .npz, and/or single files): its full tables."""
-    from . import arrays, checks
+    from . import checks
 
     bar = _ProgressBar(not out["quiet"])
     try:
-        loaded = arrays.load(path, files)
+        loaded, report = _check_dump(path, files, options, out["max_memory"], out["quiet"], bar)
         a = loaded.arrays
-        _memory_guard(a, options["mode"], out["max_memory"], out["quiet"])
-        report = checks.check(
-            a["X"],
-            a["W"],
-            a.get("B"),
-            a["dY"],
-            **{name: a[name] for name in checks.SUBJECT_NAMES if name in a},
-            **options,
-            sources=loaded.sources,
-            progress=bar,
-        )
     except LincheckError as exc:
         raise _fail(str(exc)) from None
     finally:

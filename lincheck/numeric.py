@@ -316,15 +316,24 @@ def witness_block(
     h = step_sizes(L.scale[tensor], A, M, rel_step)
     run = _dense_block if method == "dense" else _central_block
     estimate, delta, passes = run(L, tensor, cols, h)
+    bound, typical = _central_bound(n_ops, A, delta, M)
+    return Block(estimate, bound, typical, passes, (float(h.min()), float(h.max())))
+
+
+def _central_bound(n_ops: int, A, delta, M):
+    """(worst, typical) error of a central difference read from a loss share.
+
+    (1 + γ₃) γ_c (2A/Δ + M) + γ₃ M for the rounding (see :func:`witness_block`);
+    each loss value is also off by at most 2·c·η from underflow (see
+    :func:`lincheck.precision.product_error`) and the quotient by one more η;
+    (1 + 2⁻⁵⁰) covers evaluating the bound in float64. The typical scale
+    replaces γ_c by √c·u.
+    """
     g3 = gamma(3, U64)
-    # Each loss value is also off by at most 2·n_ops·η from underflow (see
-    # lincheck.precision.product_error) and the quotient by one more η;
-    # (1 + 2⁻⁵⁰) covers evaluating the bound in float64.
     roundoff = (1.0 + g3) * gamma(n_ops, U64) * (2.0 * A / delta + M) + g3 * M
     underflow = (1.0 + g3) * 4.0 * n_ops * ETA64 / delta + 3.0 * ETA64
-    bound = (roundoff + underflow) * (1.0 + 2.0**-50)
     typical = (1.0 + g3) * np.sqrt(n_ops) * U64 * (2.0 * A / delta + M) + g3 * M
-    return Block(estimate, bound, typical, passes, (float(h.min()), float(h.max())))
+    return (roundoff + underflow) * (1.0 + 2.0**-50), typical
 
 
 def _central_block(L: Layer, tensor: str, cols, h):
@@ -486,14 +495,11 @@ def witness_entries(
         Y = forward(L.X, Ws, Bs).reshape(L.N, 2, len(e))
         shares = np.einsum("nse,ne->se", Y, L.G[:, units])
     estimate = (shares[0] - shares[1]) / delta
-    g3 = gamma(3, U64)
-    roundoff = (1.0 + g3) * gamma(n_ops, U64) * (2.0 * A / delta + M) + g3 * M
-    underflow = (1.0 + g3) * 4.0 * n_ops * ETA64 / delta + 3.0 * ETA64
-    typical = (1.0 + g3) * np.sqrt(n_ops) * U64 * (2.0 * A / delta + M) + g3 * M
+    bound, typical = _central_bound(n_ops, A, delta, M)
     # Rows (or output units) through the layer, in units of whole forward passes.
     passes = 2 * len(e) / (L.N if tensor == "dX" else L.D_out)
     steps = (float(h.min()), float(h.max())) if len(e) else (0.0, 0.0)
-    return Block(estimate, (roundoff + underflow) * (1.0 + 2.0**-50), typical, passes, steps)
+    return Block(estimate, bound, typical, passes, steps)
 
 
 @dataclass(frozen=True)
