@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import diagnose, numeric
-from .core import Gradients, as_batch, backward
+from .core import Gradients, as_batch, backward, leading_chunks
 from .diagnose import Hint
 from .errors import InputError
 from .precision import (
@@ -263,22 +263,41 @@ def _as_numpy(value: Any) -> np.ndarray | Exception:
 
 
 def _check_finite(name: str, a: np.ndarray, sources: Mapping[str, str]) -> None:
-    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-        raise InputError(f"{_label(name, sources)}: {_nonfinite_summary(a)}")
+    problem = _nonfinite_summary(a)
+    if problem:
+        raise InputError(f"{_label(name, sources)}: {problem}")
 
 
 def _nonfinite_summary(a: np.ndarray) -> str:
-    bad = ~np.isfinite(a)
-    n_nan = int(np.count_nonzero(np.isnan(a)))
-    n_inf = int(np.count_nonzero(bad)) - n_nan
-    first = _index(int(np.flatnonzero(bad)[0]), a.shape)
-    parts = [f"{n} {what}" for n, what in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
+    """ "contains 2 NaN and 1 Inf, first at [i, j]", or "" when every value is finite.
+
+    Reads the array a chunk at a time, so a memory-mapped file larger than
+    memory is scanned without a mask of its size.
+    """
+    if a.dtype.kind != "f":
+        return ""
+    n_nan = n_bad = 0
+    first = None
+    for part in leading_chunks(a):
+        finite = np.isfinite(a[part])
+        if finite.all():
+            continue
+        n_bad += int(finite.size - np.count_nonzero(finite))
+        n_nan += int(np.count_nonzero(np.isnan(a[part])))
+        if first is None:
+            where = np.unravel_index(int(np.flatnonzero(~finite)[0]), finite.shape)
+            first = [int(i) for i in where]
+            if a.ndim:
+                first[0] += part.start
+    if first is None:
+        return ""
+    parts = [f"{n} {what}" for n, what in ((n_nan, "NaN"), (n_bad - n_nan, "Inf")) if n]
     return f"contains {' and '.join(parts)}, first at {first}"
 
 
 @dataclass(frozen=True)
 class _Inputs:
-    """Validated inputs, flattened to 2-D and upcast exactly to float64."""
+    """Validated inputs, flattened to 2-D; W and B upcast exactly to float64, X and G as given."""
 
     X: np.ndarray
     W: np.ndarray
@@ -323,9 +342,9 @@ def _validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> _Inputs:
         )
     for name, a in given.items():
         _check_finite(name, a, sources)
-    X64, G64 = as_batch(np.asarray(X, dtype=np.float64), np.asarray(G, dtype=np.float64))
+    X2, G2 = as_batch(X, G)  # views in the given dtypes: memory-mapped files stay on disk
     layer = Layer(
-        N=X64.shape[0],
+        N=X2.shape[0],
         D_in=D_in,
         D_out=D_out,
         batch_shape=tuple(X.shape[:-1]),
@@ -333,10 +352,10 @@ def _validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> _Inputs:
         dtypes={name: str(a.dtype) for name, a in given.items()},
     )
     return _Inputs(
-        X=X64,
+        X=X2,
         W=np.asarray(W, dtype=np.float64),
         B=None if B is None else np.asarray(B, dtype=np.float64),
-        G=G64,
+        G=G2,
         given=given,
         x_shape=tuple(X.shape),
         layer=layer,
@@ -471,8 +490,7 @@ def check(
     allclose = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
     sources = sources or {}
     inputs = _validate_inputs(X, W, B, dY, sources)
-    X64, W64, B64, G64 = inputs.X, inputs.W, inputs.B, inputs.G
-    bias = B64 is not None
+    bias = inputs.B is not None
     if dB is not None and not bias:
         raise InputError(
             f"{_label('dB', sources)}: a bias gradient is given but there is no bias B; "
@@ -486,8 +504,7 @@ def check(
         "Y": L.batch_shape + (L.D_out,),
     }
     supplied = {n: v for n, v in (("dX", dX), ("dW", dW), ("dB", dB), ("Y", Y)) if v is not None}
-    layer = numeric.Layer(X64, W64, B64, G64)  # floating-point warnings are off (_quiet_numpy)
-    _check_no_overflow([layer.MY, layer.A_rows, layer.A_cols], sources)
+    shapes2d = {"dX": (L.N, L.D_in), "dW": (L.D_out, L.D_in), "dB": (L.D_out,), "Y": (L.N, L.D_out)}
     plans = []
     for tensor in ("dX", "dW", "dB", "Y"):
         if tensor == "dB" and not bias:
@@ -498,11 +515,11 @@ def check(
             p = PRECISIONS[precision] if precision else precision_for(a.dtype)
             plan.subject = _Subject(a, p, subject, inputs.given, allclose)
             plan.against_witness = against == "witness" and tensor != "Y"
-            plan.prepare(layer)
+            plan.prepare(shapes2d[tensor])
         plan.witnessed = tensor != "Y" and (not supplied or tensor in supplied)
         if plan.subject is not None or plan.witnessed:
             plans.append(plan)
-    mode, reason = _choose_mode(mode, layer, plans, method, budget)
+    mode, reason = _choose_mode(mode, L, plans, method, budget)
     for plan in plans:
         if mode != "full":
             # Only a full witness compares every entry; the subjects then go against the
@@ -514,27 +531,19 @@ def check(
         elif plan.subject is not None and plan.against_witness:
             plan.witnessed = False  # the subject itself goes against the witness
         plan.mode = "full" if plan.block_witness else mode
-    total = sum(layer.passes(p.tensor, method) for p in plans if p.needs_witness)
-    done = 0
-    steps: dict[str, list[float]] = {}
-    rng = np.random.default_rng(seed)
-    for plan in plans:
-        for cols in layer.blocks(plan.tensor, method, plan.needs_witness):
-            M, S = layer.magnitude(plan.tensor, cols)
-            block = None
-            if plan.needs_witness:
-                block = numeric.witness_block(layer, plan.tensor, cols, M, method)
-                _check_no_overflow([M, block.estimate, block.bound], sources)
-                done += block.passes
-                _note_steps(steps, plan.tensor, block.steps)
-            plan.add(layer, cols, M, S, block)
-            if progress is not None and block is not None:
-                progress(done, total)
-        if plan.witnessed and not plan.block_witness:
-            done += plan.add_partial_witness(layer, mode, samples, directions, rng, steps)
+    run = _run_full if mode == "full" else _run_streamed
+    # Floating-point warnings are off (_quiet_numpy): results are checked explicitly.
+    layer, done, steps = run(
+        inputs, plans, method, mode, samples, directions, seed, sources, progress
+    )
     checks = [p.subject_check() for p in plans if p.subject is not None]
     checks += [p.witness_check() for p in plans if p.witnessed]
-    hints = [h for p in plans if p.subject is not None for h in p.hints(layer, L.batch_shape)]
+    failed = [p for p in plans if p.needs_diagnosis]
+    hints: list[Hint] = []
+    if failed and layer is None and _diagnosable(L):
+        layer = numeric.Layer(inputs.X, inputs.W, inputs.B, inputs.G)
+    for p in failed:
+        hints += p.hints(layer, L.batch_shape) if layer is not None else [p.not_diagnosed()]
     witness_info = {
         "method": method if mode == "full" else "central",
         "mode": mode,
@@ -550,6 +559,85 @@ def check(
     return Report(layer=L, checks=tuple(checks), witness=witness_info, hints=tuple(hints))
 
 
+def _run_full(inputs, plans, method, mode, samples, directions, seed, sources, progress):
+    """Every entry, column block by column block (:meth:`lincheck.numeric.Layer.blocks`)."""
+    layer = numeric.Layer(inputs.X, inputs.W, inputs.B, inputs.G)
+    _check_no_overflow([layer.MY, layer.A_rows, layer.A_cols], sources)
+    total = sum(layer.passes(p.tensor, method) for p in plans if p.needs_witness)
+    done = 0
+    steps: dict[str, list[float]] = {}
+    for plan in plans:
+        for cols in layer.blocks(plan.tensor, method, plan.needs_witness):
+            M, S = layer.magnitude(plan.tensor, cols)
+            block = None
+            if plan.needs_witness:
+                block = numeric.witness_block(layer, plan.tensor, cols, M, method)
+                _check_no_overflow([M, block.estimate, block.bound], sources)
+                done += block.passes
+                _note_steps(steps, plan.tensor, block.steps)
+            plan.add(layer, cols, M, S, block)
+            if progress is not None and block is not None:
+                progress(done, total)
+    return layer, done, steps
+
+
+def _run_streamed(inputs, plans, method, mode, samples, directions, seed, sources, progress):
+    """The partial modes, reading X and dY a block of rows at a time (:class:`numeric.Rows`).
+
+    A first pass compares the subjects of dX and Y row block by row block
+    and sums what dW, dB and the witnesses need (:class:`numeric.Totals`);
+    dW and dB are then compared whole. A second pass runs the witnesses:
+    sampled entries or random directions of dX and dW, and dB whole. Memory
+    is about W's size a few times over plus one block, whatever N is, so
+    memory-mapped inputs larger than memory can be checked.
+    """
+    rows = numeric.Rows(inputs.X, inputs.W, inputs.B, inputs.G)
+    totals = numeric.Totals(rows)
+    by_tensor = {p.tensor: p for p in plans}
+    for r, block in rows:
+        _check_no_overflow([block.MY, block.A_rows, block.A_cols], sources)
+        totals.add(block)
+        for tensor in ("dX", "Y"):
+            if tensor in by_tensor and by_tensor[tensor].usable:
+                M, S = block.magnitude(tensor)
+                by_tensor[tensor].add(block, None, M, S, None, rows=r)
+    for tensor in ("dW", "dB"):
+        if tensor in by_tensor and by_tensor[tensor].usable:
+            M, S = totals.magnitude(tensor)
+            by_tensor[tensor].add(totals, None, M, S, None)
+    rng = np.random.default_rng(seed)
+    witnesses = {}
+    for plan in plans:
+        if plan.witnessed:
+            witnesses[plan.tensor] = plan.partial_witness(
+                totals, rows, mode, samples, directions, seed, rng
+            )
+    done, steps = 0.0, {}
+    total = sum(w.passes for w in witnesses.values())
+    for r, block in rows:
+        for w in witnesses.values():
+            w.add(r, block)
+        done += total * (r.stop - r.start) / rows.N
+        if progress is not None:
+            progress(done, total)
+    for tensor, w in witnesses.items():
+        by_tensor[tensor].finish_partial_witness(w, totals, steps)
+    return None, total, steps
+
+
+def _diagnosable(L: Layer) -> bool:
+    """Whether a failed check of a streamed layer is small enough to diagnose in memory."""
+    return DIAGNOSIS_FACTOR * 8 * L.N * (L.D_in + L.D_out) <= DIAGNOSIS_BYTES
+
+
+DIAGNOSIS_BYTES = 2**30
+"""Memory a diagnosis may take after a streamed check."""
+
+DIAGNOSIS_FACTOR = 16
+"""A diagnosis holds the whole layer (:class:`numeric.Layer`) and tries its alternatives on
+whole tensors: measured at about 13 times the float64 bytes of X and dY."""
+
+
 MODES = ("auto", "full", "sample", "directions")
 
 NOMINAL_RATE = 5e10
@@ -562,7 +650,11 @@ def _choose_mode(mode, layer, plans, method, budget) -> tuple[str, str]:
     """The mode to run and, if chosen automatically against the budget, why."""
     if mode != "auto":
         return mode, ""
-    passes = sum(layer.passes(p.tensor, method) for p in plans if p.witnessed or p.against_witness)
+    passes = sum(
+        numeric.full_passes(layer.N, layer.D_in, layer.D_out, p.tensor, method)
+        for p in plans
+        if p.witnessed or p.against_witness
+    )
     seconds = passes * layer.N * layer.D_in * layer.D_out / NOMINAL_RATE
     if seconds <= budget:
         return "full", ""
@@ -630,17 +722,17 @@ class _Plan:
     def needs_witness(self) -> bool:
         return (self.witnessed and self.block_witness) or (self.usable and self.against_witness)
 
-    def prepare(self, layer: numeric.Layer) -> None:
+    def prepare(self, shape2d: tuple[int, ...]) -> None:
         """Decide once whether the subject can be compared at all (shape, NaN/Inf)."""
         sub = self.subject
         a = sub.array
         if tuple(a.shape) != tuple(self.shape):
             sub.problem = f"wrong shape: expected {tuple(self.shape)}, got {tuple(a.shape)}"
-        elif a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-            sub.problem = _nonfinite_summary(a)
+        elif problem := _nonfinite_summary(a):
+            sub.problem = problem
         else:
             self.usable = True
-            self.values = np.asarray(a, dtype=np.float64).reshape(layer.shape(self.tensor))
+            self.values = a.reshape(shape2d)  # in its own dtype; upcast a block at a time
             if sub.allclose is None:
                 self.alternatives = diagnose.candidates(sub.precision)
             self._rounded = {
@@ -648,15 +740,21 @@ class _Plan:
                 for p in [sub.precision, *(PRECISIONS[n] for n in self.alternatives)]
             }
 
-    def add(self, layer: numeric.Layer, cols, M, S, block) -> None:
-        """Compare one block: the subject against its oracle, the reference against the witness."""
+    def add(self, layer: numeric.Layer, cols, M, S, block, rows: slice | None = None) -> None:
+        """Compare one block: the subject against its oracle, the reference against the witness.
+
+        A block is some columns (``cols``) of the whole layer, or all of a
+        layer of some rows (``rows``) of the batch; ``layer`` is then that
+        block's (:class:`numeric.Rows`).
+        """
         tensor, k = self.tensor, layer.inner(self.tensor)
         ref = layer.reference(tensor, cols)
         ref_bound = product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False)
-        flat = _flat_map(layer.shape(tensor), cols)
+        flat = _flat_map(self.values.shape if rows else layer.shape(tensor), cols, rows)
         if self.usable:
             sub = self.subject
             s = self.values if cols is None else self.values[:, cols]
+            s = np.asarray(s if rows is None else s[rows], dtype=np.float64)
             if self.against_witness:
                 o, o_worst, o_typ, oracle = block.estimate, block.bound, block.typical, "witness"
             else:
@@ -694,26 +792,36 @@ class _Plan:
         typical = np.sqrt(ref_bound.typical**2 + block.typical**2)
         self.witness_tally.add(ref, block.estimate, tol, typical, flat)
 
-    def add_partial_witness(self, layer, mode, samples, directions, rng, steps) -> float:
-        """The reference against the witness at sampled entries or along random directions.
-
-        Returns the forward passes used (in units of the whole layer).
-        """
-        tensor, shape2d = self.tensor, layer.shape(self.tensor)
+    def partial_witness(self, totals, rows, mode, samples, directions, seed, rng):
+        """The streamed witness of a partial mode for this tensor (dB's is whole)."""
+        if self.tensor == "dB":
+            return numeric.BiasWitness(rows.N)
         if mode == "directions":
-            reference = layer.reference(tensor)
-            self.directions = numeric.witness_directions(layer, tensor, reference, directions, rng)
-            self.rules["witness"] = "fp64 reference bound along each direction + witness bound"
-            return self.directions.passes
+            return numeric.DirectionsWitness(self.tensor, totals, rows.W, directions, seed)
+        shape2d = totals.shape(self.tensor)
         size = int(np.prod(shape2d))
-        flat = np.sort(rng.choice(size, size=min(samples, size), replace=False))
-        rows, cols = np.divmod(flat, shape2d[1])
-        ref, M, S = numeric.entry_values(layer, tensor, rows, cols)
-        block = numeric.witness_entries(layer, tensor, rows, cols, M)
+        self.sampled = np.sort(rng.choice(size, size=min(samples, size), replace=False))
+        entry_rows, cols = np.divmod(self.sampled, shape2d[1])
+        return numeric.SampleWitness(self.tensor, entry_rows, cols, totals)
+
+    def finish_partial_witness(self, witness, totals, steps) -> None:
+        """The reference against a streamed witness, once every row block has gone through."""
+        tensor = self.tensor
+        if isinstance(witness, numeric.DirectionsWitness):
+            if tensor == "dW":
+                witness.reference = totals.reference("dW")
+            self.directions = witness.result()
+            self.rules["witness"] = "fp64 reference bound along each direction + witness bound"
+            return
+        if tensor == "dB":
+            block, ref, (M, S) = witness.result(), totals.reference("dB"), totals.magnitude("dB")
+            flat = _flat_map(totals.shape("dB"), None)
+        else:
+            (ref, M, S), block = witness.result()
+            flat = lambda local: self.sampled[local]  # noqa: E731
         _note_steps(steps, tensor, block.steps)
-        ref_bound = product_error(M, S, layer.inner(tensor), PRECISIONS["fp64"], FLOAT64, False)
-        self._witness(ref, ref_bound, block, lambda local: flat[local])
-        return block.passes
+        ref_bound = product_error(M, S, totals.inner(tensor), PRECISIONS["fp64"], FLOAT64, False)
+        self._witness(ref, ref_bound, block, flat)
 
     def subject_check(self) -> TensorCheck:
         sub = self.subject
@@ -850,11 +958,27 @@ class _Plan:
             worst_entries=entries,
         )
 
+    @property
+    def needs_diagnosis(self) -> bool:
+        """A failed subject (not one that passed, or is inconclusive: no finite bound to
+        measure a mistake by)."""
+        return self.subject is not None and not (self.usable and self.own_tally.exceeded == 0)
+
+    def not_diagnosed(self) -> Hint:
+        return Hint(
+            code="not_diagnosed",
+            tensor=self.tensor,
+            message=(
+                "not diagnosed: a diagnosis holds the whole layer, over "
+                f"{DIAGNOSIS_BYTES // 2**30} GiB here; the worst entries locate the errors"
+            ),
+        )
+
     def hints(self, layer: numeric.Layer, batch_shape: tuple[int, ...]) -> list[Hint]:
         """What kind of mistake a failed subject looks like (nothing for a passing one)."""
         sub = self.subject
-        if self.usable and self.own_tally.exceeded == 0:
-            return []  # passed, or inconclusive (no finite bound to measure a mistake by)
+        if not self.needs_diagnosis:
+            return []
         lower = None
         if self.usable and self.alternatives:
             lower = diagnose.lower_precision(
@@ -877,8 +1001,11 @@ def _allclose_rule(allclose: tuple[float, float], oracle: str) -> str:
     return f"atol {allclose[0]:g} + rtol {allclose[1]:g} × |{oracle}|"
 
 
-def _flat_map(shape: tuple[int, ...], cols):
+def _flat_map(shape: tuple[int, ...], cols, rows: slice | None = None):
     """Map flat positions within a block to flat indices of the whole 2-D tensor."""
+    if rows is not None:
+        offset = rows.start * shape[1]
+        return lambda local: np.asarray(local, dtype=np.int64) + offset
     if cols is None:
         return lambda local: np.asarray(local, dtype=np.int64)
     width = shape[1]
@@ -890,27 +1017,40 @@ def _flat_map(shape: tuple[int, ...], cols):
     return to_flat
 
 
-def memory_needed(shapes: Mapping[str, tuple[int, ...]], mode: str = "full") -> int:
+def memory_needed(
+    shapes: Mapping[str, tuple[int, ...]],
+    mode: str = "full",
+    method: str = "central",
+    budget: float = 10.0,
+) -> int:
     """Bytes a check of arrays with these shapes needs beyond the arrays themselves.
 
     ``shapes`` maps the names of the arrays given (X, W, dY, and any of B,
-    dX, dW, dB, Y) to their shapes. The estimate counts float64 copies of
-    the inputs and of the subjects, the absolute values and magnitudes the
-    bounds need (:class:`lincheck.numeric.Layer`), one block of perturbed
-    forward passes and its per-entry arrays (twice ``numeric.BLOCK_BYTES``), and, for
-    directions, a few
-    copies of the largest tensor. It is an upper estimate, within a small
-    factor of what the check allocates.
+    dX, dW, dB, Y) to their shapes; "auto" is resolved as :func:`check`
+    resolves it. A full check holds float64 copies of the inputs and
+    subjects, the absolute values and magnitudes the bounds need
+    (:class:`lincheck.numeric.Layer`), and one block of perturbed forward
+    passes with its per-entry arrays (twice ``numeric.BLOCK_BYTES``). The
+    partial modes stream the rows (:class:`lincheck.numeric.Rows`): they
+    hold some twenty-five arrays the size of W (W, its sums over the batch,
+    the per-entry arrays of dW's check, the perturbed copies of its
+    directions) and about 1.5 row blocks, whatever N is. It is an upper
+    estimate, within a small factor of what the check allocates.
     """
     size = {name: int(np.prod(shape)) for name, shape in shapes.items()}
     D_in, D_out = shapes["W"][-1], shapes["W"][0]
     N = size["X"] // max(D_in, 1)
+    if mode == "auto":
+        given = [t for t in ("dX", "dW", "dB") if t in shapes] or ["dX", "dW", "dB"]
+        passes = sum(numeric.full_passes(N, D_in, D_out, t, method) for t in given)
+        mode = "full" if passes * N * D_in * D_out / NOMINAL_RATE <= budget else "directions"
+    if mode != "full":
+        return 8 * (25 * D_out * D_in + 4 * D_in + 8 * D_out) + 3 * numeric.BLOCK_BYTES // 2
     inputs = size["X"] + size["W"] + size["dY"] + size.get("B", 0)
     subjects = sum(size.get(n, 0) for n in SUBJECT_NAMES)
     layer = 2 * inputs + 2 * N * D_out  # float64 views or copies, |·|, MY and its shares
-    directions = 4 * max(N * D_in, D_out * D_in) if mode == "directions" else 0
     # A block's perturbed passes and its per-entry arrays each take up to BLOCK_BYTES.
-    return 8 * (layer + subjects + directions) + 2 * numeric.BLOCK_BYTES
+    return 8 * (layer + subjects) + 2 * numeric.BLOCK_BYTES
 
 
 def random_inputs(

@@ -355,7 +355,7 @@ def _available_memory() -> int | None:
     return None
 
 
-def _memory_guard(arrays: dict, mode: str, limit_text: str | None, quiet: bool) -> None:
+def _memory_guard(arrays: dict, options: dict, limit_text: str | None, quiet: bool) -> None:
     """Say how much memory a large check needs before starting it; refuse it past the limit."""
     from .checks import memory_needed
     from .errors import InputError
@@ -363,7 +363,7 @@ def _memory_guard(arrays: dict, mode: str, limit_text: str | None, quiet: bool) 
     shapes = {name: tuple(a.shape) for name, a in arrays.items()}
     if any(name not in shapes for name in ("X", "W", "dY")) or len(shapes["W"]) != 2:
         return  # malformed inputs: the check itself says what is wrong
-    need = memory_needed(shapes, mode)
+    need = memory_needed(shapes, options["mode"], options["method"], options["budget"])
     if limit_text is not None:
         limit, why = _parse_size(limit_text), "--max-memory"
     else:
@@ -663,7 +663,7 @@ def _check_dump(path, files, options, max_memory, quiet, progress=None):
 
     loaded = arrays.load(path, files)
     a = loaded.arrays
-    _memory_guard(a, options["mode"], max_memory, quiet)
+    _memory_guard(a, options, max_memory, quiet)
     report = checks.check(
         a["X"],
         a["W"],

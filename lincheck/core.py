@@ -22,6 +22,7 @@ derivative of Y is zero, which is why each sum has a single index left.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -102,3 +103,23 @@ def as_batch(X: np.ndarray, G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the flattened layer, and ``dX`` has the shape of ``X``.
     """
     return X.reshape(-1, X.shape[-1]), G.reshape(-1, G.shape[-1])
+
+
+CHUNK = 2**18
+"""Values a chunked scan of a large array handles at a time (a few MiB per temporary)."""
+
+
+def leading_chunks(a: np.ndarray) -> Iterator[slice | tuple]:
+    """Slices along the first axis of about CHUNK values each (``()`` for a 0-d array).
+
+    Whole-array scans (NaN checks, representability) go a chunk at a time
+    so that a memory-mapped file larger than memory needs no temporary of
+    its size.
+    """
+    if a.ndim == 0:
+        yield ()
+        return
+    per_row = max(1, a.size // max(1, a.shape[0]))
+    step = max(1, CHUNK // per_row)
+    for start in range(0, a.shape[0], step):
+        yield slice(start, start + step)

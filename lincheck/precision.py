@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .core import leading_chunks
+
 
 @dataclass(frozen=True)
 class Format:
@@ -138,10 +140,14 @@ def representable(values: np.ndarray, fmt: Format) -> bool:
         # A format holds another if it has as many bits and at least its range.
         if fmt.bits >= have.bits and (fmt is FLOAT64 or fmt is have or have is FLOAT16):
             return True
-    a64 = a.astype(np.float64)
-    if a.dtype.kind in "iu" and not np.array_equal(a64.astype(a.dtype), a):
-        return False  # an integer beyond 2⁵³ is not even a float64
-    return bool(np.array_equal(round_to(a64, fmt), a64))
+    for part in leading_chunks(a):  # a chunk at a time: a may be a file larger than memory
+        chunk = a[part]
+        a64 = chunk.astype(np.float64)
+        if a.dtype.kind in "iu" and not np.array_equal(a64.astype(a.dtype), chunk):
+            return False  # an integer beyond 2⁵³ is not even a float64
+        if not np.array_equal(round_to(a64, fmt), a64):
+            return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -350,8 +350,8 @@ def test_the_docs_list_every_message():
         assert " ".join(message.format(dir="DIR").split()) in text, name
 
 
-@pytest.mark.parametrize("mode", ["full", "directions"])
-@pytest.mark.parametrize("shape", [(256, 512, 256), (2048, 256, 128)], ids=str)
+@pytest.mark.parametrize("mode", ["full", "directions", "sample"])
+@pytest.mark.parametrize("shape", [(256, 512, 256), (2048, 256, 128), (20000, 64, 32)], ids=str)
 def test_memory_estimate_bounds_what_the_check_allocates(mode, shape):
     import tracemalloc
 
@@ -382,7 +382,28 @@ def test_max_memory_refuses_and_large_checks_say_what_they_need(tmp_path, monkey
     )
     bad = runner.invoke(app, ["verify", str(tmp_path / "dump"), "--max-memory", "lots"])
     assert bad.exit_code == 2 and "expected a size like 4G, 512M" in bad.stderr
-    monkeypatch.setattr(checks, "memory_needed", lambda shapes, mode: 3 * 2**30)
+    monkeypatch.setattr(checks, "memory_needed", lambda shapes, *how: 3 * 2**30)
     big = runner.invoke(app, ["verify", str(tmp_path / "dump"), "--max-memory", "8G"])
     assert big.exit_code == 0
     assert big.stderr == "lincheck: this check needs about 3.0 GiB of memory beyond its inputs\n"
+
+
+def test_large_files_fit_the_memory_limit_in_the_partial_modes(tmp_path):
+    """Files over 64 MiB are memory-mapped; directions stream them, a full check must refuse."""
+    rng = np.random.default_rng(0)
+    N, D_in, D_out = 200_000, 96, 16
+    d = tmp_path / "dump"
+    d.mkdir()
+    X = np.lib.format.open_memmap(d / "X.npy", mode="w+", dtype=np.float32, shape=(N, D_in))
+    X[:] = rng.standard_normal((N, D_in), dtype=np.float32)
+    X.flush()
+    np.save(d / "W.npy", rng.standard_normal((D_out, D_in), dtype=np.float32))
+    np.save(d / "dY.npy", rng.standard_normal((N, D_out), dtype=np.float32))
+    del X
+    assert (d / "X.npy").stat().st_size > 64 * 2**20
+    full = runner.invoke(app, ["verify", str(d), "--max-memory", "64M"])
+    assert full.exit_code == 2, full.output
+    assert "over 64 MiB (--max-memory)" in full.stderr
+    streamed = runner.invoke(app, ["verify", str(d), "--max-memory", "64M", "--mode", "directions"])
+    assert streamed.exit_code == 0, streamed.output
+    assert "directions" in streamed.stdout

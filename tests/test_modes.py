@@ -31,20 +31,20 @@ def test_directions_pass_a_correct_reference_and_catch_planted_errors(rng, tenso
     X, W, B, G = layer(rng, 12, 10, 6)
     L = numeric.Layer(X, W, B, G)
     reference = L.reference(tensor)
-    clean = numeric.witness_directions(L, tensor, reference, 8, np.random.default_rng(0))
+    clean = numeric.witness_directions(L, tensor, reference, 8, seed=0)
     distance = np.abs(clean.difference - clean.predicted)
     assert np.all(distance <= clean.tolerance)
     detectable = float(np.max((clean.tolerance + distance) / clean.step))
     # One entry off by just over the stated sensitivity: every ±1 direction sees it.
     bad = reference.copy()
     bad[3, 4] += 1.01 * detectable
-    caught = numeric.witness_directions(L, tensor, bad, 8, np.random.default_rng(0))
+    caught = numeric.witness_directions(L, tensor, bad, 8, seed=0)
     assert np.all(np.abs(caught.difference - caught.predicted) > caught.tolerance)
     # Two entries that can cancel in half the directions: caught by at least one of 16.
     pair = reference.copy()
     pair[0, 0] += 1.01 * detectable
     pair[1, 1] -= 1.01 * detectable
-    some = numeric.witness_directions(L, tensor, pair, 16, np.random.default_rng(1))
+    some = numeric.witness_directions(L, tensor, pair, 16, seed=1)
     assert np.any(np.abs(some.difference - some.predicted) > some.tolerance)
 
 
@@ -88,3 +88,119 @@ def test_bad_mode():
     X = np.ones((2, 2))
     with pytest.raises(ValueError, match="mode must be one of"):
         check(X, X, None, X, mode="some")
+
+
+# ---------------------------------------------------------------------------
+# The partial modes stream the batch a block of rows at a time
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Row blocks of a few rows, so that small layers go through many blocks."""
+    monkeypatch.setattr(numeric, "BLOCK_BYTES", 2**14)
+
+
+def test_small_blocks_split_the_batch(small_blocks):
+    blocks = numeric.row_blocks(103, 12, 7)
+    assert len(blocks) > 10
+    assert [b.start for b in blocks] == sorted({b.start for b in blocks})
+    assert blocks[0].start == 0 and blocks[-1].stop == 103
+    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+
+
+@pytest.mark.parametrize("mode", ["sample", "directions"])
+def test_streamed_checks_pass_correct_subjects_and_locate_planted_errors(rng, small_blocks, mode):
+    X, W, B, G = layer(rng, 103, 12, 7)
+    dX, dW, dB = loop_gradients(X, W, G)
+    good = {"dX": dX, "dW": dW, "dB": dB, "Y": X @ W.T + B}
+    report = check(X, W, B, G, **good, mode=mode, samples=40, seed=5)
+    assert report.passed, report.to_json()
+    assert {c.tensor: c.checked for c in report.checks if c.oracle == "reference"} == {
+        "dX": 103 * 12,
+        "dW": 7 * 12,
+        "dB": 7,
+        "Y": 103 * 7,
+    }
+    plants = {"dX": (97, 3), "dW": (6, 11), "dB": (4,), "Y": (51, 2)}
+    for tensor, index in plants.items():
+        bad = {name: a.copy() for name, a in good.items()}
+        bad[tensor][index] += 1e-6 * (1 + abs(bad[tensor][index]))
+        failed = check(X, W, B, G, **bad, mode=mode, samples=40, seed=5).failed
+        assert [(c.tensor, c.worst_index) for c in failed] == [(tensor, index)]
+
+
+def test_sampled_entries_streamed_over_blocks_match_loops(rng, small_blocks):
+    X, W, B, G = layer(rng, 57, 9, 5)
+    exact = dict(zip(("dX", "dW"), loop_gradients(X, W, G)))
+    rows = numeric.Rows(X, W, B, G)
+    totals = numeric.Totals(rows)
+    for _, block in rows:
+        totals.add(block)
+    assert totals.blocks > 5
+    for tensor in ("dX", "dW"):
+        flat = np.arange(0, exact[tensor].size, 4)
+        entry_rows, cols = np.divmod(flat, exact[tensor].shape[1])
+        witness = numeric.SampleWitness(tensor, entry_rows, cols, totals)
+        for r, block in rows:
+            witness.add(r, block)
+        (ref, M, _), block = witness.result()
+        want = exact[tensor].ravel()[flat]
+        oracle_error = ORACLE_RTOL["float64"] * M
+        assert np.all(np.abs(ref - want) <= oracle_error)
+        assert np.all(np.abs(block.estimate - want) <= block.bound + oracle_error)
+        bias = numeric.BiasWitness(rows.N)
+    for r, block in rows:
+        bias.add(r, block)
+    dB = bias.result()
+    assert np.all(
+        np.abs(dB.estimate - G.sum(0))
+        <= dB.bound + ORACLE_RTOL["float64"] * totals.magnitude("dB")[0]
+    )
+
+
+@pytest.mark.parametrize("tensor", ["dX", "dW"])
+def test_directions_do_not_depend_on_the_blocks(rng, monkeypatch, tensor):
+    X, W, B, G = layer(rng, 61, 10, 6)
+    L = numeric.Layer(X, W, B, G)
+    one = numeric.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
+    monkeypatch.setattr(numeric, "BLOCK_BYTES", 2**14)
+    assert len(numeric.row_blocks(61, 10, 6)) > 5
+    many = numeric.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
+    # The same directions and steps: the same ⟨r, Δ⟩ up to the order of the sums.
+    assert np.allclose(one.predicted, many.predicted, rtol=1e-12, atol=0)
+    assert np.all(np.abs(many.difference - many.predicted) <= many.tolerance)
+    assert np.all(many.tolerance <= 4 * one.tolerance)
+
+
+def test_memory_mapped_inputs_are_checked_a_block_at_a_time(tmp_path, monkeypatch):
+    """Partial modes never hold a float64 copy of X or dY: a file larger than memory fits."""
+    import tracemalloc
+
+    monkeypatch.setattr(numeric, "BLOCK_BYTES", 2**20)
+    rng = np.random.default_rng(0)
+    N, D_in, D_out = 200_000, 48, 16
+    arrays = {}
+    for name, shape in (("X", (N, D_in)), ("dY", (N, D_out))):
+        arrays[name] = np.lib.format.open_memmap(
+            tmp_path / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape
+        )
+        for start in range(0, N, 10_000):
+            arrays[name][start : start + 10_000] = rng.standard_normal((10_000, shape[1]))
+    W = rng.standard_normal((D_out, D_in)).astype(np.float32)
+    B = rng.standard_normal(D_out).astype(np.float32)
+    X, G = (np.load(tmp_path / f"{n}.npy", mmap_mode="r") for n in ("X", "dY"))
+    dW = (G.T.astype(np.float64) @ X).astype(np.float32)
+    dX = np.lib.format.open_memmap(tmp_path / "dX.npy", mode="w+", dtype=np.float32, shape=X.shape)
+    for start in range(0, N, 10_000):
+        dX[start : start + 10_000] = G[start : start + 10_000] @ W
+    dX[190_123, 7] += 1.0
+    tracemalloc.start()
+    try:
+        report = check(X, W, B, G, dX=dX, dW=dW, mode="directions", directions=4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(c.tensor, c.worst_index) for c in report.failed] == [("dX", (190_123, 7))]
+    assert [h.code for h in report.hints] == ["not_diagnosed"]  # a diagnosis holds it all
+    float64_X = 8 * N * D_in
+    assert peak < float64_X / 4, (peak, float64_X)
