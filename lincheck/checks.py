@@ -592,8 +592,8 @@ def _run_streamed(inputs, plans, method, mode, samples, directions, seed, source
     memory-mapped inputs larger than memory can be checked.
     """
     rows = numeric.Rows(inputs.X, inputs.W, inputs.B, inputs.G)
-    totals = numeric.Totals(rows)
     by_tensor = {p.tensor: p for p in plans}
+    totals = numeric.Totals(rows, dW_magnitudes="dW" in by_tensor and by_tensor["dW"].usable)
     for r, block in rows:
         _check_no_overflow([block.MY, block.A_rows, block.A_cols], sources)
         totals.add(block)
@@ -797,7 +797,10 @@ class _Plan:
         if self.tensor == "dB":
             return numeric.BiasWitness(rows.N)
         if mode == "directions":
-            return numeric.DirectionsWitness(self.tensor, totals, rows.W, directions, seed)
+            reference = totals.reference("dW") if self.tensor == "dW" else None
+            return numeric.DirectionsWitness(
+                self.tensor, totals, rows.W, directions, seed, reference
+            )
         shape2d = totals.shape(self.tensor)
         size = int(np.prod(shape2d))
         self.sampled = np.sort(rng.choice(size, size=min(samples, size), replace=False))
@@ -808,8 +811,6 @@ class _Plan:
         """The reference against a streamed witness, once every row block has gone through."""
         tensor = self.tensor
         if isinstance(witness, numeric.DirectionsWitness):
-            if tensor == "dW":
-                witness.reference = totals.reference("dW")
             self.directions = witness.result()
             self.rules["witness"] = "fp64 reference bound along each direction + witness bound"
             return
@@ -1034,7 +1035,7 @@ def memory_needed(
     partial modes stream the rows (:class:`lincheck.numeric.Rows`): they
     hold some twenty-five arrays the size of W (W, its sums over the batch,
     the per-entry arrays of dW's check, the perturbed copies of its
-    directions) and about 1.5 row blocks, whatever N is. It is an upper
+    directions) and one row block (``numeric.ROW_BLOCK_BYTES``), whatever N is. It is an upper
     estimate, within a small factor of what the check allocates.
     """
     size = {name: int(np.prod(shape)) for name, shape in shapes.items()}
@@ -1045,7 +1046,7 @@ def memory_needed(
         passes = sum(numeric.full_passes(N, D_in, D_out, t, method) for t in given)
         mode = "full" if passes * N * D_in * D_out / NOMINAL_RATE <= budget else "directions"
     if mode != "full":
-        return 8 * (25 * D_out * D_in + 4 * D_in + 8 * D_out) + 3 * numeric.BLOCK_BYTES // 2
+        return 8 * (25 * D_out * D_in + 4 * D_in + 8 * D_out) + numeric.ROW_BLOCK_BYTES
     inputs = size["X"] + size["W"] + size["dY"] + size.get("B", 0)
     subjects = sum(size.get(n, 0) for n in SUBJECT_NAMES)
     layer = 2 * inputs + 2 * N * D_out  # float64 views or copies, |·|, MY and its shares

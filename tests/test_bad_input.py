@@ -401,9 +401,11 @@ def test_large_files_fit_the_memory_limit_in_the_partial_modes(tmp_path):
     np.save(d / "dY.npy", rng.standard_normal((N, D_out), dtype=np.float32))
     del X
     assert (d / "X.npy").stat().st_size > 64 * 2**20
-    full = runner.invoke(app, ["verify", str(d), "--max-memory", "64M"])
+    full = runner.invoke(app, ["verify", str(d), "--max-memory", "160M"])
     assert full.exit_code == 2, full.output
-    assert "over 64 MiB (--max-memory)" in full.stderr
-    streamed = runner.invoke(app, ["verify", str(d), "--max-memory", "64M", "--mode", "directions"])
+    assert "over 160 MiB (--max-memory)" in full.stderr
+    streamed = runner.invoke(
+        app, ["verify", str(d), "--max-memory", "160M", "--mode", "directions"]
+    )
     assert streamed.exit_code == 0, streamed.output
     assert "directions" in streamed.stdout

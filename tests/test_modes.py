@@ -97,7 +97,7 @@ def test_bad_mode():
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Row blocks of a few rows, so that small layers go through many blocks."""
-    monkeypatch.setattr(numeric, "BLOCK_BYTES", 2**14)
+    monkeypatch.setattr(numeric, "ROW_BLOCK_BYTES", 2**14)
 
 
 def test_small_blocks_split_the_batch(small_blocks):
@@ -163,7 +163,7 @@ def test_directions_do_not_depend_on_the_blocks(rng, monkeypatch, tensor):
     X, W, B, G = layer(rng, 61, 10, 6)
     L = numeric.Layer(X, W, B, G)
     one = numeric.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
-    monkeypatch.setattr(numeric, "BLOCK_BYTES", 2**14)
+    monkeypatch.setattr(numeric, "ROW_BLOCK_BYTES", 2**14)
     assert len(numeric.row_blocks(61, 10, 6)) > 5
     many = numeric.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
     # The same directions and steps: the same ⟨r, Δ⟩ up to the order of the sums.
@@ -176,7 +176,7 @@ def test_memory_mapped_inputs_are_checked_a_block_at_a_time(tmp_path, monkeypatc
     """Partial modes never hold a float64 copy of X or dY: a file larger than memory fits."""
     import tracemalloc
 
-    monkeypatch.setattr(numeric, "BLOCK_BYTES", 2**20)
+    monkeypatch.setattr(numeric, "ROW_BLOCK_BYTES", 2**20)
     rng = np.random.default_rng(0)
     N, D_in, D_out = 200_000, 48, 16
     arrays = {}
