@@ -133,6 +133,12 @@ def bench_process(repeats: int) -> None:
             "-c",
             "import numpy, typer, rich",
         ],
+        # What `run` cannot do without: random inputs, and Rich to print its tables.
+        "  its imports: + numpy.random, rich tables": [
+            sys.executable,
+            "-c",
+            "import numpy, numpy.random, typer, rich.console, rich.table",
+        ],
         "lincheck run --n 32 --din 64 --dout 16": [
             exe,
             "run",
@@ -164,7 +170,7 @@ def main() -> None:
     print(f"lincheck {lincheck.__version__}, numpy {np.__version__}, float64, medians")
     for size in SIZES[:1] if quick else SIZES:
         bench_size(*size, repeats=5 if quick else 9, have_torch=have_torch)
-    bench_process(repeats=9)
+    bench_process(repeats=21)
 
 
 if __name__ == "__main__":

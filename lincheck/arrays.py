@@ -309,6 +309,37 @@ def _write_npy(fp: IO[bytes], array: np.ndarray) -> None:
     npy_format.write_array(fp, array, allow_pickle=False)
 
 
+def save_files(
+    folder: str | os.PathLike, files: Mapping[str, bytes], *, force: bool = False
+) -> list[Path]:
+    """Write each ``name: bytes`` to ``folder/name`` atomically (plots); returns the paths.
+
+    Without ``force``, nothing is written if any of the files exists.
+
+    Raises
+    ------
+    InputError
+        ``folder`` is not a folder, or a file exists and ``force`` is False.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder")
+    clash = [folder / name for name in files if (folder / name).exists()]
+    if clash and not force:
+        listed = ", ".join(str(p) for p in clash)
+        raise InputError(f"{listed}: already exists; nothing was written (use --force to replace)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot create folder: {exc.strerror or exc}") from None
+    written = []
+    for name, data in files.items():
+        target = folder / name
+        _atomic_write(target, lambda fp, data=data: fp.write(data), replace=force)
+        written.append(target)
+    return written
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` atomically with ``text`` (for reports the user names explicitly)."""
     _atomic_write(Path(path), lambda fp: fp.write(text.encode("utf-8")), replace=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,12 @@ class TensorCheck:
     Error fields are None when there is nothing to compare (wrong shape or
     non-finite values; ``message`` says which). Indices index the tensor as
     the user supplied it, leading batch dimensions included.
+
+    ``error_map`` is the error / tolerance of the 2-D tensor (leading batch
+    dimensions flattened, dB as one row), pooled by maximum into at most
+    ``numeric.MAP_CELLS`` cells; ``histogram`` counts error / tolerance over
+    ``numeric.RATIO_BINS``. Both are None for checks along directions and
+    for tensors that could not be compared; neither is in the JSON report.
     """
 
     tensor: str
@@ -96,6 +102,8 @@ class TensorCheck:
     worst_entries: tuple[Entry, ...] = ()
     mode: str = "full"
     checked: int = 0
+    error_map: np.ndarray | None = field(default=None, compare=False, repr=False)
+    histogram: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -509,7 +517,7 @@ def check(
     for tensor in ("dX", "dW", "dB", "Y"):
         if tensor == "dB" and not bias:
             continue
-        plan = _Plan(tensor, expected[tensor])
+        plan = _Plan(tensor, expected[tensor], shapes2d[tensor])
         if tensor in supplied:
             a = _real_array(tensor, supplied[tensor], sources)
             p = PRECISIONS[precision] if precision else precision_for(a.dtype)
@@ -702,15 +710,15 @@ class _Subject:
 class _Plan:
     """Everything checked for one tensor, accumulated block by block."""
 
-    def __init__(self, tensor: str, shape: tuple[int, ...]):
+    def __init__(self, tensor: str, shape: tuple[int, ...], shape2d: tuple[int, ...]):
         self.tensor = tensor
         self.shape = shape  # as the user supplies it
         self.subject: _Subject | None = None
         self.against_witness = False
         self.witnessed = False
         self.values: np.ndarray | None = None  # the subject as float64, 2-D
-        self.own_tally = numeric.Tally()
-        self.witness_tally = numeric.Tally()
+        self.own_tally = numeric.Tally(shape=tuple(shape2d))
+        self.witness_tally = numeric.Tally(shape=tuple(shape2d))
         self.rules = {"subject": "", "witness": ""}
         self.alternatives = ()
         self.usable = False
@@ -957,6 +965,8 @@ class _Plan:
             tolerance_rule=rule_text,
             message=message,
             worst_entries=entries,
+            error_map=getattr(tally, "map", None),
+            histogram=getattr(tally, "histogram", None),
         )
 
     @property

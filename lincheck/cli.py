@@ -189,14 +189,59 @@ def _finish(results, json_text, json_path, junit_path, github, to_stdout) -> Non
     raise typer.Exit(code=0 if all(r.passed for r in results) else 1)
 
 
-def _emit(report, header, name: str, out: dict, context: dict) -> None:
+def _require_plotting(plot: Path | None) -> None:
+    """--plot without matplotlib: say how to install it, before any work is done."""
+    if plot is not None:
+        from .plots import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except LincheckError as exc:
+            raise _fail(str(exc)) from None
+
+
+def _heatmaps(out: dict) -> str:
+    """--heatmap: all; --no-heatmap: none; neither: the failed checks'."""
+    return {None: "failed", True: "all", False: "none"}[out.get("heatmap")]
+
+
+def _plots(out: dict, reports: dict, study=None) -> list:
+    """Write --plot's PNG files (a subfolder per case when there are several); a line
+    listing them, to print before the verdict."""
+    if out.get("plot") is None:
+        return []
+    import re
+
+    from rich.text import Text
+
+    from . import arrays, plots
+
+    written = []
+    for name, report in reports.items():
+        folder = out["plot"] if len(reports) == 1 else out["plot"] / re.sub(r"[^\w.=-]+", "_", name)
+        try:
+            files = plots.plot_report(report, study)
+            written += arrays.save_files(folder, files, force=out.get("force", False))
+        except LincheckError as exc:
+            raise _fail(str(exc)) from None
+    listed = "\n".join(f"  {p}" for p in written)
+    return [Text(f"Plots ({len(written)}):\n{listed}" if written else "Plots: nothing to plot")]
+
+
+def _emit(report, header, name: str, out: dict, context: dict, study=None) -> None:
     """One report: the tables (or only the verdict), then the reports for CI; exit 0 or 1."""
     from .api import CaseResult
     from .report import render, verdict
 
     to_stdout = out["json_path"] is not None and str(out["json_path"]) == "-"
     console = stderr if to_stdout else stdout
-    console.print(verdict(report) if out["quiet"] else render(report, header))
+    maps = _heatmaps(out)
+    notes = _plots(out, {name: report}, study)
+    if out["quiet"]:
+        for note in [*notes, verdict(report)]:
+            console.print(note)
+    else:
+        console.print(render(report, header, maps, notes))
     json_text = report.to_json(**context) if out["json_path"] is not None else ""
     results = [CaseResult(name, report, None)]
     _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout)
@@ -209,7 +254,13 @@ def _emit_many(results, header, out: dict, context: dict) -> None:
 
     to_stdout = out["json_path"] is not None and str(out["json_path"]) == "-"
     console = stderr if to_stdout else stdout
-    console.print(verdict_cases(results) if out["quiet"] else render_cases(results, header))
+    maps = _heatmaps(out)
+    notes = _plots(out, {r.name: r.report for r in results if r.report is not None})
+    if out["quiet"]:
+        for note in [*notes, verdict_cases(results)]:
+            console.print(note)
+    else:
+        console.print(render_cases(results, header, maps, notes))
     json_text = Sweep(tuple(results)).to_json(**context) if out["json_path"] is not None else ""
     _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout)
 
@@ -271,7 +322,7 @@ GithubOption = Annotated[
         "GITHUB_ACTIONS=true).",
     ),
 ]
-Force = Annotated[bool, typer.Option("--force", help="Replace existing .npy files.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace existing files (.npy, plots).")]
 MethodOption = Annotated[
     Method,
     typer.Option(
@@ -403,6 +454,27 @@ Quiet = Annotated[
     typer.Option("--quiet", "-q", help="Print only the verdict line; no tables, no progress bar."),
 ]
 
+PlotOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Write PNG plots to DIR: per tensor an error / tolerance heatmap and a "
+        "histogram (and for run the witness error against the step). Needs matplotlib: "
+        "pip install 'lincheck[plot]'.",
+        metavar="DIR",
+        show_default=False,
+    ),
+]
+
+HeatmapOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--heatmap/--no-heatmap",
+        help="Draw the error / tolerance map of every tensor (default: of the failed ones).",
+        show_default=False,
+    ),
+]
+
 
 @app.command(
     epilog=EXIT_CODES
@@ -448,6 +520,8 @@ def run(
     atol: Atol = None,
     rtol: Rtol = None,
     quiet: Quiet = False,
+    heatmap: HeatmapOption = None,
+    plot: PlotOption = None,
     save: Annotated[
         Path | None,
         typer.Option(
@@ -475,7 +549,16 @@ def run(
     from . import api, checks
 
     options = _options(method, mode, samples, directions, seed, budget, atol, rtol)
-    out = dict(json_path=json_path, junit=junit, github=github, quiet=quiet)
+    _require_plotting(plot)
+    out = dict(
+        json_path=json_path,
+        junit=junit,
+        github=github,
+        quiet=quiet,
+        heatmap=heatmap,
+        plot=plot,
+        force=force,
+    )
     if impl or forward:
         dtypes = [d.value for d in dtype] if dtype else ["float64", "float32"]
         fn = _load_callable(impl, "--impl") if impl else None
@@ -532,7 +615,13 @@ def run(
     )
     if len(results) == 1:
         context = {"command": "run", "seed": seed, "dtype": dtypes[0]}
-        _emit(results[0].report, header, results[0].name, out, context)
+        study = None
+        if plot is not None:
+            from . import numeric
+
+            layer = numeric.Layer(*(data.get(k) for k in ("X", "W", "B", "dY")))
+            study = numeric.step_study(layer)
+        _emit(results[0].report, header, results[0].name, out, context, study)
     _emit_many(results, header, out, {"command": "run", "seed": seed, "dtypes": dtypes})
 
 
@@ -614,6 +703,9 @@ def verify(
         ),
     ] = None,
     quiet: Quiet = False,
+    heatmap: HeatmapOption = None,
+    plot: PlotOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing plot files.")] = False,
 ) -> None:
     """Check gradients your code produced (dX, dW, dB, Y) against the float64 analytic
     reference, which is itself checked against a numerical witness; with no gradients
@@ -631,9 +723,13 @@ def verify(
         junit=junit,
         github=github,
         quiet=quiet,
+        heatmap=heatmap,
+        plot=plot,
+        force=force,
         verbose=verbose,
         max_memory=max_memory,
     )
+    _require_plotting(plot)
     given = {"X": x, "W": w, "B": b, "dY": dy, "dX": dx, "dW": dw, "dB": db, "Y": y}
     files = {name: file for name, file in given.items() if file is not None}
     paths = paths or []

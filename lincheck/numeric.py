@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .core import Gradients, forward, surrogate_loss
+from .core import CHUNK, Gradients, forward, surrogate_loss
 from .precision import FLOAT64, gamma
 
 U64 = FLOAT64.u
@@ -242,6 +242,7 @@ def witness_block(
     M: np.ndarray,
     method: str = "central",
     rel_step: float = DEFAULT_REL_STEP,
+    h: float | None = None,
 ) -> Block:
     """Estimate a block of dX, dW or dB from forward passes of L = Σ G ⊙ Y alone.
 
@@ -270,6 +271,9 @@ def witness_block(
         grouped, one complex pass per column.
     rel_step : float
         See :func:`step_sizes`.
+    h : float, optional
+        One step for every entry instead of :func:`step_sizes`'s (central
+        differences only; for studies of the step, see :func:`step_study`).
 
     Notes
     -----
@@ -323,7 +327,10 @@ def witness_block(
     else:
         A = L.A_cols[:, None] if tensor == "dW" else L.A_cols
         n_ops = L.D_in + 1 + L.N
-    h = step_sizes(L.scale[tensor], A, M, rel_step)
+    if h is None:
+        h = step_sizes(L.scale[tensor], A, M, rel_step)
+    else:
+        h = np.broadcast_to(float(h), np.shape(M)).copy()
     run = _dense_block if method == "dense" else _central_block
     estimate, delta, passes = run(L, tensor, cols, h)
     bound, typical = _central_bound(n_ops, A, delta, M)
@@ -919,6 +926,40 @@ def witness_directions(layer: Layer, tensor: str, reference, count: int, seed: i
     return witness.result()
 
 
+def step_study(layer: Layer, columns: int = 2, points: int = 33) -> dict[str, np.ndarray]:
+    """Witness error and bound against the step h, on a few columns of dW.
+
+    For ``points`` steps h, log-spaced from 10⁻¹² times the scale of W to
+    four times the largest default step (one step for every entry), and for
+    the default per-entry steps: the largest |estimate − reference| and the
+    largest rigorous bound over the first ``columns`` columns of dW. L is
+    linear in every entry, so the error is pure rounding: it falls like 1/h
+    while cancellation dominates, then levels off at the rounding of the
+    perturbation's own effect; the default steps sit on the level part.
+
+    Returns ``{"h", "error", "bound"}`` for the steps, and ``"default_h"``
+    (the median default step), ``"default_error"``, ``"default_bound"``.
+    """
+    cols = np.arange(min(columns, layer.D_in))
+    M, _ = layer.magnitude("dW", cols)
+    reference = layer.reference("dW", cols)
+    h_default = step_sizes(layer.scale["dW"], layer.A_cols[:, None], M, DEFAULT_REL_STEP)
+    scale = max(layer.scale["dW"], float(np.finfo(float).tiny))
+    steps = np.geomspace(1e-12 * scale, 4 * float(h_default.max()), points)
+    out: dict[str, list] = {"h": [], "error": [], "bound": []}
+    for h in steps:
+        block = witness_block(layer, "dW", cols, M, h=h)
+        out["h"].append(float(h))
+        out["error"].append(float(np.max(np.abs(block.estimate - reference))))
+        out["bound"].append(float(np.max(block.bound)))
+    default = witness_block(layer, "dW", cols, M)
+    result = {name: np.array(values) for name, values in out.items()}
+    result["default_h"] = np.array(float(np.median(h_default)))
+    result["default_error"] = np.array(float(np.max(np.abs(default.estimate - reference))))
+    result["default_bound"] = np.array(float(np.max(default.bound)))
+    return result
+
+
 # ---------------------------------------------------------------------------
 # Whole-tensor conveniences (small layers, tests, studies)
 
@@ -1000,6 +1041,14 @@ def complex_step(X, W, B, G) -> Witness:
 # Comparing
 
 
+MAP_CELLS = (128, 256)
+"""Rows × columns of cells of an error map at most (see :class:`Tally`)."""
+
+RATIO_BINS = np.concatenate(([0.0], 10.0 ** np.arange(-8.0, 8.25, 0.25), [np.inf]))
+"""Bin edges of the histograms of error / tolerance: zero and below 1e-8, quarter decades
+up to 1e8, then everything beyond (the tolerance is at 1)."""
+
+
 class Tally:
     """A running entry-by-entry comparison of a subject with an oracle, block by block.
 
@@ -1016,10 +1065,20 @@ class Tally:
     Relative error is |error| / |oracle|, taken as 0 where both are 0 and as
     infinite where only the oracle is 0; ratios are likewise 0 where the
     error is 0.
+
+    Given the tensor's 2-D ``shape``, the tally also keeps an *error map*:
+    the tensor cut into at most MAP_CELLS rows × columns of cells, each
+    holding the largest error / tolerance of its entries (so one bad entry
+    is never averaged away, however large the tensor), and a histogram of
+    error / tolerance over RATIO_BINS.
     """
 
-    def __init__(self, top: int = 5):
+    def __init__(self, top: int = 5, shape: tuple[int, ...] | None = None):
         self.top = top
+        self.shape = None if shape is None else (1, *shape)[-2:]
+        if self.shape is not None:
+            self.map = np.zeros(tuple(min(n, c) for n, c in zip(self.shape, MAP_CELLS)))
+            self.histogram = np.zeros(len(RATIO_BINS) - 1, dtype=np.int64)
         self.count = 0
         self.exceeded = 0
         self.unbounded = 0  # entries whose tolerance is infinite: nothing can be concluded
@@ -1065,12 +1124,29 @@ class Tally:
             keep = np.lexsort((where, -ratios))[: self.top]
             self._best = ratios[keep], where[keep], values[keep]
             self.max_ratio = float(self._best[0][0])
+        if self.shape is not None:
+            self._map(ratio, flat)
+
         for name, alt in (alternatives or {}).items():
             alt = np.broadcast_to(alt, np.shape(subject)).ravel()
             with np.errstate(divide="ignore", invalid="ignore"):
                 alt_ratio = float(np.max(np.where(err == 0, 0.0, err / alt), initial=0.0))
             fit, worst = self.alternatives.get(name, [True, 0.0])
             self.alternatives[name] = [fit and bool(np.all(err <= alt)), max(worst, alt_ratio)]
+
+    def _map(self, ratio: np.ndarray, flat) -> None:
+        """Pool a block's error / tolerance into the map and the histogram, a chunk at a time
+        (a few temporaries of CHUNK entries, whatever the block's size)."""
+        R, C = self.map.shape
+        for start in range(0, ratio.size, CHUNK):
+            r = ratio[start : start + CHUNK]
+            rows, cols = np.divmod(flat(np.arange(start, start + r.size)), self.shape[1])
+            np.maximum.at(self.map, (rows * R // self.shape[0], cols * C // self.shape[1]), r)
+            # Quarter decades from 1e-8 (bin 1) to 1e8; 0 and below 1e-8 in bin 0, the rest last.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bins = np.floor((np.log10(r) + 8.0) * 4.0)
+            bins = np.clip(np.nan_to_num(bins, nan=-1.0, neginf=-1.0), -1, len(RATIO_BINS) - 3)
+            self.histogram += np.bincount(bins.astype(np.int64) + 1, minlength=len(RATIO_BINS) - 1)
 
     @property
     def passed(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from itertools import groupby
 from typing import Any
 
+import numpy as np
 from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -192,6 +193,136 @@ def problems(report: Report) -> Text | None:
     return Text("\n".join(lines), style="red") if lines else None
 
 
+# ---------------------------------------------------------------------------
+# Error heatmaps
+
+
+LEVELS = (
+    # (largest error / tolerance of the level, character, colour)
+    (0.0, " ", ""),
+    (0.01, "·", "grey50"),
+    (0.1, "░", "blue"),
+    (0.5, "▒", "cyan"),
+    (1.0, "▓", "yellow"),
+    (float("inf"), "█", "bold red"),
+)
+"""How an error map's cells are drawn: characters carry the level, colour only repeats
+it, so the map reads the same with NO_COLOR. ``█`` is over the tolerance."""
+
+MAP_LINES = 32
+"""Lines a heatmap takes at most; its width is the terminal's."""
+
+
+def _groups(cells: int, entries: int, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``cells`` map cells (covering ``entries`` rows or columns) into at most ``most``
+    groups of whole cells: (first cell of each group, first entry of each group, then
+    ``entries``). Map cell c covers the entries i with i·cells // entries == c."""
+    per = -(-cells // most)
+    first_cells = np.arange(0, cells, per)
+    first_entries = (np.append(first_cells, cells) * entries + cells - 1) // cells
+    return first_cells, first_entries
+
+
+def _span(first: int, stop: int) -> str:
+    return str(first) if stop - first <= 1 else f"{first}-{stop - 1}"
+
+
+def _level(ratio: float) -> tuple[str, str]:
+    for upper, char, style in LEVELS:
+        if ratio <= upper:
+            return char, style
+    return LEVELS[-1][1:]
+
+
+def legend() -> Text:
+    text = Text("  ")
+    names = ("exact", "< 1% of tol", "< 10%", "< 50%", "≤ tol", "over tol")
+    for (_, char, style), name in zip(LEVELS, names):
+        text.append(f"[{char}]", style=style)
+        text.append(f" {name}  ")
+    return text
+
+
+class Heatmap:
+    """The error map of one check (:attr:`TensorCheck.error_map`), drawn to fit the width.
+
+    The map comes pooled into at most ``numeric.MAP_CELLS`` cells; it is
+    pooled again, by maximum, into at most MAP_LINES lines and as many
+    characters as the width allows, so each character shows the largest
+    error / tolerance of the entries it covers: a single bad entry of a
+    large tensor still shows. Rows of dX and Y are batch rows (leading
+    dimensions flattened), columns input features or output units.
+    """
+
+    def __init__(self, check: TensorCheck):
+        self.check = check
+
+    def __rich_console__(self, console, options):
+        c = self.check
+        shape = _flat2d(c.expected_shape)
+        grid = c.error_map
+        row_cells, row_starts = _groups(grid.shape[0], shape[0], MAP_LINES)
+        labels = [_span(a, b) for a, b in zip(row_starts[:-1], row_starts[1:])]
+        if shape[0] == 1:
+            labels = [""]
+        label_width = max(len(label) for label in labels) + 1
+        col_cells, col_starts = _groups(
+            grid.shape[1], shape[1], options.max_width - label_width - 3
+        )
+        cells = np.maximum.reduceat(np.maximum.reduceat(grid, row_cells, 0), col_cells, 1)
+        what = {
+            "dX": ("batch rows", "input features"),
+            "dW": ("output units", "input features"),
+            "dB": ("", "output units"),
+            "Y": ("batch rows", "output units"),
+        }[c.tensor]
+        scale = []
+        if len(row_cells) < shape[0]:
+            scale.append(f"a line covers about {shape[0] / len(row_cells):.3g} {what[0]}")
+        if len(col_cells) < shape[1]:
+            scale.append(f"a character about {shape[1] / len(col_cells):.3g} {what[1]}")
+        yield Text.assemble(
+            (f"{c.tensor}", "bold"),
+            f" error / tolerance ({c.subject} vs {c.oracle}), {_dims(shape)}",
+            f"; {', '.join(scale)} (the largest shown)" if scale else "",
+        )
+        width = len(col_cells)
+        end = str(shape[1] - 1)
+        ruler = f"{'':>{label_width}} 0" + (end.rjust(width - 1) if width > len(end) + 1 else "")
+        yield Text(ruler, style="dim")
+        for label, row in zip(labels, cells):
+            line = Text(f"{label:>{label_width}}│", style="dim")
+            for ratio in row:
+                char, style = _level(float(ratio))
+                line.append(char, style=style)
+            line.append("│", style="dim")
+            yield line
+
+
+def _flat2d(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view an error map is drawn on: leading dimensions flattened, dB one row."""
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    return rows, shape[-1]
+
+
+def heatmaps(report: Report, which: str = "failed") -> list[RenderableType]:
+    """Heatmaps of the checks with an error map: the failed ones, or "all", or "none"."""
+    if which == "none":
+        return []
+    shown = [
+        c for c in report.checks if c.error_map is not None and (which == "all" or not c.passed)
+    ]
+    if not shown:
+        return []
+    parts: list[RenderableType] = []
+    for c in shown:
+        parts += [Heatmap(c), Text("")]
+    parts.append(legend())
+    return parts
+
+
 def verdict(report: Report) -> Text:
     n = len(report.checks)
     if report.passed:
@@ -202,8 +333,17 @@ def verdict(report: Report) -> Text:
     )
 
 
-def render(report: Report, header: RenderableType | None = None) -> Group:
-    """Everything a terminal shows for one report, in order."""
+def render(
+    report: Report,
+    header: RenderableType | None = None,
+    heatmap: str = "failed",
+    notes: list[RenderableType] | None = None,
+) -> Group:
+    """Everything a terminal shows for one report, in order, the verdict last.
+
+    ``heatmap``: draw the error maps of the failed checks ("failed"), of all
+    ("all"), or none ("none"). ``notes`` go just before the verdict.
+    """
     parts: list[RenderableType] = [] if header is None else [header]
     if "reason" in report.witness:
         parts.append(Text(f"Witness mode {report.witness['mode']}: {report.witness['reason']}."))
@@ -212,9 +352,13 @@ def render(report: Report, header: RenderableType | None = None) -> Group:
     worst = worst_entries_table(report)
     if worst is not None:
         parts.append(worst)
+    maps = heatmaps(report, heatmap)
+    if maps:
+        parts += [Text(""), *maps, Text("")]
     extra = problems(report)
     if extra is not None:
         parts.append(extra)
+    parts += notes or []
     parts.append(verdict(report))
     return Group(*parts)
 
@@ -274,7 +418,12 @@ def verdict_cases(results) -> Text:
     )
 
 
-def render_cases(results, header: RenderableType | None = None) -> Group:
+def render_cases(
+    results,
+    header: RenderableType | None = None,
+    heatmap: str = "failed",
+    notes: list[RenderableType] | None = None,
+) -> Group:
     """A summary table of all cases, then each failure: the first in full, the rest with
     only their failed rows, problems and hints."""
     from rich.rule import Rule
@@ -290,12 +439,13 @@ def render_cases(results, header: RenderableType | None = None) -> Group:
             kind = "bad input" if r.bad_input else "error"
             parts.append(Text(f"{kind}: {r.error}", style="red"))
         elif not shown_in_full:
-            parts.append(render(r.report))
+            parts.append(render(r.report, heatmap=heatmap))
             shown_in_full = True
         else:  # the rest more briefly: the failed rows, the problems and the hints
             for table in summary_tables(r.report, only_failed=True):
                 parts += [table, Text("")]
             parts.append(problems(r.report))
         parts.append(Text(""))
+    parts += notes or []
     parts.append(verdict_cases(results))
     return Group(*parts)
