@@ -1,0 +1,134 @@
+"""Terminal heatmaps: the planted mistake shows where it is, at any width, without colour."""
+
+import numpy as np
+import pytest
+from conftest import layer, loop_gradients
+from rich.console import Console
+
+from lincheck import check
+from lincheck.report import LEVELS, render
+
+OVER = LEVELS[-1][1]  # the character of an entry over its tolerance
+
+
+def text_of(renderable, width):
+    console = Console(width=width, record=True, color_system=None, file=open("/dev/null", "w"))
+    console.print(renderable)
+    console.file.close()
+    return console.export_text()
+
+
+def heatmap(text: str, tensor: str) -> list[tuple[str, str]]:
+    """(row label, cells) of the heatmap of ``tensor`` in rendered text."""
+    lines = text.splitlines()
+    start = next(
+        i for i, line in enumerate(lines) if line.startswith(f"{tensor} error / tolerance")
+    )
+    rows = []
+    for line in lines[start + 1 :]:
+        if "│" not in line:
+            if rows:
+                break
+            continue  # the title's continuation and the ruler
+        label, cells, _ = line.split("│")
+        rows.append((label.strip(), cells))
+    return rows
+
+
+def covers(label: str, index: int) -> bool:
+    first, _, last = label.partition("-")
+    return int(first) <= index <= int(last or first)
+
+
+@pytest.fixture
+def grads(rng):
+    def make(N, D_in, D_out):
+        X, W, B, G = layer(rng, N, D_in, D_out)
+        dX, dW, dB = loop_gradients(X, W, G)
+        return (X, W, B, G), {"dX": dX, "dW": dW, "dB": dB}
+
+    return make
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_a_bad_row_of_dX_is_one_hot_line(grads, width):
+    inputs, good = grads(40, 30, 5)
+    good["dX"][13] += 1e-3
+    text = text_of(render(check(*inputs, **good)), width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    rows = heatmap(text, "dX")
+    hot = [label for label, cells in rows if OVER in cells]
+    assert len(hot) == 1 and covers(hot[0], 13), rows
+    assert all(set(cells) == {OVER} for label, cells in rows if label == hot[0])
+    assert [c for c in text.splitlines() if c.startswith("dW error")] == []  # dW passed
+    assert text.splitlines()[-1].startswith("FAIL")  # the verdict is the last line
+
+
+def test_a_transposed_dW_is_hot_everywhere_but_the_diagonal(grads):
+    inputs, good = grads(20, 12, 12)
+    good["dW"] = good["dW"].T.copy()
+    rows = heatmap(text_of(render(check(*inputs, **good)), 80), "dW")
+    assert [label for label, _ in rows] == [str(i) for i in range(12)]
+    for i, (_, cells) in enumerate(rows):
+        assert len(cells) == 12
+        assert cells[i] != OVER  # dWᵀ[i, i] = dW[i, i]
+        assert all(c == OVER for j, c in enumerate(cells) if j != i)
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_one_bad_entry_of_a_large_tensor_survives_pooling(grads, width):
+    inputs, good = grads(1000, 300, 4)
+    good["dX"][731, 205] *= 1.0 + 1e-9
+    text = text_of(render(check(*inputs, **good, mode="sample")), width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    rows = heatmap(text, "dX")
+    assert len(rows) <= 32 and all(len(cells) <= width for _, cells in rows)
+    hot = [(label, cells.index(OVER), len(cells)) for label, cells in rows if OVER in cells]
+    assert len(hot) == 1 and covers(hot[0][0], 731)
+    label, at, chars = hot[0]
+    per_char = 300 / chars
+    assert int(at * per_char) <= 205 < int((at + 1) * per_char) + 1
+    assert "a line covers about" in text and "(the largest shown)" in text
+
+
+def test_heatmaps_of_passing_checks_only_on_request(grads):
+    inputs, good = grads(6, 5, 3)
+    report = check(*inputs, **good)
+    assert " error / tolerance (" not in text_of(render(report), 80)
+    shown = text_of(render(report, heatmap="all"), 80)
+    assert [len(heatmap(shown, t)) for t in ("dX", "dW", "dB")] == [6, 3, 1]
+    assert OVER not in "".join(c for t in ("dX", "dW", "dB") for _, c in heatmap(shown, t))
+    legend = [line for line in shown.splitlines() if "exact" in line and "over tol" in line]
+    assert len(legend) == 1
+    assert " error / tolerance (" not in text_of(
+        render(check(*inputs, dW=good["dW"] * 2), heatmap="none"), 80
+    )
+
+
+def test_directions_have_no_map(grads):
+    inputs, good = grads(6, 5, 3)
+    report = check(*inputs, mode="directions")
+    assert all(c.error_map is None for c in report.checks if c.mode == "directions")
+    shown = text_of(render(report, heatmap="all"), 80)
+    titles = [line.split()[0] for line in shown.splitlines() if " error / tolerance (" in line]
+    assert titles == ["dB"]  # dB's witness is whole in every mode
+
+
+def test_error_map_pools_the_largest_ratio(rng):
+    from lincheck import numeric
+
+    tally = numeric.Tally(shape=(1000, 7))
+    ratio = rng.uniform(0, 1, size=(1000, 7))
+    ratio[617, 3] = 50.0
+    tally.add(ratio, np.zeros_like(ratio), np.ones_like(ratio), 1.0, lambda local: local)
+    R = tally.map.shape[0]
+    assert tally.map.shape == (min(1000, numeric.MAP_CELLS[0]), 7)
+    assert tally.map[617 * R // 1000, 3] == 50.0
+    cells = np.arange(1000) * R // 1000
+    want = np.array([ratio[cells == c].max(axis=0) for c in range(R)])
+    want[617 * R // 1000, 3] = 50.0
+    assert np.array_equal(tally.map, want)
+    assert tally.histogram.sum() == 7000
+    assert tally.histogram[-1] == 0 and np.histogram(ratio, numeric.RATIO_BINS)[0][33:].sum() == (
+        tally.histogram[33:].sum()
+    )

@@ -1,0 +1,130 @@
+"""PNG plots: the files, their size, and the planted mistake where the picture says it is."""
+
+import sys
+
+import numpy as np
+import pytest
+from conftest import layer, loop_gradients
+from typer.testing import CliRunner
+
+from lincheck import numeric
+from lincheck.cli import app
+
+image = pytest.importorskip("matplotlib.image")
+plots = pytest.importorskip("lincheck.plots")
+runner = CliRunner()
+WIDTH, HEIGHT = int(plots.SIZE[0] * plots.DPI), int(plots.SIZE[1] * plots.DPI)
+
+
+def dump(path, rng, N=32, D_in=24, D_out=24, change=None):
+    X, W, B, G = layer(rng, N, D_in, D_out)
+    dX, dW, dB = loop_gradients(X, W, G)
+    arrays = {"X": X, "W": W, "B": B, "dY": G, "dX": dX, "dW": dW, "dB": dB}
+    if change:
+        change(arrays)
+    path.mkdir()
+    for name, a in arrays.items():
+        np.save(path / f"{name}.npy", a)
+    return path
+
+
+def heatmap_pixels(png):
+    """Luminance of the heatmap's image area, rows top to bottom."""
+    rgba = image.imread(png)
+    assert rgba.shape == (HEIGHT, WIDTH, 4)
+    left, bottom, width, height = plots.HEATMAP_AXES
+    x0, x1 = round(left * WIDTH) + 2, round((left + width) * WIDTH) - 2
+    y0, y1 = round((1 - bottom - height) * HEIGHT) + 2, round((1 - bottom) * HEIGHT) - 2
+    area = rgba[y0:y1, x0:x1, :3]
+    return area @ np.array([0.2126, 0.7152, 0.0722])
+
+
+def test_verify_plots_a_bad_row_where_it_is(tmp_path, rng):
+    def bad_row(a):
+        a["dX"][13] += 1e-3
+
+    d = dump(tmp_path / "case", rng, change=bad_row)
+    out = tmp_path / "plots"
+    result = runner.invoke(app, ["verify", str(d), "--plot", str(out)])
+    assert result.exit_code == 1, result.output
+    expected = {
+        f"{t}-{o}-{kind}.png"
+        for t in ("dX", "dW", "dB")
+        for o in ("reference", "witness")
+        for kind in ("heatmap", "histogram")
+    }
+    assert {p.name for p in out.iterdir()} == expected
+    for name in expected:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert str(out / name) in "".join(result.stdout.split())  # listed (long paths wrap)
+    assert result.stdout.rstrip().splitlines()[-1].startswith("FAIL")  # the verdict last
+    lum = heatmap_pixels(out / "dX-reference-heatmap.png")
+    hot_rows = np.nonzero(lum.max(axis=1) >= lum.max() - 0.05)[0]
+    rows = (hot_rows + 0.5) / lum.shape[0] * 32  # image rows → batch rows
+    assert int(np.median(rows)) == 13 and np.ptp(rows) < 1.1  # one batch row's band
+    hot_cols = lum[hot_rows].min(axis=0)
+    assert np.all(hot_cols >= lum.max() - 0.3)  # the whole row is hot
+
+
+def test_a_transposed_dW_is_dark_on_the_diagonal_only(tmp_path, rng):
+    d = dump(tmp_path / "case", rng, change=lambda a: a.update(dW=a["dW"].T.copy()))
+    out = tmp_path / "plots"
+    assert runner.invoke(app, ["verify", str(d), "--plot", str(out)]).exit_code == 1
+    lum = heatmap_pixels(out / "dW-reference-heatmap.png")
+    n = 24
+    centres = lambda size: ((np.arange(n) + 0.5) * size / n).astype(int)  # noqa: E731
+    cells = lum[np.ix_(centres(lum.shape[0]), centres(lum.shape[1]))]
+    diagonal = np.eye(n, dtype=bool)
+    assert cells[diagonal].max() < 0.1  # exact: black
+    assert cells[~diagonal].min() > 0.5  # far over the bound: bright
+
+
+def test_run_plots_the_step_study(tmp_path):
+    out = tmp_path / "plots"
+    result = runner.invoke(
+        app, ["run", "--n", "8", "--din", "6", "--dout", "4", "--plot", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "step-size.png").exists()
+    assert image.imread(out / "step-size.png").shape == (HEIGHT, WIDTH, 4)
+    assert {p.name for p in out.iterdir()} == {
+        "step-size.png",
+        *(f"{t}-witness-{k}.png" for t in ("dX", "dW", "dB") for k in ("heatmap", "histogram")),
+    }
+
+
+def test_step_study_errors_stay_within_their_bounds(rng):
+    L = numeric.Layer(*layer(rng, 16, 12, 8))
+    study = numeric.step_study(L)
+    assert np.all(study["error"] <= study["bound"])
+    assert study["default_error"] <= study["default_bound"]
+    # Cancellation: tiny steps are far worse than the default ones, which sit on the floor.
+    assert study["error"][0] > 1e6 * study["default_error"]
+    assert study["default_bound"] <= 2 * study["bound"].min()
+
+
+def test_plot_files_are_not_replaced_without_force(tmp_path, rng):
+    d = dump(tmp_path / "case", rng)
+    out = tmp_path / "plots"
+    out.mkdir()
+    (out / "dX-reference-heatmap.png").write_bytes(b"mine")
+    result = runner.invoke(app, ["verify", str(d), "--plot", str(out)])
+    assert result.exit_code == 2
+    assert "already exists; nothing was written (use --force to replace)" in result.stderr
+    assert (out / "dX-reference-heatmap.png").read_bytes() == b"mine"
+    assert [p.name for p in out.iterdir()] == ["dX-reference-heatmap.png"]
+    forced = runner.invoke(app, ["verify", str(d), "--plot", str(out), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (out / "dX-reference-heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_without_matplotlib_plot_says_how_to_install_it(tmp_path, rng, monkeypatch):
+    d = dump(tmp_path / "case", rng)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    result = runner.invoke(app, ["verify", str(d), "--plot", str(tmp_path / "plots")])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "lincheck: error: --plot needs matplotlib, which is not installed: "
+        "pip install 'lincheck[plot]'\n"
+    )
+    assert not (tmp_path / "plots").exists()
