@@ -31,7 +31,7 @@ app = typer.Typer(
     ),
     epilog=EXIT_CODES + "\nExample: lincheck run --n 32 --din 64 --dout 16",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -128,8 +128,16 @@ def _main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    no_color: Annotated[
+        bool,
+        typer.Option(
+            "--no-color",
+            help="No colours (as NO_COLOR=1 does); the characters carry the meaning anyway.",
+        ),
+    ] = False,
 ) -> None:
-    pass
+    if no_color:
+        stdout.no_color = stderr.no_color = True
 
 
 JsonOption = Annotated[
@@ -477,9 +485,15 @@ HeatmapOption = Annotated[
 
 
 @app.command(
+    short_help="Check a random layer's gradients (or your backward: --impl).",
+    help=(
+        "Generate a random layer, compute its gradients analytically in --dtype, and check "
+        "every entry against a numerical witness from L = Σ G ⊙ Y (float64), within "
+        "rounding-error bounds derived for --dtype. With --impl, check your own backward."
+    ),
     epilog=EXIT_CODES
     + "\nExample: lincheck run --n 32 --din 64 --dout 16 --dtype float32"
-    + "\nExample: lincheck run --impl mypkg.layers:linear_backward --junit report.xml"
+    + "\nExample: lincheck run --impl mypkg.layers:linear_backward --junit report.xml",
 )
 def run(
     n: SizeN = 32,
@@ -541,9 +555,7 @@ def run(
     ] = None,
     force: Force = False,
 ) -> None:
-    """Generate a random layer, compute its gradients analytically in --dtype, and check
-    every entry against a numerical witness from L = Σ G ⊙ Y (float64), within
-    rounding-error bounds derived for --dtype. With --impl, check your own backward."""
+    """lincheck run (the help text is in the decorator: one line per paragraph)."""
     import numpy as np
 
     from . import api, checks
@@ -639,10 +651,18 @@ def _save_failures(folder: Path, results, force: bool) -> None:
 
 
 @app.command(
+    short_help="Check gradients your code saved (.npy folder or .npz).",
+    help=(
+        "Check gradients your code produced (dX, dW, dB, Y) against the float64 analytic "
+        "reference, which is itself checked against a numerical witness; with no gradients "
+        "given, check the analytic formulas on your X, W, B, dY. Each entry's tolerance is "
+        "derived from the arithmetic (--precision), not set by hand. Several cases (one per "
+        "layer of a model, say) are checked in parallel and summarized in one table."
+    ),
     epilog=EXIT_CODES
     + "\nExample: lincheck verify dump/ --json report.json"
     + "   (dump/ holds X.npy W.npy B.npy dY.npy dW.npy …)"
-    + "\nExample: lincheck verify model_dump/ --junit report.xml   (one folder per layer)"
+    + "\nExample: lincheck verify model_dump/ --junit report.xml   (one folder per layer)",
 )
 def verify(
     paths: Annotated[
@@ -707,11 +727,7 @@ def verify(
     plot: PlotOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing plot files.")] = False,
 ) -> None:
-    """Check gradients your code produced (dX, dW, dB, Y) against the float64 analytic
-    reference, which is itself checked against a numerical witness; with no gradients
-    given, check the analytic formulas on your X, W, B, dY. Each entry's tolerance is
-    derived from the arithmetic (--precision), not set by hand. Several cases (one per
-    layer of a model, say) are checked in parallel and summarized in one table."""
+    """lincheck verify (the help text is in the decorator)."""
     from . import arrays
 
     options = dict(
@@ -813,7 +829,13 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
 
 
 @app.command(
-    epilog=EXIT_CODES + "\nExample: lincheck generate case/ --n 8 --din 4 --dout 3 --with-grads"
+    short_help="Write random inputs (and gradients) as .npy files.",
+    help=(
+        "Write seeded random X.npy, W.npy, B.npy, dY.npy (the inputs of 'verify'), and with "
+        "--with-grads dX.npy, dW.npy, dB.npy. Each file is written atomically; an existing "
+        "file is never replaced without --force."
+    ),
+    epilog=EXIT_CODES + "\nExample: lincheck generate case/ --n 8 --din 4 --dout 3 --with-grads",
 )
 def generate(
     directory: Annotated[
@@ -833,9 +855,7 @@ def generate(
     ] = False,
     force: Force = False,
 ) -> None:
-    """Write seeded random X.npy, W.npy, B.npy, dY.npy (the inputs of 'verify').
-
-    Each file is written atomically; an existing file is never replaced without --force."""
+    """lincheck generate (the help text is in the decorator)."""
     import numpy as np
 
     from . import arrays, checks
