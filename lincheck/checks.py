@@ -370,6 +370,12 @@ def _validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> _Inputs:
     )
 
 
+def layer_of(X, W, B, dY, sources: Mapping[str, str] | None = None) -> Layer:
+    """The shapes of a layer (N, D_in, D_out, bias, dtypes) from its inputs, validated as
+    :func:`check` validates them (InputError names what is wrong)."""
+    return _validate_inputs(X, W, B, dY, sources or {}).layer
+
+
 # ---------------------------------------------------------------------------
 # Checking
 

@@ -870,5 +870,65 @@ def generate(
     stdout.print(f"wrote {', '.join(p.name for p in written)} to {directory}", highlight=False)
 
 
+class Language(str, Enum):
+    en = "en"
+    zh = "zh"
+
+
+@app.command(
+    short_help="Show the derivation with your shapes, and what each check costs.",
+    help=(
+        "The forward and backward formulas of the layer with your shapes substituted, the "
+        "surrogate loss behind the numerical witness, what each check does and costs at "
+        "these sizes, and the error bounds: the original derivation, corrected. Shapes come "
+        "from --n/--din/--dout or from a dump PATH (as for verify)."
+    ),
+    epilog="Example: lincheck explain --n 128 --din 512 --dout 256 --lang zh"
+    + "\nExample: lincheck explain dump/",
+)
+def explain(
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A dump (folder of .npy files or .npz) whose shapes and dtypes to use.",
+            show_default=False,
+        ),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Batch size N.")] = 32,
+    din: Annotated[int, typer.Option("--din", min=1, help="Input features D_in.")] = 64,
+    dout: Annotated[int, typer.Option("--dout", min=1, help="Output features D_out.")] = 16,
+    precision: Annotated[
+        PrecisionChoice | None,
+        typer.Option("--precision", help="The arithmetic to state bounds for.", show_default=False),
+    ] = None,
+    no_bias: Annotated[bool, typer.Option("--no-bias", help="A layer without bias.")] = False,
+    lang: Annotated[
+        Language, typer.Option("--lang", help="en, or zh: the derivation's own language.")
+    ] = Language.en,
+) -> None:
+    """lincheck explain (the help text is in the decorator)."""
+    from .explain import Sizes
+    from .report import explain_page
+
+    chosen = None if precision is None else precision.value
+    if path is not None:
+        from . import arrays, checks
+        from .precision import precision_for
+
+        try:
+            loaded = arrays.load(path)
+            a = loaded.arrays
+            layer = checks.layer_of(a["X"], a["W"], a.get("B"), a["dY"], loaded.sources)
+        except LincheckError as exc:
+            raise _fail(str(exc)) from None
+        n, din, dout, bias = layer.N, layer.D_in, layer.D_out, layer.bias
+        subjects = [a[name] for name in ("dX", "dW", "dB") if name in a]
+        chosen = chosen or precision_for((subjects or [a["X"]])[0].dtype).name
+    else:
+        bias = not no_bias
+    sizes = Sizes(N=n, D_in=din, D_out=dout, bias=bias, precision=chosen or "fp64")
+    stdout.print(explain_page(sizes, lang.value))
+
+
 def main() -> None:
     app()

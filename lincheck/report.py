@@ -449,3 +449,12 @@ def render_cases(
     parts += notes or []
     parts.append(verdict_cases(results))
     return Group(*parts)
+
+
+def explain_page(sizes, lang: str = "en") -> RenderableType:
+    """``lincheck explain``: the derivation with the user's shapes (:mod:`lincheck.explain`)."""
+    from rich.markdown import Markdown
+
+    from .explain import text
+
+    return Markdown(text(sizes, lang), inline_code_lexer=None)

@@ -1,0 +1,258 @@
+"""``lincheck explain``: the derivation, corrected, with the user's shapes, as a Rich page.
+
+The page restates the derivation (``derivation.zh.md``, whose index typos it
+fixes and says so), substitutes the user's N, D_in, D_out, and states what
+each check does and what it costs at those sizes. It is Markdown rendered
+by Rich (:func:`lincheck.report.explain_page`), in English or in Chinese,
+the derivation's own language.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .precision import PRECISIONS, gamma
+
+LANGUAGES = ("en", "zh")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The shapes and arithmetic the page is written for."""
+
+    N: int
+    D_in: int
+    D_out: int
+    bias: bool = True
+    precision: str = "fp64"
+    directions: int = 16
+
+    @property
+    def entries(self) -> int:
+        """P: the entries of dX, dW and dB together, the parameters a check estimates."""
+        return self.N * self.D_in + self.D_out * self.D_in + self.D_out * self.bias
+
+    @property
+    def full_passes(self) -> int:
+        """Forward passes of a full grouped witness: two per column of X or W, two for B."""
+        return 2 * (2 * self.D_in + self.bias)
+
+    @property
+    def directions_passes(self) -> int:
+        return 2 * self.directions * 2 + 2 * self.bias
+
+    def bound(self, k: int) -> str:
+        """γ_k for the precision's accumulation, as text (∞ when k·u ≥ 1)."""
+        value = gamma(k, PRECISIONS[self.precision].accumulate.u)
+        return "∞ (no bound)" if value == float("inf") else f"{value:.1e}"
+
+
+def _numbers(s: Sizes) -> dict[str, str]:
+    p = PRECISIONS[s.precision]
+    return {
+        "N": f"{s.N:,}",
+        "D_in": f"{s.D_in:,}",
+        "D_out": f"{s.D_out:,}",
+        "N1": f"{s.N - 1:,}",
+        "Din1": f"{s.D_in - 1:,}",
+        "Dout1": f"{s.D_out - 1:,}",
+        "macs": f"{s.N * s.D_in * s.D_out:,}",
+        "P": f"{s.entries:,}",
+        "dense": f"{2 * s.entries:,}",
+        "full": f"{s.full_passes:,}",
+        "ratio": f"{2 * s.entries / s.full_passes:,.0f}",
+        "K": str(s.directions),
+        "dirs": f"{s.directions_passes:,}",
+        "jacobian": _bytes(8 * s.entries * s.N * s.D_out),
+        "prec": s.precision,
+        "u": f"{p.accumulate.u:.1e}",
+        "g_dX": s.bound(s.D_out),
+        "g_dW": s.bound(s.N),
+        "g_Y": s.bound(s.D_in + s.bias),
+        "kY": f"{s.D_in + s.bias:,}",
+        "bias_term": " + b[i]" if s.bias else "",
+        "bias_matrix": " + B" if s.bias else "",
+    }
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+_EN = """\
+# The linear layer, with your shapes
+
+N = {N} samples, D_in = {D_in} input features, D_out = {D_out} output features, \
+checked in {prec} (unit roundoff u = {u}).
+
+| Array | Shape | Entry | Meaning |
+|---|---|---|---|
+| X | ({N}, {D_in}) | x[n, j] | feature j of sample n |
+| W | ({D_out}, {D_in}) | w[i, j] | weight from input j to output i |
+| B | ({D_out},) | b[i] | bias of output i |
+| Y, G = ∂L/∂Y | ({N}, {D_out}) | y[n, i] | output i of sample n |
+
+## Forward
+
+```
+Y = X Wᵀ{bias_matrix}          ({N}×{D_in}) · ({D_in}×{D_out}) → ({N}×{D_out})
+y[n, i] = Σ_j x[n, j] w[i, j]{bias_term}     j = 0 … {Din1}
+```
+
+One forward pass is {macs} multiply-adds.
+
+## Backward (the chain rule, index by index)
+
+y[n, k] depends on w[i, j] only when k = i, with ∂y[n, i]/∂w[i, j] = x[n, j]; \
+on x[n, j] through every output k, with ∂y[n, k]/∂x[n, j] = w[k, j]; and on \
+b[k] with derivative 1. So, with G = ∂L/∂Y:
+
+```
+dW[i, j] = Σ_n G[n, i] x[n, j]     dW = Gᵀ X     ({D_out}×{N})·({N}×{D_in})
+dX[n, j] = Σ_i G[n, i] w[i, j]     dX = G W      ({N}×{D_out})·({D_out}×{D_in})
+dB[i]    = Σ_n G[n, i]             dB = Σₙ G     sum over the batch, axis 0
+```
+
+Each entry of dW and dB is a sum of {N} terms (n = 0 … {N1}); each entry of dX \
+a sum of {D_out} terms (i = 0 … {Dout1}).
+
+**Corrections to the original derivation.** Its forward sum is written over \
+`i = 1 … D_in` with a stray index `p`; the sum runs over `j`, from 1 to D_in, \
+and `i` is the fixed output. Its bias gradient sums over `i = 1 … N`; the sum \
+runs over the batch index `n`.
+
+## The numerical witness
+
+Finite differences need a scalar, and only G is given. The surrogate loss
+
+```
+L(X, W, B) = Σ_n Σ_i G[n, i] · y[n, i]
+```
+
+has ∂L/∂Y = G exactly, so its gradients are the dX, dW, dB above. L is linear \
+in every single entry of X, W and B, so a central difference \
+(L(θ + h) − L(θ − h)) / 2h has no truncation error at all: its only error is \
+rounding, which falls as h grows. lincheck takes h about 1000 times past the \
+point where cancellation stops mattering, entry by entry, and bounds what is \
+left.
+
+## What each check does, and what it costs here
+
+- **full** (every entry): perturb a whole column of X (or of W) in one \
+forward pass and read each row's share of L: {full} forward passes in all, \
+instead of {dense} one entry at a time ({ratio}× fewer), with each estimate \
+still a true central difference. A Jacobian, as torch.autograd.gradcheck \
+builds, would take {jacobian}.
+- **directions** K = {K}: compare L(θ + h v) − L(θ − h v) with ⟨∇L, Δ⟩ along \
+random ±1 directions v: {dirs} forward passes; any error above the reported \
+sensitivity is caught with probability at least 1 − 2⁻ᴷ.
+- **sample** K: K random entries per tensor, each from its own row or output \
+unit.
+
+Your gradients are always compared with the float64 reference at every entry \
+(about one forward pass).
+
+## The verdict
+
+An entry passes when |subject − oracle| ≤ bound(subject) + bound(oracle), \
+where the bound of a sum of k products is γ_k · Σ|terms| with \
+γ_k = k·u / (1 − k·u) (Higham, §3.1). Here, in {prec}:
+
+| Tensor | Terms k | γ_k |
+|---|---|---|
+| dX | {D_out} | {g_dX} |
+| dW, dB | {N} | {g_dW} |
+| Y | {kY} | {g_Y} |
+
+There is no tolerance to tune: a larger error is a wrong gradient.
+"""
+
+_ZH = """\
+# 线性层:代入你的形状
+
+N = {N} 个样本,D_in = {D_in} 个输入特征,D_out = {D_out} 个输出特征,\
+按 {prec} 检查(单位舍入误差 u = {u})。
+
+| 数组 | 形状 | 元素 | 含义 |
+|---|---|---|---|
+| X | ({N}, {D_in}) | x[n, j] | 第 n 个样本的第 j 个输入特征 |
+| W | ({D_out}, {D_in}) | w[i, j] | 从输入 j 到输出 i 的权重 |
+| B | ({D_out},) | b[i] | 第 i 个输出的偏置 |
+| Y, G = ∂L/∂Y | ({N}, {D_out}) | y[n, i] | 第 n 个样本的第 i 个输出 |
+
+## 正向传播
+
+```
+Y = X Wᵀ{bias_matrix}          ({N}×{D_in}) · ({D_in}×{D_out}) → ({N}×{D_out})
+y[n, i] = Σ_j x[n, j] w[i, j]{bias_term}     j = 0 … {Din1}
+```
+
+一次正向传播需要 {macs} 次乘加。
+
+## 反向传播(逐个下标应用链式法则)
+
+只有当 k = i 时 y[n, k] 才依赖 w[i, j],且 ∂y[n, i]/∂w[i, j] = x[n, j];\
+x[n, j] 通过每个输出 k 影响 y,∂y[n, k]/∂x[n, j] = w[k, j];b[k] 的导数为 1。\
+记 G = ∂L/∂Y,于是:
+
+```
+dW[i, j] = Σ_n G[n, i] x[n, j]     dW = Gᵀ X     ({D_out}×{N})·({N}×{D_in})
+dX[n, j] = Σ_i G[n, i] w[i, j]     dX = G W      ({N}×{D_out})·({D_out}×{D_in})
+dB[i]    = Σ_n G[n, i]             dB = Σₙ G     沿批次维度(第 0 维)求和
+```
+
+dW 与 dB 的每个元素是 {N} 项之和(n = 0 … {N1});dX 的每个元素是 {D_out} 项之和\
+(i = 0 … {Dout1})。
+
+**对原推导的更正。** 原文正向传播的求和写成 `i = 1 … D_in`,还列出了多余的下标 \
+`p`;实际求和下标是 `j`,从 1 到 D_in,`i` 是固定的输出下标。原文偏置梯度的求和写成 \
+`i = 1 … N`;实际是对批次下标 `n` 求和。
+
+## 数值见证
+
+有限差分需要一个标量,而我们只有 G。代理损失
+
+```
+L(X, W, B) = Σ_n Σ_i G[n, i] · y[n, i]
+```
+
+满足 ∂L/∂Y = G,所以它的梯度正是上面的 dX、dW、dB。L 对 X、W、B 的每一个元素都是\
+线性的,因此中心差分 (L(θ + h) − L(θ − h)) / 2h 没有截断误差:唯一的误差来自舍入,\
+并且随 h 增大而减小。lincheck 逐元素地把 h 取在抵消误差不再重要之处再大约 1000 倍,\
+并给出剩余误差的严格上界。
+
+## 各项检查做什么、在这里花多少
+
+- **full**(每个元素):一次正向传播扰动 X(或 W)的一整列,读取每一行对 L 的贡献:\
+共 {full} 次正向传播,而逐元素需要 {dense} 次(少 {ratio} 倍),每个估计仍是真正的\
+中心差分。像 torch.autograd.gradcheck 那样构造雅可比矩阵需要 {jacobian}。
+- **directions** K = {K}:沿随机 ±1 方向 v 比较 L(θ + h v) − L(θ − h v) 与 ⟨∇L, Δ⟩:\
+{dirs} 次正向传播;超过报告灵敏度的任何误差被发现的概率至少为 1 − 2⁻ᴷ。
+- **sample** K:每个张量随机取 K 个元素,各自用所在的行或输出单元估计。
+
+你的梯度总是在每个元素上与 float64 参考值比较(约一次正向传播)。
+
+## 判定
+
+当 |被检值 − 参照值| ≤ 界(被检值) + 界(参照值) 时该元素通过;k 个乘积之和的误差界是 \
+γ_k · Σ|各项|,其中 γ_k = k·u / (1 − k·u)(Higham,§3.1)。在 {prec} 下:
+
+| 张量 | 项数 k | γ_k |
+|---|---|---|
+| dX | {D_out} | {g_dX} |
+| dW, dB | {N} | {g_dW} |
+| Y | {kY} | {g_Y} |
+
+没有需要调节的容差:更大的误差就是错误的梯度。
+"""
+
+
+def text(sizes: Sizes, lang: str = "en") -> str:
+    """The page as Markdown, the sizes substituted."""
+    if lang not in LANGUAGES:
+        raise ValueError(f"lang must be one of {LANGUAGES}, not {lang!r}")
+    return (_EN if lang == "en" else _ZH).format(**_numbers(sizes))

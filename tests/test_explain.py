@@ -1,0 +1,74 @@
+"""lincheck explain: the derivation with the user's shapes, in English and Chinese."""
+
+import numpy as np
+import pytest
+from rich.cells import cell_len
+from rich.console import Console
+from typer.testing import CliRunner
+
+from lincheck.cli import app
+from lincheck.explain import Sizes, text
+from lincheck.report import explain_page
+
+runner = CliRunner()
+
+
+def rendered(sizes, lang, width=80):
+    console = Console(width=width, record=True, color_system=None, file=open("/dev/null", "w"))
+    console.print(explain_page(sizes, lang))
+    console.file.close()
+    return console.export_text()
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_page_fits_the_width(lang, width):
+    out = rendered(Sizes(N=1024, D_in=4096, D_out=1000, precision="bf16"), lang, width)
+    assert max(cell_len(line) for line in out.splitlines()) <= width
+    assert "(1,024×4,096) · (4,096×1,000) → (1,024×1,000)" in out
+
+
+def test_the_numbers_are_those_of_the_shapes():
+    s = Sizes(N=32, D_in=64, D_out=16)
+    page = " ".join(rendered(s, "en").split())
+    assert "N = 32 samples, D_in = 64 input features, D_out = 16 output features" in page
+    assert "(32×64) · (64×16) → (32×16)" in page
+    assert f"{32 * 64 * 16:,} multiply-adds" in page
+    P = 32 * 64 + 16 * 64 + 16
+    assert f"{2 * (2 * 64 + 1)} forward passes in all, instead of {2 * P:,}" in page
+    assert f"{2 * 16 * 2 + 2} forward passes" in page
+    u = 2.0**-53
+    for tensor, k in (("dX", 16), ("dW, dB", 32), ("Y", 65)):
+        assert f"{tensor} {k} {k * u / (1 - k * u):.1e}" in page
+    assert "the sum runs over j, from 1 to D_in" in page  # the derivation's typo, corrected
+
+
+def test_no_bias_and_no_bound():
+    s = Sizes(N=4096, D_in=8, D_out=4, bias=False, precision="fp16")
+    page = " ".join(text(s).split())
+    assert "+ b[i]" not in page and "Y = X Wᵀ " in page
+    assert f"{2 * 2 * 8} forward passes in all" in page
+    assert "dW, dB | 4,096 | ∞ (no bound)" in page  # 4096 · 2⁻¹¹ ≥ 1
+
+
+def test_chinese_page():
+    page = " ".join(rendered(Sizes(N=32, D_in=64, D_out=16), "zh").split())
+    assert "代理损失" in page and "258 次正向传播" in page and "链式法则" in page
+    assert "实际求和下标是 j" in page
+
+
+def test_cli_explain_reads_shapes_from_a_dump(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "dump"
+    d.mkdir()
+    for name, shape in (("X", (5, 7)), ("W", (3, 7)), ("dY", (5, 3)), ("dW", (3, 7))):
+        np.save(d / f"{name}.npy", rng.standard_normal(shape).astype(np.float32))
+    result = runner.invoke(app, ["explain", str(d)])
+    assert result.exit_code == 0, result.output
+    page = " ".join(result.stdout.split())
+    assert "N = 5 samples, D_in = 7 input features, D_out = 3 output features" in page
+    assert "checked in fp32" in page and "+ b[i]" not in page
+    zh = runner.invoke(app, ["explain", "--n", "8", "--din", "4", "--dout", "2", "--lang", "zh"])
+    assert zh.exit_code == 0 and "N = 8 个样本" in zh.stdout
+    bad = runner.invoke(app, ["explain", str(tmp_path / "missing")])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "missing" in bad.stderr
