@@ -132,12 +132,15 @@ def _main(
         bool,
         typer.Option(
             "--no-color",
-            help="No colours (as NO_COLOR=1 does); the characters carry the meaning anyway.",
+            help="Plain text, no colours or styles (as NO_COLOR=1 does); the characters carry "
+            "the meaning anyway.",
         ),
     ] = False,
 ) -> None:
-    if no_color:
-        stdout.no_color = stderr.no_color = True
+    global stdout, stderr
+    if no_color or os.environ.get("NO_COLOR"):
+        # No escape codes at all, not only no colours: bold and dim go too.
+        stdout, stderr = Console(color_system=None), Console(stderr=True, color_system=None)
 
 
 JsonOption = Annotated[

@@ -493,3 +493,33 @@ def test_every_hint_code_through_the_cli(tmp_path, rng, bug):
     hints = report_json(result)["hints"]
     assert [(h["code"], h["tensor"]) for h in hints] == [(code, tensor)]
     assert f"hint [{code}] " in result.stderr
+
+
+@pytest.mark.parametrize(
+    "env, args, coloured",
+    [
+        ({"FORCE_COLOR": "1"}, [], True),
+        ({"FORCE_COLOR": "1"}, ["--no-color"], False),
+        ({"FORCE_COLOR": "1", "NO_COLOR": "1"}, [], False),
+        ({}, [], False),  # not a terminal: plain text
+    ],
+)
+def test_colour_only_when_wanted(env, args, coloured):
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
+    command = [sys.executable, "-m", "lincheck", *args, "run", "--n", "4", "--din", "3"]
+    done = subprocess.run(
+        [*command, "--dout", "2", "--heatmap"],
+        capture_output=True,
+        text=True,
+        env={**clean, **env, "COLUMNS": "80"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert ("\x1b[" in done.stdout) is coloured
+    plain = [line for line in done.stdout.splitlines() if "│" in line]
+    assert plain  # the heatmaps print in any case: characters carry the levels
+    assert done.stdout.rstrip().splitlines()[-1].split()[-3:] == ["3", "checks", "passed"]
