@@ -1044,9 +1044,13 @@ def complex_step(X, W, B, G) -> Witness:
 MAP_CELLS = (128, 256)
 """Rows × columns of cells of an error map at most (see :class:`Tally`)."""
 
-RATIO_BINS = np.concatenate(([0.0], 10.0 ** np.arange(-8.0, 8.25, 0.25), [np.inf]))
-"""Bin edges of the histograms of error / tolerance: zero and below 1e-8, quarter decades
-up to 1e8, then everything beyond (the tolerance is at 1)."""
+RATIO_DECADES = (-12, 20)
+RATIO_BINS = np.concatenate(
+    ([0.0], 10.0 ** np.arange(RATIO_DECADES[0], RATIO_DECADES[1] + 0.125, 0.25), [np.inf])
+)
+"""Bin edges of the histograms of error / tolerance: zero and below 1e-12, quarter decades
+up to 1e20 (a transposed or unscaled gradient lands near 1e14 in float64), then everything
+beyond. The tolerance is at 1."""
 
 
 class Tally:
@@ -1142,9 +1146,9 @@ class Tally:
             r = ratio[start : start + CHUNK]
             rows, cols = np.divmod(flat(np.arange(start, start + r.size)), self.shape[1])
             np.maximum.at(self.map, (rows * R // self.shape[0], cols * C // self.shape[1]), r)
-            # Quarter decades from 1e-8 (bin 1) to 1e8; 0 and below 1e-8 in bin 0, the rest last.
+            # Quarter decades (bin 1 starts at RATIO_BINS[1]); 0 and below in bin 0, the rest last.
             with np.errstate(divide="ignore", invalid="ignore"):
-                bins = np.floor((np.log10(r) + 8.0) * 4.0)
+                bins = np.floor((np.log10(r) - RATIO_DECADES[0]) * 4.0)
             bins = np.clip(np.nan_to_num(bins, nan=-1.0, neginf=-1.0), -1, len(RATIO_BINS) - 3)
             self.histogram += np.bincount(bins.astype(np.int64) + 1, minlength=len(RATIO_BINS) - 1)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .checks import Report, TensorCheck
 from .errors import LincheckError
-from .numeric import RATIO_BINS
+from .numeric import RATIO_DECADES
 
 SIZE = (8.0, 5.0)
 DPI = 100
@@ -84,8 +84,9 @@ def heatmap_png(check: TensorCheck) -> bytes:
         extent=(0, cols, rows, 0),
     )
     bar = fig.colorbar(image, cax=fig.add_axes((0.85, 0.12, 0.03, 0.76)), extend="min")
-    bar.set_label("error / tolerance (over 1: outside the bound; black: under 1e-4 or exact)")
+    bar.set_label("error / tolerance (the white line: the bound)")
     bar.ax.axhline(1.0, color="white", linewidth=2)
+    fig.text(0.85, 0.03, "black: under 1e-4, or exact", fontsize=8, ha="center")
     names = {
         "dX": ("batch row", "input feature"),
         "dW": ("output unit", "input feature"),
@@ -99,24 +100,32 @@ def heatmap_png(check: TensorCheck) -> bytes:
 
 
 def histogram_png(check: TensorCheck) -> bytes:
-    """How many entries have each error / tolerance (quarter decades), the bound at 1."""
+    """How many entries have each error / tolerance, in quarter decades, the bound at 1.
+
+    The x axis is log₁₀(error / tolerance); the first bar (left of the axis' range)
+    holds exact entries and those under its lowest decade, the last everything over
+    its highest.
+    """
     counts = check.histogram
+    lo, hi = RATIO_DECADES
     fig = _figure()
-    ax = fig.add_axes((0.1, 0.12, 0.85, 0.76))
-    edges = RATIO_BINS[1:-1]  # finite quarter-decade edges; the first and last bins are open
-    middle = counts[1:-1]
-    ax.bar(edges[:-1], middle, width=np.diff(edges), align="edge", color="#4c72b0")
-    ax.set_xscale("log")
-    ax.axvline(1.0, color="#c44e52", linewidth=2, label="the bound (error = tolerance)")
-    notes = []
-    if counts[0]:
-        notes.append(f"{counts[0]:,} entries below 1e-8 of their tolerance (or exact)")
-    if counts[-1]:
-        notes.append(f"{counts[-1]:,} entries over 1e8 times their tolerance")
-    ax.set_xlabel("error / tolerance")
+    ax = fig.add_axes((0.1, 0.14, 0.85, 0.74))
+    edges = np.arange(lo, hi + 0.125, 0.25)
+    ax.bar(edges[:-1], counts[1:-1], width=0.25, align="edge", color="#4c72b0")
+    ax.bar([lo - 1.0], counts[:1], width=0.75, align="edge", color="#8c8c8c")
+    ax.bar([hi + 0.25], counts[-1:], width=0.75, align="edge", color="#c44e52")
+    ax.axvline(0.0, color="#c44e52", linewidth=2, label="the bound (error = tolerance)")
+    ticks = list(range(lo + 4, hi, 4))
+    ax.set_xticks(
+        [lo - 0.625, *ticks, hi + 0.625],
+        [f"<1e{lo}", *(f"1e{t}" for t in ticks), f">1e{hi}"],
+        fontsize=8,
+    )
+    ax.set_xlim(lo - 1.25, hi + 1.25)
+    ax.set_xlabel("error / tolerance (log scale)")
     ax.set_ylabel("entries")
     ax.set_title(_title(check), fontsize=10, loc="left")
-    ax.legend(title="; ".join(notes) or None, loc="upper left", fontsize=9, title_fontsize=9)
+    ax.legend(loc="upper right", fontsize=9)
     return _png(fig)
 
 
