@@ -523,3 +523,23 @@ def test_colour_only_when_wanted(env, args, coloured):
     plain = [line for line in done.stdout.splitlines() if "│" in line]
     assert plain  # the heatmaps print in any case: characters carry the levels
     assert done.stdout.rstrip().splitlines()[-1].split()[-3:] == ["3", "checks", "passed"]
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_output_fits_the_terminal_width(tmp_path, width):
+    """No line wider than the terminal: tables and heatmaps size themselves."""
+    rng = np.random.default_rng(3)
+    X, W = rng.standard_normal((300, 40)), rng.standard_normal((30, 40))
+    G = rng.standard_normal((300, 30))
+    d = tmp_path / "dump"
+    d.mkdir()
+    dW = G.T @ X
+    dW[4, 33] += 1.0  # a failure: tables of the worst entries and a heatmap
+    for name, a in {"X": X, "W": W, "dY": G, "dX": G @ W, "dW": dW}.items():
+        np.save(d / f"{name}.npy", a)
+    result = runner.invoke(app, ["verify", str(d), "--heatmap"], env={"COLUMNS": str(width)})
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= width
+    assert sum(" error / tolerance (" in line for line in lines) == 4  # dX, dW × 2 oracles
+    assert lines[-1].startswith("FAIL")
