@@ -217,8 +217,11 @@ def _heatmaps(out: dict) -> str:
 
 
 def _plots(out: dict, reports: dict, study=None) -> list:
-    """Write --plot's PNG files (a subfolder per case when there are several); a line
-    listing them, to print before the verdict."""
+    """Write --plot's PNG files; a line listing them, to print before the verdict.
+
+    One case: its plots in DIR. Several: the failed cases' plots, a subfolder each
+    (a sweep's passing cases have nothing to look at).
+    """
     if out.get("plot") is None:
         return []
     import re
@@ -227,16 +230,23 @@ def _plots(out: dict, reports: dict, study=None) -> list:
 
     from . import arrays, plots
 
+    many = len(reports) > 1
+    if many:
+        reports = {name: r for name, r in reports.items() if not r.passed}
     written = []
     for name, report in reports.items():
-        folder = out["plot"] if len(reports) == 1 else out["plot"] / re.sub(r"[^\w.=-]+", "_", name)
+        folder = out["plot"] / re.sub(r"[^\w.=-]+", "_", name) if many else out["plot"]
         try:
             files = plots.plot_report(report, study)
             written += arrays.save_files(folder, files, force=out.get("force", False))
         except LincheckError as exc:
             raise _fail(str(exc)) from None
-    listed = "\n".join(f"  {p}" for p in written)
-    return [Text(f"Plots ({len(written)}):\n{listed}" if written else "Plots: nothing to plot")]
+    if not written:
+        return [Text("Plots: nothing to plot" + (" (no case failed)" if many else ""))]
+    if len(written) > 12:
+        where = f"{len(reports)} folders in {out['plot']}, one per failed case" if many else ""
+        return [Text(f"Plots: {len(written)} files, {where or out['plot']}")]
+    return [Text(f"Plots ({len(written)}):\n" + "\n".join(f"  {p}" for p in written))]
 
 
 def _emit(report, header, name: str, out: dict, context: dict, study=None) -> None:
@@ -470,8 +480,8 @@ PlotOption = Annotated[
     typer.Option(
         "--plot",
         help="Write PNG plots to DIR: per tensor an error / tolerance heatmap and a "
-        "histogram (and for run the witness error against the step). Needs matplotlib: "
-        "pip install 'lincheck[plot]'.",
+        "histogram (and for run the witness error against the step); with several cases, "
+        "a subfolder per failed case. Needs matplotlib: pip install 'lincheck[plot]'.",
         metavar="DIR",
         show_default=False,
     ),

@@ -128,3 +128,17 @@ def test_without_matplotlib_plot_says_how_to_install_it(tmp_path, rng, monkeypat
         "pip install 'lincheck[plot]'\n"
     )
     assert not (tmp_path / "plots").exists()
+
+
+def test_several_cases_plot_the_failed_ones_in_a_folder_each(tmp_path, rng):
+    cases = tmp_path / "model"
+    cases.mkdir()
+    dump(cases / "layer1", rng)
+    dump(cases / "layer2", rng, change=lambda a: a["dB"].__imul__(2.0))
+    out = tmp_path / "plots"
+    result = runner.invoke(app, ["verify", str(cases), "--plot", str(out), "--jobs", "1"])
+    assert result.exit_code == 1, result.output
+    (folder,) = out.iterdir()
+    assert folder.name.endswith("layer2")
+    assert (folder / "dB-reference-heatmap.png").exists()
+    assert len(list(folder.iterdir())) == 12
