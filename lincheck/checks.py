@@ -598,16 +598,34 @@ def _run_full(inputs, plans, method, mode, samples, directions, seed, sources, p
 def _run_streamed(inputs, plans, method, mode, samples, directions, seed, sources, progress):
     """The partial modes, reading X and dY a block of rows at a time (:class:`numeric.Rows`).
 
-    A first pass compares the subjects of dX and Y row block by row block
-    and sums what dW, dB and the witnesses need (:class:`numeric.Totals`);
-    dW and dB are then compared whole. A second pass runs the witnesses:
-    sampled entries or random directions of dX and dW, and dB whole. Memory
-    is about W's size a few times over plus one block, whatever N is, so
-    memory-mapped inputs larger than memory can be checked.
+    A first pass compares the subjects of dX and Y row block by row block,
+    runs the witnesses that take each block's own steps (sampled entries,
+    dB whole) and sums what dW, dB and the directions need
+    (:class:`numeric.Totals`); dW and dB are then compared whole. Random
+    directions need one step for a whole tensor, set by those sums: they
+    take a second pass. Memory is about W's size a few times over plus one
+    block, whatever N is, so memory-mapped inputs larger than memory can be
+    checked.
     """
     rows = numeric.Rows(inputs.X, inputs.W, inputs.B, inputs.G)
     by_tensor = {p.tensor: p for p in plans}
     totals = numeric.Totals(rows, dW_magnitudes="dW" in by_tensor and by_tensor["dW"].usable)
+    rng = np.random.default_rng(seed)
+    later = [p for p in plans if p.witnessed and mode == "directions" and p.tensor != "dB"]
+    now = {
+        p.tensor: p.partial_witness(totals, rows, mode, samples, directions, seed, rng)
+        for p in plans
+        if p.witnessed and p not in later
+    }
+    total = sum(w.passes for w in now.values()) + 2 * directions * len(later)
+    done = 0.0
+
+    def step(r: slice, witnesses) -> None:
+        nonlocal done
+        done += sum(w.passes for w in witnesses) * (r.stop - r.start) / rows.N
+        if progress is not None and witnesses:
+            progress(done, total)
+
     for r, block in rows:
         _check_no_overflow([block.MY, block.A_rows, block.A_cols], sources)
         totals.add(block)
@@ -615,27 +633,28 @@ def _run_streamed(inputs, plans, method, mode, samples, directions, seed, source
             if tensor in by_tensor and by_tensor[tensor].usable:
                 M, S = block.magnitude(tensor)
                 by_tensor[tensor].add(block, None, M, S, None, rows=r)
+        for w in now.values():
+            w.add(r, block)
+        step(r, now.values())
     for tensor in ("dW", "dB"):
         if tensor in by_tensor and by_tensor[tensor].usable:
             M, S = totals.magnitude(tensor)
             by_tensor[tensor].add(totals, None, M, S, None)
-    rng = np.random.default_rng(seed)
-    witnesses = {}
-    for plan in plans:
-        if plan.witnessed:
-            witnesses[plan.tensor] = plan.partial_witness(
-                totals, rows, mode, samples, directions, seed, rng
-            )
-    done, steps = 0.0, {}
-    total = sum(w.passes for w in witnesses.values())
-    for r, block in rows:
-        for w in witnesses.values():
-            w.add(r, block)
-        done += total * (r.stop - r.start) / rows.N
-        if progress is not None:
-            progress(done, total)
-    for tensor, w in witnesses.items():
-        by_tensor[tensor].finish_partial_witness(w, totals, steps)
+    witnesses = dict(now)
+    if later:
+        second = {
+            p.tensor: p.partial_witness(totals, rows, mode, samples, directions, seed, rng)
+            for p in later
+        }
+        for r, block in rows:  # only X and dY as float64: the block's magnitudes are not needed
+            for w in second.values():
+                w.add(r, block)
+            step(r, second.values())
+        witnesses.update(second)
+    steps: dict[str, list[float]] = {}
+    for tensor in by_tensor:  # in the plans' order
+        if tensor in witnesses:
+            by_tensor[tensor].finish_partial_witness(witnesses[tensor], totals, steps)
     return None, total, steps
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -94,10 +95,11 @@ def step_sizes(
 class Layer:
     """A float64 layer prepared for block-wise checking.
 
-    Holds the inputs as float64 (views when they already are), their
-    absolute values, ``MY = |X| |W|ᵀ + |B|`` and the per-row and per-column
-    sums of absolute terms of the loss, ``A_rows[n] = Σᵢ |G[n, i]| MY[n, i]``
-    and ``A_cols[i] = Σₙ |G[n, i]| MY[n, i]``: memory of about twice the
+    Holds the inputs as float64 (views when they already are) and, from
+    first use, their absolute values, ``MY = |X| |W|ᵀ + |B|`` and the
+    per-row and per-column sums of absolute terms of the loss,
+    ``A_rows[n] = Σᵢ |G[n, i]| MY[n, i]`` and
+    ``A_cols[i] = Σₙ |G[n, i]| MY[n, i]``: memory of about twice the
     inputs. Everything per entry (magnitudes, the reference, the witness) is
     computed a block of columns at a time from these.
 
@@ -114,25 +116,82 @@ class Layer:
         self.B = None if B is None else np.asarray(B, dtype=np.float64)
         self.N, self.D_in = self.X.shape
         self.D_out = self.W.shape[0]
-        self.aX, self.aW, self.aG = np.abs(self.X), np.abs(self.W), np.abs(self.G)
-        MY = self.aX @ self.aW.T
-        if self.B is not None:
-            MY += np.abs(self.B)
-        self.MY = _upper(MY, self.D_in + 1)
-        shares = self.aG * self.MY
-        self.A_rows = _upper(shares.sum(axis=1), self.D_out)
-        self.A_cols = _upper(shares.sum(axis=0), self.N)
-        self.A_all = float(_upper(shares.sum(), self.N * self.D_out))
-        del shares
-        self.sum_G_rows, self.sum_G_cols = self.aG.sum(axis=1), self.aG.sum(axis=0)
-        self.sum_X_cols, self.sum_X_rows = self.aX.sum(axis=0), self.aX.sum(axis=1)
-        self.sum_W_cols, self.sum_W_rows = self.aW.sum(axis=0), self.aW.sum(axis=1)
         # Past about a million multiply-adds per pass, a tall stacked product of perturbed
         # copies of X runs slower than the passes one by one (measured at (256, 512, 256):
         # 27 ms against 17 ms for 20 passes), so dX's columns then go one at a time.
         self.column_at_a_time = self.N * self.D_in * self.D_out >= 2**20
-        # The scale of the values each tensor's perturbation competes with (see step_sizes).
-        self.scale = {
+
+    # Everything below is computed on first use: a block of rows that only goes through
+    # perturbed forward passes (random directions) needs none of it.
+
+    @cached_property
+    def aX(self) -> np.ndarray:
+        return np.abs(self.X)
+
+    @cached_property
+    def aW(self) -> np.ndarray:
+        return np.abs(self.W)
+
+    @cached_property
+    def aG(self) -> np.ndarray:
+        return np.abs(self.G)
+
+    @cached_property
+    def MY(self) -> np.ndarray:
+        MY = self.aX @ self.aW.T
+        if self.B is not None:
+            MY += np.abs(self.B)
+        return _upper(MY, self.D_in + 1)
+
+    @cached_property
+    def _shares(self) -> tuple[np.ndarray, np.ndarray, float]:
+        shares = self.aG * self.MY
+        return (
+            _upper(shares.sum(axis=1), self.D_out),
+            _upper(shares.sum(axis=0), self.N),
+            float(_upper(shares.sum(), self.N * self.D_out)),
+        )
+
+    @property
+    def A_rows(self) -> np.ndarray:
+        return self._shares[0]
+
+    @property
+    def A_cols(self) -> np.ndarray:
+        return self._shares[1]
+
+    @property
+    def A_all(self) -> float:
+        return self._shares[2]
+
+    @cached_property
+    def sum_G_rows(self) -> np.ndarray:
+        return self.aG.sum(axis=1)
+
+    @cached_property
+    def sum_G_cols(self) -> np.ndarray:
+        return self.aG.sum(axis=0)
+
+    @cached_property
+    def sum_X_cols(self) -> np.ndarray:
+        return self.aX.sum(axis=0)
+
+    @cached_property
+    def sum_X_rows(self) -> np.ndarray:
+        return self.aX.sum(axis=1)
+
+    @cached_property
+    def sum_W_cols(self) -> np.ndarray:
+        return self.aW.sum(axis=0)
+
+    @cached_property
+    def sum_W_rows(self) -> np.ndarray:
+        return self.aW.sum(axis=1)
+
+    @cached_property
+    def scale(self) -> dict[str, float]:
+        """The scale of the values each tensor's perturbation competes with (step_sizes)."""
+        return {
             "dX": float(self.aX.max(initial=0.0)),
             "dW": float(self.aW.max(initial=0.0)),
             "dB": float(self.MY.max(initial=0.0)),
