@@ -1208,7 +1208,7 @@ class Tally:
             # Quarter decades (bin 1 starts at RATIO_BINS[1]); 0 and below in bin 0, the rest last.
             with np.errstate(divide="ignore", invalid="ignore"):
                 bins = np.floor((np.log10(r) - RATIO_DECADES[0]) * 4.0)
-            bins = np.clip(np.nan_to_num(bins, nan=-1.0, neginf=-1.0), -1, len(RATIO_BINS) - 3)
+            bins = np.minimum(np.where(bins >= -1.0, bins, -1.0), len(RATIO_BINS) - 3)  # -inf, NaN
             self.histogram += np.bincount(bins.astype(np.int64) + 1, minlength=len(RATIO_BINS) - 1)
 
     @property
