@@ -280,22 +280,14 @@ def save(
     InputError
         ``folder`` is not a folder, or a target exists and ``force`` is False.
     """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{folder}: exists and is not a folder")
+    folder = _folder(folder)
     clash = existing_targets(folder, arrays)
+    _make_room(folder, clash, force)
     if force:
         # Replacing X.npy is what --force asks; a differently-cased twin would stay behind.
         stale = [p for p in clash if p.name not in {f"{n}.npy" for n in arrays}]
         for p in stale:
             p.unlink()
-    elif clash:
-        listed = ", ".join(str(p) for p in clash)
-        raise InputError(f"{listed}: already exists; nothing was written (use --force to replace)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{folder}: cannot create folder: {exc.strerror or exc}") from None
     written = []
     for name, array in arrays.items():
         target = folder / f"{name}.npy"
@@ -303,6 +295,25 @@ def save(
         _atomic_write(target, partial(_write_npy, array=np.asarray(array)), replace=force)
         written.append(target)
     return written
+
+
+def _folder(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder")
+    return folder
+
+
+def _make_room(folder: Path, clash: list[Path], force: bool) -> None:
+    """Refuse (before writing anything) if files would be replaced without ``force``;
+    then make sure ``folder`` exists."""
+    if clash and not force:
+        listed = ", ".join(str(p) for p in clash)
+        raise InputError(f"{listed}: already exists; nothing was written (use --force to replace)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot create folder: {exc.strerror or exc}") from None
 
 
 def _write_npy(fp: IO[bytes], array: np.ndarray) -> None:
@@ -321,17 +332,8 @@ def save_files(
     InputError
         ``folder`` is not a folder, or a file exists and ``force`` is False.
     """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{folder}: exists and is not a folder")
-    clash = [folder / name for name in files if (folder / name).exists()]
-    if clash and not force:
-        listed = ", ".join(str(p) for p in clash)
-        raise InputError(f"{listed}: already exists; nothing was written (use --force to replace)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{folder}: cannot create folder: {exc.strerror or exc}") from None
+    folder = _folder(folder)
+    _make_room(folder, [folder / name for name in files if (folder / name).exists()], force)
     written = []
     for name, data in files.items():
         target = folder / name

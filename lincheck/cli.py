@@ -168,6 +168,19 @@ def _options(method, mode, samples, directions, seed, budget, atol, rtol) -> dic
     )
 
 
+def _outputs(json_path, junit, github, quiet, heatmap, plot, force) -> dict:
+    """Where results go and how they look: the output options run and verify share."""
+    return dict(
+        json_path=json_path,
+        junit=junit,
+        github=github,
+        quiet=quiet,
+        heatmap=heatmap,
+        plot=plot,
+        force=force,
+    )
+
+
 def _write_report(path: Path, text: str) -> None:
     """Replace a report file the user named (--json, --junit) atomically."""
     from . import arrays
@@ -575,15 +588,7 @@ def run(
 
     options = _options(method, mode, samples, directions, seed, budget, atol, rtol)
     _require_plotting(plot)
-    out = dict(
-        json_path=json_path,
-        junit=junit,
-        github=github,
-        quiet=quiet,
-        heatmap=heatmap,
-        plot=plot,
-        force=force,
-    )
+    out = _outputs(json_path, junit, github, quiet, heatmap, plot, force)
     if impl or forward:
         dtypes = [d.value for d in dtype] if dtype else ["float64", "float32"]
         fn = _load_callable(impl, "--impl") if impl else None
@@ -747,17 +752,8 @@ def verify(
         precision=None if precision is None else precision.value,
         **_options(method, mode, samples, directions, seed, budget, atol, rtol),
     )
-    out = dict(
-        json_path=json_path,
-        junit=junit,
-        github=github,
-        quiet=quiet,
-        heatmap=heatmap,
-        plot=plot,
-        force=force,
-        verbose=verbose,
-        max_memory=max_memory,
-    )
+    out = _outputs(json_path, junit, github, quiet, heatmap, plot, force)
+    out.update(verbose=verbose, max_memory=max_memory)
     _require_plotting(plot)
     given = {"X": x, "W": w, "B": b, "dY": dy, "dX": dx, "dW": dw, "dB": db, "Y": y}
     files = {name: file for name, file in given.items() if file is not None}
