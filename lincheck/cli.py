@@ -940,4 +940,4 @@ def explain(
 
 
 def main() -> None:
-    app()
+    app(prog_name="lincheck")  # the same name (in help, for completion) under python -m

@@ -1201,15 +1201,20 @@ class Tally:
         """Pool a block's error / tolerance into the map and the histogram, a chunk at a time
         (a few temporaries of CHUNK entries, whatever the block's size)."""
         R, C = self.map.shape
+        whole = (R, C) == self.shape  # a cell per entry: no pooling to do
+        bins = len(RATIO_BINS) - 1
         for start in range(0, ratio.size, CHUNK):
             r = ratio[start : start + CHUNK]
-            rows, cols = np.divmod(flat(np.arange(start, start + r.size)), self.shape[1])
-            np.maximum.at(self.map, (rows * R // self.shape[0], cols * C // self.shape[1]), r)
-            # Quarter decades (bin 1 starts at RATIO_BINS[1]); 0 and below in bin 0, the rest last.
-            with np.errstate(divide="ignore", invalid="ignore"):
-                bins = np.floor((np.log10(r) - RATIO_DECADES[0]) * 4.0)
-            bins = np.minimum(np.where(bins >= -1.0, bins, -1.0), len(RATIO_BINS) - 3)  # -inf, NaN
-            self.histogram += np.bincount(bins.astype(np.int64) + 1, minlength=len(RATIO_BINS) - 1)
+            where = flat(np.arange(start, start + r.size))
+            if whole:
+                cells = self.map.reshape(-1)  # a view: the map is contiguous
+                cells[where] = np.maximum(cells[where], r)
+            else:
+                rows, cols = np.divmod(where, self.shape[1])
+                np.maximum.at(self.map, (rows * R // self.shape[0], cols * C // self.shape[1]), r)
+            # Bin i holds [RATIO_BINS[i], RATIO_BINS[i + 1]); infinity joins the last.
+            index = np.minimum(np.searchsorted(RATIO_BINS, r, side="right") - 1, bins - 1)
+            self.histogram += np.bincount(index, minlength=bins)
 
     @property
     def passed(self) -> bool:

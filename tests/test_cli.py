@@ -543,3 +543,24 @@ def test_output_fits_the_terminal_width(tmp_path, width):
     assert max(len(line) for line in lines) <= width
     assert sum(" error / tolerance (" in line for line in lines) == 4  # dX, dW × 2 oracles
     assert lines[-1].startswith("FAIL")
+
+
+def test_shell_completion_completes_commands():
+    env = {**os.environ, "_LINCHECK_COMPLETE": "complete_bash", "COMP_WORDS": "lincheck ver"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lincheck"],
+        capture_output=True,
+        text=True,
+        env={**env, "COMP_CWORD": "1"},
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.split() == ["verify"], done.stderr
+    script = subprocess.run(
+        [sys.executable, "-m", "lincheck", "--show-completion", "bash"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert script.returncode == 0 and "_LINCHECK_COMPLETE=complete_bash" in script.stdout
