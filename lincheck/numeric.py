@@ -1103,13 +1103,14 @@ def complex_step(X, W, B, G) -> Witness:
 MAP_CELLS = (128, 256)
 """Rows × columns of cells of an error map at most (see :class:`Tally`)."""
 
-RATIO_DECADES = (-12, 20)
+RATIO_OCTAVES = (-40, 67)
 RATIO_BINS = np.concatenate(
-    ([0.0], 10.0 ** np.arange(RATIO_DECADES[0], RATIO_DECADES[1] + 0.125, 0.25), [np.inf])
+    ([0.0], 2.0 ** np.arange(RATIO_OCTAVES[0], RATIO_OCTAVES[1] + 1), [np.inf])
 )
-"""Bin edges of the histograms of error / tolerance: zero and below 1e-12, quarter decades
-up to 1e20 (a transposed or unscaled gradient lands near 1e14 in float64), then everything
-beyond. The tolerance is at 1."""
+"""Bin edges of the histograms of error / tolerance: zero and below 2⁻⁴⁰ (9e-13), then one
+bin per factor of two (an octave, read off the exponent: cheap) up to 2⁶⁷ (1.5e20; a
+transposed or unscaled gradient lands near 1e14 in float64), then everything beyond. The
+tolerance is at 1 = 2⁰."""
 
 
 class Tally:
@@ -1212,8 +1213,12 @@ class Tally:
             else:
                 rows, cols = np.divmod(where, self.shape[1])
                 np.maximum.at(self.map, (rows * R // self.shape[0], cols * C // self.shape[1]), r)
-            # Bin i holds [RATIO_BINS[i], RATIO_BINS[i + 1]); infinity joins the last.
-            index = np.minimum(np.searchsorted(RATIO_BINS, r, side="right") - 1, bins - 1)
+            # Bin i holds [RATIO_BINS[i], RATIO_BINS[i + 1]): r = m·2ᵉ with ½ ≤ m < 1 lies in
+            # [2ᵉ⁻¹, 2ᵉ), bin e − RATIO_OCTAVES[0]; zero joins the first bin, infinity the last.
+            index = np.frexp(r)[1] - RATIO_OCTAVES[0]
+            np.clip(index, 0, bins - 1, out=index)
+            index[r == 0] = 0
+            index[np.isinf(r)] = bins - 1
             self.histogram += np.bincount(index, minlength=bins)
 
     @property

@@ -21,7 +21,7 @@ import numpy as np
 
 from .checks import Report, TensorCheck
 from .errors import LincheckError
-from .numeric import RATIO_DECADES
+from .numeric import RATIO_OCTAVES
 
 SIZE = (8.0, 5.0)
 DPI = 100
@@ -100,29 +100,29 @@ def heatmap_png(check: TensorCheck) -> bytes:
 
 
 def histogram_png(check: TensorCheck) -> bytes:
-    """How many entries have each error / tolerance, in quarter decades, the bound at 1.
+    """How many entries have each error / tolerance, an octave (a factor of 2) per bar,
+    the bound at 1.
 
-    The x axis is log₁₀(error / tolerance); the first bar (left of the axis' range)
-    holds exact entries and those under its lowest decade, the last everything over
-    its highest.
+    The x axis is log₂(error / tolerance), labelled in powers of ten; the first bar
+    (left of the axis' range) holds exact entries and those under its lowest octave,
+    the last everything over its highest.
     """
     counts = check.histogram
-    lo, hi = RATIO_DECADES
+    lo, hi = RATIO_OCTAVES
     fig = _figure()
     ax = fig.add_axes((0.1, 0.14, 0.85, 0.74))
-    edges = np.arange(lo, hi + 0.125, 0.25)
-    ax.bar(edges[:-1], counts[1:-1], width=0.25, align="edge", color="#4c72b0")
-    ax.bar([lo - 1.0], counts[:1], width=0.75, align="edge", color="#8c8c8c")
-    ax.bar([hi + 0.25], counts[-1:], width=0.75, align="edge", color="#c44e52")
+    ax.bar(np.arange(lo, hi), counts[1:-1], width=1.0, align="edge", color="#4c72b0")
+    ax.bar([lo - 4], counts[:1], width=3.0, align="edge", color="#8c8c8c")
+    ax.bar([hi + 1], counts[-1:], width=3.0, align="edge", color="#c44e52")
     ax.axvline(0.0, color="#c44e52", linewidth=2, label="the bound (error = tolerance)")
-    ticks = list(range(lo + 4, hi, 4))
+    decades = range(-8, 20, 4)
     ax.set_xticks(
-        [lo - 0.625, *ticks, hi + 0.625],
-        [f"<1e{lo}", *(f"1e{t}" for t in ticks), f">1e{hi}"],
+        [lo - 2.5, *(k * np.log2(10) for k in decades), hi + 2.5],
+        [f"<2^{lo}", *(f"1e{k}" for k in decades), f">2^{hi}"],
         fontsize=8,
     )
-    ax.set_xlim(lo - 1.25, hi + 1.25)
-    ax.set_xlabel("error / tolerance (log scale)")
+    ax.set_xlim(lo - 5, hi + 5)
+    ax.set_xlabel("error / tolerance (log scale, a bar per factor of 2)")
     ax.set_ylabel("entries")
     ax.set_title(_title(check), fontsize=10, loc="left")
     ax.legend(loc="upper right", fontsize=9)
