@@ -54,7 +54,11 @@ def forward(X: np.ndarray, W: np.ndarray, B: np.ndarray | None) -> np.ndarray:
     Y = X @ np.swapaxes(W, -1, -2)
     if B is None:
         return Y
-    return Y + B[..., None, :]
+    B = B[..., None, :]
+    if Y.dtype != np.result_type(Y, B) or Y.shape != np.broadcast_shapes(Y.shape, B.shape):
+        return Y + B  # B widens the result's type or shape
+    Y += B  # in place: the same sums, without a second array of Y's size
+    return Y
 
 
 def backward(X: np.ndarray, W: np.ndarray, G: np.ndarray, bias: bool = True) -> Gradients:
