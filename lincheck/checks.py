@@ -1038,12 +1038,24 @@ def _allclose_rule(allclose: tuple[float, float], oracle: str) -> str:
 
 
 def _flat_map(shape: tuple[int, ...], cols, rows: slice | None = None):
-    """Map flat positions within a block to flat indices of the whole 2-D tensor."""
+    """Map flat positions within a block to flat indices of the whole 2-D tensor.
+
+    When the block's entries are contiguous in the tensor (whole rows), the map
+    carries ``first``, the flat index of its first entry, so that callers can
+    use slices instead of index arrays.
+    """
+
+    def offset(first: int):
+        def shifted(local):
+            return np.asarray(local, dtype=np.int64) + first
+
+        shifted.first = first
+        return shifted
+
     if rows is not None:
-        offset = rows.start * shape[1]
-        return lambda local: np.asarray(local, dtype=np.int64) + offset
-    if cols is None:
-        return lambda local: np.asarray(local, dtype=np.int64)
+        return offset(rows.start * shape[1])
+    if cols is None or (len(shape) == 2 and len(cols) == shape[1]):
+        return offset(0)  # every column: the block is the whole tensor
     width = shape[1]
 
     def to_flat(local):

@@ -1113,6 +1113,13 @@ transposed or unscaled gradient lands near 1e14 in float64), then everything bey
 tolerance is at 1 = 2⁰."""
 
 
+def _flat_like(values, like: np.ndarray) -> np.ndarray:
+    """``values`` broadcast to ``like``'s shape, flattened (a view where it can be)."""
+    if np.shape(values) == np.shape(like):
+        return np.ravel(values)
+    return np.broadcast_to(values, np.shape(like)).ravel()
+
+
 class Tally:
     """A running entry-by-entry comparison of a subject with an oracle, block by block.
 
@@ -1164,8 +1171,7 @@ class Tally:
         alternatives: dict[str, np.ndarray] | None = None,
     ) -> None:
         s, o = np.ravel(subject), np.ravel(oracle)
-        tol = np.broadcast_to(tolerance, np.shape(subject)).ravel()
-        typ = np.broadcast_to(typical, np.shape(subject)).ravel()
+        tol, typ = (_flat_like(a, subject) for a in (tolerance, typical))
         err = np.abs(s - o)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(err == 0, 0.0, err / tol)
@@ -1192,7 +1198,7 @@ class Tally:
             self._map(ratio, flat)
 
         for name, alt in (alternatives or {}).items():
-            alt = np.broadcast_to(alt, np.shape(subject)).ravel()
+            alt = _flat_like(alt, subject)
             with np.errstate(divide="ignore", invalid="ignore"):
                 alt_ratio = float(np.max(np.where(err == 0, 0.0, err / alt), initial=0.0))
             fit, worst = self.alternatives.get(name, [True, 0.0])
@@ -1206,12 +1212,16 @@ class Tally:
         bins = len(RATIO_BINS) - 1
         for start in range(0, ratio.size, CHUNK):
             r = ratio[start : start + CHUNK]
-            where = flat(np.arange(start, start + r.size))
-            if whole:
-                cells = self.map.reshape(-1)  # a view: the map is contiguous
+            cells = self.map.reshape(-1)  # a view: the map is contiguous
+            first = getattr(flat, "first", None)  # set when the block's entries are contiguous
+            if whole and first is not None:
+                run = cells[first + start : first + start + r.size]
+                np.maximum(run, r, out=run)
+            elif whole:
+                where = flat(np.arange(start, start + r.size))
                 cells[where] = np.maximum(cells[where], r)
             else:
-                rows, cols = np.divmod(where, self.shape[1])
+                rows, cols = np.divmod(flat(np.arange(start, start + r.size)), self.shape[1])
                 np.maximum.at(self.map, (rows * R // self.shape[0], cols * C // self.shape[1]), r)
             # Bin i holds [RATIO_BINS[i], RATIO_BINS[i + 1]): r = m·2ᵉ with ½ ≤ m < 1 lies in
             # [2ᵉ⁻¹, 2ᵉ), bin e − RATIO_OCTAVES[0]; zero joins the first bin, infinity the last.
