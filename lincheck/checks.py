@@ -452,7 +452,9 @@ def check(
         largest entry exceeds the reported ``min_detectable_error`` is caught
         with probability ≥ 1 − 2^-directions). In both partial modes the
         subjects are still compared with the reference at every entry, and
-        dB's witness is whole (two forward passes). "auto" (default): "full"
+        dB's witness is whole (two forward passes); X, dY and the dX and Y
+        subjects are read a block of rows at a time, so memory-mapped arrays
+        larger than memory can be checked (:class:`numeric.Rows`). "auto" (default): "full"
         if its cost, at a nominal 5·10¹⁰ multiply-adds per second, fits
         ``budget`` seconds, else "directions"; the report says why.
     samples, directions, seed : int
