@@ -34,6 +34,15 @@ from .precision import (
 
 INPUT_NAMES = ("X", "W", "B", "dY")
 SUBJECT_NAMES = ("dX", "dW", "dB", "Y")
+
+AXES = {
+    "dX": ("batch row", "input feature"),
+    "dW": ("output unit", "input feature"),
+    "dB": ("", "output unit"),
+    "Y": ("batch row", "output unit"),
+}
+"""What the rows and the columns of each tensor are (batch rows: leading dimensions
+flattened; dB is one row)."""
 DTYPES = ("float64", "float32", "float16")
 
 
@@ -104,6 +113,12 @@ class TensorCheck:
     checked: int = 0
     error_map: np.ndarray | None = field(default=None, compare=False, repr=False)
     histogram: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        """The 2-D view the error map covers: leading dimensions flattened, dB one row."""
+        shape = self.expected_shape
+        return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
 
     def as_dict(self) -> dict[str, Any]:
         return {

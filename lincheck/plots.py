@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import Report, TensorCheck
+from .checks import AXES, Report, TensorCheck
 from .errors import LincheckError
 from .numeric import RATIO_OCTAVES
 
@@ -70,7 +70,7 @@ def heatmap_png(check: TensorCheck) -> bytes:
     from matplotlib.colors import LogNorm
 
     grid = check.error_map
-    rows, cols = _shape2d(check)
+    rows, cols = check.shape2d
     fig = _figure()
     ax = fig.add_axes(HEATMAP_AXES)
     norm = LogNorm(vmin=1e-4, vmax=max(float(grid.max()), 10.0))
@@ -87,12 +87,7 @@ def heatmap_png(check: TensorCheck) -> bytes:
     bar.set_label("error / tolerance (the white line: the bound)")
     bar.ax.axhline(1.0, color="white", linewidth=2)
     fig.text(0.85, 0.03, "black: under 1e-4, or exact", fontsize=8, ha="center")
-    names = {
-        "dX": ("batch row", "input feature"),
-        "dW": ("output unit", "input feature"),
-        "dB": ("", "output unit"),
-        "Y": ("batch row", "output unit"),
-    }[check.tensor]
+    names = AXES[check.tensor]
     ax.set_xlabel(names[1])
     ax.set_ylabel(names[0])
     ax.set_title(_title(check), fontsize=10, loc="left")
@@ -148,11 +143,6 @@ def step_png(study: dict[str, Any]) -> bytes:
     )
     ax.legend(loc="upper right", fontsize=9)
     return _png(fig)
-
-
-def _shape2d(check: TensorCheck) -> tuple[int, int]:
-    shape = check.expected_shape
-    return (int(np.prod(shape[:-1])) if len(shape) > 1 else 1), shape[-1]
 
 
 def plot_report(report: Report, study: dict[str, Any] | None = None) -> dict[str, bytes]:

@@ -14,7 +14,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .checks import Report, TensorCheck
+from .checks import AXES, Report, TensorCheck
 
 _SUBJECT = {
     "supplied": "Your gradients",
@@ -259,23 +259,17 @@ class Heatmap:
 
     def __rich_console__(self, console, options):
         c = self.check
-        shape = _flat2d(c.expected_shape)
+        shape = c.shape2d
         grid = c.error_map
         row_cells, row_starts = _groups(grid.shape[0], shape[0], MAP_LINES)
         labels = [_span(a, b) for a, b in zip(row_starts[:-1], row_starts[1:])]
         if shape[0] == 1:
             labels = [""]
         label_width = max(len(label) for label in labels) + 1
-        col_cells, col_starts = _groups(
-            grid.shape[1], shape[1], options.max_width - label_width - 3
-        )
+        room = max(1, options.max_width - label_width - 3)
+        col_cells, col_starts = _groups(grid.shape[1], shape[1], room)
         cells = np.maximum.reduceat(np.maximum.reduceat(grid, row_cells, 0), col_cells, 1)
-        what = {
-            "dX": ("batch rows", "input features"),
-            "dW": ("output units", "input features"),
-            "dB": ("", "output units"),
-            "Y": ("batch rows", "output units"),
-        }[c.tensor]
+        what = [f"{axis}s" for axis in AXES[c.tensor]]
         scale = []
         if len(row_cells) < shape[0]:
             scale.append(f"a line covers about {shape[0] / len(row_cells):.3g} {what[0]}")
@@ -297,14 +291,6 @@ class Heatmap:
                 line.append(char, style=style)
             line.append("│", style="dim")
             yield line
-
-
-def _flat2d(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D view an error map is drawn on: leading dimensions flattened, dB one row."""
-    rows = 1
-    for n in shape[:-1]:
-        rows *= n
-    return rows, shape[-1]
 
 
 def heatmaps(report: Report, which: str = "failed") -> list[RenderableType]:
