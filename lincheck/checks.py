@@ -230,7 +230,12 @@ def _label(name: str, sources: Mapping[str, str]) -> str:
 
 
 def _index(flat: int, shape: tuple[int, ...]) -> list[int]:
-    return [int(i) for i in np.unravel_index(flat, shape)] if shape else []
+    """The index of the ``flat``-th entry (row-major) of an array of this shape."""
+    index = []
+    for n in reversed(shape):
+        flat, i = divmod(int(flat), n)
+        index.append(i)
+    return index[::-1]
 
 
 def _real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
@@ -722,7 +727,7 @@ def _note_steps(steps: dict[str, list[float]], tensor: str, block_steps) -> None
 
 def _check_no_overflow(arrays, sources: Mapping[str, str]) -> None:
     """Inputs whose products or perturbed forward passes overflow float64 cannot be checked."""
-    if all(a is None or np.all(np.isfinite(a)) for a in arrays):
+    if all(a is None or np.isfinite(a).all() for a in arrays):
         return
     names = ", ".join(_label(n, sources) for n in ("X", "W", "dY"))
     raise InputError(

@@ -88,7 +88,9 @@ def step_sizes(
         scale = 1.0
     with np.errstate(divide="ignore", invalid="ignore"):
         threshold = np.where(M > 0, A / M, np.inf)
-    target = np.clip(threshold, scale, scale * _MAX_STEP_FACTOR)
+    # (minimum and maximum rather than np.clip, whose Python wrapper costs more than the
+    # arithmetic for the small blocks of small layers)
+    target = np.minimum(np.maximum(threshold, scale), scale * _MAX_STEP_FACTOR)
     return rel_step * np.ldexp(1.0, np.frexp(target)[1])
 
 
@@ -406,9 +408,11 @@ def _central_bound(n_ops: int, A, delta, M):
     replaces γ_c by √c·u.
     """
     g3 = gamma(3, U64)
-    roundoff = (1.0 + g3) * gamma(n_ops, U64) * (2.0 * A / delta + M) + g3 * M
+    loss = 2.0 * A / delta + M  # the loss values' share of the error, and the perturbation's
+    rest = g3 * M
+    roundoff = (1.0 + g3) * gamma(n_ops, U64) * loss + rest
     underflow = (1.0 + g3) * 4.0 * n_ops * ETA64 / delta + 3.0 * ETA64
-    typical = (1.0 + g3) * np.sqrt(n_ops) * U64 * (2.0 * A / delta + M) + g3 * M
+    typical = (1.0 + g3) * np.sqrt(n_ops) * U64 * loss + rest
     return (roundoff + underflow) * (1.0 + 2.0**-50), typical
 
 
@@ -1183,7 +1187,7 @@ class Tally:
         self.max_abs = max(self.max_abs, float(err.max(initial=0.0)))
         self.max_rel = max(self.max_rel, float(rel.max(initial=0.0)))
         self.max_typical_ratio = max(self.max_typical_ratio, float(typ_ratio.max(initial=0.0)))
-        self.detectable = max(self.detectable, float(np.max(tol + err, initial=0.0)))
+        self.detectable = max(self.detectable, float((tol + err).max(initial=0.0)))
         # The block's best few, merged with those kept so far.
         k = min(self.top, ratio.size)
         if k:
@@ -1226,7 +1230,7 @@ class Tally:
             # Bin i holds [RATIO_BINS[i], RATIO_BINS[i + 1]): r = m·2ᵉ with ½ ≤ m < 1 lies in
             # [2ᵉ⁻¹, 2ᵉ), bin e − RATIO_OCTAVES[0]; zero joins the first bin, infinity the last.
             index = np.frexp(r)[1] - RATIO_OCTAVES[0]
-            np.clip(index, 0, bins - 1, out=index)
+            np.minimum(np.maximum(index, 0, out=index), bins - 1, out=index)
             index[r == 0] = 0
             index[np.isinf(r)] = bins - 1
             self.histogram += np.bincount(index, minlength=bins)
