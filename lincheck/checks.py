@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -908,7 +908,7 @@ class _Plan:
                 tolerance_rule=self.rules["subject"],
                 message=sub.problem,
             )
-        check = self._from_tally(
+        return self._from_tally(
             self.own_tally,
             sub.label,
             str(a.dtype),
@@ -917,14 +917,13 @@ class _Plan:
             rule,
             self.rules["subject"],
         )
-        return replace(check, checked=self.own_tally.count)
 
     def witness_check(self) -> TensorCheck:
         allclose = self.subject.allclose if self.subject is not None else None
         rule = "bound" if allclose is None else "allclose"
         if self.directions is not None:
             return self._from_directions(self.directions)
-        check = self._from_tally(
+        return self._from_tally(
             self.witness_tally,
             "reference",
             "float64",
@@ -932,8 +931,8 @@ class _Plan:
             "fp64",
             rule,
             self.rules["witness"],
+            mode=self.mode,
         )
-        return replace(check, mode=self.mode, checked=self.witness_tally.count)
 
     def _from_directions(self, d: numeric.Directions) -> TensorCheck:
         """A check along random directions: one comparison per direction, no entry to name."""
@@ -969,7 +968,7 @@ class _Plan:
             checked=len(distance),
         )
 
-    def _from_tally(self, tally, subject, dtype, oracle, precision, rule, rule_text):
+    def _from_tally(self, tally, subject, dtype, oracle, precision, rule, rule_text, mode="full"):
         best = tally.best
         shape = tuple(self.shape)
         entries = tuple(
@@ -1012,6 +1011,8 @@ class _Plan:
             tolerance_rule=rule_text,
             message=message,
             worst_entries=entries,
+            mode=mode,
+            checked=tally.count,
             error_map=getattr(tally, "map", None),
             histogram=getattr(tally, "histogram", None),
         )

@@ -1177,10 +1177,11 @@ class Tally:
         s, o = np.ravel(subject), np.ravel(oracle)
         tol, typ = (_flat_like(a, subject) for a in (tolerance, typical))
         err = np.abs(s - o)
+        exact = err == 0
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(err == 0, 0.0, err / tol)
-            rel = np.where(err == 0, 0.0, err / np.abs(o))
-            typ_ratio = np.where(err == 0, 0.0, err / typ)
+            ratio = np.where(exact, 0.0, err / tol)
+            rel = np.where(exact, 0.0, err / np.abs(o))
+            typ_ratio = np.where(exact, 0.0, err / typ)
         self.count += s.size
         self.exceeded += int(np.count_nonzero(~(err <= tol)))
         self.unbounded += int(np.count_nonzero(np.isinf(tol)))
