@@ -1162,7 +1162,7 @@ class Tally:
         self.max_ratio = 0.0
         self.max_typical_ratio = 0.0
         self.detectable = 0.0
-        self._best = np.empty(0), np.empty(0, dtype=np.int64), np.empty((0, 3))
+        self._best: list[tuple] = []  # (−ratio, flat index, subject, oracle, tolerance)
         self.alternatives: dict[str, list] = {}  # name -> [all fit, max ratio]
 
     def add(
@@ -1183,7 +1183,7 @@ class Tally:
             rel = np.where(exact, 0.0, err / np.abs(o))
             typ_ratio = np.where(exact, 0.0, err / typ)
         self.count += s.size
-        self.exceeded += int(np.count_nonzero(~(err <= tol)))
+        self.exceeded += s.size - int(np.count_nonzero(err <= tol))
         self.unbounded += int(np.count_nonzero(np.isinf(tol)))
         self.max_abs = max(self.max_abs, float(err.max(initial=0.0)))
         self.max_rel = max(self.max_rel, float(rel.max(initial=0.0)))
@@ -1193,12 +1193,16 @@ class Tally:
         k = min(self.top, ratio.size)
         if k:
             local = np.argpartition(-ratio, k - 1)[:k] if k < ratio.size else np.arange(k)
-            ratios = np.concatenate([self._best[0], ratio[local]])
-            where = np.concatenate([self._best[1], flat(local)])
-            values = np.concatenate([self._best[2], np.stack([s[local], o[local], tol[local]], 1)])
-            keep = np.lexsort((where, -ratios))[: self.top]
-            self._best = ratios[keep], where[keep], values[keep]
-            self.max_ratio = float(self._best[0][0])
+            found = zip(
+                (-ratio[local]).tolist(),
+                np.asarray(flat(local)).tolist(),
+                s[local].tolist(),
+                o[local].tolist(),
+                tol[local].tolist(),
+            )
+            # A few entries: sorted as Python tuples, largest ratio first, then by index.
+            self._best = sorted([*self._best, *found])[: self.top]
+            self.max_ratio = -self._best[0][0]
         if self.shape is not None:
             self._map(ratio, flat)
 
@@ -1245,8 +1249,7 @@ class Tally:
     @property
     def best(self) -> list[tuple[int, float, float, float]]:
         """The kept entries, worst first: (flat index, subject, oracle, tolerance)."""
-        ratios, where, values = self._best
-        return [(int(w), float(v[0]), float(v[1]), float(v[2])) for w, v in zip(where, values)]
+        return [(int(w), float(s), float(o), float(t)) for _, w, s, o, t in self._best]
 
 
 @dataclass(frozen=True)
