@@ -435,23 +435,25 @@ def _central_block(L: Layer, tensor: str, cols, h):
     if tensor == "dX":
         # Small layers: all perturbed copies of a block through one matrix product.
         c, k = len(cols), np.arange(len(cols))
+        plus, minus = L.X[:, cols] + h, L.X[:, cols] - h  # θ± = fl(θ ± h), (N, c)
         Xs = np.broadcast_to(L.X, (2, c, L.N, L.D_in)).copy()
-        Xs[0, k, :, cols] += h.T
-        Xs[1, k, :, cols] -= h.T
+        Xs[0, k, :, cols] = plus.T
+        Xs[1, k, :, cols] = minus.T
         Y = forward(Xs.reshape(-1, L.D_in), L.W, L.B).reshape(2, c, L.N, L.D_out)
         shares = np.einsum("scni,ni->scn", Y, L.G)
-        delta = Xs[0, k, :, cols] - Xs[1, k, :, cols]  # (c, N)
-        return ((shares[0] - shares[1]) / delta).T, delta.T, 2 * c
+        delta = plus - minus
+        return (shares[0] - shares[1]).T / delta, delta, 2 * c
     if tensor == "dW":
         c, k = len(cols), np.arange(len(cols))
+        plus, minus = L.W[:, cols] + h, L.W[:, cols] - h  # θ± = fl(θ ± h), (D_out, c)
         Ws = np.broadcast_to(L.W, (2, c, L.D_out, L.D_in)).copy()
-        Ws[0, k, :, cols] += h.T
-        Ws[1, k, :, cols] -= h.T
+        Ws[0, k, :, cols] = plus.T
+        Ws[1, k, :, cols] = minus.T
         Bs = None if L.B is None else np.tile(L.B, 2 * c)
         Y = forward(L.X, Ws.reshape(-1, L.D_in), Bs).reshape(L.N, 2, c, L.D_out)
         shares = np.einsum("nsci,ni->sci", Y, L.G)
-        delta = Ws[0, k, :, cols] - Ws[1, k, :, cols]  # (c, D_out)
-        return ((shares[0] - shares[1]) / delta).T, delta.T, 2 * c
+        delta = plus - minus
+        return (shares[0] - shares[1]).T / delta, delta, 2 * c
     Bp, Bm = L.B + h, L.B - h
     plus, minus = (np.einsum("ni,ni->i", forward(L.X, L.W, b), L.G) for b in (Bp, Bm))
     delta = Bp - Bm
