@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import diagnose, numeric
-from .core import Gradients, as_batch, backward, leading_chunks
+from .core import CHUNK, Gradients, as_batch, backward, leading_chunks
 from .diagnose import Hint
 from .errors import InputError
 from .precision import (
@@ -302,7 +302,7 @@ def _nonfinite_summary(a: np.ndarray) -> str:
     Reads the array a chunk at a time, so a memory-mapped file larger than
     memory is scanned without a mask of its size.
     """
-    if a.dtype.kind != "f":
+    if a.dtype.kind != "f" or (a.size <= CHUNK and np.isfinite(a).all()):
         return ""
     n_nan = n_bad = 0
     first = None
@@ -765,7 +765,7 @@ class _Plan:
         self.against_witness = False
         self.witnessed = False
         self.values: np.ndarray | None = None  # the subject as float64, 2-D
-        self.own_tally = numeric.Tally(shape=tuple(shape2d))
+        self.own_tally: numeric.Tally | None = None  # the subject's, once it can be compared
         self.witness_tally = numeric.Tally(shape=tuple(shape2d))
         self.rules = {"subject": "", "witness": ""}
         self.alternatives = ()
@@ -788,6 +788,7 @@ class _Plan:
             sub.problem = problem
         else:
             self.usable = True
+            self.own_tally = numeric.Tally(shape=tuple(shape2d))
             self.values = a.reshape(shape2d)  # in its own dtype; upcast a block at a time
             if sub.allclose is None:
                 self.alternatives = diagnose.candidates(sub.precision)
