@@ -3,7 +3,8 @@
     python benchmarks/bench_check.py              # all sizes (about 10 minutes)
     python benchmarks/bench_check.py --quick      # (32, 64, 16) and the whole-process timings
 
-For each (N, D_in, D_out), float64, in one run, medians of repeated runs:
+For each (N, D_in, D_out), float64, in one run, medians of repeated runs, each
+after one warm-up call (see ``median_time``):
 
 - floor: the 2·(2·D_in + 1) forward passes X Wᵀ + B that a full grouped
   witness evaluates, as plain NumPy matmuls, one after another;
@@ -18,8 +19,10 @@ For each (N, D_in, D_out), float64, in one run, medians of repeated runs:
   in 2 GB. torch is not a dependency: ``pip install torch==2.13.0``.
 
 Then the whole process: ``lincheck run --n 32 --din 64 --dout 16`` against
-``python -c "import numpy, typer, rich"``. The machine is shared: read the
-ratios, not the seconds.
+``python -c "import numpy, typer, rich"``, with the ``lincheck`` beside this
+Python (time it from a ``pip install .`` environment: an editable install
+recompiles lincheck on every start where PYTHONDONTWRITEBYTECODE is set). The
+machine is shared: read the ratios, not the seconds.
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ SIZES = [(32, 64, 16), (256, 512, 256), (1024, 1024, 1024)]
 
 
 def median_time(repeats: int, fn, *args, **kwargs) -> float:
+    """Median of ``repeats`` timed calls after one untimed warm-up call (first-call costs:
+    page faults, BLAS and einsum set-up); calls under 10 ms are timed five times as often,
+    since a shared machine's noise is larger than they are. A single repeat is one cold call
+    (the large sizes)."""
+    if repeats > 1:
+        start = time.perf_counter()
+        fn(*args, **kwargs)
+        if time.perf_counter() - start < 0.01:
+            repeats *= 5
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
