@@ -564,3 +564,32 @@ def test_shell_completion_completes_commands():
         check=False,
     )
     assert script.returncode == 0 and "_LINCHECK_COMPLETE=complete_bash" in script.stdout
+
+
+def test_heatmap_flags(tmp_path):
+    rng = np.random.default_rng(5)
+    X, W, G = rng.standard_normal((6, 5)), rng.standard_normal((3, 5)), rng.standard_normal((6, 3))
+    d = tmp_path / "dump"
+    d.mkdir()
+    for name, a in {"X": X, "W": W, "dY": G, "dW": 2 * G.T @ X}.items():
+        np.save(d / f"{name}.npy", a)
+
+    def maps(*flags):
+        result = runner.invoke(app, ["verify", str(d), *flags])
+        assert result.exit_code == 1, result.output
+        return [
+            line.split()[0] for line in result.stdout.splitlines() if " error / tolerance (" in line
+        ]
+
+    assert maps() == ["dW"]  # the failed tensor's
+    assert maps("--heatmap") == ["dW", "dW"]  # and the passing reference vs witness
+    assert maps("--no-heatmap") == []
+
+
+def test_help_imports_no_numpy():
+    code = (
+        "import sys; from typer.testing import CliRunner; from lincheck.cli import app; "
+        "r = CliRunner().invoke(app, ['--help']); print(r.exit_code, 'numpy' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0", "False"]
