@@ -821,20 +821,25 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
         raise _fail(str(exc)) from None
     finally:
         bar.close()
+    from rich.columns import Columns
+    from rich.console import Group
+    from rich.text import Text
+
     layer = report.layer
-    order = [*checks.INPUT_NAMES, *checks.SUBJECT_NAMES]
-    shapes = ", ".join(
-        f"{name} {tuple(a[name].shape)} {a[name].dtype}" for name in order if name in a
-    )
     name = str(path) if path is not None else "files"
-    header = (
-        f"[bold]lincheck verify[/] {name}  N={layer.N} D_in={layer.D_in} D_out={layer.D_out}, "
-        f"{'with' if layer.bias else 'without'} bias\n[dim]{shapes}[/]"
+    title = Text.assemble(
+        ("lincheck verify", "bold"),
+        f" {name}  N={layer.N} D_in={layer.D_in} D_out={layer.D_out}, "
+        f"{'with' if layer.bias else 'without'} bias",
     )
+    # One item per array, laid out in columns: a narrow terminal wraps between arrays.
+    order = [*checks.INPUT_NAMES, *checks.SUBJECT_NAMES]
+    shapes = [Text(f"{n} {tuple(a[n].shape)} {a[n].dtype}", style="dim") for n in order if n in a]
+    parts = [title, Columns(shapes, padding=(0, 2))]
     if out["verbose"] and loaded.ignored:
-        header += f"\n[dim]ignored: {', '.join(loaded.ignored)}[/]"
+        parts.append(Text(f"ignored: {', '.join(loaded.ignored)}", style="dim"))
     context = {"command": "verify", "path": name, "sources": dict(loaded.sources)}
-    _emit(report, header, name, out, context)
+    _emit(report, Group(*parts), name, out, context)
 
 
 @app.command(

@@ -543,6 +543,8 @@ def test_output_fits_the_terminal_width(tmp_path, width):
     assert max(len(line) for line in lines) <= width
     assert sum(" error / tolerance (" in line for line in lines) == 4  # dX, dW × 2 oracles
     assert lines[-1].startswith("FAIL")
+    for item in ("X (300, 40) float64", "dY (300, 30) float64", "dW (30, 40) float64"):
+        assert any(item in line for line in lines), item  # the header wraps between arrays
 
 
 def test_shell_completion_completes_commands():
