@@ -1,5 +1,25 @@
-"""The same inputs and seed give byte-identical JSON, across runs and BLAS thread counts."""
+"""What lincheck promises about reproducibility (docs/numerics.md §8), in subprocesses.
 
+NumPy's BLAS sums products in an order that depends on the CPU's kernel and the
+thread count, so the float64 reference, the witness's forward passes and the
+tolerances can differ in their last digits from one machine or thread count to
+another, and ``run --dtype float32``'s own gradients differ in float32 digits.
+The promise is therefore narrower than byte-identical output everywhere:
+
+* the same command on the same machine with the same thread count prints the
+  same report, byte for byte (lincheck draws nothing that is not seeded);
+* with any thread count (here 1, 2 and 16, on whatever kernel this machine's
+  ``OPENBLAS_CORETYPE`` selects), the verdicts, the exit code and the hints are
+  the same, and a failed check names the same worst entry with the same error
+  to many digits: every bound holds for every order of summation, so only an
+  error within the bounds' own last digits of its tolerance could be judged
+  differently.
+
+No assertion here rests on one machine's rounding: the planted error is far
+from its tolerance and the correct gradients far inside theirs.
+"""
+
+import json
 import os
 import subprocess
 import sys
@@ -8,8 +28,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+THREADS = (1, 2, 16)
 
-def lincheck(*args, threads: int, cwd) -> bytes:
+
+def lincheck(*args, threads: int, cwd) -> tuple[int, bytes]:
+    """Run the installed command with ``threads`` BLAS threads; (exit code, JSON report bytes)."""
     env = dict(
         os.environ,
         OPENBLAS_NUM_THREADS=str(threads),
@@ -20,32 +43,87 @@ def lincheck(*args, threads: int, cwd) -> bytes:
     done = subprocess.run(
         [exe, *map(str, args), "--json", "-"], cwd=cwd, env=env, capture_output=True, timeout=300
     )
-    assert done.returncode in (0, 1), done.stderr
-    return done.stdout
+    assert done.returncode in (0, 1), done.stderr.decode()
+    return done.returncode, done.stdout
+
+
+def verdicts(code: int, report: bytes) -> dict:
+    """What must not depend on the thread count: verdicts, hints, where failures are."""
+    data = json.loads(report)
+    failed = {
+        (c["tensor"], c["subject"]): (c["worst_index"], c["max_abs_error"])
+        for c in data["checks"]
+        if not c["passed"]
+    }
+    return {
+        "exit": code,
+        "passed": data["passed"],
+        "checks": sorted((c["tensor"], c["subject"], c["passed"]) for c in data["checks"]),
+        "hints": sorted((h["code"], h["tensor"]) for h in data["hints"]),
+        "failed_at": {key: index for key, (index, _) in failed.items()},
+        "_errors": {key: error for key, (_, error) in failed.items()},
+    }
+
+
+def same_verdicts(outcomes: list[dict]) -> None:
+    first = outcomes[0]
+    for other in outcomes[1:]:
+        assert {k: v for k, v in other.items() if k != "_errors"} == {
+            k: v for k, v in first.items() if k != "_errors"
+        }
+        for key, error in first["_errors"].items():
+            # A planted error is far above rounding: the reference's last digits barely move it.
+            assert other["_errors"][key] == pytest.approx(error, rel=1e-9)
 
 
 @pytest.fixture(scope="module")
-def dump(tmp_path_factory):
-    """A dump big enough for multi-threaded BLAS, with a planted error to diagnose."""
-    folder = tmp_path_factory.mktemp("dump")
+def dumps(tmp_path_factory):
+    """Float32 dumps big enough for multi-threaded BLAS: one correct, one with dW doubled."""
     rng = np.random.default_rng(5)
     X, W, B, G = (
         rng.standard_normal(s).astype(np.float32)
         for s in ((300, 200), (100, 200), (100,), (300, 100))
     )
-    arrays = {"X": X, "W": W, "B": B, "dY": G, "dX": G @ W, "dW": 2 * (G.T @ X), "dB": G.sum(0)}
-    for name, a in arrays.items():
-        np.save(folder / f"{name}.npy", a)
-    return folder
+    folders = {}
+    for name, dW in (("correct", G.T @ X), ("doubled", 2 * (G.T @ X))):
+        folder = tmp_path_factory.mktemp(name)
+        arrays = {"X": X, "W": W, "B": B, "dY": G, "dX": G @ W, "dW": dW, "dB": G.sum(0)}
+        for key, a in arrays.items():
+            np.save(folder / f"{key}.npy", a)
+        folders[name] = folder
+    return folders
 
 
 @pytest.mark.parametrize("mode", ["full", "sample", "directions"])
-def test_verify_json_is_identical_across_runs_and_threads(dump, mode):
-    outputs = {lincheck("verify", dump, "--mode", mode, threads=t, cwd=dump) for t in (1, 2, 2)}
-    assert len(outputs) == 1
-    assert b'"code": "scaled"' in outputs.pop()
+def test_verify_verdicts_do_not_depend_on_the_thread_count(dumps, mode):
+    for name, folder in dumps.items():
+        runs = [lincheck("verify", folder, "--mode", mode, threads=t, cwd=folder) for t in THREADS]
+        outcomes = [verdicts(*run) for run in runs]
+        same_verdicts(outcomes)
+        if name == "correct":
+            assert outcomes[0]["exit"] == 0 and outcomes[0]["passed"]
+        else:
+            assert outcomes[0]["exit"] == 1
+            assert ("scaled", "dW") in outcomes[0]["hints"]
+            assert ("dW", "supplied") in outcomes[0]["failed_at"]
 
 
-def test_run_json_is_identical_across_threads(tmp_path):
-    args = ("run", "--n", 96, "--din", 128, "--dout", 64, "--dtype", "float32", "--seed", 3)
-    assert lincheck(*args, threads=1, cwd=tmp_path) == lincheck(*args, threads=2, cwd=tmp_path)
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_run_passes_with_any_thread_count(tmp_path, dtype):
+    args = ("run", "--n", 96, "--din", 128, "--dout", 64, "--dtype", dtype, "--seed", 3)
+    outcomes = [verdicts(*lincheck(*args, threads=t, cwd=tmp_path)) for t in THREADS]
+    same_verdicts(outcomes)
+    assert outcomes[0]["exit"] == 0 and outcomes[0]["passed"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_thread_count_gives_a_byte_identical_report(dumps, tmp_path, threads):
+    run = ("run", "--n", 96, "--din", 128, "--dout", 64, "--dtype", "float32", "--seed", 3)
+    assert lincheck(*run, threads=threads, cwd=tmp_path) == lincheck(
+        *run, threads=threads, cwd=tmp_path
+    )
+    folder = dumps["doubled"]
+    verify = ("verify", folder, "--mode", "directions")
+    assert lincheck(*verify, threads=threads, cwd=folder) == lincheck(
+        *verify, threads=threads, cwd=folder
+    )
