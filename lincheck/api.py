@@ -10,6 +10,7 @@ requested dtype) and check every case.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 
 from .checks import Report, analytic_gradients, check, json_text, random_inputs
 from .errors import LincheckError
+from .worker import DEFAULT_TIMEOUT, Worker, call
 
 
 def assert_gradients(X, W, B, dY, dX=None, dW=None, dB=None, Y=None, **options) -> Report:
@@ -183,6 +185,8 @@ def check_backward(
     dtypes: Iterable[str] = ("float64", "float32"),
     seed: int = 0,
     forward: Callable | None = None,
+    isolate: bool = False,
+    timeout: float | None = None,
     **options,
 ) -> Sweep:
     """Check ``fn(X, W, B, dY) -> (dX, dW, dB)`` on every case of :func:`sweep`.
@@ -191,8 +195,15 @@ def check_backward(
     arrays are NumPy arrays in the case's dtype; the returned gradients are
     held to that dtype's arithmetic (or ``precision=`` in ``options``). If
     ``forward`` is given, ``forward(X, W, B) -> Y`` is checked too. An
-    exception from a user function, or a result of the wrong form, fails
-    that case with the error; it does not stop the sweep.
+    exception from a user function (``SystemExit`` included), or a result of
+    the wrong form, fails that case with the error; it does not stop the sweep.
+
+    With ``isolate=True`` the functions run in a worker process, as
+    ``lincheck run --impl`` runs them (:mod:`lincheck.worker`): ``os._exit``,
+    a crash in native code or a hang (``timeout`` seconds per case, default
+    :data:`lincheck.worker.DEFAULT_TIMEOUT`) then fails the case instead of
+    ending or stalling the caller. The functions must be importable by name
+    (defined at a module's top level, not in ``__main__`` or a closure).
 
     Examples
     --------
@@ -202,10 +213,27 @@ def check_backward(
     >>> check_backward(backward, N=8, D_in=5, D_out=3).passed
     True
     """
-    results = []
-    for case in sweep(N, D_in, D_out, dtypes, seed):
-        results.append(run_case(case, fn, forward, **options))
-    return Sweep(tuple(results))
+    return _run_sweep(sweep(N, D_in, D_out, dtypes, seed), fn, forward, isolate, timeout, options)
+
+
+def _run_sweep(cases, fn, forward, isolate: bool, timeout: float | None, options) -> Sweep:
+    if not isolate:
+        return Sweep(tuple(run_case(case, fn, forward, **options) for case in cases))
+    specs = [None if f is None else _importable(f) for f in (fn, forward)]
+    limit = DEFAULT_TIMEOUT if timeout is None else timeout
+    with Worker(*specs, timeout=limit, paths=tuple(sys.path)) as worker:
+        return Sweep(tuple(run_case(case, None, worker=worker, **options) for case in cases))
+
+
+def _importable(fn: Callable) -> str:
+    """``module:qualified.name`` by which a worker process can import ``fn``."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or not name or "<" in name:
+        raise ValueError(
+            f"isolate=True needs a function a worker can import by name; {name or fn!r} "
+            f"(module {module}) is not: define it at the top level of an importable module"
+        )
+    return f"{module}:{name}"
 
 
 def check_forward(
@@ -215,34 +243,42 @@ def check_forward(
     D_out: int = 16,
     dtypes: Iterable[str] = ("float64", "float32"),
     seed: int = 0,
+    isolate: bool = False,
+    timeout: float | None = None,
     **options,
 ) -> Sweep:
-    """Check ``forward(X, W, B) -> Y`` against X Wᵀ + B on every case of :func:`sweep`."""
+    """Check ``forward(X, W, B) -> Y`` against X Wᵀ + B on every case of :func:`sweep`
+    (``isolate`` and ``timeout`` as for :func:`check_backward`)."""
     cases = sweep(N, D_in, D_out, dtypes, seed)
-    return Sweep(tuple(run_case(case, None, forward, **options) for case in cases))
+    return _run_sweep(cases, None, forward, isolate, timeout, options)
 
 
-def run_case(case: Case, fn: Callable | None, forward: Callable | None = None, **options):
-    """Call the user's functions on one case and check what they return."""
+def run_case(
+    case: Case,
+    fn: Callable | None,
+    forward: Callable | None = None,
+    *,
+    worker: Worker | None = None,
+    **options,
+) -> CaseResult:
+    """Call the user's functions on one case and check what they return.
+
+    In this process by default; with ``worker`` (a :class:`lincheck.worker.Worker`,
+    as ``lincheck run --impl`` uses), in its child process, which nothing the
+    functions do can end or hang. Either way an exception, ``SystemExit``
+    included, fails the case with its message.
+    """
     data = case.inputs()
     X, W, B, G = data["X"], data["W"], data.get("B"), data["dY"]
-    subjects: dict[str, Any] = {}
-    errors = []
-    if fn is not None:
-        try:
-            out = fn(X.copy(), W.copy(), None if B is None else B.copy(), G.copy())
-        except Exception as exc:  # the user's code failed: a failed case, not our traceback
-            errors.append(f"{_name(fn)} raised {type(exc).__name__}: {exc}")
-        else:
-            problem = _unpack(out, case.bias, subjects)
-            if problem:
-                errors.append(f"{_name(fn)} {problem}")
-    if forward is not None:
-        try:
-            subjects["Y"] = forward(X.copy(), W.copy(), None if B is None else B.copy())
-        except Exception as exc:
-            errors.append(f"{_name(forward)} raised {type(exc).__name__}: {exc}")
-    arrays = {**data, **{k: v for k, v in subjects.items() if _savable(v)}}
+    largest = max(a.size for a in data.values())
+    if worker is not None:
+        returned = worker.run(data)
+        subjects, errors = dict(returned.subjects), list(returned.errors)
+        savable = {name: subjects[name] for name in returned.savable}
+    else:
+        subjects, errors = call(fn, forward, data)
+        savable = {k: v for k, v in subjects.items() if _savable(v, largest)}
+    arrays = {**data, **savable}
     if errors:
         return CaseResult(case.name, None, "; ".join(errors), arrays, case)
     try:
@@ -252,31 +288,14 @@ def run_case(case: Case, fn: Callable | None, forward: Callable | None = None, *
     return CaseResult(case.name, report, None, arrays, case)
 
 
-def _unpack(out, bias: bool, subjects: dict) -> str:
-    """Fill ``subjects`` from a backward's result; return what is wrong with it, if anything."""
-    if not isinstance(out, (tuple, list)) or len(out) != 3:
-        size = len(out) if isinstance(out, (tuple, list)) else type(out).__name__
-        return f"returned {size!r} instead of (dX, dW, dB)"
-    dX, dW, dB = out
-    subjects["dX"], subjects["dW"] = dX, dW
-    if bias:
-        if dB is None:
-            return "returned dB = None for a layer with a bias"
-        subjects["dB"] = dB
-    elif dB is not None:
-        return "returned a dB for a layer without bias (B is None); return None"
-    return ""
-
-
-def _savable(value) -> bool:
+def _savable(value, largest: int) -> bool:
+    """Whether a returned value can be saved for ``verify``: numbers, no more of them than
+    the layer's largest array (a wrong-shaped result may be a broadcast view of 10¹²)."""
     try:
-        return np.asarray(value).dtype.kind in "biuf"
+        a = np.asarray(value)
     except Exception:
         return False
-
-
-def _name(fn: Callable) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
+    return a.dtype.kind in "biuf" and a.size <= largest
 
 
 def reference_backward(X, W, B, dY):

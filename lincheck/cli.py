@@ -299,31 +299,6 @@ def _emit_many(results, header, out: dict, context: dict) -> None:
     _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout)
 
 
-def _load_callable(spec: str, option: str):
-    """Import ``package.module:function`` (the current folder importable), or exit 2."""
-    import importlib
-    import sys
-
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise _fail(f"{option} {spec}: expected package.module:function")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module failed to import: say so in one line
-        message = f"{option} {spec}: cannot import {module_name}: {type(exc).__name__}: {exc}"
-        raise _fail(message) from None
-    fn = module
-    for part in attribute.split("."):
-        fn = getattr(fn, part, None)
-        if fn is None:
-            raise _fail(f"{option} {spec}: {module_name} has no {attribute}")
-    if not callable(fn):
-        raise _fail(f"{option} {spec}: {attribute} is not callable")
-    return fn
-
-
 SizeN = Annotated[int, typer.Option("--n", min=1, help="Batch size N.")]
 SizeIn = Annotated[int, typer.Option("--din", min=1, help="Input features D_in.")]
 SizeOut = Annotated[int, typer.Option("--dout", min=1, help="Output features D_out.")]
@@ -570,6 +545,16 @@ def run(
             metavar="DIR",
         ),
     ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            min=0.0,
+            help="With --impl/--forward: seconds your functions may take on one case (and to "
+            "import) before the case is stopped and failed; 0: no limit.",
+            metavar="SECONDS",
+        ),
+    ] = 60.0,  # worker.DEFAULT_TIMEOUT (not imported: --help imports no NumPy); tested equal
     save_failures: Annotated[
         Path | None,
         typer.Option(
@@ -590,13 +575,19 @@ def run(
     _require_plotting(plot)
     out = _outputs(json_path, junit, github, quiet, heatmap, plot, force)
     if impl or forward:
+        from .worker import Worker
+
         dtypes = [d.value for d in dtype] if dtype else ["float64", "float32"]
-        fn = _load_callable(impl, "--impl") if impl else None
-        fwd = _load_callable(forward, "--forward") if forward else None
         cases = api.sweep(n, din, dout, dtypes, seed)
         if no_bias:
             cases = [c for c in cases if not c.bias]
-        results = [api.run_case(case, fn, fwd, **options) for case in cases]
+        # Your functions run in a worker process: nothing they do can end, hang or
+        # garble this one (lincheck/worker.py).
+        try:
+            with Worker(impl, forward, timeout or None) as worker:
+                results = [api.run_case(case, None, worker=worker, **options) for case in cases]
+        except LincheckError as exc:
+            raise _fail(str(exc)) from None
         if save_failures is not None:
             _save_failures(save_failures, results, force)
         what = " and ".join(x for x in (impl, forward) if x)

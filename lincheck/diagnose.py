@@ -168,19 +168,22 @@ _ROLES = {
 def explain(case: Case, lower: Hint | None = None) -> list[Hint]:
     """Hints for one failed subject: the first alternative that fits, else ``unexplained``.
 
-    Tried in order: NaN/Inf; a shape that is the transpose of the expected
-    one, or dY's shape for dB; then, for values, a flipped sign, a mean over
+    Tried in order: a shape that is the transpose of the expected one, or
+    dY's shape for dB; NaN/Inf; then, for values, a flipped sign, a mean over
     the batch, the transpose, one row of dY for dB, a wrong operand, a
     constant factor; then ``lower`` (a lower-precision hint, if the caller
     found one); then errors confined to a few rows, columns or entries.
     """
     s, tensor, L = case.subject, case.tensor, case.layer
-    if s.dtype.kind == "f" and not np.all(np.isfinite(s)):
-        return [_non_finite(tensor, s)]
-    shape2d = L.shape(tensor)
+    # The shape first: a wrong-shaped result may be a broadcast view of 10¹² entries
+    # that no scan of its values could afford (the shape hints read values only when
+    # the size is the expected one).
     if tuple(s.shape) != tuple(case.expected_shape):
         hint = _shape_hint(case)
         return [hint] if hint is not None else [_unexplained(tensor, "shape")]
+    if s.dtype.kind == "f" and not np.all(np.isfinite(s)):
+        return [_non_finite(tensor, s)]
+    shape2d = L.shape(tensor)
     values = np.asarray(s, dtype=np.float64).reshape(shape2d)
     M, S = L.magnitude(tensor)
     k = L.inner(tensor)

@@ -1,0 +1,381 @@
+"""Your code in a worker process: ``run --impl/--forward`` cannot end, hang or garble lincheck.
+
+lincheck's verdict is only worth something if the code it checks cannot forge
+it. A backward that calls ``sys.exit(0)`` or ``os._exit(0)``, crashes in a
+native kernel, never returns, eats the memory, or prints to stdout must end in
+a failed case with a message, never in lincheck exiting 0, dying, hanging, or
+a JSON report on stdout with the user's text in it. So the CLI imports and
+calls the user's functions in a child interpreter, never in its own process:
+
+* The child is ``python -c`` of :func:`main` (a fresh interpreter, not a fork:
+  forking a process whose BLAS already started threads is unsafe, and JAX
+  and torch warn about it). lincheck's own process never imports the user's
+  module, so nothing at import time can touch it either.
+* The child's file descriptor 1 is moved to a private pipe for the protocol,
+  and 1 then points at stderr: whatever the user prints goes to stderr.
+* Each call has a deadline (``--timeout``). A child that misses it is killed;
+  a child that dies (``os._exit``, a signal such as SIGSEGV, or the kernel's
+  out-of-memory killer) fails the case it was running with how it ended, and
+  a fresh child serves the next case.
+* ``SystemExit`` and every other exception from the user's function is a
+  failed case with the exception's text, in the child as in-process
+  (:func:`describe`).
+
+The protocol never unpickles: a message is a JSON header frame followed by
+one ``.npy`` frame per array, read back with ``allow_pickle=False``. The child
+converts what the user returned to NumPy itself (torch and JAX tensors
+included) and sends an array larger than every array of the layer (it has
+the wrong shape) as its shape and dtype only, so a broadcast view of 10¹²
+entries costs nothing to report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import numpy as np
+import numpy.lib.format as npy_format
+
+from .errors import InputError
+
+DEFAULT_TIMEOUT = 60.0
+"""Seconds a user's function may take on one case (and to import) before it is stopped.
+
+A sweep's layers are small (the requested shape and its edges): a correct
+backward takes milliseconds on them, so a minute means it is stuck. Importing
+a framework (torch, JAX) takes seconds, well inside it.
+"""
+
+
+@dataclass(frozen=True)
+class Returned:
+    """What the user's functions gave back for one case.
+
+    ``subjects`` holds the arrays to check by name (dX, dW, dB, Y); an array
+    larger than every array of the layer is a zero-strided stand-in of its
+    shape (a wrong shape, whose values are never read). ``errors`` are the failures that stopped a call;
+    ``savable`` names the subjects worth saving with ``--save-failures``.
+    """
+
+    subjects: Mapping[str, np.ndarray] = field(default_factory=dict)
+    errors: tuple[str, ...] = ()
+    savable: tuple[str, ...] = ()
+
+
+def describe(exc: BaseException, name: str) -> str:
+    """One line for an exception the user's function let out (SystemExit included)."""
+    if isinstance(exc, SystemExit):
+        code = "" if exc.code is None else repr(exc.code)
+        return f"{name} called sys.exit({code}); a check cannot end lincheck"
+    return f"{name} raised {type(exc).__name__}: {exc}"
+
+
+def unpack(out: Any, bias: bool) -> tuple[dict[str, Any], str]:
+    """A backward's result as subjects by name, and what is wrong with its form ("" if nothing)."""
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        size = len(out) if isinstance(out, (tuple, list)) else type(out).__name__
+        return {}, f"returned {size!r} instead of (dX, dW, dB)"
+    dX, dW, dB = out
+    subjects = {"dX": dX, "dW": dW}
+    if bias:
+        if dB is None:
+            return subjects, "returned dB = None for a layer with a bias"
+        subjects["dB"] = dB
+    elif dB is not None:
+        return subjects, "returned a dB for a layer without bias (B is None); return None"
+    return subjects, ""
+
+
+def call(
+    fn: Callable | None, forward: Callable | None, inputs: Mapping[str, np.ndarray]
+) -> tuple[dict[str, Any], list[str]]:
+    """Call the user's backward and forward on one case's inputs (copies): (subjects, errors)."""
+    X, W, B, G = inputs["X"], inputs["W"], inputs.get("B"), inputs["dY"]
+    subjects: dict[str, Any] = {}
+    errors = []
+    if fn is not None:
+        try:
+            out = fn(X.copy(), W.copy(), None if B is None else B.copy(), G.copy())
+        except BaseException as exc:  # SystemExit too: the user's code cannot end the check
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            errors.append(describe(exc, _name(fn)))
+        else:
+            found, problem = unpack(out, B is not None)
+            subjects.update(found)
+            if problem:
+                errors.append(f"{_name(fn)} {problem}")
+    if forward is not None:
+        try:
+            subjects["Y"] = forward(X.copy(), W.copy(), None if B is None else B.copy())
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            errors.append(describe(exc, _name(forward)))
+    return subjects, errors
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def stand_in(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An array of ``shape`` that takes no memory: for a result whose shape alone fails it."""
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
+# ---------------------------------------------------------------------------
+# The protocol: length-prefixed frames, a JSON header and then .npy arrays
+
+
+def _send(fp: BinaryIO, header: dict, arrays: Mapping[str, np.ndarray] = {}) -> None:
+    frames = [json.dumps({**header, "arrays": list(arrays)}).encode()]
+    for a in arrays.values():
+        buf = io.BytesIO()
+        npy_format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+        frames.append(buf.getvalue())
+    fp.write(b"".join(struct.pack("<Q", len(f)) + f for f in frames))
+    fp.flush()
+
+
+def _read_exactly(read: Callable[[int], bytes], n: int) -> bytes:
+    parts, left = [], n
+    while left:
+        chunk = read(left)
+        if not chunk:
+            raise EOFError
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _receive(read: Callable[[int], bytes]) -> tuple[dict, dict[str, np.ndarray]]:
+    def frame() -> bytes:
+        (size,) = struct.unpack("<Q", _read_exactly(read, 8))
+        return _read_exactly(read, size)
+
+    header = json.loads(frame())
+    arrays = {}
+    for name in header.pop("arrays"):
+        arrays[name] = npy_format.read_array(io.BytesIO(frame()), allow_pickle=False)
+    return header, arrays
+
+
+# ---------------------------------------------------------------------------
+# lincheck's side
+
+
+class Worker:
+    """A child interpreter that imports ``impl`` and ``forward`` (``module:function``) and
+    calls them on each case, with ``timeout`` seconds per case (None: no limit).
+
+    Use as a context manager. :meth:`start` raises ``InputError`` when a
+    function cannot be imported (bad usage, exit 2, as before any check).
+    """
+
+    def __init__(
+        self,
+        impl: str | None,
+        forward: str | None,
+        timeout: float | None,
+        paths: tuple[str, ...] = (),
+    ):
+        self.specs = {"impl": impl, "forward": forward}
+        self.paths = list(paths)  # where else the child looks for modules (the caller's sys.path)
+        self.names = {k: v.partition(":")[2] for k, v in self.specs.items() if v}
+        self.timeout = timeout
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> Worker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        code = "import sys; del sys.path[0]; from lincheck.worker import main; main()"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            # Ctrl-C reaches the whole process group; lincheck stops the child itself.
+            preexec_fn=_ignore_sigint if os.name == "posix" else None,
+        )
+        try:
+            self._send({"specs": self.specs, "cwd": os.getcwd(), "paths": self.paths})
+            header, _ = self._reply(self.timeout, "importing " + " and ".join(self.names.values()))
+        except _Lost as lost:
+            self.stop()
+            raise InputError(f"cannot load {self._label()}: {lost}") from None
+        if "bad_input" in header:
+            self.stop()
+            raise InputError(header["bad_input"])
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait()
+            for pipe in (self.process.stdin, self.process.stdout):
+                if pipe is not None:
+                    pipe.close()
+            self.process = None
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> Returned:
+        """Call the user's functions on one case's inputs in the child."""
+        if self.process is None:
+            self.start()
+        try:
+            self._send({"call": True}, inputs)
+            header, arrays = self._reply(self.timeout, "this case")
+        except _Lost as lost:
+            self.stop()  # the next case gets a fresh child
+            return Returned(errors=(f"{self._label()} {lost}",))
+        subjects = dict(arrays)
+        for name, (shape, dtype) in header["stand_ins"].items():
+            subjects[name] = stand_in(tuple(shape), np.dtype(dtype))
+        return Returned(subjects, tuple(header["errors"]), tuple(arrays))
+
+    def _send(self, header: dict, arrays: Mapping[str, np.ndarray] = {}) -> None:
+        try:
+            _send(self.process.stdin, header, arrays)
+        except OSError:  # the child is gone (a broken pipe): say how it ended
+            raise _Lost(_how_it_ended(self.process)) from None
+
+    def _label(self) -> str:
+        return " and ".join(self.names.values())
+
+    def _reply(self, timeout: float | None, doing: str):
+        """The child's next message, or _Lost saying how the child ended or that it hung."""
+        process = self.process
+        fd = process.stdout.fileno()
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def read(n: int) -> bytes:
+            while True:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                ready, _, _ = select.select([fd], [], [], left)
+                if ready:
+                    return os.read(fd, n)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError
+
+        try:
+            return _receive(read)
+        except TimeoutError:
+            process.kill()
+            process.wait()
+            raise _Lost(
+                f"did not return within {timeout:g} s ({doing}); stopped (--timeout)"
+            ) from None
+        except (EOFError, OSError):
+            raise _Lost(_how_it_ended(process)) from None
+
+
+class _Lost(Exception):
+    """The child ended or hung during a call."""
+
+
+def _how_it_ended(process: subprocess.Popen) -> str:
+    try:
+        code = process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        code = process.wait()
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        oom = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"crashed: its worker process was killed by {name}{oom}"
+    return f"ended its worker process with exit code {code} (os._exit?) instead of returning"
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------
+# The child's side
+
+
+def _load(spec: str, option: str) -> Callable:
+    """Import ``package.module:function`` or raise InputError in one line."""
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise InputError(f"{option} {spec}: expected package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:  # the user's module failed to import (or exited): one line
+        raise InputError(
+            f"{option} {spec}: cannot import {module_name}: {type(exc).__name__}: {exc}"
+        ) from None
+    fn: Any = module
+    for part in attribute.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise InputError(f"{option} {spec}: {module_name} has no {attribute}")
+    if not callable(fn):
+        raise InputError(f"{option} {spec}: {attribute} is not callable")
+    return fn
+
+
+def main() -> None:
+    """Serve calls on stdin/stdout until lincheck closes the pipe."""
+    proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
+    proto_out = os.fdopen(os.dup(1), "wb")
+    # The user's prints go to stderr and input() reads nothing: stdout is the report's.
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(2, 1)
+    try:
+        header, _ = _receive(proto_in.read)
+    except EOFError:
+        return
+    os.chdir(header["cwd"])
+    sys.path.insert(0, header["cwd"])
+    sys.path += [p for p in header["paths"] if p not in sys.path]
+    specs = header["specs"]
+    try:
+        fn = _load(specs["impl"], "--impl") if specs["impl"] else None
+        forward = _load(specs["forward"], "--forward") if specs["forward"] else None
+    except InputError as exc:
+        _send(proto_out, {"bad_input": str(exc)})
+        return
+    _send(proto_out, {"ready": True})
+    from .checks import _real_array
+
+    while True:
+        try:
+            _, inputs = _receive(proto_in.read)
+        except EOFError:
+            return
+        subjects, errors = call(fn, forward, inputs)
+        largest = max(a.size for a in inputs.values())
+        arrays, stand_ins = {}, {}
+        for name, value in subjects.items():
+            try:
+                a = _real_array(name, value, {})
+            except InputError as exc:
+                errors.append(str(exc))
+                continue
+            if a.size <= largest:  # the values of a transposed dW or a dY-shaped dB tell
+                arrays[name] = a
+            else:
+                stand_ins[name] = (list(a.shape), a.dtype.str)
+        _send(proto_out, {"errors": errors, "stand_ins": stand_ins}, arrays)
