@@ -935,5 +935,41 @@ def explain(
     stdout.print(explain_page(sizes, lang.value))
 
 
+# Characters lincheck prints, spelled in ASCII for a stream that cannot encode them
+# (PYTHONIOENCODING=ascii, a latin-1 terminal); anything else becomes "?".
+ASCII_SPELLINGS = {
+    "×": "x", "−": "-", "─": "-", "━": "-", "│": "|", "—": "--", "–": "-",
+    "≤": "<=", "≥": ">=", "≈": "~", "±": "+-", "→": "->", "…": "...", "·": ".",
+    "γ": "g", "Σ": "sum", "θ": "theta", "∂": "d", "ᵀ": "^T", "ₙ": "_n", "⊙": "*",
+    "√": "sqrt", "∞": "inf", "²": "^2", "⁻": "^-", "¹": "1", "⁰": "0",
+    "░": ":", "▒": "+", "▓": "#", "█": "@",
+}  # fmt: skip
+
+
+def _degrade(error: UnicodeEncodeError) -> tuple[str, int]:
+    text = error.object[error.start : error.end]
+    return "".join(ASCII_SPELLINGS.get(c, "?") for c in text), error.end
+
+
+def _encodable_streams() -> None:
+    """Never crash on a stream that is not UTF-8: spell what it cannot encode in ASCII.
+
+    Rich already draws ASCII boxes for such a stream; this covers the text (×, ≤,
+    γ, heatmap blocks) that would otherwise raise UnicodeEncodeError.
+    """
+    import codecs
+    import sys
+
+    codecs.register_error("lincheck-ascii", _degrade)
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        try:
+            "×─≤γ█".encode(encoding)
+        except (UnicodeEncodeError, LookupError):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="lincheck-ascii")
+
+
 def main() -> None:
+    _encodable_streams()
     app(prog_name="lincheck")  # the same name (in help, for completion) under python -m

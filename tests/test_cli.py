@@ -595,3 +595,31 @@ def test_help_imports_no_numpy():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["0", "False"]
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+@pytest.mark.parametrize("command", ["run", "verify", "explain"])
+def test_a_stream_that_is_not_utf8_gets_plain_characters_not_a_crash(
+    tmp_path, rng, encoding, command
+):
+    """PYTHONIOENCODING=ascii or latin-1: every character the stream cannot encode is
+    spelled in ASCII (× → x, ≤ → <=, heatmap blocks → : + # @), the verdict unchanged."""
+    case(tmp_path / "c", rng, fn=lambda d: {"dW": 2 * d["dW"]})  # fails, with a hint
+    args = {
+        "run": ["run", "--n", "6", "--din", "4", "--dout", "3", "--heatmap"],
+        "verify": ["verify", str(tmp_path / "c"), "--heatmap"],
+        "explain": ["explain", "--lang", "zh"],
+    }[command]
+    done = subprocess.run(
+        [sys.executable, "-m", "lincheck", *args],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": encoding, "COLUMNS": "100"},
+    )
+    assert done.returncode == (1 if command == "verify" else 0), done.stderr.decode(encoding)
+    out = done.stdout.decode(encoding)  # raises if a byte is not of the encoding
+    assert "Traceback" not in done.stderr.decode(encoding) and out.strip()
+    if command == "verify":
+        assert "hint [scaled]" in " ".join(out.split())
+        assert "@" in out  # the over-tolerance block, in ASCII
+    if command != "explain":
+        assert out.rstrip().splitlines()[-1].split()[0] in ("PASS", "FAIL")
