@@ -137,7 +137,12 @@ class CaseResult:
         return self.error is None and self.report is not None and self.report.passed
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"case": self.name, "passed": self.passed, "error": self.error}
+        out: dict[str, Any] = {
+            "case": self.name,
+            "passed": self.passed,
+            "error": self.error,
+            "bad_input": self.bad_input,
+        }
         if self.report is not None:
             out["report"] = self.report.as_dict()
         return out
@@ -159,16 +164,20 @@ class Sweep:
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON report: ``passed``, every case's ``checks`` and ``hints`` (each naming
-        its ``case``), and ``cases`` with one report (or error) per case."""
+        its ``case``), ``counts`` of cases that failed and that had bad input (both, so
+        neither hides the other), and ``cases`` with one report (or error) per case."""
         checks, hints = [], []
         for r in self.results:
             if r.report is not None:
                 checks += [{"case": r.name, **c.as_dict()} for c in r.report.checks]
                 hints += [{"case": r.name, **h.as_dict()} for h in r.report.hints]
+        bad = sum(r.bad_input for r in self.results)
+        failed = len(self.failed) - bad
         return {
             "passed": self.passed,
             "checks": checks,
             "hints": hints,
+            "counts": {"cases": len(self.results), "failed": failed, "bad_input": bad},
             "cases": [r.as_dict() for r in self.results],
         }
 

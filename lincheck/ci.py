@@ -12,7 +12,8 @@ from xml.etree import ElementTree as ET
 
 from .checks import Report
 
-Outcome = tuple[str, Report | None, str | None]
+Outcome = tuple[str, Report | None, str | None] | tuple[str, Report | None, str | None, bool]
+"""(case name, report, error[, bad input]): an error with bad input is a JUnit ``bad input``."""
 
 
 def _hints_for(report: Report, tensor: str) -> list[str]:
@@ -43,11 +44,13 @@ def junit_xml(outcomes: Sequence[Outcome], suite: str = "lincheck") -> str:
     root = ET.Element("testsuites")
     tests = failures = errors = 0
     cases = []
-    for name, report, error in outcomes:
+    for name, report, error, *bad in outcomes:
+        bad_input = bool(bad and bad[0])
         classname = f"{suite}.{name}"
         if error is not None:
             case = ET.Element("testcase", classname=classname, name="run", time="0")
-            ET.SubElement(case, "error", message=error.splitlines()[0], type="error").text = error
+            kind = "bad input" if bad_input else "error"
+            ET.SubElement(case, "error", message=error.splitlines()[0], type=kind).text = error
             cases.append(case)
             tests, errors = tests + 1, errors + 1
             continue
@@ -96,7 +99,7 @@ def github_annotations(outcomes: Sequence[Outcome]) -> list[str]:
     annotation on the run's summary page.
     """
     lines = []
-    for name, report, error in outcomes:
+    for name, report, error, *_ in outcomes:
         if error is not None:
             title = _escape_property(f"lincheck {name}")
             lines.append(f"::error title={title}::{_escape_data(error)}")

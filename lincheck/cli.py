@@ -19,7 +19,9 @@ from . import __version__
 from .errors import LincheckError
 
 EXIT_CODES = """\
-Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input.
+Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input
+(with several cases, 1 if any check failed, even where others had bad input) ·
+130 interrupted (Ctrl-C).
 """
 
 app = typer.Typer(
@@ -193,7 +195,7 @@ def _write_report(path: Path, text: str) -> None:
 
 def _finish(results, json_text, json_path, junit_path, github, to_stdout) -> None:
     """Write the JSON and JUnit reports, print GitHub annotations; then exit 0, 1 or 2."""
-    outcomes = [(r.name, r.report, r.error) for r in results]
+    outcomes = [(r.name, r.report, r.error, r.bad_input) for r in results]
     if json_path is not None:
         if to_stdout:
             typer.echo(json_text, nl=False)
@@ -208,9 +210,15 @@ def _finish(results, json_text, json_path, junit_path, github, to_stdout) -> Non
 
         for line in github_annotations(outcomes):
             typer.echo(line, err=to_stdout)
-    if any(r.bad_input for r in results):
-        raise typer.Exit(code=2)
-    raise typer.Exit(code=0 if all(r.passed for r in results) else 1)
+    raise typer.Exit(code=exit_code(results))
+
+
+def exit_code(results) -> int:
+    """0 all passed; 1 a check failed (or a user's function did), even if other cases had
+    bad input, so a failure is never hidden behind a 2; 2 only bad input failed."""
+    if any(not r.passed and not r.bad_input for r in results):
+        return 1
+    return 2 if any(r.bad_input for r in results) else 0
 
 
 def _require_plotting(plot: Path | None) -> None:
@@ -758,11 +766,7 @@ def verify(
         _verify_one_path(cases[0] if cases else None, options, out, files)
     workers = min(jobs or os.cpu_count() or 1, len(cases))
     if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            many = [options] * len(cases), [max_memory] * len(cases)
-            results = list(pool.map(_verify_case, cases, *many))
+        results = _verify_in_parallel(cases, options, max_memory, workers)
     else:
         results = [_verify_case(case, options, max_memory) for case in cases]
     header = f"[bold]lincheck verify[/] {len(cases)} cases"
@@ -798,6 +802,49 @@ def _verify_case(path: Path, options: dict, max_memory: str | None = None):
     except LincheckError as exc:
         return api.CaseResult(str(path), None, str(exc), bad_input=True)
     return api.CaseResult(str(path), report, None)
+
+
+def _verify_in_parallel(cases: list[Path], options: dict, max_memory, workers: int) -> list:
+    """Check cases in ``workers`` processes; a worker that dies fails the cases it leaves.
+
+    Ctrl-C is lincheck's alone (the workers ignore it): :func:`main` stops them all.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from . import api
+
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_interrupts)
+    try:
+        futures = [pool.submit(_verify_case, case, options, max_memory) for case in cases]
+        results = []
+        for case, future in zip(cases, futures):
+            try:
+                results.append(future.result())
+            except BrokenProcessPool:
+                error = "its worker process died (killed by a signal, or out of memory)"
+                results.append(api.CaseResult(str(case), None, error))
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
+    return results
+
+
+def _ignore_interrupts() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool) -> None:
+    """Kill a process pool's workers now, not after their current case (about a minute)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # public in 3.14 only
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join(timeout=1)
 
 
 def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -> None:
@@ -970,6 +1017,34 @@ def _encodable_streams() -> None:
                 stream.reconfigure(errors="lincheck-ascii")
 
 
+class _Interrupted(BaseException):
+    """Ctrl-C. Not a KeyboardInterrupt, which Click would turn into "Aborted!" and exit 1."""
+
+
+def _interrupt(signum, frame) -> None:
+    import signal
+
+    if os.getpid() != _MAIN_PID:
+        return  # a forked worker before it set its own handler: lincheck stops it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the cleanup
+    raise _Interrupted
+
+
+_MAIN_PID = os.getpid()
+
+
 def main() -> None:
+    """The ``lincheck`` command. Ctrl-C stops every worker, prints one line, exits 130; the
+    reports are written only at the end (atomically), so none is left half-written."""
+    import signal
+    import sys
+
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     _encodable_streams()
-    app(prog_name="lincheck")  # the same name (in help, for completion) under python -m
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        app(prog_name="lincheck")  # the same name (in help, for completion) under python -m
+    except _Interrupted:
+        stderr.print("lincheck: interrupted", highlight=False)
+        sys.exit(130)

@@ -398,10 +398,14 @@ def verdict_cases(results) -> Text:
     failed = [r for r in results if not r.passed]
     if not failed:
         return Text.assemble(("PASS", "bold green"), f"  all {len(results)} cases passed")
+    bad = sum(r.bad_input for r in failed)
     names = ", ".join(r.name for r in failed)
-    return Text.assemble(
-        ("FAIL", "bold red"), f"  {len(failed)} of {len(results)} cases failed: {names}"
-    )
+    if bad == len(failed):
+        counts = f"{bad} of {len(results)} cases had bad input"
+    else:  # both counts: a failed check is never hidden behind the bad input (exit 1)
+        counts = f"{len(failed) - bad} of {len(results)} cases failed"
+        counts += f", {bad} had bad input" if bad else ""
+    return Text.assemble(("FAIL", "bold red"), f"  {counts}: {names}")
 
 
 def render_cases(

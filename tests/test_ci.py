@@ -1,8 +1,14 @@
 """lincheck as a CI assertion: the Python API, --impl sweeps, many cases, JUnit and annotations."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import numpy as np
@@ -336,6 +342,33 @@ def test_verify_several_paths_and_bad_input_in_one(tmp_path, rng):
     cases = cases_of(result)
     assert cases[str(tmp_path / "a")]["passed"] is True
     assert "not a .npy file" in cases[str(tmp_path / "b")]["error"]
+    assert cases[str(tmp_path / "b")]["bad_input"] is True
+    report = json.loads(result.stdout)
+    assert report["counts"] == {"cases": 2, "failed": 0, "bad_input": 1}
+    assert " ".join(result.stderr.split()).endswith(
+        f"FAIL 1 of 2 cases had bad input: {tmp_path / 'b'}"
+    )
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failed_check_is_never_hidden_behind_bad_input(tmp_path, rng, jobs):
+    """One malformed case and one genuinely failing: exit 1 (a check failed), and the
+    summary line, the JSON and the JUnit report name both."""
+    _dump(tmp_path / "a", rng, bug="mean")
+    _dump(tmp_path / "b", rng)
+    (tmp_path / "b" / "W.npy").write_bytes(b"junk")
+    _dump(tmp_path / "c", rng)
+    junit = tmp_path / "j.xml"
+    result = invoke("verify", tmp_path, "--jobs", jobs, "--json", "-", "--junit", junit)
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["counts"] == {"cases": 3, "failed": 1, "bad_input": 1}
+    text = " ".join(result.stderr.split())
+    assert text.endswith(f"FAIL 1 of 3 cases failed, 1 had bad input: {tmp_path / 'a'}, {tmp_path / 'b'}")
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("failures") == "1" and suite.get("errors") == "1"
+    (error,) = suite.iter("error")
+    assert error.get("type") == "bad input"
 
 
 # --- JUnit and GitHub ------------------------------------------------------------
@@ -412,3 +445,57 @@ def test_run_in_several_dtypes_is_one_case_each():
     assert result.exit_code == 0, result.output
     assert sorted(cases_of(result)) == ["float16 N=6 D_in=4 D_out=3", "float64 N=6 D_in=4 D_out=3"]
     assert invoke("run", "--dtype", "float64", "--dtype", "float32", "--save", "x").exit_code == 2
+
+
+def _group_alive(pgid: int) -> list[str]:
+    """Processes (not zombies) still in process group ``pgid``."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(stat.parent.name)
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to find workers")
+def test_one_ctrl_c_stops_every_worker_exits_130_and_writes_no_report(tmp_path):
+    """A multi-case verify --jobs 2 interrupted as a terminal does (SIGINT to the whole
+    process group) while its workers are busy: one line, exit 130, no worker left, no
+    report file, nothing new in the dumps' folder."""
+    rng = np.random.default_rng(0)
+    model = tmp_path / "model"
+    for i in range(4):  # each case takes many seconds in full mode: all still running
+        folder = model / f"layer{i}"
+        folder.mkdir(parents=True)
+        for name, shape in (("X", (600, 400)), ("W", (300, 400)), ("dY", (600, 300))):
+            np.save(folder / f"{name}.npy", rng.standard_normal(shape))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    exe = str(Path(sys.executable).with_name("lincheck"))
+    process = subprocess.Popen(
+        [exe, "verify", str(model), "--jobs", "2", "--mode", "full", "--json", "out.json"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    pgid = process.pid
+    for _ in range(200):  # until both workers are up (at most 20 s)
+        if len(_group_alive(pgid)) >= 3 or process.poll() is not None:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert process.poll() is None, process.communicate()
+    os.killpg(pgid, signal.SIGINT)
+    out, err = process.communicate(timeout=30)  # a hang guard, not a timing
+    assert process.returncode == 130, err
+    assert err == "lincheck: interrupted\n" and out == ""
+    for _ in range(50):
+        if not _group_alive(pgid):
+            break
+        time.sleep(0.1)
+    assert _group_alive(pgid) == []
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

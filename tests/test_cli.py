@@ -322,8 +322,9 @@ def test_help_lists_exit_codes_and_an_example():
         assert sub.exit_code == 0
         text = " ".join(sub.stdout.split())
         assert (
-            "Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input."
-            in text
+            "Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input "
+            "(with several cases, 1 if any check failed, even where others had bad input) · "
+            "130 interrupted (Ctrl-C)." in text
         )
         assert f"Example: lincheck {command}" in text
 
