@@ -264,6 +264,8 @@ class Worker:
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def read(n: int) -> bytes:
+            if os.name != "posix":  # select() takes no pipes there: no deadline
+                return os.read(fd, n)
             while True:
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 ready, _, _ = select.select([fd], [], [], left)
@@ -282,6 +284,10 @@ class Worker:
             ) from None
         except (EOFError, OSError):
             raise _Lost(_how_it_ended(process)) from None
+        except Exception as exc:  # the user's code wrote into the protocol's pipe
+            process.kill()
+            process.wait()
+            raise _Lost(f"garbled its worker's reply ({type(exc).__name__}: {exc})") from None
 
 
 class _Lost(Exception):

@@ -212,3 +212,21 @@ def test_the_cli_default_timeout_is_the_workers():
     from lincheck.cli import run
 
     assert inspect.signature(run).parameters["timeout"].default == worker.DEFAULT_TIMEOUT
+
+
+def test_a_function_that_writes_into_the_protocol_pipe_fails_its_case(user):
+    (user / "sneaky.py").write_text(
+        "import os\n"
+        "def f(X, W, B, dY):\n"
+        "    for fd in range(3, 12):\n"
+        "        try:\n"
+        "            os.write(fd, b'\\xff' * 64)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return dY @ W, dY.T @ X, dY.sum(0)\n"
+    )
+    done = lincheck_cli(user, "run", "--impl", "sneaky:f", *SIZES, "--json", "-")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    errors = set(errors_of(json.loads(done.stdout)).values())
+    assert errors and all(e.startswith("f garbled its worker's reply") or e is None for e in errors)
+    assert errors != {None}
