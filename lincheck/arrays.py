@@ -664,7 +664,7 @@ def check_output(
             raise InputError(f"{where}: is a folder; give a file name")
         if not folder and not stat.S_ISREG(st.st_mode):
             raise InputError(f"{where}: not a regular file ({kind}); not replaced{hint}")
-        same = _same_input(st, inputs)
+        same = None if folder else _same_input(st, inputs)  # plots may go beside the arrays
         if same is not None:
             raise InputError(f"{where}: is the input file {same}; not replaced")
         if not folder and not force:
@@ -968,6 +968,10 @@ def _take_back(placed: list[tuple[Path, int, Path | None]]) -> None:
         with contextlib.suppress(OSError):
             if old is not None:
                 os.replace(old, target)
+                # rename() between two links of one file does nothing: the new file was
+                # never named, and the old one is still in place; drop the spare link.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(old)
                 continue
             mine = os.fstat(fd)
             there = os.lstat(target)

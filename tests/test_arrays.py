@@ -434,3 +434,37 @@ def test_npz_members_over_64_mib_load(tmp_path, compressed):
         assert np.array_equal(np.asarray(loaded["X"]), X)
     finally:
         path.unlink()
+
+
+def test_file_arrays_are_read_a_block_at_a_time_in_the_partial_modes(tmp_path, monkeypatch):
+    """As tests/test_modes.py checks for memory maps: no copy of X is ever made whole."""
+    import tracemalloc
+
+    from lincheck import checks, numeric
+
+    monkeypatch.setattr(numeric, "ROW_BLOCK_BYTES", 2**20)
+    monkeypatch.setattr(checks, "DIAGNOSIS_BYTES", 0)  # a diagnosis would hold it all
+    monkeypatch.setattr(arrays, "MEMMAP_BYTES", 2**20)
+    rng = np.random.default_rng(0)
+    N, D_in, D_out = 200_000, 48, 16
+    folder = tmp_path / "dump"
+    folder.mkdir()
+    X = rng.standard_normal((N, D_in), dtype=np.float32)
+    G = rng.standard_normal((N, D_out), dtype=np.float32)
+    W = rng.standard_normal((D_out, D_in)).astype(np.float32)
+    dX = (G.astype(np.float64) @ W).astype(np.float32)
+    dX[190_123, 7] += 1.0
+    for name, a in {"X": X, "dY": G, "W": W, "dX": dX}.items():
+        np.save(folder / f"{name}.npy", a)
+    del X, G, dX
+    a = arrays.load(folder).arrays
+    assert {n for n, v in a.items() if isinstance(v, arrays.FileArray)} == {"X", "dY", "dX"}
+    tracemalloc.start()
+    try:  # float32 X with tf32 and bf16 alternatives: representability is scanned too
+        report = check(a["X"], a["W"], None, a["dY"], dX=a["dX"], mode="directions", directions=4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(c.tensor, c.worst_index) for c in report.failed] == [("dX", (190_123, 7))]
+    assert [h.code for h in report.hints] == ["not_diagnosed"]
+    assert peak < 8 * N * D_in / 4, peak  # a quarter of a float64 X, as for memory maps
