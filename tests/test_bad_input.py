@@ -603,7 +603,7 @@ def test_max_memory_refuses_and_large_checks_say_what_they_need(tmp_path, monkey
 
 
 def test_large_files_fit_the_memory_limit_in_the_partial_modes(tmp_path):
-    """Files over 64 MiB are memory-mapped; directions stream them, a full check must refuse."""
+    """Files over 64 MiB are read as used; directions stream them, a full check must refuse."""
     rng = np.random.default_rng(0)
     N, D_in, D_out = 200_000, 96, 16
     d = tmp_path / "dump"
