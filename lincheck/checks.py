@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import diagnose, numeric
-from .core import CHUNK, Gradients, as_batch, backward, leading_chunks
+from .core import CHUNK, FileBacked, Gradients, as_batch, backward, leading_chunks
 from .diagnose import Hint
 from .errors import InputError
 from .precision import (
@@ -273,8 +273,11 @@ def _real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray
 
 
 def _as_numpy(value: Any) -> np.ndarray | Exception:
-    """An ndarray view of ``value`` (no copy where the producer allows), or the reason not."""
-    if isinstance(value, np.ndarray):
+    """An ndarray view of ``value`` (no copy where the producer allows), or the reason not.
+
+    An array read from a file as it is used (:class:`~lincheck.core.FileBacked`) stays one.
+    """
+    if isinstance(value, np.ndarray | FileBacked):
         return value
     problem: Exception | None = None
     for candidate in (value, getattr(value, "detach", lambda: value)()):
@@ -598,6 +601,9 @@ def check(
 def _run_full(inputs, plans, method, mode, samples, directions, seed, sources, progress):
     """Every entry, column block by column block (:meth:`lincheck.numeric.Layer.blocks`)."""
     layer = numeric.Layer(inputs.X, inputs.W, inputs.B, inputs.G)
+    for plan in plans:  # a subject read from a file as used: read it once, whole
+        if isinstance(plan.values, FileBacked):
+            plan.values = np.asarray(plan.values)
     _check_no_overflow([layer.MY, layer.A_rows, layer.A_cols], sources)
     total = sum(layer.passes(p.tensor, method) for p in plans if p.needs_witness)
     done = 0

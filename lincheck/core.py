@@ -109,6 +109,15 @@ def as_batch(X: np.ndarray, G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return X.reshape(-1, X.shape[-1]), G.reshape(-1, G.shape[-1])
 
 
+class FileBacked:
+    """Base of arrays read from a file as they are used (:class:`lincheck.arrays.FileArray`).
+
+    They have ``shape``, ``dtype``, ``ndim``, ``size`` and ``reshape``; a slice of the
+    first axis reads just those rows, ``np.asarray`` reads them whole. The checks keep
+    them as they are and slice them (:func:`leading_chunks`, ``numeric.Rows``).
+    """
+
+
 CHUNK = 2**18
 """Values a chunked scan of a large array handles at a time (a few MiB per temporary)."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .core import leading_chunks
+from .core import FileBacked, leading_chunks
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def round_to(values: np.ndarray, fmt: Format) -> np.ndarray:
 
 def representable(values: np.ndarray, fmt: Format) -> bool:
     """Whether every value is exactly a value of ``fmt``."""
-    a = np.asarray(values)
+    a = values if isinstance(values, FileBacked) else np.asarray(values)  # scanned by chunks
     if a.dtype.kind == "b":
         return True
     if a.dtype.kind == "f":

@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from lincheck import InputError, arrays
+from lincheck import InputError, arrays, check
 
 
 def _write_inputs(folder, rng, dtype="float64", **extra):
@@ -130,7 +130,8 @@ class _Payload:
         ),
         (
             _npy_bytes(np.ones((4, 3))).replace(b"(4, 3)", b"(4000000000, 3000000000)".ljust(6)),
-            r"truncated: the header declares shape \(4000000000, 3000000000\)",
+            r"not a valid \.npy file \(its header declares shape \(4000000000, 3000000000\) "
+            r"float64, too large for NumPy\)$",
         ),
     ],
     ids=["empty", "text", "random bytes", "cut header", "cut data", "huge shape"],
@@ -246,19 +247,55 @@ def test_save_into_a_file_is_an_error(tmp_path):
         arrays.save(tmp_path / "f", {"X": np.ones(1)})
 
 
-def test_large_files_are_memory_mapped_read_only(tmp_path, rng, monkeypatch):
+def test_large_files_are_read_as_used_not_mapped(tmp_path, rng, monkeypatch):
     folder = tmp_path / "dump"
     data = _write_inputs(folder, rng)
     monkeypatch.setattr(arrays, "MEMMAP_BYTES", 50)  # X (96 bytes) and dY (64) are "large"
     loaded = arrays.load(folder)
-    assert isinstance(loaded.arrays["X"], np.memmap) and not loaded.arrays["X"].flags.writeable
-    assert not isinstance(loaded.arrays["W"], np.memmap)  # 48 bytes
+    X = loaded.arrays["X"]
+    assert isinstance(X, arrays.FileArray) and not isinstance(X, np.ndarray)
+    assert (X.shape, X.dtype, X.ndim, X.size, len(X)) == ((4, 3), np.float64, 2, 12, 4)
+    assert isinstance(loaded.arrays["W"], np.ndarray)  # 48 bytes
+    assert not loaded.arrays["W"].flags.writeable
     for name, a in data.items():
-        assert np.array_equal(loaded.arrays[name], a)
+        assert np.array_equal(np.asarray(loaded.arrays[name]), a)
+    block = X[1:3]
+    assert isinstance(block, np.ndarray) and not block.flags.writeable
+    assert np.array_equal(block, data["X"][1:3])
+    assert np.array_equal(X[3:99], data["X"][3:]) and X[2:1].shape == (0, 3)
+    assert np.array_equal(X[1], data["X"][1]) and np.array_equal(X[:, 2], data["X"][:, 2])
+    flat = X.reshape(-1)
+    assert isinstance(flat, arrays.FileArray) and np.array_equal(flat[5:9], data["X"].ravel()[5:9])
     np.save(folder / "Y.npy", np.asfortranarray(rng.standard_normal((4, 20))))
-    y = arrays.load(folder).arrays["Y"]
-    assert isinstance(y, np.memmap) and y.flags.f_contiguous
-    assert np.array_equal(y, np.load(folder / "Y.npy"))
+    np.save(folder / "dX.npy", rng.standard_normal((2, 4, 3)).astype(">f4"))
+    loaded = arrays.load(folder)
+    Y, dX = loaded.arrays["Y"], loaded.arrays["dX"]
+    want = np.load(folder / "Y.npy")
+    assert isinstance(Y, arrays.FileArray) and np.asarray(Y).flags.f_contiguous
+    assert np.array_equal(Y, want) and np.array_equal(Y[1:3], want[1:3])
+    assert np.array_equal(Y.reshape(2, 40), want.reshape(2, 40))  # C index order, as NumPy
+    assert dX.dtype == np.dtype(">f4") and isinstance(dX.reshape(-1, 3), arrays.FileArray)
+    assert np.array_equal(dX.reshape(-1, 3)[1:4], np.load(folder / "dX.npy").reshape(-1, 3)[1:4])
+    assert np.array_equal(np.asarray(dX, dtype=np.float64), np.load(folder / "dX.npy"))
+
+
+def test_file_arrays_are_checked_like_arrays_in_every_mode(tmp_path, rng, monkeypatch):
+    folder = tmp_path / "dump"
+    data = _write_inputs(folder, rng)
+    G, X, W = data["dY"], data["X"], data["W"]
+    np.save(folder / "dX.npy", G @ W)
+    np.save(folder / "dW.npy", np.asfortranarray(G.T @ X + np.eye(2, 3) * 1e-3))  # wrong at [0, 0]
+    in_memory = arrays.load(folder).arrays
+    monkeypatch.setattr(arrays, "MEMMAP_BYTES", 10)
+    from_files = arrays.load(folder).arrays
+    assert all(isinstance(a, arrays.FileArray) for a in from_files.values())
+    for mode in ("full", "sample", "directions"):
+        reports = [
+            check(a["X"], a["W"], None, a["dY"], dX=a["dX"], dW=a["dW"], mode=mode)
+            for a in (in_memory, from_files)
+        ]
+        assert reports[0].as_dict() == reports[1].as_dict()
+        assert [(c.tensor, c.worst_index) for c in reports[1].failed] == [("dW", (0, 0))]
 
 
 KILL_MID_WRITE = """
@@ -309,3 +346,125 @@ def test_written_files_get_ordinary_permissions(tmp_path):
         os.umask(umask)
     assert (tmp_path / "out" / "X.npy").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+TRUNCATE_MID_CHECK = """
+import os, sys
+import numpy as np
+from lincheck import arrays, check, numeric
+
+arrays.MEMMAP_BYTES = 2**16  # X (about 1 MB) is read as used (or, before, memory-mapped)
+numeric.ROW_BLOCK_BYTES = 2**16  # many row blocks
+folder = sys.argv[1]
+loaded = arrays.load(folder)
+a = loaded.arrays
+
+def progress(done, total):  # np.save rewriting X.npy in place truncates it first
+    os.truncate(os.path.join(folder, "X.npy"), 128)
+
+try:
+    check(a["X"], a["W"], None, a["dY"], mode="directions", directions=2, progress=progress,
+          sources=loaded.sources)
+except arrays.InputError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def test_a_file_truncated_mid_check_is_one_line_not_a_signal(tmp_path, rng):
+    """Before, the memory map of X died with SIGBUS (exit -7 here, 135 from a shell)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "dump"
+    folder.mkdir()
+    X = rng.standard_normal((20_000, 6))
+    np.save(folder / "X.npy", X)
+    np.save(folder / "W.npy", rng.standard_normal((3, 6)))
+    np.save(folder / "dY.npy", rng.standard_normal((20_000, 3)))
+    size = (folder / "X.npy").stat().st_size
+    done = subprocess.run(
+        [sys.executable, "-c", TRUNCATE_MID_CHECK, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stdout == (
+        f"X ({folder}/X.npy): the file changed while being checked (it had {size:,} bytes, "
+        "now 128); check it again once it is written\n"
+    )
+
+
+def test_a_file_rewritten_in_place_mid_check_is_reported(tmp_path, rng, monkeypatch):
+    folder = tmp_path / "dump"
+    _write_inputs(folder, rng)
+    monkeypatch.setattr(arrays, "MEMMAP_BYTES", 10)
+    X = arrays.load(folder).arrays["X"]
+    assert np.array_equal(X[0:2], np.load(folder / "X.npy")[0:2])
+    with open(folder / "X.npy", "r+b") as fp:  # the same size, other values, a later time
+        fp.seek(-8, os.SEEK_END)
+        fp.write(np.float64(7.0).tobytes())
+    stamp = (folder / "X.npy").stat().st_mtime_ns + 10**9
+    os.utime(folder / "X.npy", ns=(stamp, stamp))
+    with pytest.raises(
+        InputError,
+        match=r"^X \(.*X\.npy\): the file changed while being "
+        r"checked \(it was rewritten\); check it again once it is written$",
+    ):
+        X[0:2]
+    with pytest.raises(InputError, match="the file changed while being checked"):
+        np.asarray(X)
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_npz_members_over_64_mib_load(tmp_path, compressed):
+    """A stored member is read by its offset in the archive; a deflated one is inflated."""
+    X = np.zeros((arrays.MEMMAP_BYTES // 4 // 8 + 1, 8), dtype=np.float32)
+    X[::4099, 3] = np.arange(len(X[::4099]))  # some values to find
+    path = tmp_path / "big.npz"
+    (np.savez_compressed if compressed else np.savez)(
+        path, X=X, W=np.ones((2, 8), np.float32), dY=np.ones((len(X), 2), np.float32)
+    )
+    try:
+        loaded = arrays.load(path).arrays
+        assert isinstance(loaded["X"], arrays.FileArray) != compressed
+        assert loaded["X"].shape == X.shape and loaded["X"].dtype == X.dtype
+        assert np.array_equal(loaded["X"][4099 * 7 : 4099 * 7 + 3], X[4099 * 7 : 4099 * 7 + 3])
+        assert np.array_equal(np.asarray(loaded["X"]), X)
+    finally:
+        path.unlink()
+
+
+def test_file_arrays_are_read_a_block_at_a_time_in_the_partial_modes(tmp_path, monkeypatch):
+    """As tests/test_modes.py checks for memory maps: no copy of X is ever made whole."""
+    import tracemalloc
+
+    from lincheck import checks, numeric
+
+    monkeypatch.setattr(numeric, "ROW_BLOCK_BYTES", 2**20)
+    monkeypatch.setattr(checks, "DIAGNOSIS_BYTES", 0)  # a diagnosis would hold it all
+    monkeypatch.setattr(arrays, "MEMMAP_BYTES", 2**20)
+    rng = np.random.default_rng(0)
+    N, D_in, D_out = 200_000, 48, 16
+    folder = tmp_path / "dump"
+    folder.mkdir()
+    X = rng.standard_normal((N, D_in), dtype=np.float32)
+    G = rng.standard_normal((N, D_out), dtype=np.float32)
+    W = rng.standard_normal((D_out, D_in)).astype(np.float32)
+    dX = (G.astype(np.float64) @ W).astype(np.float32)
+    dX[190_123, 7] += 1.0
+    for name, a in {"X": X, "dY": G, "W": W, "dX": dX}.items():
+        np.save(folder / f"{name}.npy", a)
+    del X, G, dX
+    a = arrays.load(folder).arrays
+    assert {n for n, v in a.items() if isinstance(v, arrays.FileArray)} == {"X", "dY", "dX"}
+    tracemalloc.start()
+    try:  # float32 X with tf32 and bf16 alternatives: representability is scanned too
+        report = check(a["X"], a["W"], None, a["dY"], dX=a["dX"], mode="directions", directions=4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(c.tensor, c.worst_index) for c in report.failed] == [("dX", (190_123, 7))]
+    assert [h.code for h in report.hints] == ["not_diagnosed"]
+    assert peak < 8 * N * D_in / 4, peak  # a quarter of a float64 X, as for memory maps

@@ -7,7 +7,11 @@ also checks that docs/bad-input.md lists every message, so the page cannot drift
 
 import io
 import os
+import socket
+import stat
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +66,63 @@ def pickle_payload():
 
 
 X_BYTES = npy(np.ones((4, 3)))
+
+
+def node(d, name, kind, **changes):
+    """Good arrays in d, and at d/name a FIFO, a device, a socket or a symlink (all made
+    inside d: nothing outside the test's folder is touched)."""
+    folder(d, **changes)
+    path = d / name
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind in ("char", "block"):
+        mode, device = (stat.S_IFCHR, (1, 3)) if kind == "char" else (stat.S_IFBLK, (7, 0))
+        try:
+            os.mknod(path, mode | 0o600, os.makedev(*device))
+        except PermissionError:
+            pytest.skip("making a device node needs CAP_MKNOD")
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(path))  # the socket file stays after the socket closes
+    elif kind == "loop":
+        path.symlink_to(path.name)
+    else:
+        path.symlink_to(kind)
+    return path
+
+
+def header(descr: str, shape: str, data: bytes = b"") -> bytes:
+    """A version 1.0 .npy file with this header text, as np.save would pad it."""
+    text = f"{{'descr': {descr}, 'fortran_order': False, 'shape': {shape}, }}".encode()
+    text += b" " * (63 - (10 + len(text)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + data
+
+
+def raw_zip(path, members):
+    """A zip file written byte by byte, so that its sizes can lie: members are
+    (name, method, data, declared uncompressed size, declared compressed size)."""
+    out, central = bytearray(), bytearray()
+    for name, method, data, size, packed in members:
+        name = name.encode()
+        fields = struct.pack("<HHHHHIII", 20, 0, method, 0, 0, zlib.crc32(data), packed, size)
+        central += b"PK\x01\x02" + struct.pack("<H", 20) + fields
+        central += struct.pack("<HHHHHII", len(name), 0, 0, 0, 0, 0, len(out)) + name
+        out += b"PK\x03\x04" + fields + struct.pack("<HH", len(name), 0) + name + data
+    end = struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), len(out), 0
+    )
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(bytes(out + central + end))
+    return [str(path)]
+
+
+def stored(key, data):
+    return (f"{key}.npy", 0, data, len(data), len(data))
+
+
+def good_members():
+    return [stored(k, npy(v)) for k, v in good().items() if k != "X"]
+
 
 CATALOGUE = [
     # (id, setup(DIR) -> argv after "verify", message with {dir}, exit code)
@@ -281,9 +342,162 @@ CATALOGUE = [
         2,
     ),
     (
-        "unreadable file",
+        "a folder named X.npy",
         lambda d: (folder(d, X=None), (d / "X.npy").mkdir(), [str(d)])[2],
-        "X ({dir}/X.npy): cannot read: Is a directory",
+        "X ({dir}/X.npy): not a regular file (a folder)",
+        2,
+    ),
+    # Files that are not regular files are refused before they are opened: a FIFO would
+    # block the open (or the read) forever, a device would read as endless data or none.
+    (
+        "a FIFO named X.npy",
+        lambda d: node(d, "X.npy", "fifo", X=None) and [str(d)],
+        "X ({dir}/X.npy): not a regular file (a FIFO)",
+        2,
+    ),
+    (
+        "a character device named X.npy",
+        lambda d: node(d, "X.npy", "char", X=None) and [str(d)],
+        "X ({dir}/X.npy): not a regular file (a character device)",
+        2,
+    ),
+    (
+        "a block device named W.npy",
+        lambda d: node(d, "W.npy", "block", W=None) and [str(d)],
+        "W ({dir}/W.npy): not a regular file (a block device)",
+        2,
+    ),
+    (
+        "a socket named dY.npy",
+        lambda d: node(d, "dY.npy", "socket", dY=None) and [str(d)],
+        "dY ({dir}/dY.npy): not a regular file (a socket)",
+        2,
+    ),
+    (
+        "a symlink to a FIFO",
+        lambda d: (node(d, "pipe", "fifo", X=None), node(d, "X.npy", "pipe", X=None), [str(d)])[2],
+        "X ({dir}/X.npy): not a regular file (a FIFO)",
+        2,
+    ),
+    (
+        "a symlink loop",
+        lambda d: node(d, "X.npy", "loop", X=None) and [str(d)],
+        "X ({dir}/X.npy): a symlink loop",
+        2,
+    ),
+    (
+        "a symlink to a missing file",
+        lambda d: node(d, "X.npy", "gone.npy", X=None) and [str(d)],
+        "X ({dir}/X.npy): a symlink to a missing file (gone.npy)",
+        2,
+    ),
+    (
+        "a FIFO named case.npz as PATH",
+        lambda d: [str(node(d, "case.npz", "fifo"))],
+        "{dir}/case.npz: not a regular file (a FIFO)",
+        2,
+    ),
+    (
+        "a device as PATH",
+        lambda d: [str(node(d, "null", "char"))],
+        "{dir}/null: not a regular file (a character device)",
+        2,
+    ),
+    (
+        "a symlink loop as PATH",
+        lambda d: [str(node(d, "loop.npz", "loop"))],
+        "{dir}/loop.npz: a symlink loop",
+        2,
+    ),
+    (
+        "a FIFO as --x FILE",
+        lambda d: [str(d), "--x", str(node(d, "x.fifo", "fifo", X=None))],
+        "X ({dir}/x.fifo): not a regular file (a FIFO)",
+        2,
+    ),
+    # Headers NumPy parses but cannot make an array of.
+    (
+        "items of 0 bytes (<U0)",
+        lambda d: folder(d, X=header("'<U0'", "(4, 3)")),
+        "X ({dir}/X.npy): not a valid .npy file (its header declares dtype <U0, whose items "
+        "have no bytes)",
+        2,
+    ),
+    (
+        "items of 0 bytes (|V0)",
+        lambda d: folder(d, X=header("'|V0'", "(4, 3)")),
+        "X ({dir}/X.npy): not a valid .npy file (its header declares dtype |V0, whose items "
+        "have no bytes)",
+        2,
+    ),
+    (
+        "items of 0 bytes (|S0)",
+        lambda d: folder(d, W=header("'|S0'", "(2, 3)")),
+        "W ({dir}/W.npy): not a valid .npy file (its header declares dtype |S0, whose items "
+        "have no bytes)",
+        2,
+    ),
+    (
+        "more dimensions than NumPy allows",
+        lambda d: folder(d, X=header("'<f8'", "(" + "1, " * 70 + ")", bytes(8))),
+        "X ({dir}/X.npy): not a valid .npy file (its header declares 70 dimensions; NumPy "
+        "allows at most 64)",
+        2,
+    ),
+    (
+        "a dimension beyond NumPy's limit (2**70, 0)",
+        lambda d: folder(d, X=header("'<f8'", f"({2**70}, 0)")),
+        "X ({dir}/X.npy): not a valid .npy file (its header declares shape "
+        "(1180591620717411303424, 0) float64, too large for NumPy)",
+        2,
+    ),
+    (
+        "a shape whose byte count overflows (2**62, 0, 4)",
+        lambda d: folder(d, X=header("'<f8'", f"({2**62}, 0, 4)")),
+        "X ({dir}/X.npy): not a valid .npy file (its header declares shape "
+        "(4611686018427387904, 0, 4) float64, too large for NumPy)",
+        2,
+    ),
+    (
+        "a bool as a dimension",
+        lambda d: folder(d, X=header("'<f8'", "(True, 5)", bytes(40))),
+        "X ({dir}/X.npy): not a valid .npy file (its header declares shape (True, 5))",
+        2,
+    ),
+    (
+        "a subarray dtype",
+        lambda d: folder(d, X=header("('<f8', (2,))", "(4, 3)", bytes(192))),
+        "X ({dir}/X.npy): not a valid .npy file (its header declares the subarray dtype "
+        "('<f8', (2,)))",
+        2,
+    ),
+    # Archives whose declared sizes cannot be true are refused before anything is inflated.
+    (
+        "a zip bomb (deflate beyond 1032:1)",
+        lambda d: raw_zip(
+            d / "case.npz", [("X.npy", 8, b"\x03\x00", 4_000_000_128, 2), *good_members()]
+        ),
+        "X ({dir}/case.npz:X): the archive member declares 4,000,000,128 bytes inflated from 2, "
+        "beyond deflate's largest ratio (1032:1); refused unread (a corrupt archive or a zip "
+        "bomb)",
+        2,
+    ),
+    (
+        "a stored member whose sizes disagree",
+        lambda d: raw_zip(
+            d / "case.npz", [("X.npy", 0, X_BYTES, 1_000_000, len(X_BYTES)), *good_members()]
+        ),
+        "X ({dir}/case.npz:X): the stored (uncompressed) archive member declares 1,000,000 "
+        "bytes but holds 224; the archive is corrupt",
+        2,
+    ),
+    (
+        "a member larger than the archive",
+        lambda d: raw_zip(
+            d / "case.npz", [("X.npy", 8, b"\x03\x00", 4 * 10**9, 10**9), *good_members()]
+        ),
+        "X ({dir}/case.npz:X): the archive member declares 1,000,000,000 compressed bytes but "
+        "the whole archive has 1,146; the archive is corrupt",
         2,
     ),
 ]
@@ -345,7 +559,7 @@ def test_unknown_files_are_ignored_and_listed_with_verbose(tmp_path):
 
 
 def test_the_docs_list_every_message():
-    text = " ".join(DOC.read_text().split())
+    text = " ".join(DOC.read_text().replace("\\|", "|").split())  # \| is | in a table
     for name, _, message, _code in CATALOGUE:
         assert " ".join(message.format(dir="DIR").split()) in text, name
 
@@ -389,7 +603,7 @@ def test_max_memory_refuses_and_large_checks_say_what_they_need(tmp_path, monkey
 
 
 def test_large_files_fit_the_memory_limit_in_the_partial_modes(tmp_path):
-    """Files over 64 MiB are memory-mapped; directions stream them, a full check must refuse."""
+    """Files over 64 MiB are read as used; directions stream them, a full check must refuse."""
     rng = np.random.default_rng(0)
     N, D_in, D_out = 200_000, 96, 16
     d = tmp_path / "dump"
@@ -409,3 +623,19 @@ def test_large_files_fit_the_memory_limit_in_the_partial_modes(tmp_path):
     )
     assert streamed.exit_code == 0, streamed.output
     assert "directions" in streamed.stdout
+
+
+def test_a_fifo_among_several_cases_is_bad_input_not_a_hang(tmp_path):
+    """verify DIR --jobs 2, where DIR holds cases and a FIFO named like one."""
+    from lincheck import arrays
+
+    d = tmp_path / "model"
+    d.mkdir()
+    folder(d / "a")
+    folder(d / "b")
+    os.mkfifo(d / "c.npz")
+    assert arrays.cases(d) == [d / "a", d / "b", d / "c.npz"]  # listed, never opened
+    result = runner.invoke(app, ["verify", str(d), "--jobs", "2"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())  # the table wraps the message
+    assert "regular file (a FIFO)" in text and "1 of 3 cases failed" in text

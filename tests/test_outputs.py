@@ -1,0 +1,269 @@
+"""Output targets: what lincheck refuses to write over, and writes that are all or nothing.
+
+Device nodes, FIFOs and symlinks are made inside tmp_path; nothing under /dev is written.
+"""
+
+import errno
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from lincheck import InputError, arrays
+
+
+def _device(path):
+    """A /dev/null-like character device made in the test's folder."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs CAP_MKNOD")
+    return path
+
+
+@pytest.fixture
+def dump(tmp_path):
+    folder = tmp_path / "dump"
+    folder.mkdir()
+    for name, shape in (("X", (4, 3)), ("W", (2, 3)), ("dY", (4, 2))):
+        np.save(folder / f"{name}.npy", np.ones(shape))
+    return folder
+
+
+def _make(tmp_path, dump, kind):
+    """The target for each case of test_check_output_refuses (a path in tmp_path)."""
+    p = tmp_path / "out.json"
+    if kind == "device":
+        _device(p)
+    elif kind == "link to device":
+        p.symlink_to(_device(tmp_path / "null"))
+    elif kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "stdout link":
+        p.symlink_to("/proc/self/fd/1")
+    elif kind == "input":
+        return dump / "X.npy"
+    elif kind == "link to input":
+        p.symlink_to(dump / "W.npy")
+    elif kind == "folder":
+        p.mkdir()
+    elif kind == "loop":
+        p.symlink_to(p.name)
+    elif kind == "broken link":
+        p.symlink_to("gone.json")
+    elif kind == "no parent":
+        return tmp_path / "nowhere" / "out.json"
+    elif kind == "exists":
+        p.write_text("old")
+    return p
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("device", "not a regular file (a character device); not replaced; use - for stdout"),
+        (
+            "link to device",
+            "not a regular file (a symlink to a character device); not replaced; use - for stdout",
+        ),
+        ("fifo", "not a regular file (a FIFO); not replaced; use - for stdout"),
+        (
+            "stdout link",
+            "leads to /proc/self/fd/1, a stream of this process, not a file lincheck can "
+            "replace; use - for stdout",
+        ),
+        ("input", "is the input file {dump}/X.npy; not replaced"),
+        ("link to input", "is the input file {dump}/W.npy; not replaced"),
+        ("folder", "is a folder; give a file name"),
+        ("loop", "a symlink loop"),
+        ("broken link", "a symlink to a missing file (gone.json); give the file itself"),
+        ("no parent", "the folder {tmp}/nowhere does not exist"),
+        ("exists", "already exists; not replaced (use --force)"),
+    ],
+)
+def test_check_output_refuses(tmp_path, dump, kind, message):
+    path = _make(tmp_path, dump, kind)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(InputError) as caught:
+        arrays.check_output(path, inputs=[dump], what="--json", dash_for_stdout=True)
+    assert str(caught.value) == f"--json {path}: " + message.format(dump=dump, tmp=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_check_output_on_dev_stdout_itself():
+    """Only looked at (stat, readlink): /dev/stdout is a stream, whatever fd 1 is."""
+    with pytest.raises(InputError, match=r"^--json /dev/stdout: leads to /proc/self/fd/1, a "):
+        arrays.check_output("/dev/stdout", what="--json", force=True, dash_for_stdout=True)
+    arrays.check_output("-", what="--json", dash_for_stdout=True)  # stdout itself: fine
+
+
+def test_check_output_accepts(tmp_path, dump):
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    (tmp_path / "link.json").symlink_to(target)
+    for path in (tmp_path / "new.json", target, tmp_path / "link.json"):
+        arrays.check_output(path, inputs=[dump], what="--json", force=True)
+    arrays.check_output(tmp_path / "a" / "b", inputs=[dump], what="--plot", folder=True)
+    arrays.check_output(dump, inputs=[dump], what="--plot", folder=True)  # next to the arrays
+
+
+def test_check_output_plot_folders(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"^--plot .*/file: exists and is not a folder$"):
+        arrays.check_output(tmp_path / "file", what="--plot", folder=True)
+    with pytest.raises(InputError, match=r"^--plot .*/file/sub: cannot be used: Not a directory$"):
+        arrays.check_output(tmp_path / "file" / "sub", what="--plot", folder=True)
+
+
+def test_check_output_unwritable_folder(tmp_path, monkeypatch):
+    """As root every folder is writable; a denied access() stands in for chmod 555."""
+    monkeypatch.setattr(arrays.os, "access", lambda path, mode: False)
+    with pytest.raises(InputError) as caught:
+        arrays.check_output(tmp_path / "r.json", what="--junit", force=True)
+    assert str(caught.value) == (
+        f"--junit {tmp_path}/r.json: cannot write in {tmp_path} (permission denied)"
+    )
+
+
+# --- the writers refuse the same things themselves ---------------------------------------
+
+
+def test_write_text_never_replaces_a_device_a_fifo_or_an_input(tmp_path, dump):
+    device = _device(tmp_path / "null")
+    (tmp_path / "to-device.json").symlink_to(device)
+    os.mkfifo(tmp_path / "pipe.json")
+    for path, what in (
+        (device, "a character device"),
+        (tmp_path / "to-device.json", "a symlink to a character device"),
+        (tmp_path / "pipe.json", "a FIFO"),
+    ):
+        with pytest.raises(InputError) as caught:
+            arrays.write_text(path, "{}")
+        assert str(caught.value) == f"{path}: not a regular file ({what}); not replaced"
+    assert stat.S_ISCHR(os.lstat(device).st_mode)
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe.json").st_mode)
+    arrays.load(dump)
+    with pytest.raises(InputError, match=r"X\.npy: a file lincheck has read as an input; not "):
+        arrays.write_text(dump / "X.npy", "{}")
+    assert np.array_equal(np.load(dump / "X.npy"), np.ones((4, 3)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dump",
+        "null",
+        "pipe.json",
+        "to-device.json",
+    ]
+
+
+def test_write_text_through_a_symlink_replaces_the_file_it_points_to(tmp_path):
+    (tmp_path / "runs").mkdir()
+    real = tmp_path / "runs" / "report.json"
+    real.write_text("old")
+    (tmp_path / "latest.json").symlink_to(real)
+    arrays.write_text(tmp_path / "latest.json", "new")
+    assert (tmp_path / "latest.json").is_symlink() and real.read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["report.json"]
+
+
+def test_save_and_save_files_refuse_what_is_not_a_regular_file(tmp_path, dump):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "X.npy")
+    with pytest.raises(InputError) as caught:
+        arrays.save(out, {"W": np.ones(2), "X": np.ones(2)}, force=True)
+    assert str(caught.value) == f"{out}/X.npy: not a regular file (a FIFO); not replaced"
+    assert [p.name for p in out.iterdir()] == ["X.npy"] and stat.S_ISFIFO(
+        os.lstat(out / "X.npy").st_mode
+    )
+    _device(out / "plot.png")
+    with pytest.raises(InputError, match=r"plot\.png: not a regular file \(a character device\)"):
+        arrays.save_files(out, {"other.png": b"1", "plot.png": b"2"}, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["X.npy", "plot.png"]
+    arrays.load(dump)
+    with pytest.raises(InputError, match=r"X\.npy: a file lincheck has read as an input"):
+        arrays.save_files(dump, {"X.npy": b"plot"}, force=True)
+
+
+# --- all or nothing -------------------------------------------------------------------------
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _fail_on_call(n, exc):
+    """A stand-in for npy_format.write_array that writes, and fails on the n-th call."""
+    calls = []
+    real = np.lib.format.write_array
+
+    def write(fp, array, allow_pickle=False):
+        calls.append(1)
+        if len(calls) == n:
+            fp.write(b"\x93NUMPY partial")
+            raise exc
+        real(fp, array, allow_pickle=allow_pickle)
+
+    return write
+
+
+ARRAYS = {name: np.full(3, float(i)) for i, name in enumerate(["X", "W", "B", "dY", "dX"])}
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_full_disk_leaves_the_folder_as_it_was(tmp_path, monkeypatch, force):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    if force:
+        arrays.save(folder, {name: np.arange(2.0) for name in ARRAYS})
+    before = _snapshot(folder)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(arrays.npy_format, "write_array", _fail_on_call(4, full))
+    with pytest.raises(InputError) as caught:
+        arrays.save(folder, ARRAYS, force=force)
+    assert str(caught.value) == (
+        f"{folder}/dY.npy: cannot write: No space left on device; nothing was written"
+    )
+    assert _snapshot(folder) == before  # no new file, every old one whole
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_failure_while_naming_takes_every_name_back(tmp_path, monkeypatch, force):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    if force:
+        arrays.save(folder, {name: np.arange(2.0) for name in ARRAYS})
+    before = _snapshot(folder)
+    calls = []
+    real_link, real_replace = arrays._link_open_file, os.replace
+
+    def flaky(real):
+        def name(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 3:
+                raise OSError(errno.EIO, "Input/output error")
+            return real(*args, **kwargs)
+
+        return name
+
+    if force:
+        monkeypatch.setattr(arrays.os, "replace", flaky(real_replace))
+    else:
+        monkeypatch.setattr(arrays, "_link_open_file", flaky(real_link))
+    with pytest.raises(InputError, match=r"B\.npy: cannot write: Input/output error; nothing"):
+        arrays.save(folder, ARRAYS, force=force)
+    monkeypatch.undo()
+    assert _snapshot(folder) == before
+
+
+def test_force_removes_a_differently_cased_twin_only_when_all_is_written(tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    np.save(folder / "x.npy", np.ones(2))
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(arrays.npy_format, "write_array", _fail_on_call(2, full))
+    with pytest.raises(InputError):
+        arrays.save(folder, {"X": np.zeros(2), "W": np.zeros(2)}, force=True)
+    assert [p.name for p in folder.iterdir()] == ["x.npy"]
+    monkeypatch.undo()
+    arrays.save(folder, {"X": np.zeros(2), "W": np.zeros(2)}, force=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["W.npy", "X.npy"]
