@@ -638,4 +638,4 @@ def test_a_fifo_among_several_cases_is_bad_input_not_a_hang(tmp_path):
     result = runner.invoke(app, ["verify", str(d), "--jobs", "2"])
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())  # the table wraps the message
-    assert "regular file (a FIFO)" in text and "1 of 3 cases failed" in text
+    assert "regular file (a FIFO)" in text and "1 of 3 cases had bad input" in text
