@@ -183,6 +183,27 @@ def _outputs(json_path, junit, github, quiet, heatmap, plot, force) -> dict:
     )
 
 
+def _check_outputs(out: dict, inputs=(), folders: dict | None = None) -> None:
+    """Every output target, before any work: one that lincheck must not write (a device,
+    /dev/stdout, an input file, a folder for a file, a missing folder) is exit 2 with
+    nothing done and nothing written."""
+    from . import arrays
+
+    try:
+        if out["json_path"] is not None:
+            arrays.check_output(
+                out["json_path"], inputs=inputs, what="--json", force=True, dash_for_stdout=True
+            )
+        if out["junit"] is not None:
+            arrays.check_output(out["junit"], inputs=inputs, what="--junit", force=True)
+        targets = {"--plot": out["plot"], **(folders or {})}
+        for what, folder in targets.items():
+            if folder is not None:
+                arrays.check_output(folder, inputs=inputs, what=what, folder=True)
+    except LincheckError as exc:
+        raise _fail(str(exc)) from None
+
+
 def _write_report(path: Path, text: str) -> None:
     """Replace a report file the user named (--json, --junit) atomically."""
     from . import arrays
@@ -582,6 +603,7 @@ def run(
     options = _options(method, mode, samples, directions, seed, budget, atol, rtol)
     _require_plotting(plot)
     out = _outputs(json_path, junit, github, quiet, heatmap, plot, force)
+    _check_outputs(out, folders={"--save": save, "--save-failures": save_failures})
     if impl or forward:
         from .worker import Worker
 
@@ -759,6 +781,7 @@ def verify(
     paths = paths or []
     if not paths and not files:
         raise _fail("give a PATH (a folder or .npz) or the arrays' files (--x, --w, --dy, ...)")
+    _check_outputs(out, inputs=[*paths, *files.values()])
     cases = [case for path in paths for case in arrays.cases(path)]
     if files and len(cases) > 1:
         raise _fail("--x, --w, --dy and the like add to one case; got several PATHs")

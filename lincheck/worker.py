@@ -64,8 +64,9 @@ class Returned:
 
     ``subjects`` holds the arrays to check by name (dX, dW, dB, Y); an array
     larger than every array of the layer is a zero-strided stand-in of its
-    shape (a wrong shape, whose values are never read). ``errors`` are the failures that stopped a call;
-    ``savable`` names the subjects worth saving with ``--save-failures``.
+    shape (a wrong shape, whose values are never read). ``errors`` are the
+    failures that stopped a call; ``savable`` names the subjects worth saving
+    with ``--save-failures``.
     """
 
     subjects: Mapping[str, np.ndarray] = field(default_factory=dict)
@@ -216,7 +217,7 @@ class Worker:
         try:
             self._send({"specs": self.specs, "cwd": os.getcwd(), "paths": self.paths})
             header, _ = self._reply(self.timeout, "importing " + " and ".join(self.names.values()))
-        except _Lost as lost:
+        except _LostError as lost:
             self.stop()
             raise InputError(f"cannot load {self._label()}: {lost}") from None
         if "bad_input" in header:
@@ -240,7 +241,7 @@ class Worker:
         try:
             self._send({"call": True}, inputs)
             header, arrays = self._reply(self.timeout, "this case")
-        except _Lost as lost:
+        except _LostError as lost:
             self.stop()  # the next case gets a fresh child
             return Returned(errors=(f"{self._label()} {lost}",))
         subjects = dict(arrays)
@@ -252,13 +253,13 @@ class Worker:
         try:
             _send(self.process.stdin, header, arrays)
         except OSError:  # the child is gone (a broken pipe): say how it ended
-            raise _Lost(_how_it_ended(self.process)) from None
+            raise _LostError(_how_it_ended(self.process)) from None
 
     def _label(self) -> str:
         return " and ".join(self.names.values())
 
     def _reply(self, timeout: float | None, doing: str):
-        """The child's next message, or _Lost saying how the child ended or that it hung."""
+        """The child's next message, or _LostError saying how the child ended or that it hung."""
         process = self.process
         fd = process.stdout.fileno()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -279,18 +280,18 @@ class Worker:
         except TimeoutError:
             process.kill()
             process.wait()
-            raise _Lost(
+            raise _LostError(
                 f"did not return within {timeout:g} s ({doing}); stopped (--timeout)"
             ) from None
         except (EOFError, OSError):
-            raise _Lost(_how_it_ended(process)) from None
+            raise _LostError(_how_it_ended(process)) from None
         except Exception as exc:  # the user's code wrote into the protocol's pipe
             process.kill()
             process.wait()
-            raise _Lost(f"garbled its worker's reply ({type(exc).__name__}: {exc})") from None
+            raise _LostError(f"garbled its worker's reply ({type(exc).__name__}: {exc})") from None
 
 
-class _Lost(Exception):
+class _LostError(Exception):
     """The child ended or hung during a call."""
 
 

@@ -364,7 +364,9 @@ def test_a_failed_check_is_never_hidden_behind_bad_input(tmp_path, rng, jobs):
     report = json.loads(result.stdout)
     assert report["counts"] == {"cases": 3, "failed": 1, "bad_input": 1}
     text = " ".join(result.stderr.split())
-    assert text.endswith(f"FAIL 1 of 3 cases failed, 1 had bad input: {tmp_path / 'a'}, {tmp_path / 'b'}")
+    assert text.endswith(
+        f"FAIL 1 of 3 cases failed, 1 had bad input: {tmp_path / 'a'}, {tmp_path / 'b'}"
+    )
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite.get("failures") == "1" and suite.get("errors") == "1"
     (error,) = suite.iter("error")

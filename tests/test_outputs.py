@@ -267,3 +267,79 @@ def test_force_removes_a_differently_cased_twin_only_when_all_is_written(tmp_pat
     monkeypatch.undo()
     arrays.save(folder, {"X": np.zeros(2), "W": np.zeros(2)}, force=True)
     assert sorted(p.name for p in folder.iterdir()) == ["W.npy", "X.npy"]
+
+
+# --- through the command line: every target is checked before any work ----------
+
+from typer.testing import CliRunner  # noqa: E402
+
+from lincheck.cli import app  # noqa: E402
+
+runner = CliRunner()
+
+
+def _tree(folder):
+    return {
+        p: (p.is_symlink(), p.lstat().st_mode, p.read_bytes() if p.is_file() else None)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--json", "{t}/ok.json", "--junit", "{t}/afolder"],
+            "--junit {t}/afolder: is a folder; give a file name",
+        ),
+        (["--json", "{t}/afolder"], "--json {t}/afolder: is a folder; give a file name"),
+        (
+            ["--json", "{t}/dump/X.npy"],
+            "--json {t}/dump/X.npy: is the input file {t}/dump/X.npy; not replaced",
+        ),
+        (
+            ["--junit", "{t}/null"],
+            "--junit {t}/null: not a regular file (a character device); not replaced",
+        ),
+        (
+            ["--json", "{t}/to-null"],
+            "--json {t}/to-null: not a regular file (a symlink to a character device); "
+            "not replaced; use - for stdout",
+        ),
+        (
+            ["--json", "{t}/to-stdout"],
+            "--json {t}/to-stdout: leads to /proc/self/fd/1, a stream of this process, "
+            "not a file lincheck can replace; use - for stdout",
+        ),
+        (["--plot", "{t}/ok.json.txt"], "--plot {t}/ok.json.txt: exists and is not a folder"),
+    ],
+)
+def test_verify_refuses_a_bad_target_before_any_work_and_writes_nothing(
+    tmp_path, dump, args, message
+):
+    (tmp_path / "afolder").mkdir()
+    (tmp_path / "ok.json.txt").write_text("keep")
+    _device(tmp_path / "null")
+    (tmp_path / "to-null").symlink_to(tmp_path / "null")
+    (tmp_path / "to-stdout").symlink_to("/proc/self/fd/1")
+    before = _tree(tmp_path)
+    argv = ["verify", str(dump), *(a.format(t=tmp_path) for a in args)]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""  # no tables, no PASS: nothing ran
+    assert result.stderr == f"lincheck: error: {message.format(t=tmp_path)}\n"
+    assert _tree(tmp_path) == before
+
+
+def test_run_refuses_a_bad_save_or_plot_target_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("keep")
+    for option in ("--save", "--plot"):
+        result = runner.invoke(
+            app, ["run", "--n", "4", "--din", "3", "--dout", "2", option, str(tmp_path / "file")]
+        )
+        assert result.exit_code == 2 and result.stdout == ""
+        assert (
+            result.stderr
+            == f"lincheck: error: {option} {tmp_path / 'file'}: exists and is not a folder\n"
+        )
+    assert (tmp_path / "file").read_text() == "keep"

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 import lincheck
 from lincheck import worker
 
-USER_MODULE = '''
+USER_MODULE = """
 import os, signal, sys, time
 import numpy as np
 
@@ -57,7 +56,7 @@ def exits_on_second_case(X, W, B, dY):
     if X.shape[0] == 1:
         os._exit(0)
     return _ok(X, W, B, dY)
-'''
+"""
 
 SIZES = ("--n", "4", "--din", "3", "--dout", "2", "--dtype", "float64")
 
@@ -71,7 +70,11 @@ def user(tmp_path):
 def lincheck_cli(cwd: Path, *args: str, timeout=120) -> subprocess.CompletedProcess:
     exe = str(Path(sys.executable).with_name("lincheck"))
     return subprocess.run(
-        [exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [exe, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "COLUMNS": "200"},
     )
 
@@ -85,7 +88,10 @@ def errors_of(report: dict) -> dict[str, str | None]:
     [
         ("exits_0", "exits_0 called sys.exit(0); a check cannot end lincheck"),
         ("exits_3", "exits_3 called sys.exit(3); a check cannot end lincheck"),
-        ("hard_exit", "hard_exit ended its worker process with exit code 0 (os._exit?) instead of returning"),
+        (
+            "hard_exit",
+            "hard_exit ended its worker process with exit code 0 (os._exit?) instead of returning",
+        ),
         ("segfault", "segfault crashed: its worker process was killed by SIGSEGV"),
     ],
 )
@@ -119,7 +125,9 @@ def test_a_hanging_function_is_stopped_at_the_timeout_and_the_sweep_goes_on(user
 
 
 def test_a_crash_in_one_case_does_not_stop_the_next(user):
-    done = lincheck_cli(user, "run", "--impl", "usercode:exits_on_second_case", *SIZES, "--json", "-")
+    done = lincheck_cli(
+        user, "run", "--impl", "usercode:exits_on_second_case", *SIZES, "--json", "-"
+    )
     errors = errors_of(json.loads(done.stdout))
     assert errors.pop("float64 N=1 D_in=3 D_out=2").startswith("exits_on_second_case ended")
     assert set(errors.values()) == {None}
@@ -127,8 +135,15 @@ def test_a_crash_in_one_case_does_not_stop_the_next(user):
 
 def test_a_broadcast_view_of_a_trillion_entries_is_a_failed_check_saying_the_shape(user):
     done = lincheck_cli(
-        user, "run", "--impl", "usercode:huge_view", *SIZES, "--json", "-",
-        "--save-failures", "saved",
+        user,
+        "run",
+        "--impl",
+        "usercode:huge_view",
+        *SIZES,
+        "--json",
+        "-",
+        "--save-failures",
+        "saved",
     )
     assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
@@ -173,7 +188,9 @@ def hard_exit(X, W, B, dY):
 def test_check_backward_fails_a_case_that_calls_sys_exit():
     sweep = lincheck.check_backward(exits_0, N=4, D_in=3, D_out=2, dtypes=["float64"])
     assert not sweep.passed
-    assert {r.error for r in sweep.results} == {"exits_0 called sys.exit(0); a check cannot end lincheck"}
+    assert {r.error for r in sweep.results} == {
+        "exits_0 called sys.exit(0); a check cannot end lincheck"
+    }
 
 
 def test_check_backward_isolated_survives_os_exit():
