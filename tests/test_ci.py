@@ -501,3 +501,37 @@ def test_one_ctrl_c_stops_every_worker_exits_130_and_writes_no_report(tmp_path):
         time.sleep(0.1)
     assert _group_alive(pgid) == []
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to find workers")
+def test_a_worker_killed_mid_case_fails_the_cases_it_leaves_and_the_run_ends(tmp_path):
+    rng = np.random.default_rng(1)
+    model = tmp_path / "model"
+    for i in range(3):
+        folder = model / f"layer{i}"
+        folder.mkdir(parents=True)
+        for name, shape in (("X", (600, 400)), ("W", (300, 400)), ("dY", (600, 300))):
+            np.save(folder / f"{name}.npy", rng.standard_normal(shape))
+    exe = str(Path(sys.executable).with_name("lincheck"))
+    process = subprocess.Popen(
+        [exe, "verify", str(model), "--jobs", "2", "--mode", "full", "--json", "-"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    for _ in range(200):
+        workers = [int(p) for p in _group_alive(process.pid) if int(p) != process.pid]
+        if len(workers) >= 2 or process.poll() is not None:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert process.poll() is None, process.communicate()
+    os.kill(workers[0], signal.SIGKILL)  # as the out-of-memory killer would
+    out, err = process.communicate(timeout=120)  # a hang guard, not a timing
+    assert process.returncode == 1, err
+    report = json.loads(out)
+    died = "its worker process died (killed by a signal, or out of memory)"
+    errors = [c["error"] for c in report["cases"]]
+    assert len(errors) == 3 and died in errors and "Traceback" not in err
