@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import diagnose, numeric
+from . import diagnose, streaming, tally, witness, workspace
 from .core import CHUNK, FileBacked, Gradients, as_batch, backward, leading_chunks
 from .diagnose import Hint
 from .errors import InputError
@@ -85,8 +85,8 @@ class TensorCheck:
 
     ``error_map`` is the error / tolerance of the 2-D tensor (leading batch
     dimensions flattened, dB as one row), pooled by maximum into at most
-    ``numeric.MAP_CELLS`` cells; ``histogram`` counts error / tolerance over
-    ``numeric.RATIO_BINS``. Both are None for checks along directions and
+    ``tally.MAP_CELLS`` cells; ``histogram`` counts error / tolerance over
+    ``tally.RATIO_BINS``. Both are None for checks along directions and
     for tensors that could not be compared; neither is in the JSON report.
     """
 
@@ -467,7 +467,7 @@ def check(
         How the witness estimates the gradients: central differences with
         whole columns perturbed per forward pass (default), central
         differences one entry at a time (the textbook check), or the complex
-        step; see :func:`lincheck.numeric.witness_block`.
+        step; see :func:`lincheck.witness.witness_block`.
     mode : {"auto", "full", "sample", "directions"}
         How much of the witness to compute. "full": every entry. "sample":
         ``samples`` random entries of dX and of dW. "directions":
@@ -477,7 +477,7 @@ def check(
         subjects are still compared with the reference at every entry, and
         dB's witness is whole (two forward passes); X, dY and the dX and Y
         subjects are read a block of rows at a time, so memory-mapped arrays
-        larger than memory can be checked (:class:`numeric.Rows`). "auto" (default): "full"
+        larger than memory can be checked (:class:`streaming.Rows`). "auto" (default): "full"
         if its cost, at a nominal 5·10¹⁰ multiply-adds per second, fits
         ``budget`` seconds, else "directions"; the report says why.
     samples, directions, seed : int
@@ -522,8 +522,8 @@ def check(
         raise ValueError(f"against must be 'reference' or 'witness', not {against!r}")
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, not {precision!r}")
-    if method not in numeric.METHODS:
-        raise ValueError(f"method must be one of {numeric.METHODS}, not {method!r}")
+    if method not in witness.METHODS:
+        raise ValueError(f"method must be one of {witness.METHODS}, not {method!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     allclose = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
@@ -580,7 +580,7 @@ def check(
     failed = [p for p in plans if p.needs_diagnosis]
     hints: list[Hint] = []
     if failed and layer is None and _diagnosable(L):
-        layer = numeric.Layer(inputs.X, inputs.W, inputs.B, inputs.G)
+        layer = workspace.Workspace(inputs.X, inputs.W, inputs.B, inputs.G)
     for p in failed:
         hints += p.hints(layer, L.batch_shape) if layer is not None else [p.not_diagnosed()]
     witness_info = {
@@ -599,8 +599,8 @@ def check(
 
 
 def _run_full(inputs, plans, method, mode, samples, directions, seed, sources, progress):
-    """Every entry, column block by column block (:meth:`lincheck.numeric.Layer.blocks`)."""
-    layer = numeric.Layer(inputs.X, inputs.W, inputs.B, inputs.G)
+    """Every entry, column block by column block (:meth:`lincheck.workspace.Workspace.blocks`)."""
+    layer = workspace.Workspace(inputs.X, inputs.W, inputs.B, inputs.G)
     for plan in plans:  # a subject read from a file as used: read it once, whole
         if isinstance(plan.values, FileBacked):
             plan.values = np.asarray(plan.values)
@@ -613,7 +613,7 @@ def _run_full(inputs, plans, method, mode, samples, directions, seed, sources, p
             M, S = layer.magnitude(plan.tensor, cols)
             block = None
             if plan.needs_witness:
-                block = numeric.witness_block(layer, plan.tensor, cols, M, method)
+                block = witness.witness_block(layer, plan.tensor, cols, M, method)
                 # (an overflowing M shows in the bound, which is at least γ·M)
                 _check_no_overflow([block.estimate, block.bound], sources)
                 done += block.passes
@@ -625,20 +625,20 @@ def _run_full(inputs, plans, method, mode, samples, directions, seed, sources, p
 
 
 def _run_streamed(inputs, plans, method, mode, samples, directions, seed, sources, progress):
-    """The partial modes, reading X and dY a block of rows at a time (:class:`numeric.Rows`).
+    """The partial modes, reading X and dY a block of rows at a time (:class:`streaming.Rows`).
 
     A first pass compares the subjects of dX and Y row block by row block,
     runs the witnesses that take each block's own steps (sampled entries,
     dB whole) and sums what dW, dB and the directions need
-    (:class:`numeric.Totals`); dW and dB are then compared whole. Random
+    (:class:`streaming.Totals`); dW and dB are then compared whole. Random
     directions need one step for a whole tensor, set by those sums: they
     take a second pass. Memory is about W's size a few times over plus one
     block, whatever N is, so memory-mapped inputs larger than memory can be
     checked.
     """
-    rows = numeric.Rows(inputs.X, inputs.W, inputs.B, inputs.G)
+    rows = streaming.Rows(inputs.X, inputs.W, inputs.B, inputs.G)
     by_tensor = {p.tensor: p for p in plans}
-    totals = numeric.Totals(rows, dW_magnitudes="dW" in by_tensor and by_tensor["dW"].usable)
+    totals = streaming.Totals(rows, dW_magnitudes="dW" in by_tensor and by_tensor["dW"].usable)
     rng = np.random.default_rng(seed)
     later = [p for p in plans if p.witnessed and mode == "directions" and p.tensor != "dB"]
     now = {
@@ -696,7 +696,7 @@ DIAGNOSIS_BYTES = 2**30
 """Memory a diagnosis may take after a streamed check."""
 
 DIAGNOSIS_FACTOR = 16
-"""A diagnosis holds the whole layer (:class:`numeric.Layer`) and tries its alternatives on
+"""A diagnosis holds the whole layer (:class:`workspace.Workspace`) and tries its alternatives on
 whole tensors: measured at about 13 times the float64 bytes of X and dY."""
 
 
@@ -713,7 +713,7 @@ def _choose_mode(mode, layer, plans, method, budget) -> tuple[str, str]:
     if mode != "auto":
         return mode, ""
     passes = sum(
-        numeric.full_passes(layer.N, layer.D_in, layer.D_out, p.tensor, method)
+        workspace.full_passes(layer.N, layer.D_in, layer.D_out, p.tensor, method)
         for p in plans
         if p.witnessed or p.against_witness
     )
@@ -771,14 +771,14 @@ class _Plan:
         self.against_witness = False
         self.witnessed = False
         self.values: np.ndarray | None = None  # the subject as float64, 2-D
-        self.own_tally: numeric.Tally | None = None  # the subject's, once it can be compared
-        self.witness_tally = numeric.Tally(shape=tuple(shape2d))
+        self.own_tally: tally.Tally | None = None  # the subject's, once it can be compared
+        self.witness_tally = tally.Tally(shape=tuple(shape2d))
         self.rules = {"subject": "", "witness": ""}
         self.alternatives = ()
         self.usable = False
         self.block_witness = True  # the witness comes block by block (full mode, and dB)
         self.mode = "full"
-        self.directions: numeric.Directions | None = None
+        self.directions: witness.Directions | None = None
 
     @property
     def needs_witness(self) -> bool:
@@ -794,7 +794,7 @@ class _Plan:
             sub.problem = problem
         else:
             self.usable = True
-            self.own_tally = numeric.Tally(shape=tuple(shape2d))
+            self.own_tally = tally.Tally(shape=tuple(shape2d))
             self.values = a.reshape(shape2d)  # in its own dtype; upcast a block at a time
             if sub.allclose is None:
                 self.alternatives = diagnose.candidates(sub.precision)
@@ -803,12 +803,12 @@ class _Plan:
                 for p in [sub.precision, *(PRECISIONS[n] for n in self.alternatives)]
             }
 
-    def add(self, layer: numeric.Layer, cols, M, S, block, rows: slice | None = None) -> None:
+    def add(self, layer: workspace.Workspace, cols, M, S, block, rows: slice | None = None) -> None:
         """Compare one block: the subject against its oracle, the reference against the witness.
 
         A block is some columns (``cols``) of the whole layer, or all of a
         layer of some rows (``rows``) of the batch; ``layer`` is then that
-        block's (:class:`numeric.Rows`).
+        block's (:class:`streaming.Rows`).
         """
         tensor, k = self.tensor, layer.inner(self.tensor)
         ref = layer.reference(tensor, cols)
@@ -858,22 +858,22 @@ class _Plan:
     def partial_witness(self, totals, rows, mode, samples, directions, seed, rng):
         """The streamed witness of a partial mode for this tensor (dB's is whole)."""
         if self.tensor == "dB":
-            return numeric.BiasWitness(rows.N)
+            return streaming.BiasWitness(rows.N)
         if mode == "directions":
             reference = totals.reference("dW") if self.tensor == "dW" else None
-            return numeric.DirectionsWitness(
+            return streaming.DirectionsWitness(
                 self.tensor, totals, rows.W, directions, seed, reference
             )
         shape2d = totals.shape(self.tensor)
         size = int(np.prod(shape2d))
         self.sampled = np.sort(rng.choice(size, size=min(samples, size), replace=False))
         entry_rows, cols = np.divmod(self.sampled, shape2d[1])
-        return numeric.SampleWitness(self.tensor, entry_rows, cols, totals)
+        return streaming.SampleWitness(self.tensor, entry_rows, cols, totals)
 
     def finish_partial_witness(self, witness, totals, steps) -> None:
         """The reference against a streamed witness, once every row block has gone through."""
         tensor = self.tensor
-        if isinstance(witness, numeric.DirectionsWitness):
+        if isinstance(witness, streaming.DirectionsWitness):
             self.directions = witness.result()
             self.rules["witness"] = "fp64 reference bound along each direction + witness bound"
             return
@@ -942,7 +942,7 @@ class _Plan:
             mode=self.mode,
         )
 
-    def _from_directions(self, d: numeric.Directions) -> TensorCheck:
+    def _from_directions(self, d: witness.Directions) -> TensorCheck:
         """A check along random directions: one comparison per direction, no entry to name."""
         distance = np.abs(d.difference - d.predicted)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -1041,7 +1041,7 @@ class _Plan:
             ),
         )
 
-    def hints(self, layer: numeric.Layer, batch_shape: tuple[int, ...]) -> list[Hint]:
+    def hints(self, layer: workspace.Workspace, batch_shape: tuple[int, ...]) -> list[Hint]:
         """What kind of mistake a failed subject looks like (nothing for a passing one)."""
         sub = self.subject
         if not self.needs_diagnosis:
@@ -1108,12 +1108,12 @@ def memory_needed(
     dX, dW, dB, Y) to their shapes; "auto" is resolved as :func:`check`
     resolves it. A full check holds float64 copies of the inputs and
     subjects, the absolute values and magnitudes the bounds need
-    (:class:`lincheck.numeric.Layer`), and one block of perturbed forward
-    passes with its per-entry arrays (twice ``numeric.BLOCK_BYTES``). The
-    partial modes stream the rows (:class:`lincheck.numeric.Rows`): they
+    (:class:`lincheck.workspace.Workspace`), and one block of perturbed forward
+    passes with its per-entry arrays (twice ``workspace.BLOCK_BYTES``). The
+    partial modes stream the rows (:class:`lincheck.streaming.Rows`): they
     hold some twenty-five arrays the size of W (W, its sums over the batch,
     the per-entry arrays of dW's check, the perturbed copies of its
-    directions) and one row block (``numeric.ROW_BLOCK_BYTES``), whatever N is. It is an upper
+    directions) and one row block (``streaming.ROW_BLOCK_BYTES``), whatever N is. It is an upper
     estimate, within a small factor of what the check allocates.
     """
     size = {name: int(np.prod(shape)) for name, shape in shapes.items()}
@@ -1121,15 +1121,15 @@ def memory_needed(
     N = size["X"] // max(D_in, 1)
     if mode == "auto":
         given = [t for t in ("dX", "dW", "dB") if t in shapes] or ["dX", "dW", "dB"]
-        passes = sum(numeric.full_passes(N, D_in, D_out, t, method) for t in given)
+        passes = sum(workspace.full_passes(N, D_in, D_out, t, method) for t in given)
         mode = "full" if passes * N * D_in * D_out / NOMINAL_RATE <= budget else "directions"
     if mode != "full":
-        return 8 * (25 * D_out * D_in + 4 * D_in + 8 * D_out) + numeric.ROW_BLOCK_BYTES
+        return 8 * (25 * D_out * D_in + 4 * D_in + 8 * D_out) + streaming.ROW_BLOCK_BYTES
     inputs = size["X"] + size["W"] + size["dY"] + size.get("B", 0)
     subjects = sum(size.get(n, 0) for n in SUBJECT_NAMES)
     layer = 2 * inputs + 2 * N * D_out  # float64 views or copies, |·|, MY and its shares
     # A block's perturbed passes and its per-entry arrays each take up to BLOCK_BYTES.
-    return 8 * (layer + subjects) + 2 * numeric.BLOCK_BYTES
+    return 8 * (layer + subjects) + 2 * workspace.BLOCK_BYTES
 
 
 def random_inputs(

@@ -668,10 +668,10 @@ def run(
         context = {"command": "run", "seed": seed, "dtype": dtypes[0]}
         study = None
         if plot is not None:
-            from . import numeric
+            from . import witness, workspace
 
-            layer = numeric.Layer(*(data.get(k) for k in ("X", "W", "B", "dY")))
-            study = numeric.step_study(layer)
+            layer = workspace.Workspace(*(data.get(k) for k in ("X", "W", "B", "dY")))
+            study = witness.step_study(layer)
         _emit(results[0].report, header, results[0].name, out, context, study)
     _emit_many(results, header, out, {"command": "run", "seed": seed, "dtypes": dtypes})
 

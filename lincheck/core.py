@@ -114,7 +114,7 @@ class FileBacked:
 
     They have ``shape``, ``dtype``, ``ndim``, ``size`` and ``reshape``; a slice of the
     first axis reads just those rows, ``np.asarray`` reads them whole. The checks keep
-    them as they are and slice them (:func:`leading_chunks`, ``numeric.Rows``).
+    them as they are and slice them (:func:`leading_chunks`, ``streaming.Rows``).
     """
 
 

@@ -93,7 +93,7 @@ def lower_precision(
     ``subject`` holds the values as supplied; ``fits`` maps each candidate
     precision to [whether every entry's error was within the subject's bound
     under it plus the oracle's, the largest ratio of error to that]
-    (:class:`lincheck.numeric.Tally` keeps these block by block).
+    (:class:`lincheck.tally.Tally` keeps these block by block).
     Candidates whose result format holds every value of the subject (a
     bfloat16 result saved as float32 is still made of bfloat16 numbers) are
     tried first, narrowest format first, as that is direct evidence of the
@@ -142,7 +142,7 @@ def lower_precision(
 class Case:
     """What the diagnosis needs to know about one failed subject.
 
-    ``layer`` is the float64 layer (:class:`lincheck.numeric.Layer`);
+    ``layer`` is the float64 layer (:class:`lincheck.workspace.Workspace`);
     ``precision``, ``storage`` and ``rounded`` say how the subject was
     computed, as for its verdict; ``batch_shape`` holds X's leading
     dimensions, to name batch rows as the user indexes them.

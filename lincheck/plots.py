@@ -21,7 +21,7 @@ import numpy as np
 
 from .checks import AXES, Report, TensorCheck
 from .errors import LincheckError
-from .numeric import RATIO_OCTAVES
+from .tally import RATIO_OCTAVES
 
 SIZE = (8.0, 5.0)
 DPI = 100
@@ -63,7 +63,7 @@ def _title(check: TensorCheck) -> str:
 
 
 def heatmap_png(check: TensorCheck) -> bytes:
-    """Error / tolerance of every entry, pooled by maximum into at most numeric.MAP_CELLS
+    """Error / tolerance of every entry, pooled by maximum into at most tally.MAP_CELLS
     cells, on a log colour scale from 1e-4 to at least 10, the same for every plot: the
     bound (1) sits at the same colour, and the largest error is the brightest cell."""
     from matplotlib import colormaps
@@ -125,7 +125,7 @@ def histogram_png(check: TensorCheck) -> bytes:
 
 
 def step_png(study: dict[str, Any]) -> bytes:
-    """Witness error and its bound against the step h (:func:`lincheck.numeric.step_study`)."""
+    """Witness error and its bound against the step h (:func:`lincheck.witness.step_study`)."""
     fig = _figure()
     ax = fig.add_axes((0.1, 0.12, 0.85, 0.76))
     error = np.maximum(study["error"], 1e-300)

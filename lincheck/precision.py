@@ -3,7 +3,7 @@
 A *precision* says how a gradient was computed: the format its operands were
 rounded to, the format its sums were accumulated in, and the format its result
 was rounded to. From that and the per-entry magnitudes
-(:class:`lincheck.numeric.Magnitudes`), :func:`product_error` bounds the
+(:class:`lincheck.oracles.Magnitudes`), :func:`product_error` bounds the
 distance of every entry from the exact value. The derivation is in
 ``docs/numerics.md`` §2.
 

@@ -246,7 +246,7 @@ def legend() -> Text:
 class Heatmap:
     """The error map of one check (:attr:`TensorCheck.error_map`), drawn to fit the width.
 
-    The map comes pooled into at most ``numeric.MAP_CELLS`` cells; it is
+    The map comes pooled into at most ``tally.MAP_CELLS`` cells; it is
     pooled again, by maximum, into at most MAP_LINES lines and as many
     characters as the width allows, so each character shows the largest
     error / tolerance of the entries it covers: a single bad entry of a

@@ -351,10 +351,10 @@ def test_written_files_get_ordinary_permissions(tmp_path):
 TRUNCATE_MID_CHECK = """
 import os, sys
 import numpy as np
-from lincheck import arrays, check, numeric
+from lincheck import arrays, check, streaming
 
 arrays.MEMMAP_BYTES = 2**16  # X (about 1 MB) is read as used (or, before, memory-mapped)
-numeric.ROW_BLOCK_BYTES = 2**16  # many row blocks
+streaming.ROW_BLOCK_BYTES = 2**16  # many row blocks
 folder = sys.argv[1]
 loaded = arrays.load(folder)
 a = loaded.arrays
@@ -440,9 +440,9 @@ def test_file_arrays_are_read_a_block_at_a_time_in_the_partial_modes(tmp_path, m
     """As tests/test_modes.py checks for memory maps: no copy of X is ever made whole."""
     import tracemalloc
 
-    from lincheck import checks, numeric
+    from lincheck import checks, streaming
 
-    monkeypatch.setattr(numeric, "ROW_BLOCK_BYTES", 2**20)
+    monkeypatch.setattr(streaming, "ROW_BLOCK_BYTES", 2**20)
     monkeypatch.setattr(checks, "DIAGNOSIS_BYTES", 0)  # a diagnosis would hold it all
     monkeypatch.setattr(arrays, "MEMMAP_BYTES", 2**20)
     rng = np.random.default_rng(0)

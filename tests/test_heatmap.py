@@ -115,18 +115,18 @@ def test_directions_have_no_map(grads):
 
 
 def test_error_map_pools_the_largest_ratio(rng):
-    from lincheck import numeric
+    from lincheck.tally import MAP_CELLS, RATIO_BINS, Tally
 
-    tally = numeric.Tally(shape=(1000, 7))
+    tally = Tally(shape=(1000, 7))
     ratio = rng.uniform(0, 1, size=(1000, 7))
     ratio[617, 3] = 50.0
     tally.add(ratio, np.zeros_like(ratio), np.ones_like(ratio), 1.0, lambda local: local)
     R = tally.map.shape[0]
-    assert tally.map.shape == (min(1000, numeric.MAP_CELLS[0]), 7)
+    assert tally.map.shape == (min(1000, MAP_CELLS[0]), 7)
     assert tally.map[617 * R // 1000, 3] == 50.0
     cells = np.arange(1000) * R // 1000
     want = np.array([ratio[cells == c].max(axis=0) for c in range(R)])
     want[617 * R // 1000, 3] = 50.0
     assert np.array_equal(tally.map, want)
     assert tally.histogram.sum() == 7000
-    assert np.array_equal(tally.histogram, np.histogram(ratio, numeric.RATIO_BINS)[0])
+    assert np.array_equal(tally.histogram, np.histogram(ratio, RATIO_BINS)[0])

@@ -4,47 +4,47 @@ import numpy as np
 import pytest
 from conftest import ORACLE_RTOL, layer, loop_gradients
 
-from lincheck import check, numeric
+from lincheck import check, streaming, witness, workspace
 
 
 def test_entry_values_and_sampled_witness_match_loops(rng):
     X, W, B, G = layer(rng, 9, 7, 5)
-    L = numeric.Layer(X, W, B, G)
+    L = workspace.Workspace(X, W, B, G)
     exact = dict(zip(("dX", "dW", "dB"), loop_gradients(X, W, G)))
     for tensor in ("dX", "dW", "dB"):
         shape = exact[tensor].shape
         flat = np.arange(0, int(np.prod(shape)), 3)
         rows, cols = np.divmod(flat, shape[-1]) if len(shape) == 2 else (None, flat)
-        ref, M, S = numeric.entry_values(L, tensor, rows, cols)
+        ref, M, S = witness.entry_values(L, tensor, rows, cols)
         want = exact[tensor].ravel()[flat]
         oracle_error = ORACLE_RTOL["float64"] * M  # the loops' own rounding
         assert np.all(np.abs(ref - want) <= oracle_error)
         full_M, full_S = L.magnitude(tensor)
         assert np.all(np.abs(M - np.ravel(full_M)[flat]) <= oracle_error)  # other order
         assert np.allclose(S, np.broadcast_to(full_S, shape).ravel()[flat])
-        block = numeric.witness_entries(L, tensor, rows, cols, M)
+        block = witness.witness_entries(L, tensor, rows, cols, M)
         assert np.all(np.abs(block.estimate - want) <= block.bound + oracle_error)
 
 
 @pytest.mark.parametrize("tensor", ["dX", "dW"])
 def test_directions_pass_a_correct_reference_and_catch_planted_errors(rng, tensor):
     X, W, B, G = layer(rng, 12, 10, 6)
-    L = numeric.Layer(X, W, B, G)
+    L = workspace.Workspace(X, W, B, G)
     reference = L.reference(tensor)
-    clean = numeric.witness_directions(L, tensor, reference, 8, seed=0)
+    clean = streaming.witness_directions(L, tensor, reference, 8, seed=0)
     distance = np.abs(clean.difference - clean.predicted)
     assert np.all(distance <= clean.tolerance)
     detectable = float(np.max((clean.tolerance + distance) / clean.step))
     # One entry off by just over the stated sensitivity: every ±1 direction sees it.
     bad = reference.copy()
     bad[3, 4] += 1.01 * detectable
-    caught = numeric.witness_directions(L, tensor, bad, 8, seed=0)
+    caught = streaming.witness_directions(L, tensor, bad, 8, seed=0)
     assert np.all(np.abs(caught.difference - caught.predicted) > caught.tolerance)
     # Two entries that can cancel in half the directions: caught by at least one of 16.
     pair = reference.copy()
     pair[0, 0] += 1.01 * detectable
     pair[1, 1] -= 1.01 * detectable
-    some = numeric.witness_directions(L, tensor, pair, 16, seed=1)
+    some = streaming.witness_directions(L, tensor, pair, 16, seed=1)
     assert np.any(np.abs(some.difference - some.predicted) > some.tolerance)
 
 
@@ -97,11 +97,11 @@ def test_bad_mode():
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Row blocks of a few rows, so that small layers go through many blocks."""
-    monkeypatch.setattr(numeric, "ROW_BLOCK_BYTES", 2**14)
+    monkeypatch.setattr(streaming, "ROW_BLOCK_BYTES", 2**14)
 
 
 def test_small_blocks_split_the_batch(small_blocks):
-    blocks = numeric.row_blocks(103, 12, 7)
+    blocks = streaming.row_blocks(103, 12, 7)
     assert len(blocks) > 10
     assert [b.start for b in blocks] == sorted({b.start for b in blocks})
     assert blocks[0].start == 0 and blocks[-1].stop == 103
@@ -132,15 +132,15 @@ def test_streamed_checks_pass_correct_subjects_and_locate_planted_errors(rng, sm
 def test_sampled_entries_streamed_over_blocks_match_loops(rng, small_blocks):
     X, W, B, G = layer(rng, 57, 9, 5)
     exact = dict(zip(("dX", "dW"), loop_gradients(X, W, G)))
-    rows = numeric.Rows(X, W, B, G)
-    totals = numeric.Totals(rows)
+    rows = streaming.Rows(X, W, B, G)
+    totals = streaming.Totals(rows)
     for _, block in rows:
         totals.add(block)
     assert totals.blocks > 5
     for tensor in ("dX", "dW"):
         flat = np.arange(0, exact[tensor].size, 4)
         entry_rows, cols = np.divmod(flat, exact[tensor].shape[1])
-        witness = numeric.SampleWitness(tensor, entry_rows, cols, totals)
+        witness = streaming.SampleWitness(tensor, entry_rows, cols, totals)
         for r, block in rows:
             witness.add(r, block)
         (ref, M, _), block = witness.result()
@@ -148,7 +148,7 @@ def test_sampled_entries_streamed_over_blocks_match_loops(rng, small_blocks):
         oracle_error = ORACLE_RTOL["float64"] * M
         assert np.all(np.abs(ref - want) <= oracle_error)
         assert np.all(np.abs(block.estimate - want) <= block.bound + oracle_error)
-        bias = numeric.BiasWitness(rows.N)
+        bias = streaming.BiasWitness(rows.N)
     for r, block in rows:
         bias.add(r, block)
     dB = bias.result()
@@ -161,11 +161,11 @@ def test_sampled_entries_streamed_over_blocks_match_loops(rng, small_blocks):
 @pytest.mark.parametrize("tensor", ["dX", "dW"])
 def test_directions_do_not_depend_on_the_blocks(rng, monkeypatch, tensor):
     X, W, B, G = layer(rng, 61, 10, 6)
-    L = numeric.Layer(X, W, B, G)
-    one = numeric.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
-    monkeypatch.setattr(numeric, "ROW_BLOCK_BYTES", 2**14)
-    assert len(numeric.row_blocks(61, 10, 6)) > 5
-    many = numeric.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
+    L = workspace.Workspace(X, W, B, G)
+    one = streaming.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
+    monkeypatch.setattr(streaming, "ROW_BLOCK_BYTES", 2**14)
+    assert len(streaming.row_blocks(61, 10, 6)) > 5
+    many = streaming.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
     # The same directions and steps: the same ⟨r, Δ⟩ up to the order of the sums.
     assert np.allclose(one.predicted, many.predicted, rtol=1e-12, atol=0)
     assert np.all(np.abs(many.difference - many.predicted) <= many.tolerance)
@@ -176,7 +176,7 @@ def test_memory_mapped_inputs_are_checked_a_block_at_a_time(tmp_path, monkeypatc
     """Partial modes never hold a float64 copy of X or dY: a file larger than memory fits."""
     import tracemalloc
 
-    monkeypatch.setattr(numeric, "ROW_BLOCK_BYTES", 2**20)
+    monkeypatch.setattr(streaming, "ROW_BLOCK_BYTES", 2**20)
     rng = np.random.default_rng(0)
     N, D_in, D_out = 200_000, 48, 16
     arrays = {}

@@ -7,7 +7,7 @@ import pytest
 from conftest import layer, loop_gradients
 from typer.testing import CliRunner
 
-from lincheck import numeric
+from lincheck import witness, workspace
 from lincheck.cli import app
 
 image = pytest.importorskip("matplotlib.image")
@@ -94,8 +94,8 @@ def test_run_plots_the_step_study(tmp_path):
 
 
 def test_step_study_errors_stay_within_their_bounds(rng):
-    L = numeric.Layer(*layer(rng, 16, 12, 8))
-    study = numeric.step_study(L)
+    L = workspace.Workspace(*layer(rng, 16, 12, 8))
+    study = witness.step_study(L)
     assert np.all(study["error"] <= study["bound"])
     assert study["default_error"] <= study["default_bound"]
     # Cancellation: tiny steps are far worse than the default ones, which sit on the floor.

@@ -3,10 +3,10 @@
 import math
 
 import numpy as np
+import oracles
 import pytest
 from conftest import matmul_in
 
-from lincheck import numeric
 from lincheck.precision import (
     BFLOAT16,
     FLOAT16,
@@ -110,7 +110,7 @@ def test_narrower_storage_adds_a_rounding():
 
 def test_magnitude_sums_match_their_definition(rng):
     X, W, B, G = (rng.standard_normal(s) for s in ((5, 4), (3, 4), (3,), (5, 3)))
-    mags = numeric.Magnitudes.of(X, W, B, G)
+    mags = oracles.Magnitudes.of(X, W, B, G)
     n, j, i = 2, 1, 0
     assert mags.sums["dX"][n, j] == pytest.approx(np.abs(G[n]).sum() + np.abs(W[:, j]).sum())
     assert mags.sums["dW"][i, j] == pytest.approx(np.abs(G[:, i]).sum() + np.abs(X[:, j]).sum())

@@ -3,11 +3,12 @@
 import io
 
 import numpy as np
+import oracles
 from conftest import compute_in
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lincheck import arrays, check, numeric, precision
+from lincheck import arrays, check, precision, streaming
 from lincheck.precision import PRECISIONS
 
 dims = st.integers(min_value=1, max_value=12)
@@ -86,7 +87,7 @@ def test_one_entry_off_by_twice_its_tolerance_is_caught_and_located(
     g = grads[tensor]
     index = tuple(data.draw(st.integers(0, s - 1)) for s in g.shape)
     # Twice the tolerance there: the subject's and the reference's float64 bounds.
-    M, S = numeric.Magnitudes.of(X, W, B, G).of_tensor(tensor)
+    M, S = oracles.Magnitudes.of(X, W, B, G).of_tensor(tensor)
     k = {"dX": D_out, "dW": N, "dB": N}[tensor]
     fp64 = precision.PRECISIONS["fp64"]
     tol = 2 * precision.product_error(M[index], 0.0, k, fp64, precision.FLOAT64, False).worst
@@ -138,12 +139,12 @@ def test_streamed_subject_checks_agree_with_full_ones(seed, N, D_in, D_out, ex, 
         flat = np.random.default_rng(seed).integers(grads[tensor].size)
         grads[tensor].flat[flat] += 1e-6 * (1.0 + np.abs(grads[tensor]).max())
     full = check(X, W, B, G, **grads, mode="full")
-    old = numeric.ROW_BLOCK_BYTES
-    numeric.ROW_BLOCK_BYTES = 8 * 40 * (D_in + D_out)  # blocks of about 4 rows
+    old = streaming.ROW_BLOCK_BYTES
+    streaming.ROW_BLOCK_BYTES = 8 * 40 * (D_in + D_out)  # blocks of about 4 rows
     try:
         streamed = check(X, W, B, G, **grads, mode=mode, samples=8)
     finally:
-        numeric.ROW_BLOCK_BYTES = old
+        streaming.ROW_BLOCK_BYTES = old
     assert streamed.passed == full.passed == (tensor is None)
     by = {c.tensor: c for c in streamed.checks if c.oracle == "reference"}
     for c in full.checks:

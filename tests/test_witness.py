@@ -1,10 +1,11 @@
 """The numerical witness, its rounding bounds, and the error metrics."""
 
 import numpy as np
+import oracles
 import pytest
 from conftest import ORACLE_RTOL, SHAPES, layer, loop_gradients
 
-from lincheck import numeric
+from lincheck import witness, workspace
 from lincheck.core import backward
 
 
@@ -27,10 +28,10 @@ WITNESSES = {
 @pytest.mark.parametrize("shape", SHAPES[:-1], ids=str)
 def test_witness_matches_index_loops_within_its_bound(rng, shape, kind):
     X, W, B, G = layer(rng, *shape)
-    witness = numeric.witness(X, W, B, G, **WITNESSES[kind])
+    witness = oracles.witness(X, W, B, G, **WITNESSES[kind])
     exact = loop_gradients(X, W, G)
     # The loop oracle has its own float64 error, at most ORACLE_RTOL of the magnitudes.
-    mags = numeric.Magnitudes.of(X, W, B, G)
+    mags = oracles.Magnitudes.of(X, W, B, G)
     for est, bound, want, mag in zip(
         witness.grads, witness.bounds, exact, (mags.dX, mags.dW, mags.dB)
     ):
@@ -39,7 +40,7 @@ def test_witness_matches_index_loops_within_its_bound(rng, shape, kind):
 
 def test_witness_without_bias(rng):
     X, W, _, G = layer(rng, 5, 4, 3)
-    witness = numeric.central_differences(X, W, None, G)
+    witness = oracles.central_differences(X, W, None, G)
     assert witness.grads.dB is None and witness.bounds.dB is None
     assert witness.forward_passes == 2 * 2 * 4
     _errors_within_bounds(witness, backward(X, W, G, bias=False))
@@ -47,14 +48,14 @@ def test_witness_without_bias(rng):
 
 def test_grouped_costs_two_passes_per_column_plus_bias(rng):
     X, W, B, G = layer(rng, 32, 64, 16)
-    assert numeric.central_differences(X, W, B, G).forward_passes == 2 * (2 * 64 + 1)
+    assert oracles.central_differences(X, W, B, G).forward_passes == 2 * (2 * 64 + 1)
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 2), (6, 6, 6)], ids=str)
 def test_grouped_and_dense_agree_within_their_bounds(rng, shape):
     X, W, B, G = layer(rng, *shape)
-    grouped = numeric.central_differences(X, W, B, G, grouped=True)
-    dense = numeric.central_differences(X, W, B, G, grouped=False)
+    grouped = oracles.central_differences(X, W, B, G, grouped=True)
+    dense = oracles.central_differences(X, W, B, G, grouped=False)
     for g, d, bg, bd in zip(grouped.grads, dense.grads, grouped.bounds, dense.bounds):
         assert np.all(np.abs(g - d) <= bg + bd)
 
@@ -68,9 +69,9 @@ def test_badly_scaled_inputs(rng):
     G *= 10.0 ** rng.choice([-6, 6], size=G.shape)
     B *= 1e6
     exact = loop_gradients(X, W, G)
-    mags = numeric.Magnitudes.of(X, W, B, G)
+    mags = oracles.Magnitudes.of(X, W, B, G)
     for kind in WITNESSES:
-        witness = numeric.witness(X, W, B, G, **WITNESSES[kind])
+        witness = oracles.witness(X, W, B, G, **WITNESSES[kind])
         for est, bound, want, mag in zip(
             witness.grads, witness.bounds, exact, (mags.dX, mags.dW, mags.dB)
         ):
@@ -84,11 +85,11 @@ def test_larger_steps_shrink_the_roundoff(rng):
     X, W, B, G = layer(rng, 32, 64, 16)
     exact = backward(X, W, G)
     errs = {}
-    for rel_step in (1e-8, 1e-3, numeric.DEFAULT_REL_STEP):
-        w = numeric.central_differences(X, W, B, G, rel_step=rel_step)
+    for rel_step in (1e-8, 1e-3, witness.DEFAULT_REL_STEP):
+        w = oracles.central_differences(X, W, B, G, rel_step=rel_step)
         _errors_within_bounds(w, exact)
         errs[rel_step] = max(float(np.max(np.abs(e - x))) for e, x in zip(w.grads, exact))
-    assert errs[1e-8] > 100 * errs[1e-3] >= 100 * errs[numeric.DEFAULT_REL_STEP]
+    assert errs[1e-8] > 100 * errs[1e-3] >= 100 * errs[witness.DEFAULT_REL_STEP]
     assert errs[1e-8] > 1e-10
 
 
@@ -96,28 +97,28 @@ def test_step_sizes_are_powers_of_two_between_the_scale_and_the_cap():
     values = np.array([0.3, -0.7, 0.1])
     A = 10.0
     M = np.array([100.0, 1.0, 0.0])  # thresholds A/M: 0.1 (below the scale 0.7), 10, infinite
-    h = numeric.step_sizes(values, A, M, rel_step=1.0)
+    h = witness.step_sizes(values, A, M, rel_step=1.0)
     assert h.tolist() == [1.0, 16.0, 2.0**64]
-    assert numeric.step_sizes(np.zeros(2), 1.0, np.ones(2), 2.0).tolist() == [4.0, 4.0]
-    assert numeric.step_sizes(np.array([1e6]), 0.0, np.ones(1), 1024.0).tolist() == [
+    assert witness.step_sizes(np.zeros(2), 1.0, np.ones(2), 2.0).tolist() == [4.0, 4.0]
+    assert witness.step_sizes(np.array([1e6]), 0.0, np.ones(1), 1024.0).tolist() == [
         1024.0 * 2.0**20
     ]
 
 
 def test_complex_step_costs_one_pass_per_column_and_needs_no_large_step(rng):
     X, W, B, G = layer(rng, 8, 6, 4)
-    w = numeric.complex_step(X, W, B, G)
+    w = oracles.complex_step(X, W, B, G)
     assert w.forward_passes == 2 * 6 + 1 and w.method == "complex-step"
     _errors_within_bounds(w, backward(X, W, G))
     # Its bound has no cancellation term: it is the floor γ·M of the perturbation itself.
-    mags = numeric.Magnitudes.of(X, W, B, G)
+    mags = oracles.Magnitudes.of(X, W, B, G)
     assert np.all(w.bounds.dX <= 1e-14 * mags.dX)
 
 
 def test_typical_scale_is_below_the_worst_case(rng):
     X, W, B, G = layer(rng, 8, 6, 4)
     for kind in WITNESSES:
-        w = numeric.witness(X, W, B, G, **WITNESSES[kind])
+        w = oracles.witness(X, W, B, G, **WITNESSES[kind])
         for t, b in zip(w.typical, w.bounds):
             assert np.all(t <= b)
 
@@ -125,14 +126,14 @@ def test_typical_scale_is_below_the_worst_case(rng):
 def test_unknown_witness_method():
     X = np.ones((2, 2))
     with pytest.raises(ValueError, match="method must be one of"):
-        numeric.witness(X, X, None, X, method="forward")
+        oracles.witness(X, X, None, X, method="forward")
 
 
 def test_compare_hand_case():
     subject = np.array([1.0, 2.0, 0.0, 5.0])
     oracle = np.array([1.0, 2.5, 0.0, 4.0])
     tol = np.array([0.1, 1.0, 0.0, 0.5])
-    c = numeric.compare(subject, oracle, tol)
+    c = oracles.compare(subject, oracle, tol)
     assert not c.passed
     assert c.max_abs_error == 1.0
     assert c.max_rel_error == pytest.approx(0.25)
@@ -141,25 +142,25 @@ def test_compare_hand_case():
 
 
 def test_compare_zero_tolerance_and_zero_oracle():
-    c = numeric.compare(np.array([0.0, 1e-30]), np.array([0.0, 0.0]), np.array([0.0, 0.0]))
+    c = oracles.compare(np.array([0.0, 1e-30]), np.array([0.0, 0.0]), np.array([0.0, 0.0]))
     assert not c.passed and c.bound_ratio == float("inf") and c.max_rel_error == float("inf")
-    c = numeric.compare(np.array([0.0]), np.array([0.0]), np.array([0.0]))
+    c = oracles.compare(np.array([0.0]), np.array([0.0]), np.array([0.0]))
     assert c.passed and c.bound_ratio == 0.0 and c.max_rel_error == 0.0
 
 
 def test_dX_columns_one_at_a_time_and_stacked_agree(rng):
     """Big layers perturb one column of X at a time, small ones stack them: same estimates."""
     X, W, B, G = layer(rng, 16, 12, 8)
-    L = numeric.Layer(X, W, B, G)
+    L = workspace.Workspace(X, W, B, G)
     cols = np.arange(12)
     M, _ = L.magnitude("dX", cols)
     L.column_at_a_time = False
-    stacked = numeric.witness_block(L, "dX", cols, M)
+    stacked = witness.witness_block(L, "dX", cols, M)
     L.column_at_a_time = True
-    one_by_one = numeric.witness_block(L, "dX", cols, M)
+    one_by_one = witness.witness_block(L, "dX", cols, M)
     exact = G @ W
     for block in (stacked, one_by_one):
         assert np.all(np.abs(block.estimate - exact) <= block.bound)
     assert stacked.passes == one_by_one.passes == 24
     assert np.array_equal(stacked.bound, one_by_one.bound)
-    assert numeric.Layer(*layer(rng, 64, 128, 128)).column_at_a_time
+    assert workspace.Workspace(*layer(rng, 64, 128, 128)).column_at_a_time

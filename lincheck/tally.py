@@ -1,0 +1,161 @@
+"""The tally: an entry-by-entry comparison kept as summaries, block by block.
+
+:class:`Tally` takes a subject, an oracle and per-entry tolerances a block
+at a time and keeps only what a report needs: counts, maxima, the worst few
+entries, an error map pooled by maximum and a histogram of error / tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .core import CHUNK
+
+MAP_CELLS = (128, 256)
+"""Rows × columns of cells of an error map at most (see :class:`Tally`)."""
+
+RATIO_OCTAVES = (-40, 67)
+RATIO_BINS = np.concatenate(
+    ([0.0], 2.0 ** np.arange(RATIO_OCTAVES[0], RATIO_OCTAVES[1] + 1), [np.inf])
+)
+"""Bin edges of the histograms of error / tolerance: zero and below 2⁻⁴⁰ (9e-13), then one
+bin per factor of two (an octave, read off the exponent: cheap) up to 2⁶⁷ (1.5e20; a
+transposed or unscaled gradient lands near 1e14 in float64), then everything beyond. The
+tolerance is at 1 = 2⁰."""
+
+
+def _flat_like(values, like: np.ndarray) -> np.ndarray:
+    """``values`` broadcast to ``like``'s shape, flattened (a view where it can be)."""
+    if np.shape(values) == np.shape(like):
+        return np.ravel(values)
+    return np.broadcast_to(values, np.shape(like)).ravel()
+
+
+class Tally:
+    """A running entry-by-entry comparison of a subject with an oracle, block by block.
+
+    Each block brings subject and oracle values, per-entry tolerances and
+    typical error scales, and a map from the block's flat positions to flat
+    indices of the whole tensor. The tally keeps only summaries: whether
+    every entry was within its tolerance and how many were not, the largest
+    absolute and relative errors, the largest error / tolerance and where it
+    was, the largest error / typical scale, the largest tolerance + error
+    (the smallest single-entry change certain to be caught), the ``top``
+    entries by error / tolerance, and, for each named alternative
+    tolerance, whether every entry fit it and the largest ratio to it.
+
+    Relative error is |error| / |oracle|, taken as 0 where both are 0 and as
+    infinite where only the oracle is 0; ratios are likewise 0 where the
+    error is 0.
+
+    Given the tensor's 2-D ``shape``, the tally also keeps an *error map*:
+    the tensor cut into at most MAP_CELLS rows × columns of cells, each
+    holding the largest error / tolerance of its entries (so one bad entry
+    is never averaged away, however large the tensor), and a histogram of
+    error / tolerance over RATIO_BINS.
+    """
+
+    def __init__(self, top: int = 5, shape: tuple[int, ...] | None = None):
+        self.top = top
+        self.shape = None if shape is None else (1, *shape)[-2:]
+        if self.shape is not None:
+            self.map = np.zeros(tuple(min(n, c) for n, c in zip(self.shape, MAP_CELLS)))
+            self.histogram = np.zeros(len(RATIO_BINS) - 1, dtype=np.int64)
+        self.count = 0
+        self.exceeded = 0
+        self.unbounded = 0  # entries whose tolerance is infinite: nothing can be concluded
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.max_ratio = 0.0
+        self.max_typical_ratio = 0.0
+        self.detectable = 0.0
+        self._best: list[tuple] = []  # (−ratio, flat index, subject, oracle, tolerance)
+        self.alternatives: dict[str, list] = {}  # name -> [all fit, max ratio]
+
+    def add(
+        self,
+        subject: np.ndarray,
+        oracle: np.ndarray,
+        tolerance: np.ndarray,
+        typical: np.ndarray,
+        flat: Callable[[np.ndarray], np.ndarray],
+        alternatives: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        s, o = np.ravel(subject), np.ravel(oracle)
+        tol, typ = (_flat_like(a, subject) for a in (tolerance, typical))
+        err = np.abs(s - o)
+        exact = err == 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(exact, 0.0, err / tol)
+            rel = np.where(exact, 0.0, err / np.abs(o))
+            typ_ratio = np.where(exact, 0.0, err / typ)
+        self.count += s.size
+        self.exceeded += s.size - int(np.count_nonzero(err <= tol))
+        self.unbounded += int(np.count_nonzero(np.isinf(tol)))
+        self.max_abs = max(self.max_abs, float(err.max(initial=0.0)))
+        self.max_rel = max(self.max_rel, float(rel.max(initial=0.0)))
+        self.max_typical_ratio = max(self.max_typical_ratio, float(typ_ratio.max(initial=0.0)))
+        self.detectable = max(self.detectable, float((tol + err).max(initial=0.0)))
+        # The block's best few, merged with those kept so far.
+        k = min(self.top, ratio.size)
+        if k:
+            local = np.argpartition(-ratio, k - 1)[:k] if k < ratio.size else np.arange(k)
+            found = zip(
+                (-ratio[local]).tolist(),
+                np.asarray(flat(local)).tolist(),
+                s[local].tolist(),
+                o[local].tolist(),
+                tol[local].tolist(),
+            )
+            # A few entries: sorted as Python tuples, largest ratio first, then by index.
+            self._best = sorted([*self._best, *found])[: self.top]
+            self.max_ratio = -self._best[0][0]
+        if self.shape is not None:
+            self._map(ratio, flat)
+
+        for name, alt in (alternatives or {}).items():
+            alt = _flat_like(alt, subject)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                alt_ratio = float(np.max(np.where(err == 0, 0.0, err / alt), initial=0.0))
+            fit, worst = self.alternatives.get(name, [True, 0.0])
+            self.alternatives[name] = [fit and bool(np.all(err <= alt)), max(worst, alt_ratio)]
+
+    def _map(self, ratio: np.ndarray, flat) -> None:
+        """Pool a block's error / tolerance into the map and the histogram, a chunk at a time
+        (a few temporaries of CHUNK entries, whatever the block's size)."""
+        R, C = self.map.shape
+        whole = (R, C) == self.shape  # a cell per entry: no pooling to do
+        bins = len(RATIO_BINS) - 1
+        for start in range(0, ratio.size, CHUNK):
+            r = ratio[start : start + CHUNK]
+            cells = self.map.reshape(-1)  # a view: the map is contiguous
+            first = getattr(flat, "first", None)  # set when the block's entries are contiguous
+            if whole and first is not None:
+                run = cells[first + start : first + start + r.size]
+                np.maximum(run, r, out=run)
+            elif whole:
+                where = flat(np.arange(start, start + r.size))
+                cells[where] = np.maximum(cells[where], r)
+            else:
+                rows, cols = np.divmod(flat(np.arange(start, start + r.size)), self.shape[1])
+                np.maximum.at(self.map, (rows * R // self.shape[0], cols * C // self.shape[1]), r)
+            # Bin i holds [RATIO_BINS[i], RATIO_BINS[i + 1]): r = m·2ᵉ with ½ ≤ m < 1 lies in
+            # [2ᵉ⁻¹, 2ᵉ), bin e − RATIO_OCTAVES[0]; zero joins the first bin, infinity the last.
+            index = np.frexp(r)[1] - RATIO_OCTAVES[0]
+            np.minimum(np.maximum(index, 0, out=index), bins - 1, out=index)
+            index[r == 0] = 0
+            index[np.isinf(r)] = bins - 1
+            self.histogram += np.bincount(index, minlength=bins)
+
+    @property
+    def passed(self) -> bool:
+        """Every entry within a finite tolerance. An infinite tolerance (a worst-case bound
+        that does not exist, k·u ≥ 1) cannot certify anything, so it does not pass."""
+        return self.exceeded == 0 and self.unbounded == 0
+
+    @property
+    def best(self) -> list[tuple[int, float, float, float]]:
+        """The kept entries, worst first: (flat index, subject, oracle, tolerance)."""
+        return [(int(w), float(s), float(o), float(t)) for _, w, s, o, t in self._best]
