@@ -48,3 +48,79 @@ def central_difference_bound(n_ops: int, A, delta, M):
     underflow = (1.0 + g3) * 4.0 * n_ops * ETA64 / delta + 3.0 * ETA64
     typical = (1.0 + g3) * np.sqrt(n_ops) * U64 * loss + rest
     return (roundoff + underflow) * (1.0 + 2.0**-50), typical
+
+
+def complex_step_bound(n_ops: int, h: float, M):
+    """(worst, typical) error of a complex-step estimate Im L(θ + ih)/h.
+
+    With standard complex arithmetic the imaginary part carries only the
+    perturbation, so there is no cancellation: γ_c M for the rounding, with
+    c the operations in the imaginary part's sums (see
+    :func:`lincheck.witness.witness_block`), 2c·η/h for underflow in them and
+    η for the quotient; (1 + 2⁻⁵⁰) covers evaluating the bound. The typical
+    scale replaces γ_c by √c·u.
+    """
+    bound = (gamma(n_ops, U64) * M + 2 * n_ops * ETA64 / h + ETA64) * (1.0 + 2.0**-50)
+    return bound, np.sqrt(n_ops) * U64 * M
+
+
+def block_sum_bound(bounds_sum, magnitudes_sum, typical_squares_sum, m: int):
+    """(worst, typical) error of a witness summed over m row blocks.
+
+    Each block's estimate is within its own bound; adding m of them in
+    float64 adds at most γ_{m−1} Σ|estimate_b|. The sums given were formed
+    in float64 themselves, so each is bounded up (:func:`upper_sum`). The
+    typical scales add as independent errors do: the root of the sum of
+    their squares.
+    """
+    rounding = gamma(m - 1, U64) * upper_sum(magnitudes_sum, m) if m > 1 else 0.0
+    bound = (upper_sum(bounds_sum, m) + rounding) * (1.0 + 2.0**-50)
+    return bound, np.sqrt(typical_squares_sum)
+
+
+def directions_tolerance(
+    *,
+    h: float,
+    scale: float,
+    A_all: float,
+    sum_M: float,
+    sum_r: float,
+    share_magnitude,
+    n_ops: int,
+    parts: int,
+    P: int,
+    k: int,
+    blocks: int,
+):
+    """(tolerance, typical, step) of one tensor's random directions (``docs/numerics.md`` §4).
+
+    For θ± = fl(θ ± h v) with v of ±1 entries and the loss difference
+    summed from ``parts`` share differences d̂ of ``n_ops`` operations each,
+
+        |L̂(θ⁺) − L̂(θ⁻) − ⟨r, Δ̂⟩| ≤ (1 + u) γ_c (2A + 2 max|θ± − θ| ΣM)
+                                   + (2u + γ_m)(1 + u) Σ|d̂|
+                                   + max|Δ̂|(1 + u) (ΣE + (u + 2γ_P) Σ|r|) + underflow
+
+    with A the sum of absolute terms of the whole loss (``A_all``, summed
+    over ``blocks`` row blocks), ΣM the entries' magnitudes (``sum_M``), ΣE
+    = γ_k ΣM + 2kηP the reference's bound, Σ|r| its absolute sum
+    (``sum_r``, summed in float64 over P entries) and Σ|d̂| per direction
+    (``share_magnitude``). ``step`` = min |Δ̂|, which converts a distance
+    into a per-entry error. ``scale`` is the largest |θ|.
+    """
+    u = U64
+    sum_E = gamma(k, u) * sum_M + 2 * k * ETA64 * P
+    sum_r = float(upper_sum(np.array(sum_r), P))
+    g_c, g_m, g_P = gamma(n_ops, u), gamma(parts, u), gamma(P, u)
+    A_all = float(upper_sum(np.array(A_all), blocks))
+    # θ± = fl(θ ± h v) is off from θ ± h v by at most u(|θ| + h) per entry, so every
+    # entry moved by at most `moved`, and Δ = fl(θ⁺ − θ⁻) lies within [small, big].
+    slack = 2.0 * u * (scale + h)
+    moved = h + slack / 2.0
+    big, small = (2.0 * h + slack) * (1.0 + u), (2.0 * h - slack) * (1.0 - u)
+    loss_part = 2.0 * A_all + 2.0 * moved * sum_M
+    fixed = (1.0 + u) * g_c * loss_part + 4 * n_ops * parts * ETA64
+    fixed += big * (sum_E + (u + 2.0 * g_P) * sum_r)
+    typical = np.sqrt(n_ops) * u * loss_part + big * np.sqrt(k) * u * sum_M
+    tolerance = fixed + (2.0 * u + g_m) * share_magnitude * (1.0 + u)
+    return tolerance * (1.0 + 2.0**-50), typical, small

@@ -20,9 +20,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .bounds import ETA64, U64, upper_sum
+from .bounds import block_sum_bound, directions_tolerance, upper_sum
 from .core import forward
-from .precision import gamma
 from .witness import (
     DEFAULT_REL_STEP,
     Block,
@@ -197,11 +196,11 @@ class BlockSum:
         self.steps = (min(self.steps[0], block.steps[0]), max(self.steps[1], block.steps[1]))
 
     def block(self) -> Block:
-        m = self.blocks
-        rounding = gamma(m - 1, U64) * upper_sum(self.parts["magnitude"], m) if m > 1 else 0.0
-        bound = (upper_sum(self.parts["bound"], m) + rounding) * (1.0 + 2.0**-50)
-        typical = np.sqrt(self.parts["typical2"])
-        return Block(self.parts["estimate"], bound, typical, self.passes, self.steps)
+        parts = self.parts
+        bound, typical = block_sum_bound(
+            parts["bound"], parts["magnitude"], parts["typical2"], self.blocks
+        )
+        return Block(parts["estimate"], bound, typical, self.passes, self.steps)
 
     def values(self, k: int) -> tuple:
         """(reference, M, S) of sampled dW entries over the whole batch (k = max dimension + 1)."""
@@ -381,31 +380,29 @@ class DirectionsWitness:
         self.share_magnitude[d] += float(np.sum(np.abs(diffs)))
 
     def result(self) -> Directions:
-        T, u, h = self.totals, U64, self.h
+        T = self.totals
         if self.tensor == "dW":
             self.sum_r = float(np.sum(np.abs(self.reference)))
             n_ops, parts = T.D_in + 1 + T.most_rows, T.D_out * T.blocks
         else:
             n_ops, parts = T.D_in + 1 + T.D_out, T.N
-        P, k = T.D_in * (T.N if self.tensor == "dX" else T.D_out), T.inner(self.tensor)
-        sum_E = gamma(k, u) * self.sum_M + 2 * k * ETA64 * P
-        sum_r = float(upper_sum(np.array(self.sum_r), P))
-        g_c, g_m, g_P = gamma(n_ops, u), gamma(parts, u), gamma(P, u)
-        A_all = float(upper_sum(np.array(T.A_all), T.blocks))
-        # θ± = fl(θ ± h v) is off from θ ± h v by at most u(|θ| + h) per entry, so every
-        # entry moved by at most `moved`, and Δ = fl(θ⁺ − θ⁻) lies within [small, big].
-        slack = 2.0 * u * (T.scale[self.tensor] + h)
-        moved = h + slack / 2.0
-        big, small = (2.0 * h + slack) * (1.0 + u), (2.0 * h - slack) * (1.0 - u)
-        loss_part = 2.0 * A_all + 2.0 * moved * self.sum_M
-        fixed = (1.0 + u) * g_c * loss_part + 4 * n_ops * parts * ETA64
-        fixed += big * (sum_E + (u + 2.0 * g_P) * sum_r)
-        typical = np.sqrt(n_ops) * u * loss_part + big * np.sqrt(k) * u * self.sum_M
-        tolerance = fixed + (2.0 * u + g_m) * self.share_magnitude * (1.0 + u)
+        tolerance, typical, small = directions_tolerance(
+            h=self.h,
+            scale=T.scale[self.tensor],
+            A_all=T.A_all,
+            sum_M=self.sum_M,
+            sum_r=self.sum_r,
+            share_magnitude=self.share_magnitude,
+            n_ops=n_ops,
+            parts=parts,
+            P=T.D_in * (T.N if self.tensor == "dX" else T.D_out),
+            k=T.inner(self.tensor),
+            blocks=T.blocks,
+        )
         return Directions(
             difference=self.difference.copy(),
             predicted=self.predicted.copy(),
-            tolerance=tolerance * (1.0 + 2.0**-50),
+            tolerance=tolerance,
             typical=np.full(self.count, typical),
             step=np.full(self.count, small),
             passes=2 * self.count,

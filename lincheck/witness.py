@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bounds import ETA64, U64, central_difference_bound, upper_sum
+from .bounds import central_difference_bound, complex_step_bound, upper_sum
 from .core import forward, surrogate_loss
-from .precision import gamma
 from .workspace import Workspace
 
 DEFAULT_REL_STEP = 2.0**10
@@ -270,8 +269,7 @@ def _complex_block(L: Workspace, tensor: str, cols, M) -> Block:
         Y = forward(L.X, L.W, L.B + 1j * h)
         estimate = np.einsum("ni,ni->i", Y, L.G).imag / h
         n_ops, passes = 2 * L.N, 1
-    bound = (gamma(n_ops, U64) * M + 2 * n_ops * ETA64 / h + ETA64) * (1.0 + 2.0**-50)
-    typical = np.sqrt(n_ops) * U64 * M
+    bound, typical = complex_step_bound(n_ops, h, M)
     return Block(estimate, bound, typical, passes, (h, h))
 
 
