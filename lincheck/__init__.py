@@ -23,13 +23,13 @@ _EXPORTS = {
     "assert_gradients": "api",
     "check_backward": "api",
     "check_forward": "api",
-    "Layer": "checks",
-    "Report": "checks",
-    "TensorCheck": "checks",
+    "Layer": "results",
+    "Report": "results",
+    "TensorCheck": "results",
     "analytic_gradients": "checks",
     "check": "checks",
     "random_inputs": "checks",
-    "Hint": "diagnose",
+    "Hint": "results",
     "InputError": "errors",
     "LincheckError": "errors",
 }
@@ -53,9 +53,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import CaseResult, Sweep, assert_gradients, check_backward, check_forward
-    from .checks import Layer, Report, TensorCheck, analytic_gradients, check, random_inputs
-    from .diagnose import Hint
+    from .checks import analytic_gradients, check, random_inputs
     from .errors import InputError, LincheckError
+    from .results import Hint, Layer, Report, TensorCheck
 
 
 def __getattr__(name: str) -> Any:

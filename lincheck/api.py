@@ -1,6 +1,6 @@
 """The Python API for tests and CI: assert on gradients, sweep a user's backward function.
 
-``check`` (from :mod:`lincheck.checks`) returns a :class:`~lincheck.checks.Report`;
+``check`` (from :mod:`lincheck.checks`) returns a :class:`~lincheck.results.Report`;
 ``assert_gradients`` raises ``AssertionError`` with the tables when it fails;
 ``check_backward`` and ``check_forward`` call a user's implementation on a
 sweep of seeded random layers (the requested shape, the edge shapes and each
@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .checks import Report, analytic_gradients, check, json_text, random_inputs
+from .checks import analytic_gradients, check, random_inputs
 from .errors import LincheckError
+from .results import Report, json_text
 from .worker import DEFAULT_TIMEOUT, Worker, call
 
 

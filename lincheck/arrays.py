@@ -59,9 +59,9 @@ from typing import IO
 import numpy as np
 import numpy.lib.format as npy_format
 
-from .checks import INPUT_NAMES, SUBJECT_NAMES
 from .core import FileBacked
 from .errors import InputError
+from .tensors import INPUT_NAMES, SUBJECT_NAMES
 
 ARRAY_NAMES = INPUT_NAMES + SUBJECT_NAMES
 _BY_LOWER = {name.lower(): name for name in ARRAY_NAMES}

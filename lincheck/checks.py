@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from . import diagnose, streaming, tally, witness, workspace
-from .core import CHUNK, FileBacked, Gradients, as_batch, backward, leading_chunks
-from .diagnose import Hint
+from .core import FileBacked, Gradients, as_batch, backward
 from .errors import InputError
 from .precision import (
     FLOAT64,
@@ -31,372 +28,18 @@ from .precision import (
     representable,
     storage_format,
 )
+from .results import Entry, Hint, Layer, Report, TensorCheck
+from .tensors import OPERANDS, SUBJECT_NAMES
+from .validate import (
+    check_no_overflow,
+    flat_index,
+    label,
+    nonfinite_summary,
+    real_array,
+    validate_inputs,
+)
 
-INPUT_NAMES = ("X", "W", "B", "dY")
-SUBJECT_NAMES = ("dX", "dW", "dB", "Y")
-
-AXES = {
-    "dX": ("batch row", "input feature"),
-    "dW": ("output unit", "input feature"),
-    "dB": ("", "output unit"),
-    "Y": ("batch row", "output unit"),
-}
-"""What the rows and the columns of each tensor are (batch rows: leading dimensions
-flattened; dB is one row)."""
 DTYPES = ("float64", "float32", "float16")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One entry of a compared tensor: where it is and both values."""
-
-    index: tuple[int, ...]
-    subject: float
-    oracle: float
-    abs_error: float
-    tolerance: float
-
-
-@dataclass(frozen=True)
-class TensorCheck:
-    """The verdict on one tensor (dX, dW, dB or Y) against one oracle.
-
-    ``subject`` says what was checked ("supplied" by the user, "analytic" as
-    computed by lincheck in the run's dtype, or the float64 "reference"),
-    ``oracle`` what it was checked against ("reference": the analytic
-    gradient in float64; "witness": the numerical estimate). ``precision``
-    is the arithmetic the subject is held to, ``rule`` what set the
-    tolerance: "bound" (rounding-error bounds of subject and oracle) or
-    "allclose" (the user's atol + rtol·|oracle|).
-
-    ``bound_ratio`` is max |error| / tolerance (≤ 1 to pass);
-    ``typical_ratio`` is max |error| / (√k u Σ|terms|), the probabilistic
-    scale of rounding error (near 1 is normal); ``min_detectable_error`` is
-    the smallest change to any single entry that is certain to fail the
-    check: max over entries of tolerance + current error. ``mode`` is "full"
-    (every entry), "sample" (``checked`` random entries) or "directions"
-    (``checked`` random ±1 directions; errors and tolerances are then per
-    direction, in units of the directional derivative per unit step, and
-    ``worst_index`` is None).
-
-    Error fields are None when there is nothing to compare (wrong shape or
-    non-finite values; ``message`` says which). Indices index the tensor as
-    the user supplied it, leading batch dimensions included.
-
-    ``error_map`` is the error / tolerance of the 2-D tensor (leading batch
-    dimensions flattened, dB as one row), pooled by maximum into at most
-    ``tally.MAP_CELLS`` cells; ``histogram`` counts error / tolerance over
-    ``tally.RATIO_BINS``. Both are None for checks along directions and
-    for tensors that could not be compared; neither is in the JSON report.
-    """
-
-    tensor: str
-    subject: str
-    subject_dtype: str
-    oracle: str
-    precision: str
-    rule: str
-    passed: bool
-    shape: tuple[int, ...]
-    expected_shape: tuple[int, ...]
-    max_abs_error: float | None
-    max_rel_error: float | None
-    bound_ratio: float | None
-    typical_ratio: float | None
-    worst_index: tuple[int, ...] | None
-    tolerance: float | None
-    min_detectable_error: float | None
-    tolerance_rule: str
-    message: str = ""
-    worst_entries: tuple[Entry, ...] = ()
-    mode: str = "full"
-    checked: int = 0
-    error_map: np.ndarray | None = field(default=None, compare=False, repr=False)
-    histogram: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def shape2d(self) -> tuple[int, int]:
-        """The 2-D view the error map covers: leading dimensions flattened, dB one row."""
-        shape = self.expected_shape
-        return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "tensor": self.tensor,
-            "subject": self.subject,
-            "subject_dtype": self.subject_dtype,
-            "oracle": self.oracle,
-            "precision": self.precision,
-            "rule": self.rule,
-            "passed": self.passed,
-            "shape": list(self.shape),
-            "expected_shape": list(self.expected_shape),
-            "max_abs_error": _json_float(self.max_abs_error),
-            "max_rel_error": _json_float(self.max_rel_error),
-            "bound_ratio": _json_float(self.bound_ratio),
-            "typical_ratio": _json_float(self.typical_ratio),
-            "worst_index": None if self.worst_index is None else list(self.worst_index),
-            "tolerance": _json_float(self.tolerance),
-            "min_detectable_error": _json_float(self.min_detectable_error),
-            "tolerance_rule": self.tolerance_rule,
-            "message": self.message,
-            "mode": self.mode,
-            "checked": self.checked,
-            "worst_entries": [
-                {
-                    "index": list(e.index),
-                    "subject": _json_float(e.subject),
-                    "oracle": _json_float(e.oracle),
-                    "abs_error": _json_float(e.abs_error),
-                    "tolerance": _json_float(e.tolerance),
-                }
-                for e in self.worst_entries
-            ],
-        }
-
-
-@dataclass(frozen=True)
-class Layer:
-    """The checked layer's sizes and the dtypes of the arrays given."""
-
-    N: int
-    D_in: int
-    D_out: int
-    batch_shape: tuple[int, ...]
-    bias: bool
-    dtypes: Mapping[str, str]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "N": self.N,
-            "D_in": self.D_in,
-            "D_out": self.D_out,
-            "batch_shape": list(self.batch_shape),
-            "bias": self.bias,
-            "dtypes": dict(self.dtypes),
-        }
-
-
-@dataclass(frozen=True)
-class Report:
-    """Everything one check produced. ``passed`` iff every check passed."""
-
-    layer: Layer
-    checks: tuple[TensorCheck, ...]
-    witness: Mapping[str, Any]
-    hints: tuple[Hint, ...] = ()
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    @property
-    def failed(self) -> tuple[TensorCheck, ...]:
-        return tuple(c for c in self.checks if not c.passed)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON report (``design.md``): passed, checks, hints, plus context."""
-        return {
-            "passed": self.passed,
-            "checks": [c.as_dict() for c in self.checks],
-            "hints": [h.as_dict() for h in self.hints],
-            "layer": self.layer.as_dict(),
-            "witness": dict(self.witness),
-        }
-
-    def to_json(self, **context: Any) -> str:
-        """The JSON report as strict JSON text, with ``context`` merged in at the top level."""
-        return json_text({**self.as_dict(), **context})
-
-
-def json_text(report: Mapping[str, Any]) -> str:
-    """A report as strict JSON (no NaN or Infinity: those are null already), indented."""
-    import json
-
-    return json.dumps(report, indent=2, allow_nan=False) + "\n"
-
-
-def _json_float(x: float | None) -> float | None:
-    """Strict JSON has no NaN or infinity: those become null."""
-    return x if x is not None and np.isfinite(x) else None
-
-
-# ---------------------------------------------------------------------------
-# Input validation
-
-
-def _label(name: str, sources: Mapping[str, str]) -> str:
-    return f"{name} ({sources[name]})" if name in sources else name
-
-
-def _index(flat: int, shape: tuple[int, ...]) -> list[int]:
-    """The index of the ``flat``-th entry (row-major) of an array of this shape."""
-    index = []
-    for n in reversed(shape):
-        flat, i = divmod(int(flat), n)
-        index.append(i)
-    return index[::-1]
-
-
-def _real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
-    """``value`` as an ndarray of real numbers, or InputError naming it.
-
-    Takes NumPy arrays and anything with ``__array__`` or DLPack
-    (``__dlpack__``): PyTorch CPU tensors, JAX arrays, CuPy on the host,
-    without importing those libraries. A tensor that requires grad is read
-    through its ``detach()``.
-    """
-    a = _as_numpy(value)
-    if isinstance(a, Exception):
-        raise InputError(f"{_label(name, sources)}: cannot be read as an array ({a})") from None
-    kind = a.dtype.kind
-    if kind == "f" and a.dtype.itemsize > 8:
-        raise InputError(
-            f"{_label(name, sources)}: dtype {a.dtype} (extended precision) is not supported; "
-            "save it as float64"
-        )
-    if kind not in "biuf":
-        what = {
-            "c": "complex",
-            "O": "object (pickled)",
-            "U": "string",
-            "S": "bytes",
-            "V": "structured or void",
-            "M": "datetime",
-            "m": "timedelta",
-        }.get(kind, "non-numeric")
-        raise InputError(
-            f"{_label(name, sources)}: dtype {a.dtype} is {what}; expected a real "
-            "float, integer or bool array"
-        )
-    return a
-
-
-def _as_numpy(value: Any) -> np.ndarray | Exception:
-    """An ndarray view of ``value`` (no copy where the producer allows), or the reason not.
-
-    An array read from a file as it is used (:class:`~lincheck.core.FileBacked`) stays one.
-    """
-    if isinstance(value, np.ndarray | FileBacked):
-        return value
-    problem: Exception | None = None
-    for candidate in (value, getattr(value, "detach", lambda: value)()):
-        if hasattr(candidate, "__dlpack__"):
-            try:
-                return np.from_dlpack(candidate)
-            except Exception as exc:  # a device or dtype DLPack cannot hand to NumPy
-                problem = exc
-        try:
-            return np.asarray(candidate)
-        except Exception as exc:
-            problem = exc
-    return problem
-
-
-def _check_finite(name: str, a: np.ndarray, sources: Mapping[str, str]) -> None:
-    problem = _nonfinite_summary(a)
-    if problem:
-        raise InputError(f"{_label(name, sources)}: {problem}")
-
-
-def _nonfinite_summary(a: np.ndarray) -> str:
-    """ "contains 2 NaN and 1 Inf, first at [i, j]", or "" when every value is finite.
-
-    Reads the array a chunk at a time, so a memory-mapped file larger than
-    memory is scanned without a mask of its size.
-    """
-    if a.dtype.kind != "f" or (a.size <= CHUNK and np.isfinite(a).all()):
-        return ""
-    n_nan = n_bad = 0
-    first = None
-    for part in leading_chunks(a):
-        finite = np.isfinite(a[part])
-        if finite.all():
-            continue
-        n_bad += int(finite.size - np.count_nonzero(finite))
-        n_nan += int(np.count_nonzero(np.isnan(a[part])))
-        if first is None:
-            where = np.unravel_index(int(np.flatnonzero(~finite)[0]), finite.shape)
-            first = [int(i) for i in where]
-            if a.ndim:
-                first[0] += part.start
-    if first is None:
-        return ""
-    parts = [f"{n} {what}" for n, what in ((n_nan, "NaN"), (n_bad - n_nan, "Inf")) if n]
-    return f"contains {' and '.join(parts)}, first at {first}"
-
-
-@dataclass(frozen=True)
-class _Inputs:
-    """Validated inputs, flattened to 2-D; W and B upcast exactly to float64, X and G as given."""
-
-    X: np.ndarray
-    W: np.ndarray
-    B: np.ndarray | None
-    G: np.ndarray
-    given: Mapping[str, np.ndarray]  # as supplied, for representability checks
-    x_shape: tuple[int, ...]
-    layer: Layer
-
-
-def _validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> _Inputs:
-    arrays = {"X": X, "W": W, "dY": dY}
-    if B is not None:
-        arrays["B"] = B
-    given = {name: _real_array(name, value, sources) for name, value in arrays.items()}
-    X, W, G = given["X"], given["W"], given["dY"]
-    B = given.get("B")
-    if W.ndim != 2:
-        raise InputError(
-            f"{_label('W', sources)}: expected 2 dimensions (D_out, D_in), found shape {W.shape}"
-        )
-    D_out, D_in = W.shape
-    if X.ndim < 1 or X.shape[-1] != D_in:
-        raise InputError(
-            f"{_label('X', sources)}: shape {X.shape} does not fit W {W.shape}: expected "
-            f"(..., {D_in}), the last dimension equal to W's D_in"
-        )
-    if B is not None and B.shape != (D_out,):
-        raise InputError(
-            f"{_label('B', sources)}: shape {B.shape} does not fit W {W.shape}: expected ({D_out},)"
-        )
-    expected_G = X.shape[:-1] + (D_out,)
-    if G.shape != expected_G:
-        raise InputError(
-            f"{_label('dY', sources)}: shape {G.shape} does not fit X {X.shape} and W {W.shape}: "
-            f"expected {expected_G}, X's leading dimensions then D_out"
-        )
-    if 0 in X.shape or 0 in W.shape:
-        raise InputError(
-            f"{_label('X' if 0 in X.shape else 'W', sources)}: a dimension has size 0 "
-            f"(X {X.shape}, W {W.shape}); there is nothing to check"
-        )
-    for name, a in given.items():
-        _check_finite(name, a, sources)
-    X2, G2 = as_batch(X, G)  # views in the given dtypes: memory-mapped files stay on disk
-    layer = Layer(
-        N=X2.shape[0],
-        D_in=D_in,
-        D_out=D_out,
-        batch_shape=tuple(X.shape[:-1]),
-        bias=B is not None,
-        dtypes={name: str(a.dtype) for name, a in given.items()},
-    )
-    return _Inputs(
-        X=X2,
-        W=np.asarray(W, dtype=np.float64),
-        B=None if B is None else np.asarray(B, dtype=np.float64),
-        G=G2,
-        given=given,
-        x_shape=tuple(X.shape),
-        layer=layer,
-    )
-
-
-def layer_of(X, W, B, dY, sources: Mapping[str, str] | None = None) -> Layer:
-    """The shapes of a layer (N, D_in, D_out, bias, dtypes) from its inputs, validated as
-    :func:`check` validates them (InputError names what is wrong)."""
-    return _validate_inputs(X, W, B, dY, sources or {}).layer
 
 
 # ---------------------------------------------------------------------------
@@ -413,9 +56,6 @@ def _quiet_numpy(fn):
             return fn(*args, **kwargs)
 
     return wrapper
-
-
-_OPERANDS = {"dX": ("dY", "W"), "dW": ("dY", "X"), "dB": ("dY",), "Y": ("X", "W", "B")}
 
 
 @_quiet_numpy
@@ -528,11 +168,11 @@ def check(
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     allclose = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
     sources = sources or {}
-    inputs = _validate_inputs(X, W, B, dY, sources)
+    inputs = validate_inputs(X, W, B, dY, sources)
     bias = inputs.B is not None
     if dB is not None and not bias:
         raise InputError(
-            f"{_label('dB', sources)}: a bias gradient is given but there is no bias B; "
+            f"{label('dB', sources)}: a bias gradient is given but there is no bias B; "
             "supply B or leave dB out"
         )
     L = inputs.layer
@@ -550,7 +190,7 @@ def check(
             continue
         plan = _Plan(tensor, expected[tensor], shapes2d[tensor])
         if tensor in supplied:
-            a = _real_array(tensor, supplied[tensor], sources)
+            a = real_array(tensor, supplied[tensor], sources)
             p = PRECISIONS[precision] if precision else precision_for(a.dtype)
             plan.subject = _Subject(a, p, subject, inputs.given, allclose)
             plan.against_witness = against == "witness" and tensor != "Y"
@@ -604,7 +244,7 @@ def _run_full(inputs, plans, method, mode, samples, directions, seed, sources, p
     for plan in plans:  # a subject read from a file as used: read it once, whole
         if isinstance(plan.values, FileBacked):
             plan.values = np.asarray(plan.values)
-    _check_no_overflow([layer.MY, layer.A_rows, layer.A_cols], sources)
+    check_no_overflow([layer.MY, layer.A_rows, layer.A_cols], sources)
     total = sum(layer.passes(p.tensor, method) for p in plans if p.needs_witness)
     done = 0
     steps: dict[str, list[float]] = {}
@@ -615,7 +255,7 @@ def _run_full(inputs, plans, method, mode, samples, directions, seed, sources, p
             if plan.needs_witness:
                 block = witness.witness_block(layer, plan.tensor, cols, M, method)
                 # (an overflowing M shows in the bound, which is at least γ·M)
-                _check_no_overflow([block.estimate, block.bound], sources)
+                check_no_overflow([block.estimate, block.bound], sources)
                 done += block.passes
                 _note_steps(steps, plan.tensor, block.steps)
             plan.add(layer, cols, M, S, block)
@@ -656,7 +296,7 @@ def _run_streamed(inputs, plans, method, mode, samples, directions, seed, source
             progress(done, total)
 
     for r, block in rows:
-        _check_no_overflow([block.MY, block.A_rows, block.A_cols], sources)
+        check_no_overflow([block.MY, block.A_rows, block.A_cols], sources)
         totals.add(block)
         for tensor in ("dX", "Y"):
             if tensor in by_tensor and by_tensor[tensor].usable:
@@ -732,17 +372,6 @@ def _note_steps(steps: dict[str, list[float]], tensor: str, block_steps) -> None
     steps[tensor[1:]] = [min(lo, block_steps[0]), max(hi, block_steps[1])]
 
 
-def _check_no_overflow(arrays, sources: Mapping[str, str]) -> None:
-    """Inputs whose products or perturbed forward passes overflow float64 cannot be checked."""
-    if all(a is None or np.isfinite(a).all() for a in arrays):
-        return
-    names = ", ".join(_label(n, sources) for n in ("X", "W", "dY"))
-    raise InputError(
-        f"{names}: values too large: sums of products overflow float64 "
-        "(largest representable 1.8e308); rescale the inputs"
-    )
-
-
 class _Subject:
     """A supplied tensor, how it was computed, and what it is compared under."""
 
@@ -757,7 +386,7 @@ class _Subject:
 
     def rounded(self, tensor: str, p: Precision) -> bool:
         """Whether the inputs, as given, had to be converted to ``p``'s operand format."""
-        operands = [self.given[o] for o in _OPERANDS[tensor] if o in self.given]
+        operands = [self.given[o] for o in OPERANDS[tensor] if o in self.given]
         return not all(representable(g, p.operands) for g in operands)
 
 
@@ -790,7 +419,7 @@ class _Plan:
         a = sub.array
         if tuple(a.shape) != tuple(self.shape):
             sub.problem = f"wrong shape: expected {tuple(self.shape)}, got {tuple(a.shape)}"
-        elif problem := _nonfinite_summary(a):
+        elif problem := nonfinite_summary(a):
             sub.problem = problem
         else:
             self.usable = True
@@ -895,7 +524,7 @@ class _Plan:
         if not self.usable:
             first = None
             if sub.problem.startswith("contains"):
-                first = tuple(_index(int(np.flatnonzero(~np.isfinite(a))[0]), tuple(a.shape)))
+                first = tuple(flat_index(int(np.flatnonzero(~np.isfinite(a))[0]), tuple(a.shape)))
             return TensorCheck(
                 tensor=self.tensor,
                 subject=sub.label,
@@ -981,7 +610,7 @@ class _Plan:
         shape = tuple(self.shape)
         entries = tuple(
             Entry(
-                index=tuple(_index(flat, shape)),
+                index=tuple(flat_index(flat, shape)),
                 subject=s,
                 oracle=o,
                 abs_error=abs(s - o),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from xml.etree import ElementTree as ET
 
-from .checks import Report
+from .results import Report
 
 Outcome = tuple[str, Report | None, str | None] | tuple[str, Report | None, str | None, bool]
 """(case name, report, error[, bad input]): an error with bad input is a JUnit ``bad input``."""

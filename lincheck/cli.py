@@ -798,7 +798,7 @@ def verify(
 
 def _check_dump(path, files, options, max_memory, quiet, progress=None):
     """Load one dump (a folder, an .npz, and/or single files) and check it: (loaded, report)."""
-    from . import arrays, checks
+    from . import arrays, checks, tensors
 
     loaded = arrays.load(path, files)
     a = loaded.arrays
@@ -808,7 +808,7 @@ def _check_dump(path, files, options, max_memory, quiet, progress=None):
         a["W"],
         a.get("B"),
         a["dY"],
-        **{name: a[name] for name in checks.SUBJECT_NAMES if name in a},
+        **{name: a[name] for name in tensors.SUBJECT_NAMES if name in a},
         **options,
         sources=loaded.sources,
         progress=progress,
@@ -872,7 +872,7 @@ def _stop_workers(pool) -> None:
 
 def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -> None:
     """One dump (a folder, an .npz, and/or single files): its full tables."""
-    from . import checks
+    from . import tensors
 
     bar = _ProgressBar(not out["quiet"])
     try:
@@ -894,7 +894,7 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
         f"{'with' if layer.bias else 'without'} bias",
     )
     # One item per array, laid out in columns: a narrow terminal wraps between arrays.
-    order = [*checks.INPUT_NAMES, *checks.SUBJECT_NAMES]
+    order = [*tensors.INPUT_NAMES, *tensors.SUBJECT_NAMES]
     shapes = [Text(f"{n} {tuple(a[n].shape)} {a[n].dtype}", style="dim") for n in order if n in a]
     parts = [title, Columns(shapes, padding=(0, 2))]
     if out["verbose"] and loaded.ignored:
@@ -987,13 +987,13 @@ def explain(
 
     chosen = None if precision is None else precision.value
     if path is not None:
-        from . import arrays, checks
+        from . import arrays, validate
         from .precision import precision_for
 
         try:
             loaded = arrays.load(path)
             a = loaded.arrays
-            layer = checks.layer_of(a["X"], a["W"], a.get("B"), a["dY"], loaded.sources)
+            layer = validate.layer_of(a["X"], a["W"], a.get("B"), a["dY"], loaded.sources)
         except LincheckError as exc:
             raise _fail(str(exc)) from None
         n, din, dout, bias = layer.N, layer.D_in, layer.D_out, layer.bias

@@ -6,8 +6,7 @@ within the same rigorous bound the verdict uses.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,42 +22,8 @@ from .precision import (
     representable,
     storage_format,
 )
-
-
-@dataclass(frozen=True)
-class Hint:
-    """A diagnosis of a failed check: a stable ``code``, the tensor, a sentence, the evidence.
-
-    Codes: ``transposed``, ``mean_instead_of_sum``, ``sign_flipped``,
-    ``scaled``, ``bias_not_summed``, ``wrong_operand``, ``localized``,
-    ``lower_precision``, ``non_finite``, and ``unexplained`` when a check
-    failed and none of them fits.
-    """
-
-    code: str
-    tensor: str
-    message: str
-    evidence: Mapping[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "code": self.code,
-            "tensor": self.tensor,
-            "message": self.message,
-            "evidence": _plain(dict(self.evidence)),
-        }
-
-
-def _plain(value):
-    """Evidence as plain JSON values: NumPy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
+from .results import Hint
+from .tensors import AXES
 
 # Less accurate arithmetics to try, most accurate first, after a failure under each.
 _LOWER = {
@@ -156,13 +121,6 @@ class Case:
     storage: Format
     rounded: bool
     batch_shape: tuple[int, ...]
-
-
-_ROLES = {
-    "dX": ("batch row", "input feature"),
-    "dW": ("output unit", "input feature"),
-    "Y": ("batch row", "output unit"),
-}
 
 
 def explain(case: Case, lower: Hint | None = None) -> list[Hint]:
@@ -408,7 +366,7 @@ def _localized(case: Case, err: np.ndarray, tol: np.ndarray) -> Hint | None:
         limit = min(3, max(1, mass.size // 4))
         if count <= limit:
             picked = sorted(int(i) for i in order[:count])
-            name = _ROLES.get(tensor, ("row", "column"))[role]
+            name = (AXES[tensor] if tensor != "dB" else ("row", "column"))[role]
             if role == 0 and tensor in ("dX", "Y"):
                 labels = [str(_batch_index(i, case.batch_shape)) for i in picked]
             else:

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .checks import AXES, Report, TensorCheck
 from .errors import LincheckError
+from .results import Report, TensorCheck
 from .tally import RATIO_OCTAVES
+from .tensors import AXES
 
 SIZE = (8.0, 5.0)
 DPI = 100

@@ -1,4 +1,4 @@
-"""Presentation: a :class:`~lincheck.checks.Report` as Rich renderables or JSON text.
+"""Presentation: a :class:`~lincheck.results.Report` as Rich renderables or JSON text.
 
 Nothing here prints; the CLI decides where output goes.
 """
@@ -14,7 +14,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .checks import AXES, Report, TensorCheck
+from .results import Report, TensorCheck
+from .tensors import AXES
 
 _SUBJECT = {
     "supplied": "Your gradients",

@@ -365,7 +365,7 @@ def main() -> None:
         _send(proto_out, {"bad_input": str(exc)})
         return
     _send(proto_out, {"ready": True})
-    from .checks import _real_array
+    from .validate import real_array
 
     while True:
         try:
@@ -377,7 +377,7 @@ def main() -> None:
         arrays, stand_ins = {}, {}
         for name, value in subjects.items():
             try:
-                a = _real_array(name, value, {})
+                a = real_array(name, value, {})
             except InputError as exc:
                 errors.append(str(exc))
                 continue

@@ -14,6 +14,7 @@ from functools import cached_property
 
 import numpy as np
 
+from . import tensors
 from .bounds import upper_sum
 from .core import forward
 
@@ -131,16 +132,12 @@ class Workspace:
         return self.B is not None
 
     def inner(self, tensor: str) -> int:
-        """Terms per entry: D_out for dX, N for dW and dB, D_in + 1 (with bias) for Y."""
-        return {"dX": self.D_out, "dW": self.N, "dB": self.N, "Y": self.D_in + self.bias}[tensor]
+        """Terms per entry (:func:`lincheck.tensors.inner`)."""
+        return tensors.inner(tensor, self.N, self.D_in, self.D_out, self.bias)
 
-    def shape(self, tensor: str) -> tuple[int, int] | tuple[int]:
-        return {
-            "dX": (self.N, self.D_in),
-            "dW": (self.D_out, self.D_in),
-            "dB": (self.D_out,),
-            "Y": (self.N, self.D_out),
-        }[tensor]
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        """The tensor's 2-D shape (:func:`lincheck.tensors.shape2d`)."""
+        return tensors.shape2d(tensor, self.N, self.D_in, self.D_out)
 
     def magnitude(self, tensor: str, cols: np.ndarray | None = None):
         """(M, S) for a block: M = Σ|terms| per entry, S = Σ(|a| + |b|) over its terms.

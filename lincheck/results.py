@@ -1,0 +1,226 @@
+r"""What a check produces: result types and their JSON.
+
+:class:`Report` holds one :class:`TensorCheck` per tensor and oracle, the
+:class:`Layer`'s sizes and the :class:`Hint`\ s; ``as_dict`` / ``to_json``
+give the JSON report whose field names are stable (README, "JSON report").
+Presentation (:mod:`lincheck.report`, :mod:`lincheck.ci`,
+:mod:`lincheck.plots`) needs only this module, not the checking engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A diagnosis of a failed check: a stable ``code``, the tensor, a sentence, the evidence.
+
+    Codes: ``transposed``, ``mean_instead_of_sum``, ``sign_flipped``,
+    ``scaled``, ``bias_not_summed``, ``wrong_operand``, ``localized``,
+    ``lower_precision``, ``non_finite``, and ``unexplained`` when a check
+    failed and none of them fits.
+    """
+
+    code: str
+    tensor: str
+    message: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "tensor": self.tensor,
+            "message": self.message,
+            "evidence": _plain(dict(self.evidence)),
+        }
+
+
+def _plain(value):
+    """Evidence as plain JSON values: NumPy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a compared tensor: where it is and both values."""
+
+    index: tuple[int, ...]
+    subject: float
+    oracle: float
+    abs_error: float
+    tolerance: float
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """The verdict on one tensor (dX, dW, dB or Y) against one oracle.
+
+    ``subject`` says what was checked ("supplied" by the user, "analytic" as
+    computed by lincheck in the run's dtype, or the float64 "reference"),
+    ``oracle`` what it was checked against ("reference": the analytic
+    gradient in float64; "witness": the numerical estimate). ``precision``
+    is the arithmetic the subject is held to, ``rule`` what set the
+    tolerance: "bound" (rounding-error bounds of subject and oracle) or
+    "allclose" (the user's atol + rtol·|oracle|).
+
+    ``bound_ratio`` is max |error| / tolerance (≤ 1 to pass);
+    ``typical_ratio`` is max |error| / (√k u Σ|terms|), the probabilistic
+    scale of rounding error (near 1 is normal); ``min_detectable_error`` is
+    the smallest change to any single entry that is certain to fail the
+    check: max over entries of tolerance + current error. ``mode`` is "full"
+    (every entry), "sample" (``checked`` random entries) or "directions"
+    (``checked`` random ±1 directions; errors and tolerances are then per
+    direction, in units of the directional derivative per unit step, and
+    ``worst_index`` is None).
+
+    Error fields are None when there is nothing to compare (wrong shape or
+    non-finite values; ``message`` says which). Indices index the tensor as
+    the user supplied it, leading batch dimensions included.
+
+    ``error_map`` is the error / tolerance of the 2-D tensor (leading batch
+    dimensions flattened, dB as one row), pooled by maximum into at most
+    ``tally.MAP_CELLS`` cells; ``histogram`` counts error / tolerance over
+    ``tally.RATIO_BINS``. Both are None for checks along directions and
+    for tensors that could not be compared; neither is in the JSON report.
+    """
+
+    tensor: str
+    subject: str
+    subject_dtype: str
+    oracle: str
+    precision: str
+    rule: str
+    passed: bool
+    shape: tuple[int, ...]
+    expected_shape: tuple[int, ...]
+    max_abs_error: float | None
+    max_rel_error: float | None
+    bound_ratio: float | None
+    typical_ratio: float | None
+    worst_index: tuple[int, ...] | None
+    tolerance: float | None
+    min_detectable_error: float | None
+    tolerance_rule: str
+    message: str = ""
+    worst_entries: tuple[Entry, ...] = ()
+    mode: str = "full"
+    checked: int = 0
+    error_map: np.ndarray | None = field(default=None, compare=False, repr=False)
+    histogram: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        """The 2-D view the error map covers: leading dimensions flattened, dB one row."""
+        shape = self.expected_shape
+        return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tensor": self.tensor,
+            "subject": self.subject,
+            "subject_dtype": self.subject_dtype,
+            "oracle": self.oracle,
+            "precision": self.precision,
+            "rule": self.rule,
+            "passed": self.passed,
+            "shape": list(self.shape),
+            "expected_shape": list(self.expected_shape),
+            "max_abs_error": _json_float(self.max_abs_error),
+            "max_rel_error": _json_float(self.max_rel_error),
+            "bound_ratio": _json_float(self.bound_ratio),
+            "typical_ratio": _json_float(self.typical_ratio),
+            "worst_index": None if self.worst_index is None else list(self.worst_index),
+            "tolerance": _json_float(self.tolerance),
+            "min_detectable_error": _json_float(self.min_detectable_error),
+            "tolerance_rule": self.tolerance_rule,
+            "message": self.message,
+            "mode": self.mode,
+            "checked": self.checked,
+            "worst_entries": [
+                {
+                    "index": list(e.index),
+                    "subject": _json_float(e.subject),
+                    "oracle": _json_float(e.oracle),
+                    "abs_error": _json_float(e.abs_error),
+                    "tolerance": _json_float(e.tolerance),
+                }
+                for e in self.worst_entries
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class Layer:
+    """The checked layer's sizes and the dtypes of the arrays given."""
+
+    N: int
+    D_in: int
+    D_out: int
+    batch_shape: tuple[int, ...]
+    bias: bool
+    dtypes: Mapping[str, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "N": self.N,
+            "D_in": self.D_in,
+            "D_out": self.D_out,
+            "batch_shape": list(self.batch_shape),
+            "bias": self.bias,
+            "dtypes": dict(self.dtypes),
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything one check produced. ``passed`` iff every check passed."""
+
+    layer: Layer
+    checks: tuple[TensorCheck, ...]
+    witness: Mapping[str, Any]
+    hints: tuple[Hint, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> tuple[TensorCheck, ...]:
+        return tuple(c for c in self.checks if not c.passed)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON report (``design.md``): passed, checks, hints, plus context."""
+        return {
+            "passed": self.passed,
+            "checks": [c.as_dict() for c in self.checks],
+            "hints": [h.as_dict() for h in self.hints],
+            "layer": self.layer.as_dict(),
+            "witness": dict(self.witness),
+        }
+
+    def to_json(self, **context: Any) -> str:
+        """The JSON report as strict JSON text, with ``context`` merged in at the top level."""
+        return json_text({**self.as_dict(), **context})
+
+
+def json_text(report: Mapping[str, Any]) -> str:
+    """A report as strict JSON (no NaN or Infinity: those are null already), indented."""
+    import json
+
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+
+
+def _json_float(x: float | None) -> float | None:
+    """Strict JSON has no NaN or infinity: those become null."""
+    return x if x is not None and np.isfinite(x) else None

@@ -1,0 +1,38 @@
+"""The facts about each array that every module reads: names, operands, shapes, axes.
+
+One table, so that a ladder over ``"dX"``/``"dW"``/``"dB"`` is never written
+twice. With X of shape (N, D_in) (leading batch dimensions flattened),
+W (D_out, D_in), B (D_out,) and G = dL/dY (N, D_out):
+
+    dX = G W      (N, D_in)       D_out terms per entry
+    dW = Gᵀ X     (D_out, D_in)   N terms per entry
+    dB = Σₙ G     (D_out,)        N terms per entry
+    Y  = X Wᵀ + B (N, D_out)      D_in (+ 1 with a bias) terms per entry
+"""
+
+from __future__ import annotations
+
+INPUT_NAMES = ("X", "W", "B", "dY")
+SUBJECT_NAMES = ("dX", "dW", "dB", "Y")
+
+OPERANDS = {"dX": ("dY", "W"), "dW": ("dY", "X"), "dB": ("dY",), "Y": ("X", "W", "B")}
+"""The inputs each tensor is computed from (their formats set its rounding)."""
+
+AXES = {
+    "dX": ("batch row", "input feature"),
+    "dW": ("output unit", "input feature"),
+    "dB": ("", "output unit"),
+    "Y": ("batch row", "output unit"),
+}
+"""What the rows and the columns of each tensor are (batch rows: leading dimensions
+flattened; dB is one row)."""
+
+
+def shape2d(tensor: str, N: int, D_in: int, D_out: int) -> tuple[int, ...]:
+    """The tensor's shape with leading batch dimensions flattened: (N, D_in) for dX, ..."""
+    return {"dX": (N, D_in), "dW": (D_out, D_in), "dB": (D_out,), "Y": (N, D_out)}[tensor]
+
+
+def inner(tensor: str, N: int, D_in: int, D_out: int, bias: bool) -> int:
+    """Terms per entry: D_out for dX, N for dW and dB, D_in + 1 (with bias) for Y."""
+    return {"dX": D_out, "dW": N, "dB": N, "Y": D_in + bias}[tensor]
