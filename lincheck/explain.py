@@ -1,6 +1,6 @@
 """``lincheck explain``: the derivation, corrected, with the user's shapes, as a Rich page.
 
-The page restates the derivation (``derivation.zh.md``, whose index typos it
+The page restates the derivation (``docs/derivation.zh.md``, whose index typos it
 fixes and says so), substitutes the user's N, D_in, D_out, and states what
 each check does and what it costs at those sizes. It is Markdown rendered
 by Rich (:func:`lincheck.report.explain_page`), in English or in Chinese,

@@ -200,7 +200,7 @@ class Report:
         return tuple(c for c in self.checks if not c.passed)
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON report (``design.md``): passed, checks, hints, plus context."""
+        """The JSON report (README, "JSON report"): passed, checks, hints, plus context."""
         return {
             "passed": self.passed,
             "checks": [c.as_dict() for c in self.checks],
