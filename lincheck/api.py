@@ -108,7 +108,7 @@ def sweep(
         (f"X {lead + (D_in,)} D_out={D_out}", lead, D_in, D_out, True),
         (f"N={N} D_in={D_in} D_out={D_out} no bias", (N,), D_in, D_out, False),
     ]
-    cases = []
+    cases: list[Case] = []
     for dtype in dtypes:
         for label, batch, d_in, d_out, bias in shapes:
             name = f"{dtype} {label}"
@@ -229,9 +229,10 @@ def check_backward(
 def _run_sweep(cases, fn, forward, isolate: bool, timeout: float | None, options) -> Sweep:
     if not isolate:
         return Sweep(tuple(run_case(case, fn, forward, **options) for case in cases))
-    specs = [None if f is None else _importable(f) for f in (fn, forward)]
+    impl = None if fn is None else _importable(fn)
+    spec = None if forward is None else _importable(forward)
     limit = DEFAULT_TIMEOUT if timeout is None else timeout
-    with Worker(*specs, timeout=limit, paths=tuple(sys.path)) as worker:
+    with Worker(impl, spec, timeout=limit, paths=tuple(sys.path)) as worker:
         return Sweep(tuple(run_case(case, None, worker=worker, **options) for case in cases))
 
 

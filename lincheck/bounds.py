@@ -22,7 +22,7 @@ U64 = FLOAT64.u
 ETA64 = FLOAT64.eta
 
 
-def upper_sum(computed: np.ndarray, k: int) -> np.ndarray:
+def upper_sum(computed, k: int):
     """An upper bound on an exact sum of k non-negative products, from its float64 value.
 
     A computed non-negative sum is at least (1 − γ_k) times the exact one

@@ -47,7 +47,8 @@ def junit_xml(outcomes: Sequence[Outcome], suite: str = "lincheck") -> str:
     for name, report, error, *bad in outcomes:
         bad_input = bool(bad and bad[0])
         classname = f"{suite}.{name}"
-        if error is not None:
+        if report is None:  # an error stopped the case
+            error = error or "no report"
             case = ET.Element("testcase", classname=classname, name="run", time="0")
             kind = "bad input" if bad_input else "error"
             ET.SubElement(case, "error", message=error.splitlines()[0], type=kind).text = error
@@ -100,7 +101,8 @@ def github_annotations(outcomes: Sequence[Outcome]) -> list[str]:
     """
     lines = []
     for name, report, error, *_ in outcomes:
-        if error is not None:
+        if report is None:  # an error stopped the case
+            error = error or "no report"
             title = _escape_property(f"lincheck {name}")
             lines.append(f"::error title={title}::{_escape_data(error)}")
             continue

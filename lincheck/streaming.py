@@ -17,9 +17,11 @@ Algorithms*, 2nd ed., SIAM 2002, §3.1 (Lemma 3.1, 3.3) and §3.5].
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import numpy as np
 
+from . import tensors
 from .bounds import block_sum_bound, directions_tolerance, upper_sum
 from .core import forward
 from .witness import (
@@ -133,24 +135,30 @@ class Totals:
     def bias(self) -> bool:
         return self.B is not None
 
-    inner = Workspace.inner
-    shape = Workspace.shape
+    def inner(self, tensor: str) -> int:
+        """Terms per entry (:func:`lincheck.tensors.inner`)."""
+        return tensors.inner(tensor, self.N, self.D_in, self.D_out, self.bias)
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        """The tensor's 2-D shape (:func:`lincheck.tensors.shape2d`)."""
+        return tensors.shape2d(tensor, self.N, self.D_in, self.D_out)
 
     def _outer(self, x):
         """An upper bound on an exact sum over the blocks of upper bounds summed in float64."""
         return upper_sum(x, self.blocks)
 
     def reference(self, tensor: str, cols: np.ndarray | None = None) -> np.ndarray:
-        cols = slice(None) if cols is None else cols
-        return self.dW[:, cols] if tensor == "dW" else self.dB
+        sel: slice | np.ndarray = slice(None) if cols is None else cols
+        return self.dW[:, sel] if tensor == "dW" else self.dB
 
     def magnitude(self, tensor: str, cols: np.ndarray | None = None):
         """(M, S) of dW or dB, as :meth:`Workspace.magnitude` gives them for the whole batch."""
-        cols = slice(None) if cols is None else cols
+        sel: slice | np.ndarray = slice(None) if cols is None else cols
         k = max(self.N, self.D_in, self.D_out) + 1
         if tensor == "dW":
-            S = self._outer(self.sum_G_cols)[:, None] + self._outer(self.sum_X_cols)[None, cols]
-            return self._outer(self.M_dW[:, cols]), upper_sum(S, k)
+            S = self._outer(self.sum_G_cols)[:, None] + self._outer(self.sum_X_cols)[None, sel]
+            M_dW = cast(np.ndarray, self.M_dW)  # kept whenever a dW subject is checked
+            return self._outer(M_dW[:, sel]), upper_sum(S, k)
         return upper_sum(self._outer(self.sum_G_cols), self.N), upper_sum(float(self.N), k)
 
     def sum_M(self, tensor: str) -> float:
@@ -261,11 +269,14 @@ class SampleWitness:
             return self.sum.values(self.k), self.sum.block()
         values = tuple(np.concatenate([v[i] for v, _ in self.found]) for i in range(3))
         blocks = [b for _, b in self.found]
+        estimate, bound, typical = (
+            np.concatenate([getattr(b, f) for b in blocks])
+            for f in ("estimate", "bound", "typical")
+        )
         joined = Block(
-            *(
-                np.concatenate([getattr(b, f) for b in blocks])
-                for f in ("estimate", "bound", "typical")
-            ),
+            estimate,
+            bound,
+            typical,
             passes=self.passes,
             steps=(min(b.steps[0] for b in blocks), max(b.steps[1] for b in blocks)),
         )

@@ -126,7 +126,8 @@ class Tally:
         """Pool a block's error / tolerance into the map and the histogram, a chunk at a time
         (a few temporaries of CHUNK entries, whatever the block's size)."""
         R, C = self.map.shape
-        whole = (R, C) == self.shape  # a cell per entry: no pooling to do
+        rows_all, cols_all = self.shape or (R, C)  # set whenever there is a map
+        whole = (R, C) == (rows_all, cols_all)  # a cell per entry: no pooling to do
         bins = len(RATIO_BINS) - 1
         for start in range(0, ratio.size, CHUNK):
             r = ratio[start : start + CHUNK]
@@ -139,8 +140,8 @@ class Tally:
                 where = flat(np.arange(start, start + r.size))
                 cells[where] = np.maximum(cells[where], r)
             else:
-                rows, cols = np.divmod(flat(np.arange(start, start + r.size)), self.shape[1])
-                np.maximum.at(self.map, (rows * R // self.shape[0], cols * C // self.shape[1]), r)
+                rows, cols = np.divmod(flat(np.arange(start, start + r.size)), cols_all)
+                np.maximum.at(self.map, (rows * R // rows_all, cols * C // cols_all), r)
             # Bin i holds [RATIO_BINS[i], RATIO_BINS[i + 1]): r = m·2ᵉ with ½ ≤ m < 1 lies in
             # [2ᵉ⁻¹, 2ᵉ), bin e − RATIO_OCTAVES[0]; zero joins the first bin, infinity the last.
             index = np.frexp(r)[1] - RATIO_OCTAVES[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -40,9 +40,11 @@ def real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
     without importing those libraries. A tensor that requires grad is read
     through its ``detach()``.
     """
-    a = as_numpy(value)
-    if isinstance(a, Exception):
-        raise InputError(f"{label(name, sources)}: cannot be read as an array ({a})") from None
+    found = as_numpy(value)
+    if isinstance(found, Exception):
+        raise InputError(f"{label(name, sources)}: cannot be read as an array ({found})") from None
+    # A FileBacked array offers the part of the ndarray interface the checks use.
+    a = cast(np.ndarray, found)
     kind = a.dtype.kind
     if kind == "f" and a.dtype.itemsize > 8:
         raise InputError(
@@ -66,7 +68,7 @@ def real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
     return a
 
 
-def as_numpy(value: Any) -> np.ndarray | Exception:
+def as_numpy(value: Any) -> np.ndarray | FileBacked | Exception:
     """An ndarray view of ``value`` (no copy where the producer allows), or the reason not.
 
     An array read from a file as it is used (:class:`~lincheck.core.FileBacked`) stays one.
@@ -84,7 +86,7 @@ def as_numpy(value: Any) -> np.ndarray | Exception:
             return np.asarray(candidate)
         except Exception as exc:
             problem = exc
-    return problem
+    return problem if problem is not None else TypeError(f"{type(value).__name__} is no array")
 
 
 def check_finite(name: str, a: np.ndarray, sources: Mapping[str, str]) -> None:
@@ -112,7 +114,7 @@ def nonfinite_summary(a: np.ndarray) -> str:
         if first is None:
             where = np.unravel_index(int(np.flatnonzero(~finite)[0]), finite.shape)
             first = [int(i) for i in where]
-            if a.ndim:
+            if a.ndim and isinstance(part, slice):
                 first[0] += part.start
     if first is None:
         return ""

@@ -15,6 +15,7 @@ Algorithms*, 2nd ed., SIAM 2002, §3.1 (Lemma 3.1, 3.3) and §3.5].
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class Block:
     estimate: np.ndarray
     bound: np.ndarray
     typical: np.ndarray
-    passes: int
+    passes: float  # in forward passes of the whole layer (a row block counts its share)
     steps: tuple[float, float]
 
 
@@ -165,6 +166,7 @@ def witness_block(
     if method not in ("central", "dense"):
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     L = layer
+    A: Any  # the loss share's sum of absolute terms: one number, or one per row or column
     if method == "dense":
         A = L.A_all
         n_ops = L.D_in + 1 + L.N * L.D_out
@@ -174,13 +176,13 @@ def witness_block(
         A = L.A_cols[:, None] if tensor == "dW" else L.A_cols
         n_ops = L.D_in + 1 + L.N
     if h is None:
-        h = step_sizes(L.scale[tensor], A, M, rel_step)
+        steps = step_sizes(L.scale[tensor], A, M, rel_step)
     else:
-        h = np.broadcast_to(float(h), np.shape(M)).copy()
+        steps = np.broadcast_to(float(h), np.shape(M)).copy()
     run = _dense_block if method == "dense" else _central_block
-    estimate, delta, passes = run(L, tensor, cols, h)
+    estimate, delta, passes = run(L, tensor, cols, steps)
     bound, typical = central_difference_bound(n_ops, A, delta, M)
-    return Block(estimate, bound, typical, passes, (float(h.min()), float(h.max())))
+    return Block(estimate, bound, typical, passes, (float(steps.min()), float(steps.max())))
 
 
 def _central_block(L: Workspace, tensor: str, cols, h):
@@ -230,7 +232,11 @@ def _central_block(L: Workspace, tensor: str, cols, h):
 def _dense_block(L: Workspace, tensor: str, cols, h):
     """One entry at a time, the whole loss each time: the literal textbook check."""
     name = {"dX": "X", "dW": "W", "dB": "B"}[tensor]
-    params = {"X": L.X.copy(), "W": L.W.copy(), "B": None if L.B is None else L.B.copy()}
+    params: dict[str, Any] = {
+        "X": L.X.copy(),
+        "W": L.W.copy(),
+        "B": None if L.B is None else L.B.copy(),
+    }
     theta = params[name]
     shape = h.shape
     estimate, delta = np.empty(shape), np.empty(shape)
@@ -266,7 +272,7 @@ def _complex_block(L: Workspace, tensor: str, cols, M) -> Block:
         estimate = (np.einsum("nci,ni->ci", Y, L.G).imag / h).T
         n_ops, passes = 2 * (L.D_in + L.N), c
     else:
-        Y = forward(L.X, L.W, L.B + 1j * h)
+        Y = forward(L.X, L.W, cast(np.ndarray, L.B) + 1j * h)  # dB: there is a bias
         estimate = np.einsum("ni,ni->i", Y, L.G).imag / h
         n_ops, passes = 2 * L.N, 1
     bound, typical = complex_step_bound(n_ops, h, M)
@@ -331,7 +337,7 @@ def witness_entries(
     else:
         units = rows if tensor == "dW" else cols
         Ws = np.concatenate([L.W[units], L.W[units]])  # (2E, D_in)
-        Bs = None if L.B is None else np.concatenate([L.B[units], L.B[units]])
+        Bs: Any = None if L.B is None else np.concatenate([L.B[units], L.B[units]])
         if tensor == "dW":
             Ws[e, cols] += h
             Ws[len(e) + e, cols] -= h

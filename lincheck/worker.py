@@ -196,7 +196,7 @@ class Worker:
         self.paths = list(paths)  # where else the child looks for modules (the caller's sys.path)
         self.names = {k: v.partition(":")[2] for k, v in self.specs.items() if v}
         self.timeout = timeout
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Worker:
         self.start()
@@ -205,9 +205,10 @@ class Worker:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> None:
+    def start(self) -> subprocess.Popen[bytes]:
+        """Start the child and import the user's functions in it."""
         code = "import sys; del sys.path[0]; from lincheck.worker import main; main()"
-        self.process = subprocess.Popen(
+        process = self.process = subprocess.Popen(
             [sys.executable, "-c", code],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -215,32 +216,32 @@ class Worker:
             preexec_fn=_ignore_sigint if os.name == "posix" else None,
         )
         try:
-            self._send({"specs": self.specs, "cwd": os.getcwd(), "paths": self.paths})
-            header, _ = self._reply(self.timeout, "importing " + " and ".join(self.names.values()))
+            _send_to(process, {"specs": self.specs, "cwd": os.getcwd(), "paths": self.paths})
+            header, _ = _reply(process, self.timeout, f"importing {self._label()}")
         except _LostError as lost:
             self.stop()
             raise InputError(f"cannot load {self._label()}: {lost}") from None
         if "bad_input" in header:
             self.stop()
             raise InputError(header["bad_input"])
+        return process
 
     def stop(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.kill()
-            self.process.wait()
-            for pipe in (self.process.stdin, self.process.stdout):
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            for pipe in (process.stdin, process.stdout):
                 if pipe is not None:
                     pipe.close()
-            self.process = None
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Returned:
         """Call the user's functions on one case's inputs in the child."""
-        if self.process is None:
-            self.start()
+        process = self.process or self.start()
         try:
-            self._send({"call": True}, inputs)
-            header, arrays = self._reply(self.timeout, "this case")
+            _send_to(process, {"call": True}, inputs)
+            header, arrays = _reply(process, self.timeout, "this case")
         except _LostError as lost:
             self.stop()  # the next case gets a fresh child
             return Returned(errors=(f"{self._label()} {lost}",))
@@ -249,46 +250,47 @@ class Worker:
             subjects[name] = stand_in(tuple(shape), np.dtype(dtype))
         return Returned(subjects, tuple(header["errors"]), tuple(arrays))
 
-    def _send(self, header: dict, arrays: Mapping[str, np.ndarray] = {}) -> None:
-        try:
-            _send(self.process.stdin, header, arrays)
-        except OSError:  # the child is gone (a broken pipe): say how it ended
-            raise _LostError(_how_it_ended(self.process)) from None
-
     def _label(self) -> str:
         return " and ".join(self.names.values())
 
-    def _reply(self, timeout: float | None, doing: str):
-        """The child's next message, or _LostError saying how the child ended or that it hung."""
-        process = self.process
-        fd = process.stdout.fileno()
-        deadline = None if timeout is None else time.monotonic() + timeout
 
-        def read(n: int) -> bytes:
-            if os.name != "posix":  # select() takes no pipes there: no deadline
+def _send_to(process: subprocess.Popen[bytes], header: dict, arrays: Mapping = {}) -> None:
+    try:
+        _send(process.stdin, header, arrays)  # type: ignore[arg-type]  # a pipe, never None
+    except OSError:  # the child is gone (a broken pipe): say how it ended
+        raise _LostError(_how_it_ended(process)) from None
+
+
+def _reply(process: subprocess.Popen[bytes], timeout: float | None, doing: str):
+    """The child's next message, or _LostError saying how the child ended or that it hung."""
+    fd = process.stdout.fileno()  # type: ignore[union-attr]  # a pipe, never None
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def read(n: int) -> bytes:
+        if os.name != "posix":  # select() takes no pipes there: no deadline
+            return os.read(fd, n)
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
                 return os.read(fd, n)
-            while True:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                ready, _, _ = select.select([fd], [], [], left)
-                if ready:
-                    return os.read(fd, n)
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError
 
-        try:
-            return _receive(read)
-        except TimeoutError:
-            process.kill()
-            process.wait()
-            raise _LostError(
-                f"did not return within {timeout:g} s ({doing}); stopped (--timeout)"
-            ) from None
-        except (EOFError, OSError):
-            raise _LostError(_how_it_ended(process)) from None
-        except Exception as exc:  # the user's code wrote into the protocol's pipe
-            process.kill()
-            process.wait()
-            raise _LostError(f"garbled its worker's reply ({type(exc).__name__}: {exc})") from None
+    try:
+        return _receive(read)
+    except TimeoutError:
+        process.kill()
+        process.wait()
+        raise _LostError(
+            f"did not return within {timeout:g} s ({doing}); stopped (--timeout)"
+        ) from None
+    except (EOFError, OSError):
+        raise _LostError(_how_it_ended(process)) from None
+    except Exception as exc:  # the user's code wrote into the protocol's pipe
+        process.kill()
+        process.wait()
+        raise _LostError(f"garbled its worker's reply ({type(exc).__name__}: {exc})") from None
 
 
 class _LostError(Exception):

@@ -146,13 +146,15 @@ class Workspace:
         operands that underflow when rounded to a narrow format. ``cols``
         selects columns of dX or dW (all if None); dB and Y come whole.
         """
-        cols = slice(None) if cols is None else cols
+        sel: slice | np.ndarray = slice(None) if cols is None else cols
+        M: np.ndarray
+        S: np.ndarray | float
         if tensor == "dX":
-            M = self.aG @ self.aW[:, cols]
-            S = self.sum_G_rows[:, None] + self.sum_W_cols[None, cols]
+            M = self.aG @ self.aW[:, sel]
+            S = self.sum_G_rows[:, None] + self.sum_W_cols[None, sel]
         elif tensor == "dW":
-            M = self.aG.T @ self.aX[:, cols]
-            S = self.sum_G_cols[:, None] + self.sum_X_cols[None, cols]
+            M = self.aG.T @ self.aX[:, sel]
+            S = self.sum_G_cols[:, None] + self.sum_X_cols[None, sel]
         elif tensor == "dB":
             M, S = self.sum_G_cols, float(self.N)
         else:
@@ -162,11 +164,11 @@ class Workspace:
 
     def reference(self, tensor: str, cols: np.ndarray | None = None) -> np.ndarray:
         """The analytic values of a block, in float64: G W, Gᵀ X, Σₙ G or X Wᵀ + B."""
-        cols = slice(None) if cols is None else cols
+        sel: slice | np.ndarray = slice(None) if cols is None else cols
         if tensor == "dX":
-            return self.G @ self.W[:, cols]
+            return self.G @ self.W[:, sel]
         if tensor == "dW":
-            return self.G.T @ self.X[:, cols]
+            return self.G.T @ self.X[:, sel]
         if tensor == "dB":
             return self.G.sum(axis=0)
         return forward(self.X, self.W, self.B)
