@@ -50,7 +50,7 @@ import uuid
 import warnings
 import weakref
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -271,7 +271,7 @@ class _SharedFile:
     def read(self, offset: int, nbytes: int, label: str) -> np.ndarray:
         """``nbytes`` bytes at ``offset``, as a uint8 array."""
         out = np.empty(nbytes, dtype=np.uint8)
-        view = memoryview(out)
+        view = memoryview(out)  # type: ignore[arg-type]  # an ndarray is a buffer
         done = 0
         while done < nbytes:
             got = _pread_into(self.fd, view[done : done + _READ_BYTES], offset + done)
@@ -569,9 +569,9 @@ def _read_npy(
         shared, base = backing
         return FileArray(shared, base + fp.tell() - start, shape, dtype, fortran, label)
     data = np.empty(needed, dtype=np.uint8)
-    view, done = memoryview(data), 0
+    view, done = memoryview(data), 0  # type: ignore[arg-type]  # an ndarray is a buffer
     while done < needed:  # a chunk at a time: an inflating stream never holds two copies
-        got = fp.readinto(view[done : done + _READ_BYTES])
+        got = fp.readinto(view[done : done + _READ_BYTES])  # type: ignore[attr-defined]
         if not got:
             raise InputError(
                 f"{label}: truncated: expected {needed:,} bytes of data, read {done:,}"
@@ -869,7 +869,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def _write_all(
     folder: Path,
-    writers: Mapping[Path, object],
+    writers: Mapping[Path, Callable[[IO[bytes]], object]],
     *,
     replace: bool,
     remove: Iterable[Path] = (),

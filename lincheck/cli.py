@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -84,7 +85,7 @@ class _ProgressBar:
         self.enabled = enabled and stderr.is_terminal
         self.clock = time.monotonic
         self.start = self.clock()
-        self.bar = None
+        self.bar: Any = None  # a rich.progress.Progress, imported when first shown
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled or total == 0:
@@ -444,7 +445,7 @@ def _available_memory() -> int | None:
     return None
 
 
-def _memory_guard(arrays: dict, options: dict, limit_text: str | None, quiet: bool) -> None:
+def _memory_guard(arrays: Mapping, options: dict, limit_text: str | None, quiet: bool) -> None:
     """Say how much memory a large check needs before starting it; refuse it past the limit."""
     from .checks import memory_needed
     from .errors import InputError
@@ -453,6 +454,7 @@ def _memory_guard(arrays: dict, options: dict, limit_text: str | None, quiet: bo
     if any(name not in shapes for name in ("X", "W", "dY")) or len(shapes["W"]) != 2:
         return  # malformed inputs: the check itself says what is wrong
     need = memory_needed(shapes, options["mode"], options["method"], options["budget"])
+    limit: int | None
     if limit_text is not None:
         limit, why = _parse_size(limit_text), "--max-memory"
     else:
@@ -474,17 +476,24 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def ArrayFile(name: str):  # a factory that reads as a type in the signatures below
-    """The type of a ``--x FILE``-style option giving one array's ``.npy`` file."""
-    return Annotated[
-        Path | None,
-        typer.Option(
-            f"--{name.lower()}",
-            help=f"{name} from this .npy file (with or instead of PATH).",
-            metavar="FILE",
-            show_default=False,
-        ),
-    ]
+def _array_file(name: str):
+    """A ``--x FILE``-style option giving one array's ``.npy`` file."""
+    return typer.Option(
+        f"--{name.lower()}",
+        help=f"{name} from this .npy file (with or instead of PATH).",
+        metavar="FILE",
+        show_default=False,
+    )
+
+
+XFile = Annotated[Path | None, _array_file("X")]
+WFile = Annotated[Path | None, _array_file("W")]
+BFile = Annotated[Path | None, _array_file("B")]
+DYFile = Annotated[Path | None, _array_file("dY")]
+DXFile = Annotated[Path | None, _array_file("dX")]
+DWFile = Annotated[Path | None, _array_file("dW")]
+DBFile = Annotated[Path | None, _array_file("dB")]
+YFile = Annotated[Path | None, _array_file("Y")]
 
 
 Quiet = Annotated[
@@ -715,14 +724,14 @@ def verify(
             metavar="PATH...",
         ),
     ] = None,
-    x: ArrayFile("X") = None,
-    w: ArrayFile("W") = None,
-    b: ArrayFile("B") = None,
-    dy: ArrayFile("dY") = None,
-    dx: ArrayFile("dX") = None,
-    dw: ArrayFile("dW") = None,
-    db: ArrayFile("dB") = None,
-    y: ArrayFile("Y") = None,
+    x: XFile = None,
+    w: WFile = None,
+    b: BFile = None,
+    dy: DYFile = None,
+    dx: DXFile = None,
+    dw: DWFile = None,
+    db: DBFile = None,
+    y: YFile = None,
     json_path: JsonOption = None,
     junit: JunitOption = None,
     github: GithubOption = False,
@@ -883,7 +892,7 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
     finally:
         bar.close()
     from rich.columns import Columns
-    from rich.console import Group
+    from rich.console import Group, RenderableType
     from rich.text import Text
 
     layer = report.layer
@@ -896,7 +905,7 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
     # One item per array, laid out in columns: a narrow terminal wraps between arrays.
     order = [*tensors.INPUT_NAMES, *tensors.SUBJECT_NAMES]
     shapes = [Text(f"{n} {tuple(a[n].shape)} {a[n].dtype}", style="dim") for n in order if n in a]
-    parts = [title, Columns(shapes, padding=(0, 2))]
+    parts: list[RenderableType] = [title, Columns(shapes, padding=(0, 2))]
     if out["verbose"] and loaded.ignored:
         parts.append(Text(f"ignored: {', '.join(loaded.ignored)}", style="dim"))
     context = {"command": "verify", "path": name, "sources": dict(loaded.sources)}
@@ -1016,7 +1025,9 @@ ASCII_SPELLINGS = {
 }  # fmt: skip
 
 
-def _degrade(error: UnicodeEncodeError) -> tuple[str, int]:
+def _degrade(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
     text = error.object[error.start : error.end]
     return "".join(ASCII_SPELLINGS.get(c, "?") for c in text), error.end
 

@@ -70,7 +70,7 @@ def heatmap_png(check: TensorCheck) -> bytes:
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm
 
-    grid = check.error_map
+    grid = check.require_map()
     rows, cols = check.shape2d
     fig = _figure()
     ax = fig.add_axes(HEATMAP_AXES)
@@ -104,6 +104,8 @@ def histogram_png(check: TensorCheck) -> bytes:
     the last everything over its highest.
     """
     counts = check.histogram
+    if counts is None:
+        raise ValueError(f"{check.tensor}: no histogram (not compared entry by entry)")
     lo, hi = RATIO_OCTAVES
     fig = _figure()
     ax = fig.add_axes((0.1, 0.14, 0.85, 0.74))

@@ -6,7 +6,7 @@ Nothing here prints; the CLI decides where output goes.
 from __future__ import annotations
 
 from itertools import groupby
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from rich import box
@@ -156,14 +156,15 @@ def worst_entries_table(report: Report, per_tensor: int = 3, per_failed: int = 5
     """
     primary = report.checks[0].subject if report.checks else None
     table = _table("Worst entries (largest error / tolerance first)")
-    for name, justify in (
+    columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
         ("Tensor", "left"),
         ("Index", "left"),
         ("Checked", "right"),
         ("Against", "right"),
         ("|error|", "right"),
         ("Tolerance", "right"),
-    ):
+    )
+    for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=True)
     rows = 0
     for c in report.checks:
@@ -261,7 +262,7 @@ class Heatmap:
     def __rich_console__(self, console, options):
         c = self.check
         shape = c.shape2d
-        grid = c.error_map
+        grid = c.require_map()
         row_cells, row_starts = _groups(grid.shape[0], shape[0], MAP_LINES)
         labels = [_span(a, b) for a, b in zip(row_starts[:-1], row_starts[1:])]
         if shape[0] == 1:
@@ -361,9 +362,10 @@ def to_text(report: Report, header: RenderableType | None = None, width: int = 1
 
     from rich.console import Console
 
-    console = Console(file=StringIO(), width=width, color_system=None, highlight=False)
+    buffer = StringIO()
+    console = Console(file=buffer, width=width, color_system=None, highlight=False)
     console.print(render(report, header))
-    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
 
 
 def _case_failures(result) -> str:
@@ -435,7 +437,9 @@ def render_cases(
         else:  # the rest more briefly: the failed rows, the problems and the hints
             for table in summary_tables(r.report, only_failed=True):
                 parts += [table, Text("")]
-            parts.append(problems(r.report))
+            lines = problems(r.report)
+            if lines is not None:
+                parts.append(lines)
         parts.append(Text(""))
     parts += notes or []
     parts.append(verdict_cases(results))

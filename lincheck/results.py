@@ -119,6 +119,12 @@ class TensorCheck:
     error_map: np.ndarray | None = field(default=None, compare=False, repr=False)
     histogram: np.ndarray | None = field(default=None, compare=False, repr=False)
 
+    def require_map(self) -> np.ndarray:
+        """The error map; only checks compared entry by entry have one (ValueError if not)."""
+        if self.error_map is None:
+            raise ValueError(f"{self.tensor}: no error map (not compared entry by entry)")
+        return self.error_map
+
     @property
     def shape2d(self) -> tuple[int, int]:
         """The 2-D view the error map covers: leading dimensions flattened, dB one row."""
