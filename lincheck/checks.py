@@ -13,28 +13,23 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from . import diagnose, streaming, tally, witness, workspace
-from .core import FileBacked, Gradients, as_batch, backward
+from . import plan, streaming, witness, workspace
+from .core import Gradients, as_batch, backward
 from .errors import InputError
 from .precision import (
-    FLOAT64,
     PRECISIONS,
-    Precision,
     precision_for,
-    product_error,
-    representable,
-    storage_format,
 )
 from .results import Entry, Hint, Layer, Report, TensorCheck
-from .tensors import OPERANDS, SUBJECT_NAMES
+from .tensors import SUBJECT_NAMES
 from .validate import (
+    Inputs,
     check_no_overflow,
-    flat_index,
     label,
-    nonfinite_summary,
     real_array,
     validate_inputs,
 )
@@ -176,54 +171,50 @@ def check(
             "supply B or leave dB out"
         )
     L = inputs.layer
-    expected = {
-        "dX": inputs.x_shape,
-        "dW": (L.D_out, L.D_in),
-        "dB": (L.D_out,),
-        "Y": L.batch_shape + (L.D_out,),
+    shapes = {
+        "dX": (inputs.x_shape, (L.N, L.D_in)),
+        "dW": ((L.D_out, L.D_in), (L.D_out, L.D_in)),
+        "dB": ((L.D_out,), (L.D_out,)),
+        "Y": (L.batch_shape + (L.D_out,), (L.N, L.D_out)),
     }
+    if not bias:
+        del shapes["dB"]
     supplied = {n: v for n, v in (("dX", dX), ("dW", dW), ("dB", dB), ("Y", Y)) if v is not None}
-    shapes2d = {"dX": (L.N, L.D_in), "dW": (L.D_out, L.D_in), "dB": (L.D_out,), "Y": (L.N, L.D_out)}
-    plans = []
-    for tensor in ("dX", "dW", "dB", "Y"):
-        if tensor == "dB" and not bias:
-            continue
-        plan = _Plan(tensor, expected[tensor], shapes2d[tensor])
-        if tensor in supplied:
-            a = real_array(tensor, supplied[tensor], sources)
-            p = PRECISIONS[precision] if precision else precision_for(a.dtype)
-            plan.subject = _Subject(a, p, subject, inputs.given, allclose)
-            plan.against_witness = against == "witness" and tensor != "Y"
-            plan.prepare(shapes2d[tensor])
-        plan.witnessed = tensor != "Y" and (not supplied or tensor in supplied)
-        if plan.subject is not None or plan.witnessed:
-            plans.append(plan)
-    mode, reason = _choose_mode(mode, L, plans, method, budget)
-    for plan in plans:
-        if mode != "full":
-            # Only a full witness compares every entry; the subjects then go against the
-            # reference (every entry, at the cost of one forward pass), and the reference
-            # against the witness by sample or direction. dB's witness is always whole:
-            # it costs two forward passes.
-            plan.against_witness = False
-            plan.block_witness = plan.tensor == "dB"
-        elif plan.subject is not None and plan.against_witness:
-            plan.witnessed = False  # the subject itself goes against the witness
-        plan.mode = "full" if plan.block_witness else mode
-    run = _run_full if mode == "full" else _run_streamed
+    subjects = {}
+    for tensor, value in supplied.items():
+        a = real_array(tensor, value, sources)
+        p = PRECISIONS[precision] if precision else precision_for(a.dtype)
+        subjects[tensor] = plan.subject(
+            tensor, a, p, subject, inputs.given, allclose, *shapes[tensor]
+        )
+    planned = plan.plans(shapes, subjects, against, "full")
+    mode, reason = _choose_mode(mode, L, planned, method, budget)
+    if mode == "full":  # a subject read from a file as it is used: read it once, whole
+        subjects = {name: plan.read_whole(s) for name, s in subjects.items()}
+    tallies = [plan.Tallies(p) for p in plan.plans(shapes, subjects, against, mode)]
     # Floating-point warnings are off (_quiet_numpy): results are checked explicitly.
-    layer, done, steps = run(
-        inputs, plans, method, mode, samples, directions, seed, sources, progress
-    )
-    checks = [p.subject_check() for p in plans if p.subject is not None]
-    checks += [p.witness_check() for p in plans if p.witnessed]
-    failed = [p for p in plans if p.needs_diagnosis]
+    if mode == "full":
+        layer, done, steps = _run_full(inputs, tallies, method, sources, progress)
+    else:
+        layer = None
+        done, steps = _run_streamed(
+            inputs, tallies, mode, samples, directions, seed, sources, progress
+        )
+    checks, witness_checks = [], []
+    for t in tallies:
+        own, against_witness = t.checks()
+        checks += own
+        witness_checks += against_witness
+    failed = [t for t in tallies if t.needs_diagnosis]
     hints: list[Hint] = []
     if failed and layer is None and _diagnosable(L):
         layer = workspace.Workspace(inputs.X, inputs.W, inputs.B, inputs.G)
-    for p in failed:
-        hints += p.hints(layer, L.batch_shape) if layer is not None else [p.not_diagnosed()]
-    witness_info = {
+    for t in failed:
+        if layer is None:
+            hints.append(plan.not_diagnosed(t.plan.tensor, DIAGNOSIS_BYTES))
+        else:
+            hints += t.hints(layer, L.batch_shape)
+    witness_info: dict[str, Any] = {
         "method": method if mode == "full" else "central",
         "mode": mode,
         "forward_passes": int(np.ceil(done)),
@@ -235,36 +226,49 @@ def check(
         witness_info.update(directions=directions, seed=seed)
     if reason:
         witness_info["reason"] = reason
-    return Report(layer=L, checks=tuple(checks), witness=witness_info, hints=tuple(hints))
+    return Report(
+        layer=L, checks=tuple(checks + witness_checks), witness=witness_info, hints=tuple(hints)
+    )
 
 
-def _run_full(inputs, plans, method, mode, samples, directions, seed, sources, progress):
-    """Every entry, column block by column block (:meth:`lincheck.workspace.Workspace.blocks`)."""
+def _run_full(inputs: Inputs, tallies: list[plan.Tallies], method: str, sources, progress):
+    """Every entry, column block by column block (:meth:`lincheck.workspace.Workspace.blocks`).
+
+    Returns the layer's workspace (for the diagnosis), the forward passes
+    done and the witness steps used.
+    """
     layer = workspace.Workspace(inputs.X, inputs.W, inputs.B, inputs.G)
-    for plan in plans:  # a subject read from a file as used: read it once, whole
-        if isinstance(plan.values, FileBacked):
-            plan.values = np.asarray(plan.values)
     check_no_overflow([layer.MY, layer.A_rows, layer.A_cols], sources)
-    total = sum(layer.passes(p.tensor, method) for p in plans if p.needs_witness)
-    done = 0
+    total = sum(layer.passes(t.plan.tensor, method) for t in tallies if t.plan.needs_witness)
+    done = 0.0
     steps: dict[str, list[float]] = {}
-    for plan in plans:
-        for cols in layer.blocks(plan.tensor, method, plan.needs_witness):
-            M, S = layer.magnitude(plan.tensor, cols)
+    for t in tallies:
+        p = t.plan
+        for cols in layer.blocks(p.tensor, method, p.needs_witness):
+            M, S = layer.magnitude(p.tensor, cols)
             block = None
-            if plan.needs_witness:
-                block = witness.witness_block(layer, plan.tensor, cols, M, method)
+            if p.needs_witness:
+                block = witness.witness_block(layer, p.tensor, cols, M, method)
                 # (an overflowing M shows in the bound, which is at least γ·M)
                 check_no_overflow([block.estimate, block.bound], sources)
                 done += block.passes
-                _note_steps(steps, plan.tensor, block.steps)
-            plan.add(layer, cols, M, S, block)
+                plan.note_steps(steps, p.tensor, block.steps)
+            t.add(layer, cols, M, S, block)
             if progress is not None and block is not None:
                 progress(done, total)
     return layer, done, steps
 
 
-def _run_streamed(inputs, plans, method, mode, samples, directions, seed, sources, progress):
+def _run_streamed(
+    inputs: Inputs,
+    tallies: list[plan.Tallies],
+    mode: str,
+    samples: int,
+    directions: int,
+    seed: int,
+    sources,
+    progress,
+):
     """The partial modes, reading X and dY a block of rows at a time (:class:`streaming.Rows`).
 
     A first pass compares the subjects of dX and Y row block by row block,
@@ -273,18 +277,20 @@ def _run_streamed(inputs, plans, method, mode, samples, directions, seed, source
     (:class:`streaming.Totals`); dW and dB are then compared whole. Random
     directions need one step for a whole tensor, set by those sums: they
     take a second pass. Memory is about W's size a few times over plus one
-    block, whatever N is, so memory-mapped inputs larger than memory can be
-    checked.
+    block, whatever N is, so inputs larger than memory can be checked.
+    Returns the forward passes done and the witness steps used.
     """
     rows = streaming.Rows(inputs.X, inputs.W, inputs.B, inputs.G)
-    by_tensor = {p.tensor: p for p in plans}
-    totals = streaming.Totals(rows, dW_magnitudes="dW" in by_tensor and by_tensor["dW"].usable)
+    by_tensor = {t.plan.tensor: t for t in tallies}
+    usable = {name for name, t in by_tensor.items() if t.plan.usable}
+    totals = streaming.Totals(rows, dW_magnitudes="dW" in usable)
     rng = np.random.default_rng(seed)
-    later = [p for p in plans if p.witnessed and mode == "directions" and p.tensor != "dB"]
+    witnessed = [t for t in tallies if t.plan.witnessed]
+    later = [t for t in witnessed if mode == "directions" and t.plan.tensor != "dB"]
     now = {
-        p.tensor: p.partial_witness(totals, rows, mode, samples, directions, seed, rng)
-        for p in plans
-        if p.witnessed and p not in later
+        t.plan.tensor: t.partial_witness(totals, rows, mode, samples, directions, seed, rng)
+        for t in witnessed
+        if t not in later
     }
     total = sum(w.passes for w in now.values()) + 2 * directions * len(later)
     done = 0.0
@@ -299,32 +305,32 @@ def _run_streamed(inputs, plans, method, mode, samples, directions, seed, source
         check_no_overflow([block.MY, block.A_rows, block.A_cols], sources)
         totals.add(block)
         for tensor in ("dX", "Y"):
-            if tensor in by_tensor and by_tensor[tensor].usable:
+            if tensor in usable:
                 M, S = block.magnitude(tensor)
                 by_tensor[tensor].add(block, None, M, S, None, rows=r)
         for w in now.values():
             w.add(r, block)
         step(r, now.values())
     for tensor in ("dW", "dB"):
-        if tensor in by_tensor and by_tensor[tensor].usable:
+        if tensor in usable:
             M, S = totals.magnitude(tensor)
             by_tensor[tensor].add(totals, None, M, S, None)
-    witnesses = dict(now)
+    found = dict(now)
     if later:
         second = {
-            p.tensor: p.partial_witness(totals, rows, mode, samples, directions, seed, rng)
-            for p in later
+            t.plan.tensor: t.partial_witness(totals, rows, mode, samples, directions, seed, rng)
+            for t in later
         }
         for r, block in rows:  # only X and dY as float64: the block's magnitudes are not needed
             for w in second.values():
                 w.add(r, block)
             step(r, second.values())
-        witnesses.update(second)
+        found.update(second)
     steps: dict[str, list[float]] = {}
-    for tensor in by_tensor:  # in the plans' order
-        if tensor in witnesses:
-            by_tensor[tensor].finish_partial_witness(witnesses[tensor], totals, steps)
-    return None, total, steps
+    for tensor, t in by_tensor.items():  # in the plans' order
+        if tensor in found:
+            t.finish_partial_witness(found[tensor], totals, steps)
+    return total, steps
 
 
 def _diagnosable(L: Layer) -> bool:
@@ -365,364 +371,6 @@ def _choose_mode(mode, layer, plans, method, budget) -> tuple[str, str]:
         f"{NOMINAL_RATE / 1e9:.0f} G multiply-adds/s, over the {budget:g} s budget; "
         "checked random directions instead (mode 'full' forces every entry)"
     )
-
-
-def _note_steps(steps: dict[str, list[float]], tensor: str, block_steps) -> None:
-    lo, hi = steps.get(tensor[1:], [np.inf, 0.0])
-    steps[tensor[1:]] = [min(lo, block_steps[0]), max(hi, block_steps[1])]
-
-
-class _Subject:
-    """A supplied tensor, how it was computed, and what it is compared under."""
-
-    def __init__(self, array, precision: Precision, label: str, given, allclose):
-        self.array = array
-        self.precision = precision
-        self.label = label
-        self.allclose = allclose
-        self.storage = storage_format(array.dtype)
-        self.given = given
-        self.problem = ""
-
-    def rounded(self, tensor: str, p: Precision) -> bool:
-        """Whether the inputs, as given, had to be converted to ``p``'s operand format."""
-        operands = [self.given[o] for o in OPERANDS[tensor] if o in self.given]
-        return not all(representable(g, p.operands) for g in operands)
-
-
-class _Plan:
-    """Everything checked for one tensor, accumulated block by block."""
-
-    def __init__(self, tensor: str, shape: tuple[int, ...], shape2d: tuple[int, ...]):
-        self.tensor = tensor
-        self.shape = shape  # as the user supplies it
-        self.subject: _Subject | None = None
-        self.against_witness = False
-        self.witnessed = False
-        self.values: np.ndarray | None = None  # the subject as float64, 2-D
-        self.own_tally: tally.Tally | None = None  # the subject's, once it can be compared
-        self.witness_tally = tally.Tally(shape=tuple(shape2d))
-        self.rules = {"subject": "", "witness": ""}
-        self.alternatives = ()
-        self.usable = False
-        self.block_witness = True  # the witness comes block by block (full mode, and dB)
-        self.mode = "full"
-        self.directions: witness.Directions | None = None
-
-    @property
-    def needs_witness(self) -> bool:
-        return (self.witnessed and self.block_witness) or (self.usable and self.against_witness)
-
-    def prepare(self, shape2d: tuple[int, ...]) -> None:
-        """Decide once whether the subject can be compared at all (shape, NaN/Inf)."""
-        sub = self.subject
-        a = sub.array
-        if tuple(a.shape) != tuple(self.shape):
-            sub.problem = f"wrong shape: expected {tuple(self.shape)}, got {tuple(a.shape)}"
-        elif problem := nonfinite_summary(a):
-            sub.problem = problem
-        else:
-            self.usable = True
-            self.own_tally = tally.Tally(shape=tuple(shape2d))
-            self.values = a.reshape(shape2d)  # in its own dtype; upcast a block at a time
-            if sub.allclose is None:
-                self.alternatives = diagnose.candidates(sub.precision)
-            self._rounded = {
-                p.name: sub.rounded(self.tensor, p)
-                for p in [sub.precision, *(PRECISIONS[n] for n in self.alternatives)]
-            }
-
-    def add(self, layer: workspace.Workspace, cols, M, S, block, rows: slice | None = None) -> None:
-        """Compare one block: the subject against its oracle, the reference against the witness.
-
-        A block is some columns (``cols``) of the whole layer, or all of a
-        layer of some rows (``rows``) of the batch; ``layer`` is then that
-        block's (:class:`streaming.Rows`).
-        """
-        tensor, k = self.tensor, layer.inner(self.tensor)
-        ref = layer.reference(tensor, cols)
-        ref_bound = product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False)
-        flat = _flat_map(self.values.shape if rows else layer.shape(tensor), cols, rows)
-        if self.usable:
-            sub = self.subject
-            s = self.values if cols is None else self.values[:, cols]
-            s = np.asarray(s if rows is None else s[rows], dtype=np.float64)
-            if self.against_witness:
-                o, o_worst, o_typ, oracle = block.estimate, block.bound, block.typical, "witness"
-            else:
-                o, o_worst, o_typ, oracle = ref, ref_bound.worst, ref_bound.typical, "reference"
-            rounded = self._rounded[sub.precision.name]
-            own = product_error(M, S, k, sub.precision, sub.storage, rounded)
-            if sub.allclose is None:
-                tol = own.worst + o_worst
-                self.rules["subject"] = f"{own.rule} + {oracle} bound"
-                alternatives = {
-                    name: product_error(
-                        M, S, k, PRECISIONS[name], sub.storage, self._rounded[name]
-                    ).worst
-                    + o_worst
-                    for name in self.alternatives
-                }
-            else:
-                tol = sub.allclose[0] + sub.allclose[1] * np.abs(o)
-                self.rules["subject"] = _allclose_rule(sub.allclose, oracle)
-                alternatives = None
-            typical = np.sqrt(own.typical**2 + o_typ**2)
-            self.own_tally.add(s, o, tol, typical, flat, alternatives)
-        if self.witnessed and block is not None:
-            self._witness(ref, ref_bound, block, flat)
-
-    def _witness(self, ref, ref_bound, block, flat) -> None:
-        """The reference against the witness, for one block or one set of sampled entries."""
-        allclose = self.subject.allclose if self.subject is not None else None
-        if allclose is None:
-            tol = ref_bound.worst + block.bound
-            self.rules["witness"] = f"{ref_bound.rule} + witness bound"
-        else:
-            tol = allclose[0] + allclose[1] * np.abs(block.estimate)
-            self.rules["witness"] = _allclose_rule(allclose, "witness")
-        typical = np.sqrt(ref_bound.typical**2 + block.typical**2)
-        self.witness_tally.add(ref, block.estimate, tol, typical, flat)
-
-    def partial_witness(self, totals, rows, mode, samples, directions, seed, rng):
-        """The streamed witness of a partial mode for this tensor (dB's is whole)."""
-        if self.tensor == "dB":
-            return streaming.BiasWitness(rows.N)
-        if mode == "directions":
-            reference = totals.reference("dW") if self.tensor == "dW" else None
-            return streaming.DirectionsWitness(
-                self.tensor, totals, rows.W, directions, seed, reference
-            )
-        shape2d = totals.shape(self.tensor)
-        size = int(np.prod(shape2d))
-        self.sampled = np.sort(rng.choice(size, size=min(samples, size), replace=False))
-        entry_rows, cols = np.divmod(self.sampled, shape2d[1])
-        return streaming.SampleWitness(self.tensor, entry_rows, cols, totals)
-
-    def finish_partial_witness(self, witness, totals, steps) -> None:
-        """The reference against a streamed witness, once every row block has gone through."""
-        tensor = self.tensor
-        if isinstance(witness, streaming.DirectionsWitness):
-            self.directions = witness.result()
-            self.rules["witness"] = "fp64 reference bound along each direction + witness bound"
-            return
-        if tensor == "dB":
-            block, ref, (M, S) = witness.result(), totals.reference("dB"), totals.magnitude("dB")
-            flat = _flat_map(totals.shape("dB"), None)
-        else:
-            (ref, M, S), block = witness.result()
-            flat = lambda local: self.sampled[local]  # noqa: E731
-        _note_steps(steps, tensor, block.steps)
-        ref_bound = product_error(M, S, totals.inner(tensor), PRECISIONS["fp64"], FLOAT64, False)
-        self._witness(ref, ref_bound, block, flat)
-
-    def subject_check(self) -> TensorCheck:
-        sub = self.subject
-        a = sub.array
-        oracle = "witness" if self.against_witness else "reference"
-        rule = "bound" if sub.allclose is None else "allclose"
-        if not self.usable:
-            first = None
-            if sub.problem.startswith("contains"):
-                first = tuple(flat_index(int(np.flatnonzero(~np.isfinite(a))[0]), tuple(a.shape)))
-            return TensorCheck(
-                tensor=self.tensor,
-                subject=sub.label,
-                subject_dtype=str(a.dtype),
-                oracle=oracle,
-                precision=sub.precision.name,
-                rule=rule,
-                passed=False,
-                shape=tuple(a.shape),
-                expected_shape=tuple(self.shape),
-                max_abs_error=None,
-                max_rel_error=None,
-                bound_ratio=None,
-                typical_ratio=None,
-                worst_index=first,
-                tolerance=None,
-                min_detectable_error=None,
-                tolerance_rule=self.rules["subject"],
-                message=sub.problem,
-            )
-        return self._from_tally(
-            self.own_tally,
-            sub.label,
-            str(a.dtype),
-            oracle,
-            sub.precision.name,
-            rule,
-            self.rules["subject"],
-        )
-
-    def witness_check(self) -> TensorCheck:
-        allclose = self.subject.allclose if self.subject is not None else None
-        rule = "bound" if allclose is None else "allclose"
-        if self.directions is not None:
-            return self._from_directions(self.directions)
-        return self._from_tally(
-            self.witness_tally,
-            "reference",
-            "float64",
-            "witness",
-            "fp64",
-            rule,
-            self.rules["witness"],
-            mode=self.mode,
-        )
-
-    def _from_directions(self, d: witness.Directions) -> TensorCheck:
-        """A check along random directions: one comparison per direction, no entry to name."""
-        distance = np.abs(d.difference - d.predicted)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(distance == 0, 0.0, distance / d.tolerance)
-            typical = np.where(distance == 0, 0.0, distance / d.typical)
-            rel = np.where(distance == 0, 0.0, distance / np.abs(d.predicted))
-        worst = int(np.argmax(ratio))
-        exceeded = int(np.count_nonzero(~(distance <= d.tolerance)))
-        return TensorCheck(
-            tensor=self.tensor,
-            subject="reference",
-            subject_dtype="float64",
-            oracle="witness",
-            precision="fp64",
-            rule="bound",
-            passed=exceeded == 0,
-            shape=tuple(self.shape),
-            expected_shape=tuple(self.shape),
-            max_abs_error=float(np.max(distance / d.step)),
-            max_rel_error=float(rel.max()),
-            bound_ratio=float(ratio.max()),
-            typical_ratio=float(typical.max()),
-            worst_index=None,
-            tolerance=float(d.tolerance[worst] / d.step[worst]),
-            min_detectable_error=float(np.max((d.tolerance + distance) / d.step)),
-            tolerance_rule=self.rules["witness"],
-            message=""
-            if exceeded == 0
-            else f"{exceeded} of {len(distance)} directions exceed their tolerance",
-            mode="directions",
-            checked=len(distance),
-        )
-
-    def _from_tally(self, tally, subject, dtype, oracle, precision, rule, rule_text, mode="full"):
-        best = tally.best
-        shape = tuple(self.shape)
-        entries = tuple(
-            Entry(
-                index=tuple(flat_index(flat, shape)),
-                subject=s,
-                oracle=o,
-                abs_error=abs(s - o),
-                tolerance=tol,
-            )
-            for flat, s, o, tol in best
-        )
-        if tally.exceeded:
-            message = f"{tally.exceeded} of {tally.count} entries exceed their tolerance"
-        elif tally.unbounded:
-            message = (
-                f"inconclusive: {precision} arithmetic bounds nothing here (sums of k terms "
-                "with k·u ≥ 1 can lose every digit); if the sums were accumulated in float32, "
-                "check with --precision fp32"
-            )
-        else:
-            message = ""
-        return TensorCheck(
-            tensor=self.tensor,
-            subject=subject,
-            subject_dtype=dtype,
-            oracle=oracle,
-            precision=precision,
-            rule=rule,
-            passed=tally.passed,
-            shape=shape,
-            expected_shape=shape,
-            max_abs_error=tally.max_abs,
-            max_rel_error=tally.max_rel,
-            bound_ratio=tally.max_ratio,
-            typical_ratio=tally.max_typical_ratio,
-            worst_index=entries[0].index if entries else None,
-            tolerance=entries[0].tolerance if entries else None,
-            min_detectable_error=tally.detectable,
-            tolerance_rule=rule_text,
-            message=message,
-            worst_entries=entries,
-            mode=mode,
-            checked=tally.count,
-            error_map=getattr(tally, "map", None),
-            histogram=getattr(tally, "histogram", None),
-        )
-
-    @property
-    def needs_diagnosis(self) -> bool:
-        """A failed subject (not one that passed, or is inconclusive: no finite bound to
-        measure a mistake by)."""
-        return self.subject is not None and not (self.usable and self.own_tally.exceeded == 0)
-
-    def not_diagnosed(self) -> Hint:
-        return Hint(
-            code="not_diagnosed",
-            tensor=self.tensor,
-            message=(
-                "not diagnosed: a diagnosis holds the whole layer, over "
-                f"{DIAGNOSIS_BYTES // 2**30} GiB here; the worst entries locate the errors"
-            ),
-        )
-
-    def hints(self, layer: workspace.Workspace, batch_shape: tuple[int, ...]) -> list[Hint]:
-        """What kind of mistake a failed subject looks like (nothing for a passing one)."""
-        sub = self.subject
-        if not self.needs_diagnosis:
-            return []
-        lower = None
-        if self.usable and self.alternatives:
-            lower = diagnose.lower_precision(
-                self.tensor, sub.precision, sub.array, self.own_tally.alternatives
-            )
-        case = diagnose.Case(
-            tensor=self.tensor,
-            subject=sub.array,
-            expected_shape=tuple(self.shape),
-            layer=layer,
-            precision=sub.precision,
-            storage=sub.storage,
-            rounded=self._rounded[sub.precision.name] if self.usable else False,
-            batch_shape=batch_shape,
-        )
-        return diagnose.explain(case, lower)
-
-
-def _allclose_rule(allclose: tuple[float, float], oracle: str) -> str:
-    return f"atol {allclose[0]:g} + rtol {allclose[1]:g} × |{oracle}|"
-
-
-def _flat_map(shape: tuple[int, ...], cols, rows: slice | None = None):
-    """Map flat positions within a block to flat indices of the whole 2-D tensor.
-
-    When the block's entries are contiguous in the tensor (whole rows), the map
-    carries ``first``, the flat index of its first entry, so that callers can
-    use slices instead of index arrays.
-    """
-
-    def offset(first: int):
-        def shifted(local):
-            return np.asarray(local, dtype=np.int64) + first
-
-        shifted.first = first
-        return shifted
-
-    if rows is not None:
-        return offset(rows.start * shape[1])
-    if cols is None or (len(shape) == 2 and len(cols) == shape[1]):
-        return offset(0)  # every column: the block is the whole tensor
-    width = shape[1]
-
-    def to_flat(local):
-        rows, j = np.divmod(np.asarray(local, dtype=np.int64), len(cols))
-        return rows * width + cols[j]
-
-    return to_flat
 
 
 def memory_needed(

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .tensors import flat_index
+
+if TYPE_CHECKING:
+    from .tally import Tally
+    from .witness import Directions
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,133 @@ class TensorCheck:
     checked: int = 0
     error_map: np.ndarray | None = field(default=None, compare=False, repr=False)
     histogram: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def not_compared(
+        cls, tensor, subject, array, oracle, precision, rule, expected_shape, rule_text, problem
+    ) -> TensorCheck:
+        """A subject that could not be compared at all: wrong shape, NaN or Inf."""
+        first = None
+        if problem.startswith("contains"):
+            first = tuple(flat_index(int(np.flatnonzero(~np.isfinite(array))[0]), array.shape))
+        return cls(
+            tensor=tensor,
+            subject=subject,
+            subject_dtype=str(array.dtype),
+            oracle=oracle,
+            precision=precision,
+            rule=rule,
+            passed=False,
+            shape=tuple(array.shape),
+            expected_shape=tuple(expected_shape),
+            max_abs_error=None,
+            max_rel_error=None,
+            bound_ratio=None,
+            typical_ratio=None,
+            worst_index=first,
+            tolerance=None,
+            min_detectable_error=None,
+            tolerance_rule=rule_text,
+            message=problem,
+        )
+
+    @classmethod
+    def from_tally(
+        cls,
+        tensor: str,
+        tally: Tally,
+        shape: tuple[int, ...],
+        subject: str,
+        dtype: str,
+        oracle: str,
+        precision: str,
+        rule: str,
+        rule_text: str,
+        mode: str = "full",
+    ) -> TensorCheck:
+        """The verdict of an entry-by-entry comparison (:class:`lincheck.tally.Tally`)."""
+        entries = tuple(
+            Entry(
+                index=tuple(flat_index(flat, shape)),
+                subject=s,
+                oracle=o,
+                abs_error=abs(s - o),
+                tolerance=tol,
+            )
+            for flat, s, o, tol in tally.best
+        )
+        if tally.exceeded:
+            message = f"{tally.exceeded} of {tally.count} entries exceed their tolerance"
+        elif tally.unbounded:
+            message = (
+                f"inconclusive: {precision} arithmetic bounds nothing here (sums of k terms "
+                "with k·u ≥ 1 can lose every digit); if the sums were accumulated in float32, "
+                "check with --precision fp32"
+            )
+        else:
+            message = ""
+        return cls(
+            tensor=tensor,
+            subject=subject,
+            subject_dtype=dtype,
+            oracle=oracle,
+            precision=precision,
+            rule=rule,
+            passed=tally.passed,
+            shape=shape,
+            expected_shape=shape,
+            max_abs_error=tally.max_abs,
+            max_rel_error=tally.max_rel,
+            bound_ratio=tally.max_ratio,
+            typical_ratio=tally.max_typical_ratio,
+            worst_index=entries[0].index if entries else None,
+            tolerance=entries[0].tolerance if entries else None,
+            min_detectable_error=tally.detectable,
+            tolerance_rule=rule_text,
+            message=message,
+            worst_entries=entries,
+            mode=mode,
+            checked=tally.count,
+            error_map=getattr(tally, "map", None),
+            histogram=getattr(tally, "histogram", None),
+        )
+
+    @classmethod
+    def from_directions(
+        cls, tensor: str, d: Directions, shape: tuple[int, ...], rule_text: str
+    ) -> TensorCheck:
+        """A check along random directions: one comparison per direction, no entry to name."""
+        distance = np.abs(d.difference - d.predicted)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(distance == 0, 0.0, distance / d.tolerance)
+            typical = np.where(distance == 0, 0.0, distance / d.typical)
+            rel = np.where(distance == 0, 0.0, distance / np.abs(d.predicted))
+        worst = int(np.argmax(ratio))
+        exceeded = int(np.count_nonzero(~(distance <= d.tolerance)))
+        return cls(
+            tensor=tensor,
+            subject="reference",
+            subject_dtype="float64",
+            oracle="witness",
+            precision="fp64",
+            rule="bound",
+            passed=exceeded == 0,
+            shape=tuple(shape),
+            expected_shape=tuple(shape),
+            max_abs_error=float(np.max(distance / d.step)),
+            max_rel_error=float(rel.max()),
+            bound_ratio=float(ratio.max()),
+            typical_ratio=float(typical.max()),
+            worst_index=None,
+            tolerance=float(d.tolerance[worst] / d.step[worst]),
+            min_detectable_error=float(np.max((d.tolerance + distance) / d.step)),
+            tolerance_rule=rule_text,
+            message=""
+            if exceeded == 0
+            else f"{exceeded} of {len(distance)} directions exceed their tolerance",
+            mode="directions",
+            checked=len(distance),
+        )
 
     def require_map(self) -> np.ndarray:
         """The error map; only checks compared entry by entry have one (ValueError if not)."""

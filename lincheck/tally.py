@@ -7,7 +7,7 @@ entries, an error map pooled by maximum and a histogram of error / tolerance.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,6 +26,41 @@ transposed or unscaled gradient lands near 1e14 in float64), then everything bey
 tolerance is at 1 = 2⁰."""
 
 
+@dataclass(frozen=True)
+class Positions:
+    """Where a block's entries sit in the whole 2-D tensor: a map from a block's flat
+    positions to the tensor's flat indices.
+
+    A block of whole rows (or the whole tensor) is contiguous: ``first`` is
+    the flat index of its first entry, and the map a shift, so the error map
+    can be written by slices. A block of some columns (``cols`` of a tensor
+    ``width`` wide) or of chosen entries (``entries``, flat indices) is not.
+    """
+
+    first: int | None = 0
+    cols: np.ndarray | None = None
+    width: int = 0
+    entries: np.ndarray | None = None
+
+    def __call__(self, local) -> np.ndarray:
+        local = np.asarray(local, dtype=np.int64)
+        if self.first is not None:
+            return local + self.first
+        if self.entries is not None:
+            return self.entries[local]
+        rows, j = np.divmod(local, len(self.cols))  # type: ignore[arg-type]
+        return rows * self.width + self.cols[j]  # type: ignore[index]
+
+    @classmethod
+    def of_block(cls, shape: tuple[int, ...], cols, rows: slice | None = None) -> Positions:
+        """The positions of a block of ``cols`` (None: all) or of ``rows`` of a 2-D tensor."""
+        if rows is not None:
+            return cls(first=rows.start * shape[1])
+        if cols is None or (len(shape) == 2 and len(cols) == shape[1]):
+            return cls(first=0)  # every column: the block is the whole tensor
+        return cls(first=None, cols=np.asarray(cols), width=shape[1])
+
+
 def _flat_like(values, like: np.ndarray) -> np.ndarray:
     """``values`` broadcast to ``like``'s shape, flattened (a view where it can be)."""
     if np.shape(values) == np.shape(like):
@@ -38,7 +73,7 @@ class Tally:
 
     Each block brings subject and oracle values, per-entry tolerances and
     typical error scales, and a map from the block's flat positions to flat
-    indices of the whole tensor. The tally keeps only summaries: whether
+    indices of the whole tensor (:class:`Positions`). The tally keeps only summaries: whether
     every entry was within its tolerance and how many were not, the largest
     absolute and relative errors, the largest error / tolerance and where it
     was, the largest error / typical scale, the largest tolerance + error
@@ -80,7 +115,7 @@ class Tally:
         oracle: np.ndarray,
         tolerance: np.ndarray,
         typical: np.ndarray,
-        flat: Callable[[np.ndarray], np.ndarray],
+        flat: Positions,
         alternatives: dict[str, np.ndarray] | None = None,
     ) -> None:
         s, o = np.ravel(subject), np.ravel(oracle)
@@ -122,7 +157,7 @@ class Tally:
             fit, worst = self.alternatives.get(name, [True, 0.0])
             self.alternatives[name] = [fit and bool(np.all(err <= alt)), max(worst, alt_ratio)]
 
-    def _map(self, ratio: np.ndarray, flat) -> None:
+    def _map(self, ratio: np.ndarray, flat: Positions) -> None:
         """Pool a block's error / tolerance into the map and the histogram, a chunk at a time
         (a few temporaries of CHUNK entries, whatever the block's size)."""
         R, C = self.map.shape
@@ -132,7 +167,7 @@ class Tally:
         for start in range(0, ratio.size, CHUNK):
             r = ratio[start : start + CHUNK]
             cells = self.map.reshape(-1)  # a view: the map is contiguous
-            first = getattr(flat, "first", None)  # set when the block's entries are contiguous
+            first = flat.first  # set when the block's entries are contiguous
             if whole and first is not None:
                 run = cells[first + start : first + start + r.size]
                 np.maximum(run, r, out=run)

@@ -36,3 +36,12 @@ def shape2d(tensor: str, N: int, D_in: int, D_out: int) -> tuple[int, ...]:
 def inner(tensor: str, N: int, D_in: int, D_out: int, bias: bool) -> int:
     """Terms per entry: D_out for dX, N for dW and dB, D_in + 1 (with bias) for Y."""
     return {"dX": D_out, "dW": N, "dB": N, "Y": D_in + bias}[tensor]
+
+
+def flat_index(flat: int, shape: tuple[int, ...]) -> list[int]:
+    """The index of the ``flat``-th entry (row-major) of an array of this shape."""
+    index = []
+    for n in reversed(shape):
+        flat, i = divmod(int(flat), n)
+        index.append(i)
+    return index[::-1]

@@ -23,15 +23,6 @@ def label(name: str, sources: Mapping[str, str]) -> str:
     return f"{name} ({sources[name]})" if name in sources else name
 
 
-def flat_index(flat: int, shape: tuple[int, ...]) -> list[int]:
-    """The index of the ``flat``-th entry (row-major) of an array of this shape."""
-    index = []
-    for n in reversed(shape):
-        flat, i = divmod(int(flat), n)
-        index.append(i)
-    return index[::-1]
-
-
 def real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
     """``value`` as an ndarray of real numbers, or InputError naming it.
 

@@ -115,12 +115,12 @@ def test_directions_have_no_map(grads):
 
 
 def test_error_map_pools_the_largest_ratio(rng):
-    from lincheck.tally import MAP_CELLS, RATIO_BINS, Tally
+    from lincheck.tally import MAP_CELLS, RATIO_BINS, Positions, Tally
 
     tally = Tally(shape=(1000, 7))
     ratio = rng.uniform(0, 1, size=(1000, 7))
     ratio[617, 3] = 50.0
-    tally.add(ratio, np.zeros_like(ratio), np.ones_like(ratio), 1.0, lambda local: local)
+    tally.add(ratio, np.zeros_like(ratio), np.ones_like(ratio), 1.0, Positions())
     R = tally.map.shape[0]
     assert tally.map.shape == (min(1000, MAP_CELLS[0]), 7)
     assert tally.map[617 * R // 1000, 3] == 50.0
