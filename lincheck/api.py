@@ -20,7 +20,7 @@ import numpy as np
 from .checks import analytic_gradients, check, random_inputs
 from .errors import LincheckError
 from .results import Report, json_text
-from .worker import DEFAULT_TIMEOUT, Worker, call
+from .worker import DEFAULT_TIMEOUT, Worker, call, read_results
 
 
 def assert_gradients(X, W, B, dY, dX=None, dW=None, dB=None, Y=None, **options) -> Report:
@@ -287,7 +287,8 @@ def run_case(
         subjects, errors = dict(returned.subjects), list(returned.errors)
         savable = {name: subjects[name] for name in returned.savable}
     else:
-        subjects, errors = call(fn, forward, data)
+        found, errors = call(fn, forward, data)
+        subjects = read_results(found, errors)
         savable = {k: v for k, v in subjects.items() if _savable(v, largest)}
     arrays = {**data, **savable}
     if errors:

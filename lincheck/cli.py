@@ -1081,4 +1081,9 @@ def main() -> None:
         app(prog_name="lincheck")  # the same name (in help, for completion) under python -m
     except _Interrupted:
         stderr.print("lincheck: interrupted", highlight=False)
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Every worker is already stopped and no report is due: exit now, without the
+        # interpreter's exit handlers, which would wait on a process pool whose worker was
+        # killed halfway through sending a result (a hang).
+        os._exit(130)

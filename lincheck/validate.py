@@ -67,7 +67,11 @@ def as_numpy(value: Any) -> np.ndarray | FileBacked | Exception:
     if isinstance(value, np.ndarray | FileBacked):
         return value
     problem: Exception | None = None
-    for candidate in (value, getattr(value, "detach", lambda: value)()):
+    try:  # a tensor that requires grad is read through detach(), which may raise
+        detached = getattr(value, "detach", lambda: value)()
+    except Exception as exc:
+        return exc
+    for candidate in (value, detached):
         if hasattr(candidate, "__dlpack__"):
             try:
                 return np.from_dlpack(candidate)

@@ -108,12 +108,13 @@ def call(
     if fn is not None:
         try:
             out = fn(X.copy(), W.copy(), None if B is None else B.copy(), G.copy())
+            # (inside the try: a result's own len() or iteration is the user's code too)
+            found, problem = unpack(out, B is not None)
         except BaseException as exc:  # SystemExit too: the user's code cannot end the check
             if isinstance(exc, KeyboardInterrupt):
                 raise
             errors.append(describe(exc, _name(fn)))
         else:
-            found, problem = unpack(out, B is not None)
             subjects.update(found)
             if problem:
                 errors.append(f"{_name(fn)} {problem}")
@@ -125,6 +126,28 @@ def call(
                 raise
             errors.append(describe(exc, _name(forward)))
     return subjects, errors
+
+
+def read_results(subjects: Mapping[str, Any], errors: list[str]) -> dict[str, np.ndarray]:
+    """The user's results as arrays of real numbers; what cannot be read adds to ``errors``.
+
+    Reading runs the user's code too (``__array__``, ``detach()``, DLPack): an
+    exception from it, ``SystemExit`` included, fails the case like one from
+    the function itself.
+    """
+    from .validate import real_array
+
+    arrays = {}
+    for name, value in subjects.items():
+        try:
+            arrays[name] = real_array(name, value, {})
+        except InputError as exc:
+            errors.append(str(exc))
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            errors.append(f"{name}: reading it as an array {describe(exc, '')[1:]}")
+    return arrays
 
 
 def _name(fn: Callable) -> str:
@@ -212,8 +235,9 @@ class Worker:
             [sys.executable, "-c", code],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            # Ctrl-C reaches the whole process group; lincheck stops the child itself.
-            preexec_fn=_ignore_sigint if os.name == "posix" else None,
+            # A session of its own: Ctrl-C at the terminal reaches lincheck alone, which
+            # stops the child, and stopping it ends whatever the user's code forked too.
+            start_new_session=os.name == "posix",
         )
         try:
             _send_to(process, {"specs": self.specs, "cwd": os.getcwd(), "paths": self.paths})
@@ -221,37 +245,79 @@ class Worker:
         except _LostError as lost:
             self.stop()
             raise InputError(f"cannot load {self._label()}: {lost}") from None
+        except BaseException:  # Ctrl-C while the user's module imports: no child left behind
+            self.stop()
+            raise
         if "bad_input" in header:
             self.stop()
             raise InputError(header["bad_input"])
         return process
 
     def stop(self) -> None:
+        """End the child and everything it started (its process group)."""
         process, self.process = self.process, None
         if process is not None:
-            if process.poll() is None:
-                process.kill()
+            _kill_group(process)
             process.wait()
             for pipe in (process.stdin, process.stdout):
                 if pipe is not None:
                     pipe.close()
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Returned:
-        """Call the user's functions on one case's inputs in the child."""
+        """Call the user's functions on one case's inputs in the child.
+
+        The reply must hold every subject the case needs (dX, dW, and dB with
+        a bias, from a backward; Y from a forward) or say why not: a reply
+        without one of them and without an error fails the case, so that
+        nothing done in the child (lincheck's own code there can be patched
+        by the user's) can skip a check. A malformed reply is "garbled".
+        """
+        expected: tuple[str, ...] = ()
+        if self.specs["impl"]:
+            expected += ("dX", "dW", "dB") if "B" in inputs else ("dX", "dW")
+        if self.specs["forward"]:
+            expected += ("Y",)
         process = self.process or self.start()
         try:
             _send_to(process, {"call": True}, inputs)
             header, arrays = _reply(process, self.timeout, "this case")
+            returned = _returned(header, arrays, expected)
         except _LostError as lost:
             self.stop()  # the next case gets a fresh child
             return Returned(errors=(f"{self._label()} {lost}",))
-        subjects = dict(arrays)
-        for name, (shape, dtype) in header["stand_ins"].items():
-            subjects[name] = stand_in(tuple(shape), np.dtype(dtype))
-        return Returned(subjects, tuple(header["errors"]), tuple(arrays))
+        return returned
 
     def _label(self) -> str:
         return " and ".join(self.names.values())
+
+
+def _returned(header: dict, arrays: dict[str, np.ndarray], expected: tuple[str, ...]) -> Returned:
+    """A reply as a Returned, or _LostError("garbled ...") if it is not one lincheck sent."""
+    try:
+        errors = [str(e) for e in header["errors"]]
+        stand_ins = {
+            str(name): stand_in(tuple(int(n) for n in shape), np.dtype(str(dtype)))
+            for name, (shape, dtype) in header["stand_ins"].items()
+        }
+    except Exception as exc:
+        raise _LostError(f"garbled its worker's reply ({type(exc).__name__}: {exc})") from None
+    names = set(arrays) | set(stand_ins)
+    if not names <= set(expected) or (not errors and names != set(expected)):
+        got = ", ".join(sorted(names)) or "nothing"
+        raise _LostError(f"garbled its worker's reply (expected {', '.join(expected)}, got {got})")
+    return Returned({**arrays, **stand_ins}, tuple(errors), tuple(arrays))
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the child's process group (itself and what it forked), or the child alone."""
+    if os.name == "posix":
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+            return
+        except (ProcessLookupError, PermissionError):
+            pass
+    if process.poll() is None:
+        process.kill()
 
 
 def _send_to(process: subprocess.Popen[bytes], header: dict, arrays: Mapping = {}) -> None:
@@ -270,17 +336,20 @@ def _reply(process: subprocess.Popen[bytes], timeout: float | None, doing: str):
         if os.name != "posix":  # select() takes no pipes there: no deadline
             return os.read(fd, n)
         while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            left = 0.25 if deadline is None else min(max(deadline - time.monotonic(), 0.0), 0.25)
             ready, _, _ = select.select([fd], [], [], left)
             if ready:
                 return os.read(fd, n)
+            if process.poll() is not None:
+                # The child ended, but something it forked may hold the pipe open: no EOF.
+                raise EOFError
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError
 
     try:
         return _receive(read)
     except TimeoutError:
-        process.kill()
+        _kill_group(process)
         process.wait()
         raise _LostError(
             f"did not return within {timeout:g} s ({doing}); stopped (--timeout)"
@@ -288,7 +357,7 @@ def _reply(process: subprocess.Popen[bytes], timeout: float | None, doing: str):
     except (EOFError, OSError):
         raise _LostError(_how_it_ended(process)) from None
     except Exception as exc:  # the user's code wrote into the protocol's pipe
-        process.kill()
+        _kill_group(process)
         process.wait()
         raise _LostError(f"garbled its worker's reply ({type(exc).__name__}: {exc})") from None
 
@@ -311,10 +380,6 @@ def _how_it_ended(process: subprocess.Popen) -> str:
         oom = " (out of memory?)" if name == "SIGKILL" else ""
         return f"crashed: its worker process was killed by {name}{oom}"
     return f"ended its worker process with exit code {code} (os._exit?) instead of returning"
-
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------
@@ -367,7 +432,6 @@ def main() -> None:
         _send(proto_out, {"bad_input": str(exc)})
         return
     _send(proto_out, {"ready": True})
-    from .validate import real_array
 
     while True:
         try:
@@ -377,12 +441,7 @@ def main() -> None:
         subjects, errors = call(fn, forward, inputs)
         largest = max(a.size for a in inputs.values())
         arrays, stand_ins = {}, {}
-        for name, value in subjects.items():
-            try:
-                a = real_array(name, value, {})
-            except InputError as exc:
-                errors.append(str(exc))
-                continue
+        for name, a in read_results(subjects, errors).items():
             if a.size <= largest:  # the values of a transposed dW or a dY-shaped dB tell
                 arrays[name] = a
             else:

@@ -52,6 +52,18 @@ def huge_view(X, W, B, dY):
     dX, dW, dB = _ok(X, W, B, dY)
     return np.broadcast_to(dX.ravel()[:1], (10**6, 10**6)), dW, dB
 
+def fork_sleeper(X, W, B, dY):
+    if os.fork() == 0:  # a grandchild that outlives the call, holding stderr open
+        time.sleep(120)
+        os._exit(0)
+    return _ok(X, W, B, dY)
+
+def fork_then_exit(X, W, B, dY):
+    if os.fork() == 0:  # keeps the worker's pipe open after the worker is gone
+        time.sleep(120)
+        os._exit(0)
+    os._exit(0)
+
 def exits_on_second_case(X, W, B, dY):
     if X.shape[0] == 1:
         os._exit(0)
@@ -247,3 +259,86 @@ def test_a_function_that_writes_into_the_protocol_pipe_fails_its_case(user):
     errors = set(errors_of(json.loads(done.stdout)).values())
     assert errors and all(e.startswith("f garbled its worker's reply") or e is None for e in errors)
     assert errors != {None}
+
+
+def test_what_the_users_code_forks_ends_with_it(user):
+    """A grandchild that sleeps for minutes neither delays the run (it holds stderr) nor
+    outlives it; a worker that exits while a grandchild holds its pipe is seen to exit."""
+    done = lincheck_cli(user, "run", "--impl", "usercode:fork_sleeper", *SIZES, timeout=60)
+    assert done.returncode == 0, done.stderr  # returned in time: the grandchildren were ended
+    done = lincheck_cli(
+        user, "run", "--impl", "usercode:fork_then_exit", *SIZES, "--json", "-", timeout=60
+    )
+    errors = set(errors_of(json.loads(done.stdout)).values())
+    assert errors == {
+        "fork_then_exit ended its worker process with exit code 0 (os._exit?) instead of returning"
+    }
+
+
+FORGERIES = {
+    # lincheck's own code in the worker, patched by the user's module: nothing is checked
+    "skip": "import lincheck.worker as w\n"
+    "w.call = lambda fn, forward, inputs: ({}, [])\n"
+    "def f(X, W, B, dY):\n    return X, W, B\n",
+    # a reply written by hand, without the fields lincheck sends
+    "forge": "import os, struct, json\n"
+    "def f(X, W, B, dY):\n"
+    "    frame = json.dumps({'arrays': []}).encode()\n"
+    "    for fd in range(3, 12):\n"
+    "        try:\n"
+    "            os.write(fd, struct.pack('<Q', len(frame)) + frame)\n"
+    "        except OSError:\n"
+    "            pass\n"
+    "    os._exit(0)\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FORGERIES))
+def test_a_reply_that_skips_the_check_fails_the_case(user, kind):
+    (user / "forger.py").write_text(FORGERIES[kind])
+    done = lincheck_cli(user, "run", "--impl", "forger:f", *SIZES, "--json", "-")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = errors_of(json.loads(done.stdout))
+    assert all(e is not None and "garbled its worker's reply" in e for e in errors.values())
+
+
+class _NoDetach:
+    def detach(self):
+        raise RuntimeError("no detach")
+
+
+class _ExitOnRead:
+    def __array__(self, dtype=None, copy=None):
+        raise SystemExit(0)
+
+
+class _BadLength(tuple):
+    def __len__(self):
+        raise RuntimeError("no length")
+
+
+def _returns(first):
+    def backward(X, W, B, dY):
+        from lincheck.api import reference_backward
+
+        dX, dW, dB = reference_backward(X, W, B, dY)
+        return first(dX, dW, dB)
+
+    return backward
+
+
+@pytest.mark.parametrize(
+    "make, error",
+    [
+        (lambda dX, dW, dB: (_NoDetach(), dW, dB), "dX: cannot be read as an array (no detach)"),
+        (
+            lambda dX, dW, dB: (_ExitOnRead(), dW, dB),
+            "dX: reading it as an array called sys.exit(0); a check cannot end lincheck",
+        ),
+        (lambda dX, dW, dB: _BadLength((dX, dW, dB)), "backward raised RuntimeError: no length"),
+    ],
+)
+def test_the_users_result_objects_cannot_escape_check_backward(make, error):
+    sweep = lincheck.check_backward(_returns(make), N=4, D_in=3, D_out=2, dtypes=["float64"])
+    assert not sweep.passed and {r.error for r in sweep.results} == {error}
