@@ -336,7 +336,10 @@ def _returns(first):
             lambda dX, dW, dB: (_ExitOnRead(), dW, dB),
             "dX: reading it as an array called sys.exit(0); a check cannot end lincheck",
         ),
-        (lambda dX, dW, dB: _BadLength((dX, dW, dB)), "backward raised RuntimeError: no length"),
+        (
+            lambda dX, dW, dB: _BadLength((dX, dW, dB)),
+            "_returns.<locals>.backward raised RuntimeError: no length",
+        ),
     ],
 )
 def test_the_users_result_objects_cannot_escape_check_backward(make, error):
