@@ -437,10 +437,11 @@ def _load_npz(path: Path) -> Loaded:
                     continue
                 _claim(sources, name, f"{path}:{key}")
                 members[name] = info
+            for name, info in members.items():  # every member, before inflating any
+                _check_member_sizes(info, shared.size, f"{name} ({sources[name]})")
             arrays = {}
             for name, info in members.items():
                 label = f"{name} ({sources[name]})"
-                _check_member_sizes(info, shared.size, label)
                 try:
                     with archive.open(info) as fp:
                         backing = None
@@ -456,9 +457,20 @@ def _load_npz(path: Path) -> Loaded:
     return Loaded(arrays, sources, tuple(ignored))
 
 
+_COMPRESSION = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}
+
+
 def _check_member_sizes(info: zipfile.ZipInfo, archive_size: int, label: str) -> None:
     """Refuse, before inflating anything, sizes no archive of this size can hold."""
     packed, size = info.compress_size, info.file_size
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # bzip2 and LZMA have no small bound on their ratio (a few KB can inflate to GB);
+        # NumPy writes stored (np.savez) or deflated (np.savez_compressed) members only.
+        method = _COMPRESSION.get(info.compress_type, f"method {info.compress_type}")
+        raise InputError(
+            f"{label}: the archive member is compressed with {method}; lincheck reads "
+            "stored or deflated members (np.savez, np.savez_compressed)"
+        )
     if packed > archive_size:
         raise InputError(
             f"{label}: the archive member declares {packed:,} compressed bytes but the "

@@ -68,6 +68,14 @@ def pickle_payload():
 X_BYTES = npy(np.ones((4, 3)))
 
 
+def bzip2_npz(d):
+    d.mkdir(exist_ok=True)
+    with zipfile.ZipFile(d / "case.npz", "w", compression=zipfile.ZIP_BZIP2) as z:
+        for key, a in good().items():
+            z.writestr(f"{key}.npy", npy(a))
+    return [str(d / "case.npz")]
+
+
 def node(d, name, kind, **changes):
     """Good arrays in d, and at d/name a FIFO, a device, a socket or a symlink (all made
     inside d: nothing outside the test's folder is touched)."""
@@ -472,6 +480,13 @@ CATALOGUE = [
         2,
     ),
     # Archives whose declared sizes cannot be true are refused before anything is inflated.
+    (
+        "a bzip2 member (its ratio has no small bound: a bomb could not be told apart)",
+        lambda d: bzip2_npz(d),
+        "X ({dir}/case.npz:X): the archive member is compressed with bzip2; lincheck reads "
+        "stored or deflated members (np.savez, np.savez_compressed)",
+        2,
+    ),
     (
         "a zip bomb (deflate beyond 1032:1)",
         lambda d: raw_zip(
