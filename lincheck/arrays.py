@@ -693,14 +693,36 @@ def check_output(
         raise InputError(f"{where}: cannot write in {parent} (permission denied)")
 
 
+def matching_files(folder: str | os.PathLike, pattern: str, depth: int = 2) -> list[Path]:
+    """Files in ``folder`` and its subfolders (``depth`` levels) whose name matches the
+    regular expression ``pattern``, sorted; none if ``folder`` is not a folder."""
+    import re
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for level in range(depth):
+        for entry in folder.glob("/".join(["*"] * (level + 1))):
+            if re.fullmatch(pattern, entry.name) and entry.is_file():
+                found.append(entry)
+    return sorted(found)
+
+
 def _stream_hop(path: Path) -> str:
     """What is wrong when ``path`` is or leads through ``/proc/*/fd`` or ``/dev/fd``
     (``/dev/stdout``): a stream of this process, which a rename would not reach and
     whose file (if stdout goes to one) it would replace; else the empty string."""
     hop, seen = Path(os.path.abspath(path)), 0
     while seen < 40:
-        parts = hop.parts
-        if parts[:2] == ("/", "proc") and "fd" in parts[2:4] or parts[:3] == ("/", "dev", "fd"):
+        # Anywhere under /proc (/proc/self/fd/1, /proc/self/task/<id>/fd/1, ...) or /dev/fd,
+        # also through a linked folder: the kernel's view of processes, never a plain file.
+        parts = Path(os.path.realpath(hop.parent)).parts + (hop.name,)
+        if (
+            hop.parts[:2] == ("/", "proc")
+            or parts[:2] == ("/", "proc")
+            or (hop.parts[:3] == ("/", "dev", "fd"))
+        ):
             return f"leads to {hop}, a stream of this process" if seen else f"{hop} is a stream"
         if not os.path.islink(hop):
             return ""

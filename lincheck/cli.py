@@ -186,23 +186,53 @@ def _outputs(json_path, junit, github, quiet, heatmap, plot, force) -> dict:
 
 def _check_outputs(out: dict, inputs=(), folders: dict | None = None) -> None:
     """Every output target, before any work: one that lincheck must not write (a device,
-    /dev/stdout, an input file, a folder for a file, a missing folder) is exit 2 with
-    nothing done and nothing written."""
+    /dev/stdout, an input file, a folder for a file, a missing folder, plots that exist
+    without --force, one file for two reports, a report that a dump folder would read as
+    an array) is exit 2 with nothing done and nothing written."""
     from . import arrays
+    from .tensors import INPUT_NAMES, SUBJECT_NAMES
 
+    reports = {
+        what: Path(path)
+        for what, path in (("--json", out["json_path"]), ("--junit", out["junit"]))
+        if path is not None and str(path) != "-"
+    }
     try:
-        if out["json_path"] is not None:
+        for what, path in reports.items():
             arrays.check_output(
-                out["json_path"], inputs=inputs, what="--json", force=True, dash_for_stdout=True
+                path, inputs=inputs, what=what, force=True, dash_for_stdout=what == "--json"
             )
-        if out["junit"] is not None:
-            arrays.check_output(out["junit"], inputs=inputs, what="--junit", force=True)
         targets = {"--plot": out["plot"], **(folders or {})}
         for what, folder in targets.items():
             if folder is not None:
                 arrays.check_output(folder, inputs=inputs, what=what, folder=True)
     except LincheckError as exc:
         raise _fail(str(exc)) from None
+    if len(reports) == 2 and os.path.realpath(reports["--json"]) == os.path.realpath(
+        reports["--junit"]
+    ):
+        raise _fail(f"--json and --junit name one file, {reports['--json']}; give two")
+    # A report named X.npy (or dw.npy) beside a dump would be read as that array next time.
+    folders_read = [Path(p) for p in inputs if Path(p).is_dir()]
+    folders_read += [Path(f) for f in (folders or {}).values() if f is not None]
+    arrays_names = {f"{n.lower()}.npy" for n in (*INPUT_NAMES, *SUBJECT_NAMES)}
+    for what, path in reports.items():
+        beside = any(os.path.realpath(path.parent) == os.path.realpath(f) for f in folders_read)
+        if beside and path.name.lower() in arrays_names:
+            raise _fail(
+                f"{what} {path}: would be read as an array of the dump in {path.parent}; "
+                "name the report otherwise"
+            )
+    if out["plot"] is not None and not out.get("force"):
+        from .plots import PLOT_NAMES
+
+        existing = arrays.matching_files(out["plot"], PLOT_NAMES)
+        if existing:
+            shown = ", ".join(str(p) for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+            raise _fail(
+                f"--plot {out['plot']}: already holds plots ({shown}); nothing was written "
+                "(use --force to replace them, or another folder)"
+            )
 
 
 def _write_report(path: Path, text: str) -> None:
@@ -277,8 +307,13 @@ def _plots(out: dict, reports: dict, study=None) -> list:
     if many:
         reports = {name: r for name, r in reports.items() if not r.passed}
     written = []
+    used: set[str] = set()
     for name, report in reports.items():
-        folder = out["plot"] / re.sub(r"[^\w.=-]+", "_", name) if many else out["plot"]
+        slug = re.sub(r"[^\w.=-]+", "_", name)
+        while slug in used:  # "a b" and "a_b" must not share a folder
+            slug += "_"
+        used.add(slug)
+        folder = out["plot"] / slug if many else out["plot"]
         try:
             files = plots.plot_report(report, study)
             written += arrays.save_files(folder, files, force=out.get("force", False))
@@ -620,6 +655,18 @@ def run(
         cases = api.sweep(n, din, dout, dtypes, seed)
         if no_bias:
             cases = [c for c in cases if not c.bias]
+        if save_failures is not None and not force:
+            from . import arrays
+            from .tensors import INPUT_NAMES, SUBJECT_NAMES
+
+            taken = [save_failures / c.slug for c in cases]
+            taken = [p for p in taken if arrays.existing_targets(p, [*INPUT_NAMES, *SUBJECT_NAMES])]
+            if taken:
+                raise _fail(
+                    f"--save-failures {save_failures}: already holds saved cases "
+                    f"({', '.join(str(p) for p in taken[:2])}{', ...' if len(taken) > 2 else ''}); "
+                    "nothing was written (use --force to replace them, or another folder)"
+                )
         # Your functions run in a worker process: nothing they do can end, hang or
         # garble this one (lincheck/worker.py).
         try:

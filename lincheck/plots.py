@@ -24,6 +24,9 @@ from .results import Report, TensorCheck
 from .tally import RATIO_OCTAVES
 from .tensors import AXES
 
+PLOT_NAMES = r"((dX|dW|dB|Y)-(reference|witness)-(heatmap|histogram)|step-size)\.png"
+"""The names of the files ``--plot`` writes (a regular expression)."""
+
 SIZE = (8.0, 5.0)
 DPI = 100
 """Every plot is SIZE inches at DPI: 800 × 500 pixels."""

@@ -343,3 +343,96 @@ def test_run_refuses_a_bad_save_or_plot_target_before_any_work(tmp_path):
             == f"lincheck: error: {option} {tmp_path / 'file'}: exists and is not a folder\n"
         )
     assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_one_file_for_two_reports_is_refused(tmp_path, dump):
+    same = tmp_path / "same.out"
+    result = runner.invoke(app, ["verify", str(dump), "--json", str(same), "--junit", str(same)])
+    assert result.exit_code == 2 and result.stdout == "" and not same.exists()
+    assert result.stderr == f"lincheck: error: --json and --junit name one file, {same}; give two\n"
+
+
+@pytest.mark.parametrize("name", ["x.npy", "Y.npy", "dw.npy"])
+def test_a_report_named_like_an_array_beside_a_dump_is_refused(tmp_path, dump, name):
+    """verify would read it as that array next time (or refuse two sources for one)."""
+    target = dump / name
+    result = runner.invoke(app, ["verify", str(dump), "--json", str(target)])
+    assert result.exit_code == 2 and not target.exists(), result.output
+    assert result.stderr == (
+        f"lincheck: error: --json {target}: would be read as an array of the dump in {dump}; "
+        "name the report otherwise\n"
+    )
+    saved = tmp_path / "saved"
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--n",
+            "4",
+            "--din",
+            "3",
+            "--dout",
+            "2",
+            "--save",
+            str(saved),
+            "--junit",
+            str(saved / "X.npy"),
+        ],
+    )
+    assert result.exit_code == 2 and not saved.exists(), result.output
+
+
+def test_every_path_into_proc_is_a_stream_not_a_file():
+    import threading
+
+    for path in (
+        f"/proc/self/task/{threading.get_native_id()}/fd/1",
+        f"/proc/{os.getpid()}/fd/1",
+    ):
+        with pytest.raises(InputError, match="is a stream, not a file lincheck can replace"):
+            arrays.check_output(path, what="--json", force=True, dash_for_stdout=True)
+
+
+def test_save_failures_into_a_folder_of_saved_cases_is_refused_before_work(tmp_path):
+    module = tmp_path / "wrongmod.py"
+    module.write_text(
+        "def f(X, W, B, dY):\n"
+        "    X2 = X.reshape(-1, X.shape[-1]); G = dY.reshape(-1, dY.shape[-1])\n"
+        "    return dY @ W, 2 * G.T @ X2, None if B is None else G.sum(0)\n"
+    )
+    saved = tmp_path / "failures"
+    args = ["run", "--impl", "wrongmod:f", "--n", "4", "--din", "3", "--dout", "2"]
+    args += ["--dtype", "float64", "--save-failures", str(saved)]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        first = runner.invoke(app, args)
+        assert first.exit_code == 1, first.output
+        before = _tree(saved)
+        again = runner.invoke(app, [*args, "--json", str(tmp_path / "r.json")])
+    finally:
+        os.chdir(cwd)
+    assert again.exit_code == 2 and again.stdout == "", again.output
+    assert again.stderr.startswith(f"lincheck: error: --save-failures {saved}: already holds")
+    assert _tree(saved) == before and not (tmp_path / "r.json").exists()
+
+
+def test_cases_whose_names_clean_to_one_folder_get_a_plot_folder_each(tmp_path, rng):
+    model = tmp_path / "model"
+    for name in ("a b", "a_b"):
+        folder = model / name
+        folder.mkdir(parents=True)
+        X, W, G = (
+            rng.standard_normal((5, 3)),
+            rng.standard_normal((2, 3)),
+            rng.standard_normal((5, 2)),
+        )
+        for key, a in {"X": X, "W": W, "dY": G, "dW": 2 * G.T @ X}.items():
+            np.save(folder / f"{key}.npy", a)
+    plots = tmp_path / "plots"
+    result = runner.invoke(app, ["verify", str(model), "--jobs", "1", "--plot", str(plots)])
+    assert result.exit_code == 1, result.output
+    folders = sorted(p.name for p in plots.iterdir())
+    assert len(folders) == 2 and len(set(folders)) == 2
+    for f in folders:
+        assert (plots / f / "dW-reference-heatmap.png").exists()

@@ -109,8 +109,11 @@ def test_plot_files_are_not_replaced_without_force(tmp_path, rng):
     out.mkdir()
     (out / "dX-reference-heatmap.png").write_bytes(b"mine")
     result = runner.invoke(app, ["verify", str(d), "--plot", str(out)])
-    assert result.exit_code == 2
-    assert "already exists; nothing was written (use --force to replace)" in result.stderr
+    assert result.exit_code == 2 and result.stdout == ""  # refused before any work
+    assert result.stderr == (
+        f"lincheck: error: --plot {out}: already holds plots ({out / 'dX-reference-heatmap.png'}"
+        "); nothing was written (use --force to replace them, or another folder)\n"
+    )
     assert (out / "dX-reference-heatmap.png").read_bytes() == b"mine"
     assert [p.name for p in out.iterdir()] == ["dX-reference-heatmap.png"]
     forced = runner.invoke(app, ["verify", str(d), "--plot", str(out), "--force"])
