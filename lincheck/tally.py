@@ -61,6 +61,26 @@ class Positions:
         return cls(first=None, cols=np.asarray(cols), width=shape[1])
 
 
+RANK_BITS = 22
+"""Significand bits of error / tolerance that order the worst entries (about 7 digits)."""
+
+
+def rank(ratio: np.ndarray) -> np.ndarray:
+    """error / tolerance cut to RANK_BITS significand bits (toward zero), to order entries.
+
+    Entries tied in exact arithmetic (a column of dW whose entries are all
+    the same sum, say) have ratios that differ only in the last bits of the
+    float64 reference and bound, and those bits follow the BLAS's summation
+    order, which changes with the CPU and the thread count. Cut to 22 bits,
+    such ratios are equal (unless they straddle one of the cut's steps, a
+    chance of about 2⁻³⁰ for last-bit noise), and the lowest index among them
+    is named the worst: the same entry on every machine. The ratios
+    reported are never cut.
+    """
+    bits = np.ascontiguousarray(ratio, dtype=np.float64).view(np.int64)
+    return (bits & ~np.int64((1 << (52 - RANK_BITS)) - 1)).view(np.float64)
+
+
 def _flat_like(values, like: np.ndarray) -> np.ndarray:
     """``values`` broadcast to ``like``'s shape, flattened (a view where it can be)."""
     if np.shape(values) == np.shape(like):
@@ -78,7 +98,7 @@ class Tally:
     absolute and relative errors, the largest error / tolerance and where it
     was, the largest error / typical scale, the largest tolerance + error
     (the smallest single-entry change certain to be caught), the ``top``
-    entries by error / tolerance, and, for each named alternative
+    entries by error / tolerance (ranked by :func:`rank`, ties to the lowest index), and, for each named alternative
     tolerance, whether every entry fit it and the largest ratio to it.
 
     Relative error is |error| / |oracle|, taken as 0 where both are 0 and as
@@ -133,20 +153,28 @@ class Tally:
         self.max_rel = max(self.max_rel, float(rel.max(initial=0.0)))
         self.max_typical_ratio = max(self.max_typical_ratio, float(typ_ratio.max(initial=0.0)))
         self.detectable = max(self.detectable, float((tol + err).max(initial=0.0)))
-        # The block's best few, merged with those kept so far.
+        # The block's best few by rank (:func:`rank`), merged with those kept so far.
         k = min(self.top, ratio.size)
         if k:
-            local = np.argpartition(-ratio, k - 1)[:k] if k < ratio.size else np.arange(k)
+            self.max_ratio = max(self.max_ratio, float(ratio.max()))
+            ranks = rank(ratio)
+            if k < ratio.size:
+                # The k largest ranks; among equal ranks at the cut, the first positions
+                # (flatnonzero is in order), so which entries are kept never depends on ties.
+                cut = np.partition(ranks, ratio.size - k)[ratio.size - k]
+                above = np.flatnonzero(ranks > cut)
+                local = np.concatenate([above, np.flatnonzero(ranks == cut)[: k - above.size]])
+            else:
+                local = np.arange(k)
             found = zip(
-                (-ratio[local]).tolist(),
+                (-ranks[local]).tolist(),
                 np.asarray(flat(local)).tolist(),
                 s[local].tolist(),
                 o[local].tolist(),
                 tol[local].tolist(),
             )
-            # A few entries: sorted as Python tuples, largest ratio first, then by index.
+            # A few entries: sorted as Python tuples, largest rank first, then by index.
             self._best = sorted([*self._best, *found])[: self.top]
-            self.max_ratio = -self._best[0][0]
         if self.shape is not None:
             self._map(ratio, flat)
 

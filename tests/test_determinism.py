@@ -91,6 +91,16 @@ def dumps(tmp_path_factory):
         for key, a in arrays.items():
             np.save(folder / f"{key}.npy", a)
         folders[name] = folder
+    # A mean-reduced loss: dY = 1/N everywhere, so each column of dW holds D_out entries
+    # equal in exact arithmetic, whose errors differ only in the BLAS's last bits.
+    N, D_in, D_out = 256, 130, 70
+    X = rng.standard_normal((N, D_in)).astype(np.float32)
+    W = rng.standard_normal((D_out, D_in)).astype(np.float32)
+    G = np.full((N, D_out), 1 / N, dtype=np.float32)
+    folder = tmp_path_factory.mktemp("mean")
+    for key, a in {"X": X, "W": W, "dY": G, "dW": 2 * (G.T @ X)}.items():
+        np.save(folder / f"{key}.npy", a)
+    folders["mean"] = folder
     return folders
 
 
@@ -102,6 +112,8 @@ def test_verify_verdicts_do_not_depend_on_the_thread_count(dumps, mode):
         same_verdicts(outcomes)
         if name == "correct":
             assert outcomes[0]["exit"] == 0 and outcomes[0]["passed"]
+        elif name == "mean":
+            assert outcomes[0]["exit"] == 1 and ("dW", "supplied") in outcomes[0]["failed_at"]
         else:
             assert outcomes[0]["exit"] == 1
             assert ("scaled", "dW") in outcomes[0]["hints"]
@@ -127,3 +139,19 @@ def test_same_thread_count_gives_a_byte_identical_report(dumps, tmp_path, thread
     assert lincheck(*verify, threads=threads, cwd=folder) == lincheck(
         *verify, threads=threads, cwd=folder
     )
+
+
+def test_entries_tied_in_exact_arithmetic_name_the_same_worst_entry(rng):
+    """Ratios that differ only in their last bits (as BLAS orders leave them) rank equal,
+    and the lowest index is the worst, whatever the noise."""
+    from lincheck.tally import Positions, Tally
+
+    worst = set()
+    for _ in range(20):
+        # One value in exact arithmetic (1.3, far from a step of the cut), a few ulps of noise.
+        err = 1.3 + rng.integers(-4, 5, size=(40, 30)) * 2.0**-52
+        err[:5] = 0.5  # the first rows are smaller: the worst is the first entry of row 5
+        t = Tally(top=5, shape=(40, 30))
+        t.add(err, np.zeros_like(err), np.ones_like(err), 1.0, Positions())
+        worst.add(t.best[0][0])
+    assert worst == {5 * 30}
