@@ -98,8 +98,9 @@ class Tally:
     absolute and relative errors, the largest error / tolerance and where it
     was, the largest error / typical scale, the largest tolerance + error
     (the smallest single-entry change certain to be caught), the ``top``
-    entries by error / tolerance (ranked by :func:`rank`, ties to the lowest index), and, for each named alternative
-    tolerance, whether every entry fit it and the largest ratio to it.
+    entries by error / tolerance (ranked by :func:`rank`, ties to the lowest
+    index), and, for each named alternative tolerance, whether every entry
+    fit it and the largest ratio to it.
 
     Relative error is |error| / |oracle|, taken as 0 where both are 0 and as
     infinite where only the oracle is 0; ratios are likewise 0 where the
