@@ -1,7 +1,9 @@
 """The ``lincheck`` command: parse, call the library, render, choose the exit code.
 
 Exit codes (stable): 0 every check passed; 1 at least one check failed;
-2 bad usage or bad input (one line on stderr, nothing written).
+2 bad usage or bad input (one line on stderr, nothing written; with several
+cases, 2 when every failing case had bad input, and the reports name each);
+130 interrupted.
 """
 
 from __future__ import annotations

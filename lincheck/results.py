@@ -354,10 +354,33 @@ class Report:
 
 
 def json_text(report: Mapping[str, Any]) -> str:
-    """A report as strict JSON (no NaN or Infinity: those are null already), indented."""
+    """A report as strict JSON (no NaN or Infinity: those are null already), indented.
+
+    A path whose bytes are not UTF-8 reaches Python as a string with lone
+    surrogates, which strict JSON parsers reject: such bytes are written as
+    ``\\xff`` escapes instead.
+    """
     import json
 
-    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    return json.dumps(_valid_text(report), indent=2, allow_nan=False) + "\n"
+
+
+def _valid_text(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            try:  # bytes of a file name that Python decoded with surrogateescape
+                raw = value.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:  # any other lone surrogate
+                return value.encode("utf-8", "backslashreplace").decode("utf-8")
+            return raw.decode("utf-8", "backslashreplace")
+        return value
+    if isinstance(value, Mapping):
+        return {_valid_text(k): _valid_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_valid_text(v) for v in value]
+    return value
 
 
 def _json_float(x: float | None) -> float | None:

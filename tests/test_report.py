@@ -71,3 +71,21 @@ def test_json_is_strict_and_keeps_the_contract(failing_report):
         ("mean_instead_of_sum", "dB"),
     ]
     assert report["hints"][0]["evidence"] == {"nan": 1, "inf": 0, "first": [[0, 0]]}
+
+
+def test_json_of_a_path_whose_bytes_are_not_utf8_is_strict_json(tmp_path):
+    """A file name with a byte that is not UTF-8 reaches Python with a lone surrogate;
+    the report writes it as an escape that strict parsers read."""
+    import json
+    import os
+
+    from lincheck.results import json_text
+
+    name = os.fsdecode(b"caf\xff")
+    text = json_text({"path": name, "other": "\ud800", "nested": [{"k": name}]})
+    assert json.loads(text) == {
+        "path": "caf\\xff",
+        "other": "\\ud800",
+        "nested": [{"k": "caf\\xff"}],
+    }
+    text.encode("utf-8")  # strict UTF-8 throughout
