@@ -418,18 +418,3 @@ class DirectionsWitness:
             step=np.full(self.count, small),
             passes=2 * self.count,
         )
-
-
-def witness_directions(
-    layer: Workspace, tensor: str, reference, count: int, seed: int
-) -> Directions:
-    """:class:`DirectionsWitness` of an in-memory layer (``reference`` whole, dX or dW)."""
-    rows = Rows(layer.X, layer.W, layer.B, layer.G)
-    totals = Totals(rows)
-    blocks = list(rows)
-    for _, block in blocks:
-        totals.add(block)
-    witness = DirectionsWitness(tensor, totals, rows.W, count, seed, reference)
-    for r, block in blocks:
-        witness.add(r, block)
-    return witness.result()

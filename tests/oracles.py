@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lincheck import streaming
+from lincheck.checks import analytic_gradients
 from lincheck.core import Gradients
 from lincheck.tally import Positions, Tally
-from lincheck.witness import DEFAULT_REL_STEP, Block, witness_block
+from lincheck.witness import DEFAULT_REL_STEP, Block, Directions, witness_block
 from lincheck.workspace import Workspace
 
 
@@ -117,3 +119,24 @@ def compare(subject, oracle, tolerance, top: int = 5) -> Comparison:
         order=tuple(b[0] for b in best),
         tolerance_at_worst=best[0][3] if best else 0.0,
     )
+
+
+def reference_backward(X, W, B, dY):
+    """The correct backward of Y = X Wᵀ + B in NumPy, in the inputs' dtype (a model answer)."""
+    grads = analytic_gradients({"X": X, "W": W, "dY": dY, **({"B": B} if B is not None else {})})
+    return grads["dX"], grads["dW"], grads.get("dB")
+
+
+def witness_directions(
+    layer: Workspace, tensor: str, reference, count: int, seed: int
+) -> Directions:
+    """:class:`DirectionsWitness` of an in-memory layer (``reference`` whole, dX or dW)."""
+    rows = streaming.Rows(layer.X, layer.W, layer.B, layer.G)
+    totals = streaming.Totals(rows)
+    blocks = list(rows)
+    for _, block in blocks:
+        totals.add(block)
+    found = streaming.DirectionsWitness(tensor, totals, rows.W, count, seed, reference)
+    for r, block in blocks:
+        found.add(r, block)
+    return found.result()

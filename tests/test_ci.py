@@ -13,10 +13,11 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 import pytest
+from oracles import reference_backward
 from typer.testing import CliRunner
 
 import lincheck
-from lincheck.api import reference_backward, sweep
+from lincheck.api import sweep
 from lincheck.cli import app
 
 runner = CliRunner()

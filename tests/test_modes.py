@@ -1,6 +1,7 @@
 """Partial witnesses for big layers: sampled entries, random directions, the automatic choice."""
 
 import numpy as np
+import oracles
 import pytest
 from conftest import ORACLE_RTOL, layer, loop_gradients
 
@@ -31,20 +32,20 @@ def test_directions_pass_a_correct_reference_and_catch_planted_errors(rng, tenso
     X, W, B, G = layer(rng, 12, 10, 6)
     L = workspace.Workspace(X, W, B, G)
     reference = L.reference(tensor)
-    clean = streaming.witness_directions(L, tensor, reference, 8, seed=0)
+    clean = oracles.witness_directions(L, tensor, reference, 8, seed=0)
     distance = np.abs(clean.difference - clean.predicted)
     assert np.all(distance <= clean.tolerance)
     detectable = float(np.max((clean.tolerance + distance) / clean.step))
     # One entry off by just over the stated sensitivity: every ±1 direction sees it.
     bad = reference.copy()
     bad[3, 4] += 1.01 * detectable
-    caught = streaming.witness_directions(L, tensor, bad, 8, seed=0)
+    caught = oracles.witness_directions(L, tensor, bad, 8, seed=0)
     assert np.all(np.abs(caught.difference - caught.predicted) > caught.tolerance)
     # Two entries that can cancel in half the directions: caught by at least one of 16.
     pair = reference.copy()
     pair[0, 0] += 1.01 * detectable
     pair[1, 1] -= 1.01 * detectable
-    some = streaming.witness_directions(L, tensor, pair, 16, seed=1)
+    some = oracles.witness_directions(L, tensor, pair, 16, seed=1)
     assert np.any(np.abs(some.difference - some.predicted) > some.tolerance)
 
 
@@ -162,10 +163,10 @@ def test_sampled_entries_streamed_over_blocks_match_loops(rng, small_blocks):
 def test_directions_do_not_depend_on_the_blocks(rng, monkeypatch, tensor):
     X, W, B, G = layer(rng, 61, 10, 6)
     L = workspace.Workspace(X, W, B, G)
-    one = streaming.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
+    one = oracles.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
     monkeypatch.setattr(streaming, "ROW_BLOCK_BYTES", 2**14)
     assert len(streaming.row_blocks(61, 10, 6)) > 5
-    many = streaming.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
+    many = oracles.witness_directions(L, tensor, L.reference(tensor), 6, seed=2)
     # The same directions and steps: the same ⟨r, Δ⟩ up to the order of the sums.
     assert np.allclose(one.predicted, many.predicted, rtol=1e-12, atol=0)
     assert np.all(np.abs(many.difference - many.predicted) <= many.tolerance)

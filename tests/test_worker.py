@@ -214,7 +214,7 @@ def test_check_backward_isolated_survives_os_exit():
 
 
 def test_check_backward_isolated_gives_the_same_verdicts_as_in_process():
-    from lincheck.api import reference_backward
+    from oracles import reference_backward
 
     def wrong(X, W, B, dY):  # not importable: isolation refuses it with advice
         return reference_backward(X, W, B, dY)
@@ -320,7 +320,7 @@ class _BadLength(tuple):
 
 def _returns(first):
     def backward(X, W, B, dY):
-        from lincheck.api import reference_backward
+        from oracles import reference_backward
 
         dX, dW, dB = reference_backward(X, W, B, dY)
         return first(dX, dW, dB)
