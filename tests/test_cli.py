@@ -624,3 +624,14 @@ def test_a_stream_that_is_not_utf8_gets_plain_characters_not_a_crash(
         assert "@" in out  # the over-tolerance block, in ASCII
     if command != "explain":
         assert out.rstrip().splitlines()[-1].split()[0] in ("PASS", "FAIL")
+
+
+def test_the_command_lines_choices_are_the_librarys():
+    """The option enums live apart from the library (--help imports no NumPy): they must
+    name exactly what the library accepts."""
+    from lincheck import checks, options, precision, witness
+
+    assert [m.value for m in options.Mode] == list(checks.MODES)
+    assert [m.value for m in options.Method] == list(witness.METHODS)
+    assert [d.value for d in options.DType] == list(checks.DTYPES)
+    assert {p.value for p in options.PrecisionChoice} <= set(precision.PRECISIONS)

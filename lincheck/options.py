@@ -1,0 +1,243 @@
+"""The command line's options: their types, choices and help, shared by the commands.
+
+Only Typer and the standard library here (``lincheck --help`` imports no
+NumPy). The choices mirror the library's (``checks.MODES``,
+``witness.METHODS``, ``precision.PRECISIONS``, ``checks.DTYPES``);
+``tests/test_cli.py`` checks that they agree.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import InputError
+
+EXIT_CODES = """\
+Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input
+(with several cases, 1 if any check failed, even where others had bad input) ·
+130 interrupted (Ctrl-C).
+"""
+
+
+class DType(str, Enum):
+    float64 = "float64"
+    float32 = "float32"
+    float16 = "float16"
+
+
+class PrecisionChoice(str, Enum):
+    fp64 = "fp64"
+    fp32 = "fp32"
+    tf32 = "tf32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Method(str, Enum):
+    central = "central"
+    dense = "dense"
+    complex_step = "complex-step"
+
+
+class Mode(str, Enum):
+    auto = "auto"
+    full = "full"
+    sample = "sample"
+    directions = "directions"
+
+
+class Language(str, Enum):
+    en = "en"
+    zh = "zh"
+
+
+JsonOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--json",
+        help="Also write the machine-readable report to this file (replaced if it exists); "
+        "'-' writes it to stdout and moves the tables to stderr.",
+        metavar="PATH",
+    ),
+]
+
+
+SizeN = Annotated[int, typer.Option("--n", min=1, help="Batch size N.")]
+SizeIn = Annotated[int, typer.Option("--din", min=1, help="Input features D_in.")]
+SizeOut = Annotated[int, typer.Option("--dout", min=1, help="Output features D_out.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, help="Seed of the random arrays.")]
+DTypeOption = Annotated[
+    DType, typer.Option("--dtype", help="dtype of the arrays and of the analytic computation.")
+]
+DTypesOption = Annotated[
+    list[DType] | None,
+    typer.Option(
+        "--dtype",
+        help="dtype of the arrays and of the computed gradients (repeat for several; "
+        "default float64, with --impl float64 and float32).",
+        show_default=False,
+    ),
+]
+JunitOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--junit",
+        help="Also write a JUnit XML report (one test case per tensor per case) to this file.",
+        metavar="PATH",
+    ),
+]
+GithubOption = Annotated[
+    bool,
+    typer.Option(
+        "--github",
+        help="Print GitHub Actions error annotations for failures (on by default when "
+        "GITHUB_ACTIONS=true).",
+    ),
+]
+Force = Annotated[bool, typer.Option("--force", help="Replace existing files (.npy, plots).")]
+MethodOption = Annotated[
+    Method,
+    typer.Option(
+        "--method",
+        help="How the numerical witness differentiates: central differences perturbing a "
+        "whole column per forward pass; 'dense', one entry at a time (the textbook check, "
+        "2 passes per entry); or the complex step Im L(θ + ih)/h (no cancellation; about "
+        "twice the cost of central).",
+    ),
+]
+Atol = Annotated[
+    float | None,
+    typer.Option(
+        "--atol",
+        min=0.0,
+        help="Override the rounding-error bounds with numpy.allclose's rule "
+        "|a − b| ≤ atol + rtol·|b| (the other defaults to 0).",
+    ),
+]
+Rtol = Annotated[float | None, typer.Option("--rtol", min=0.0, help="See --atol.")]
+ModeOption = Annotated[
+    Mode,
+    typer.Option(
+        "--mode",
+        help="How much of the numerical witness to compute: every entry (full), --samples "
+        "random entries of dX and dW (sample), or --directions random ±1 directions "
+        "(directions). Your gradients are always compared with the float64 reference at "
+        "every entry. auto: full if it fits --budget, else directions (and says why).",
+    ),
+]
+Samples = Annotated[
+    int, typer.Option("--samples", min=1, help="Entries per tensor in sample mode.")
+]
+DirectionsOption = Annotated[
+    int,
+    typer.Option("--directions", min=1, help="Random directions per tensor in directions mode."),
+]
+Budget = Annotated[
+    float,
+    typer.Option(
+        "--budget",
+        min=0.0,
+        help="Seconds of work (at a nominal 5·10¹⁰ multiply-adds/s) that --mode auto allows "
+        "a full witness.",
+    ),
+]
+
+
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Refuse checks that would need more memory than this (like 4G or 512M); "
+        "default: half of the memory available when lincheck starts.",
+        metavar="SIZE",
+        show_default=False,
+    ),
+]
+
+
+def _array_file(name: str):
+    """A ``--x FILE``-style option giving one array's ``.npy`` file."""
+    return typer.Option(
+        f"--{name.lower()}",
+        help=f"{name} from this .npy file (with or instead of PATH).",
+        metavar="FILE",
+        show_default=False,
+    )
+
+
+XFile = Annotated[Path | None, _array_file("X")]
+WFile = Annotated[Path | None, _array_file("W")]
+BFile = Annotated[Path | None, _array_file("B")]
+DYFile = Annotated[Path | None, _array_file("dY")]
+DXFile = Annotated[Path | None, _array_file("dX")]
+DWFile = Annotated[Path | None, _array_file("dW")]
+DBFile = Annotated[Path | None, _array_file("dB")]
+YFile = Annotated[Path | None, _array_file("Y")]
+
+
+Quiet = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="Print only the verdict line; no tables, no progress bar."),
+]
+
+PlotOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Write PNG plots to DIR: per tensor an error / tolerance heatmap and a "
+        "histogram (and for run the witness error against the step); with several cases, "
+        "a subfolder per failed case. Needs matplotlib: pip install 'lincheck[plot]'.",
+        metavar="DIR",
+        show_default=False,
+    ),
+]
+
+HeatmapOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--heatmap/--no-heatmap",
+        help="Draw the error / tolerance map of every tensor (default: of the failed ones).",
+        show_default=False,
+    ),
+]
+
+
+def check_options(method, mode, samples, directions, seed, budget, atol, rtol) -> dict:
+    """The options run and verify share, as keyword arguments of ``checks.check``."""
+    return dict(
+        method=method.value,
+        mode=mode.value,
+        samples=samples,
+        directions=directions,
+        seed=seed,
+        budget=budget,
+        atol=atol,
+        rtol=rtol,
+    )
+
+
+def output_options(json_path, junit, github, quiet, heatmap, plot, force) -> dict:
+    """Where results go and how they look: the output options run and verify share."""
+    return dict(
+        json_path=json_path,
+        junit=junit,
+        github=github,
+        quiet=quiet,
+        heatmap=heatmap,
+        plot=plot,
+        force=force,
+    )
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '1.5GiB', '100000' → bytes (binary units)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not match:
+        raise InputError(f"--max-memory {text}: expected a size like 4G, 512M or 1000000")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)

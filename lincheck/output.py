@@ -1,0 +1,368 @@
+"""Where results go: the terminal, report files, plots, and the exit code.
+
+The consoles (stdout for the tables, stderr for errors and progress), the
+one-line error for bad input (:func:`fail`), the checks on output targets
+made before any work, the reports written at the end (JSON, JUnit, GitHub
+annotations, PNG plots) and the exit code they add up to. Also what keeps
+the terminal honest: ASCII spellings for a stream that is not UTF-8, and
+Ctrl-C turned into one line and exit 130 (:func:`lincheck.cli.main`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from .errors import LincheckError
+from .options import parse_size
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def plain_consoles() -> None:
+    """No escape codes at all, not only no colours: bold and dim go too (NO_COLOR)."""
+    global stdout, stderr
+    stdout, stderr = Console(color_system=None), Console(stderr=True, color_system=None)
+
+
+def fail(message: str) -> NoReturn:
+    """Print one line on stderr and exit 2 (bad usage or bad input)."""
+    stderr.print(f"lincheck: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@contextmanager
+def bad_input() -> Iterator[None]:
+    """Turn the library's bad-input errors (:class:`LincheckError`) into :func:`fail`."""
+    try:
+        yield
+    except LincheckError as exc:
+        fail(str(exc))
+
+
+class ProgressBar:
+    """A progress bar on stderr for checks that take more than about a second.
+
+    Only on a terminal and never with --quiet. It appears once a check has
+    run for a quarter of a second and is projected to take over a second,
+    and vanishes when done, so quick checks print nothing extra.
+    """
+
+    def __init__(self, enabled: bool):
+        import time
+
+        self.enabled = enabled and stderr.is_terminal
+        self.clock = time.monotonic
+        self.start = self.clock()
+        self.bar: Any = None  # a rich.progress.Progress, imported when first shown
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total == 0:
+            return
+        if self.bar is None:
+            elapsed = self.clock() - self.start
+            if elapsed < 0.25 or elapsed * total / max(done, 1) < 1.0:
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self.bar = Progress(
+                "witness",
+                BarColumn(),
+                MofNCompleteColumn(),
+                "forward passes",
+                TimeRemainingColumn(),
+                console=stderr,
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("witness", total=total)
+        self.bar.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def check_outputs(out: dict, inputs=(), folders: dict | None = None) -> None:
+    """Every output target, before any work: one that lincheck must not write (a device,
+    /dev/stdout, an input file, a folder for a file, a missing folder, plots that exist
+    without --force, one file for two reports, a report that a dump folder would read as
+    an array) is exit 2 with nothing done and nothing written."""
+    from . import arrays
+    from .tensors import INPUT_NAMES, SUBJECT_NAMES
+
+    reports = {
+        what: Path(path)
+        for what, path in (("--json", out["json_path"]), ("--junit", out["junit"]))
+        if path is not None and str(path) != "-"
+    }
+    with bad_input():
+        for what, path in reports.items():
+            arrays.check_output(
+                path, inputs=inputs, what=what, force=True, dash_for_stdout=what == "--json"
+            )
+        targets = {"--plot": out["plot"], **(folders or {})}
+        for what, folder in targets.items():
+            if folder is not None:
+                arrays.check_output(folder, inputs=inputs, what=what, folder=True)
+    if len(reports) == 2 and os.path.realpath(reports["--json"]) == os.path.realpath(
+        reports["--junit"]
+    ):
+        fail(f"--json and --junit name one file, {reports['--json']}; give two")
+    # A report named X.npy (or dw.npy) beside a dump would be read as that array next time.
+    folders_read = [Path(p) for p in inputs if Path(p).is_dir()]
+    folders_read += [Path(f) for f in (folders or {}).values() if f is not None]
+    arrays_names = {f"{n.lower()}.npy" for n in (*INPUT_NAMES, *SUBJECT_NAMES)}
+    for what, path in reports.items():
+        beside = any(os.path.realpath(path.parent) == os.path.realpath(f) for f in folders_read)
+        if beside and path.name.lower() in arrays_names:
+            fail(
+                f"{what} {path}: would be read as an array of the dump in {path.parent}; "
+                "name the report otherwise"
+            )
+    if out["plot"] is not None and not out.get("force"):
+        from .plots import PLOT_NAMES
+
+        existing = arrays.matching_files(out["plot"], PLOT_NAMES)
+        if existing:
+            shown = ", ".join(str(p) for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+            fail(
+                f"--plot {out['plot']}: already holds plots ({shown}); nothing was written "
+                "(use --force to replace them, or another folder)"
+            )
+
+
+def _write_report(path: Path, text: str) -> None:
+    """Replace a report file the user named (--json, --junit) atomically."""
+    from . import arrays
+
+    with bad_input():
+        arrays.write_text(path, text)
+
+
+def _finish(results, json_text, json_path, junit_path, github, to_stdout) -> NoReturn:
+    """Write the JSON and JUnit reports, print GitHub annotations; then exit 0, 1 or 2."""
+    outcomes = [(r.name, r.report, r.error, r.bad_input) for r in results]
+    if json_path is not None:
+        if to_stdout:
+            typer.echo(json_text, nl=False)
+        else:
+            _write_report(json_path, json_text)
+    if junit_path is not None:
+        from .ci import junit_xml
+
+        _write_report(junit_path, junit_xml(outcomes))
+    if github or os.environ.get("GITHUB_ACTIONS") == "true":
+        from .ci import github_annotations
+
+        for line in github_annotations(outcomes):
+            typer.echo(line, err=to_stdout)
+    raise typer.Exit(code=exit_code(results))
+
+
+def exit_code(results) -> int:
+    """0 all passed; 1 a check failed (or a user's function did), even if other cases had
+    bad input, so a failure is never hidden behind a 2; 2 only bad input failed."""
+    if any(not r.passed and not r.bad_input for r in results):
+        return 1
+    return 2 if any(r.bad_input for r in results) else 0
+
+
+def require_plotting(plot: Path | None) -> None:
+    """--plot without matplotlib: say how to install it, before any work is done."""
+    if plot is not None:
+        from .plots import require_matplotlib
+
+        with bad_input():
+            require_matplotlib()
+
+
+def _heatmaps(out: dict) -> str:
+    """--heatmap: all; --no-heatmap: none; neither: the failed checks'."""
+    return {None: "failed", True: "all", False: "none"}[out.get("heatmap")]
+
+
+def _plots(out: dict, reports: dict, study=None) -> list:
+    """Write --plot's PNG files; a line listing them, to print before the verdict.
+
+    One case: its plots in DIR. Several: the failed cases' plots, a subfolder each
+    (a sweep's passing cases have nothing to look at).
+    """
+    if out.get("plot") is None:
+        return []
+    import re
+
+    from rich.text import Text
+
+    from . import arrays, plots
+
+    many = len(reports) > 1
+    if many:
+        reports = {name: r for name, r in reports.items() if not r.passed}
+    written = []
+    used: set[str] = set()
+    for name, report in reports.items():
+        slug = re.sub(r"[^\w.=-]+", "_", name)
+        while slug in used:  # "a b" and "a_b" must not share a folder
+            slug += "_"
+        used.add(slug)
+        folder = out["plot"] / slug if many else out["plot"]
+        with bad_input():
+            files = plots.plot_report(report, study)
+            written += arrays.save_files(folder, files, force=out.get("force", False))
+    if not written:
+        return [Text("Plots: nothing to plot" + (" (no case failed)" if many else ""))]
+    if len(written) > 12:
+        where = f"{len(reports)} folders in {out['plot']}, one per failed case" if many else ""
+        return [Text(f"Plots: {len(written)} files, {where or out['plot']}")]
+    return [Text(f"Plots ({len(written)}):\n" + "\n".join(f"  {p}" for p in written))]
+
+
+def emit(report, header, name: str, out: dict, context: dict, study=None) -> NoReturn:
+    """One report: the tables (or only the verdict), then the reports for CI; exit 0 or 1."""
+    from .api import CaseResult
+    from .report import render, verdict
+
+    to_stdout = out["json_path"] is not None and str(out["json_path"]) == "-"
+    console = stderr if to_stdout else stdout
+    maps = _heatmaps(out)
+    notes = _plots(out, {name: report}, study)
+    if out["quiet"]:
+        for note in [*notes, verdict(report)]:
+            console.print(note)
+    else:
+        console.print(render(report, header, maps, notes))
+    json_text = report.to_json(**context) if out["json_path"] is not None else ""
+    results = [CaseResult(name, report, None)]
+    _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout)
+
+
+def emit_many(results, header, out: dict, context: dict) -> NoReturn:
+    """Several cases: one summary table, details of the failures, reports for CI; exit."""
+    from .api import Sweep
+    from .report import render_cases, verdict_cases
+
+    to_stdout = out["json_path"] is not None and str(out["json_path"]) == "-"
+    console = stderr if to_stdout else stdout
+    maps = _heatmaps(out)
+    notes = _plots(out, {r.name: r.report for r in results if r.report is not None})
+    if out["quiet"]:
+        for note in [*notes, verdict_cases(results)]:
+            console.print(note)
+    else:
+        console.print(render_cases(results, header, maps, notes))
+    json_text = Sweep(tuple(results)).to_json(**context) if out["json_path"] is not None else ""
+    _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fp:
+            for line in fp:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def memory_guard(arrays: Mapping, options: dict, limit_text: str | None, quiet: bool) -> None:
+    """Say how much memory a large check needs before starting it; refuse it past the limit."""
+    from .checks import memory_needed
+    from .errors import InputError
+
+    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    if any(name not in shapes for name in ("X", "W", "dY")) or len(shapes["W"]) != 2:
+        return  # malformed inputs: the check itself says what is wrong
+    need = memory_needed(shapes, options["mode"], options["method"], options["budget"])
+    limit: int | None
+    if limit_text is not None:
+        limit, why = parse_size(limit_text), "--max-memory"
+    else:
+        available = _available_memory()
+        limit, why = (available // 2, "half the available memory") if available else (None, "")
+    if limit is not None and need > limit:
+        raise InputError(
+            f"this check needs about {_size(need)} of memory beyond its inputs, over "
+            f"{_size(limit)} ({why}); free memory or raise --max-memory"
+        )
+    if need > 256 * 2**20 and not quiet:
+        stderr.print(
+            f"lincheck: this check needs about {_size(need)} of memory beyond its inputs",
+            highlight=False,
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+# Characters lincheck prints, spelled in ASCII for a stream that cannot encode them
+# (PYTHONIOENCODING=ascii, a latin-1 terminal); anything else becomes "?".
+ASCII_SPELLINGS = {
+    "×": "x", "−": "-", "─": "-", "━": "-", "│": "|", "—": "--", "–": "-",
+    "≤": "<=", "≥": ">=", "≈": "~", "±": "+-", "→": "->", "…": "...", "·": ".",
+    "γ": "g", "Σ": "sum", "θ": "theta", "∂": "d", "ᵀ": "^T", "ₙ": "_n", "⊙": "*",
+    "√": "sqrt", "∞": "inf", "²": "^2", "⁻": "^-", "¹": "1", "⁰": "0",
+    "░": ":", "▒": "+", "▓": "#", "█": "@",
+}  # fmt: skip
+
+
+def _degrade(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start : error.end]
+    return "".join(ASCII_SPELLINGS.get(c, "?") for c in text), error.end
+
+
+def encodable_streams() -> None:
+    """Never crash on a stream that is not UTF-8: spell what it cannot encode in ASCII.
+
+    Rich already draws ASCII boxes for such a stream; this covers the text (×, ≤,
+    γ, heatmap blocks) that would otherwise raise UnicodeEncodeError.
+    """
+    import codecs
+    import sys
+
+    codecs.register_error("lincheck-ascii", _degrade)
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        try:
+            "×─≤γ█".encode(encoding)
+        except (UnicodeEncodeError, LookupError):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="lincheck-ascii")
+
+
+class Interrupted(BaseException):
+    """Ctrl-C. Not a KeyboardInterrupt, which Click would turn into "Aborted!" and exit 1."""
+
+
+def interrupt(signum, frame) -> None:
+    import signal
+
+    if os.getpid() != _MAIN_PID:
+        return  # a forked worker before it set its own handler: lincheck stops it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the cleanup
+    raise Interrupted
+
+
+_MAIN_PID = os.getpid()
+
+
+def catch_interrupts() -> None:
+    """From now on, Ctrl-C in this process raises :class:`Interrupted` (forked workers
+    ignore it until they set their own handler; lincheck stops them)."""
+    import signal
+
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    signal.signal(signal.SIGINT, interrupt)
