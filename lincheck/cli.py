@@ -237,11 +237,11 @@ def _run_yours(
 def _refuse_saved_cases(folder: Path, cases) -> None:
     """--save-failures without --force into a folder that holds cases of this sweep: exit 2
     before any work (saving them after the checks would fail and hide the verdict)."""
-    from . import arrays
+    from . import writing
     from .tensors import INPUT_NAMES, SUBJECT_NAMES
 
     names = [*INPUT_NAMES, *SUBJECT_NAMES]
-    taken = [folder / c.slug for c in cases if arrays.existing_targets(folder / c.slug, names)]
+    taken = [folder / c.slug for c in cases if writing.existing_targets(folder / c.slug, names)]
     if taken:
         more = ", ..." if len(taken) > 2 else ""
         fail(
@@ -255,7 +255,7 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out) -> NoReturn:
     """run: a seeded random layer per dtype, its analytic gradients against the witness."""
     import numpy as np
 
-    from . import api, checks
+    from . import api, checks, writing
 
     n, din, dout = sizes
     if save is not None and len(dtypes) > 1:
@@ -265,10 +265,8 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out) -> NoReturn:
         data = checks.random_inputs(np.random.default_rng(seed), n, din, dout, value, not no_bias)
         grads = checks.analytic_gradients(data)
         if save is not None:
-            from . import arrays  # only the file layer touches files; import it only to write
-
             with bad_input():
-                arrays.save(save, {**data, **grads}, force=out["force"])
+                writing.save(save, {**data, **grads}, force=out["force"])
         bar = ProgressBar(not out["quiet"])
         try:
             report = checks.check(
@@ -304,13 +302,13 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out) -> NoReturn:
 
 def _save_failures(folder: Path, results, force: bool) -> None:
     """Write each failing case's inputs and the user's outputs to folder/<case>/."""
-    from . import arrays
+    from . import writing
 
     for result in results:
         if result.passed:
             continue
         with bad_input():
-            arrays.save(folder / result.case.slug, dict(result.arrays), force=force)
+            writing.save(folder / result.case.slug, dict(result.arrays), force=force)
 
 
 @app.command(
@@ -556,13 +554,13 @@ def generate(
     """lincheck generate (the help text is in the decorator)."""
     import numpy as np
 
-    from . import arrays, checks
+    from . import checks, writing
 
     data = checks.random_inputs(np.random.default_rng(seed), n, din, dout, dtype.value, not no_bias)
     if with_grads:
         data.update(checks.analytic_gradients(data))
     with bad_input():
-        written = arrays.save(directory, data, force=force)
+        written = writing.save(directory, data, force=force)
     output.stdout.print(
         f"wrote {', '.join(p.name for p in written)} to {directory}", highlight=False
     )

@@ -95,7 +95,7 @@ def check_outputs(out: dict, inputs=(), folders: dict | None = None) -> None:
     /dev/stdout, an input file, a folder for a file, a missing folder, plots that exist
     without --force, one file for two reports, a report that a dump folder would read as
     an array) is exit 2 with nothing done and nothing written."""
-    from . import arrays
+    from . import writing
     from .tensors import INPUT_NAMES, SUBJECT_NAMES
 
     reports = {
@@ -105,13 +105,13 @@ def check_outputs(out: dict, inputs=(), folders: dict | None = None) -> None:
     }
     with bad_input():
         for what, path in reports.items():
-            arrays.check_output(
+            writing.check_output(
                 path, inputs=inputs, what=what, force=True, dash_for_stdout=what == "--json"
             )
         targets = {"--plot": out["plot"], **(folders or {})}
         for what, folder in targets.items():
             if folder is not None:
-                arrays.check_output(folder, inputs=inputs, what=what, folder=True)
+                writing.check_output(folder, inputs=inputs, what=what, folder=True)
     if len(reports) == 2 and os.path.realpath(reports["--json"]) == os.path.realpath(
         reports["--junit"]
     ):
@@ -130,7 +130,7 @@ def check_outputs(out: dict, inputs=(), folders: dict | None = None) -> None:
     if out["plot"] is not None and not out.get("force"):
         from .plots import PLOT_NAMES
 
-        existing = arrays.matching_files(out["plot"], PLOT_NAMES)
+        existing = writing.matching_files(out["plot"], PLOT_NAMES)
         if existing:
             shown = ", ".join(str(p) for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
             fail(
@@ -141,10 +141,10 @@ def check_outputs(out: dict, inputs=(), folders: dict | None = None) -> None:
 
 def _write_report(path: Path, text: str) -> None:
     """Replace a report file the user named (--json, --junit) atomically."""
-    from . import arrays
+    from . import writing
 
     with bad_input():
-        arrays.write_text(path, text)
+        writing.write_text(path, text)
 
 
 def _finish(results, json_text, json_path, junit_path, github, to_stdout) -> NoReturn:
@@ -195,13 +195,15 @@ def _plots(out: dict, reports: dict, study=None) -> list:
     One case: its plots in DIR. Several: the failed cases' plots, a subfolder each
     (a sweep's passing cases have nothing to look at).
     """
+    from . import writing
+
     if out.get("plot") is None:
         return []
     import re
 
     from rich.text import Text
 
-    from . import arrays, plots
+    from . import plots
 
     many = len(reports) > 1
     if many:
@@ -216,7 +218,7 @@ def _plots(out: dict, reports: dict, study=None) -> list:
         folder = out["plot"] / slug if many else out["plot"]
         with bad_input():
             files = plots.plot_report(report, study)
-            written += arrays.save_files(folder, files, force=out.get("force", False))
+            written += writing.save_files(folder, files, force=out.get("force", False))
     if not written:
         return [Text("Plots: nothing to plot" + (" (no case failed)" if many else ""))]
     if len(written) > 12:

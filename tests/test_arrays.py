@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from lincheck import InputError, arrays, check
+from lincheck import InputError, arrays, check, writing
 
 
 def _write_inputs(folder, rng, dtype="float64", **extra):
@@ -36,7 +36,7 @@ def test_save_load_roundtrip(tmp_path, rng, dtype, shape, order):
         back = arrays._read_npy(fp, os.path.getsize(tmp_path / "X.npy"), "X")
     assert back.dtype == a.dtype and back.shape == a.shape
     assert np.array_equal(back, a)
-    arrays.save(tmp_path / "out", {"W": a})
+    writing.save(tmp_path / "out", {"W": a})
     assert np.array_equal(np.load(tmp_path / "out" / "W.npy"), a)
 
 
@@ -181,12 +181,12 @@ def test_npz_errors(tmp_path, rng):
 
 def test_save_refuses_to_overwrite_and_touches_nothing(tmp_path, rng):
     folder = tmp_path / "out"
-    arrays.save(folder, {"X": np.ones(2), "W": np.ones(3)})
+    writing.save(folder, {"X": np.ones(2), "W": np.ones(3)})
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(
         InputError, match=r"X\.npy: already exists; nothing was written \(use --force"
     ):
-        arrays.save(folder, {"B": np.zeros(2), "X": np.zeros(2)})
+        writing.save(folder, {"B": np.zeros(2), "X": np.zeros(2)})
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no B.npy either
 
 
@@ -195,15 +195,15 @@ def test_a_differently_cased_file_counts_as_existing(tmp_path):
     folder.mkdir()
     np.save(folder / "x.npy", np.ones(2))
     with pytest.raises(InputError, match="x.npy: already exists"):
-        arrays.save(folder, {"X": np.zeros(2)})
-    arrays.save(folder, {"X": np.zeros(2)}, force=True)
+        writing.save(folder, {"X": np.zeros(2)})
+    writing.save(folder, {"X": np.zeros(2)}, force=True)
     assert [p.name for p in folder.iterdir()] == ["X.npy"]
 
 
 def test_force_replaces_atomically_and_leaves_no_temporary_files(tmp_path):
     folder = tmp_path / "out"
-    arrays.save(folder, {"X": np.ones(2)})
-    arrays.save(folder, {"X": np.zeros(3)}, force=True)
+    writing.save(folder, {"X": np.ones(2)})
+    writing.save(folder, {"X": np.zeros(3)}, force=True)
     assert np.array_equal(np.load(folder / "X.npy"), np.zeros(3))
     assert [p.name for p in folder.iterdir()] == ["X.npy"]
 
@@ -214,7 +214,7 @@ def test_force_replaces_a_symlink_not_the_file_it_points_to(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "X.npy").symlink_to(precious)
-    arrays.save(folder, {"X": np.zeros(2)}, force=True)
+    writing.save(folder, {"X": np.zeros(2)}, force=True)
     assert np.array_equal(np.load(precious), np.arange(3.0))
     assert not (folder / "X.npy").is_symlink()
 
@@ -227,16 +227,16 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
         fp.write(b"\x93NUMPY partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(arrays.npy_format, "write_array", explode)
+    monkeypatch.setattr(writing.npy_format, "write_array", explode)
     with pytest.raises(InputError, match=r"X\.npy: cannot write: No space left on device"):
-        arrays.save(folder, {"X": np.ones(2)})
+        writing.save(folder, {"X": np.ones(2)})
     assert list(folder.iterdir()) == []
 
 
 def test_write_text_replaces(tmp_path):
     path = tmp_path / "report.json"
     path.write_text("old")
-    arrays.write_text(path, "new\n")
+    writing.write_text(path, "new\n")
     assert path.read_text() == "new\n"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
@@ -244,7 +244,7 @@ def test_write_text_replaces(tmp_path):
 def test_save_into_a_file_is_an_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(InputError, match="exists and is not a folder"):
-        arrays.save(tmp_path / "f", {"X": np.ones(1)})
+        writing.save(tmp_path / "f", {"X": np.ones(1)})
 
 
 def test_large_files_are_read_as_used_not_mapped(tmp_path, rng, monkeypatch):
@@ -301,15 +301,15 @@ def test_file_arrays_are_checked_like_arrays_in_every_mode(tmp_path, rng, monkey
 KILL_MID_WRITE = """
 import os, signal, sys
 import numpy as np
-from lincheck import arrays
+from lincheck import writing
 
 def dying_write(fp, array, allow_pickle):
     fp.write(b"\\x93NUMPY half an array")
     fp.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-arrays.npy_format.write_array = dying_write
-arrays.save(sys.argv[1], {"X": np.ones(1000)}, force=sys.argv[2] == "force")
+writing.npy_format.write_array = dying_write
+writing.save(sys.argv[1], {"X": np.ones(1000)}, force=sys.argv[2] == "force")
 """
 
 
@@ -340,8 +340,8 @@ def test_written_files_get_ordinary_permissions(tmp_path):
 
     umask = os.umask(0o022)
     try:
-        arrays.save(tmp_path / "out", {"X": np.ones(2)})
-        arrays.write_text(tmp_path / "r.json", "{}")
+        writing.save(tmp_path / "out", {"X": np.ones(2)})
+        writing.write_text(tmp_path / "r.json", "{}")
     finally:
         os.umask(umask)
     assert (tmp_path / "out" / "X.npy").stat().st_mode & 0o777 == 0o644

@@ -10,7 +10,7 @@ import stat
 import numpy as np
 import pytest
 
-from lincheck import InputError, arrays
+from lincheck import InputError, arrays, writing
 
 
 def _device(path):
@@ -86,7 +86,7 @@ def test_check_output_refuses(tmp_path, dump, kind, message):
     path = _make(tmp_path, dump, kind)
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(InputError) as caught:
-        arrays.check_output(path, inputs=[dump], what="--json", dash_for_stdout=True)
+        writing.check_output(path, inputs=[dump], what="--json", dash_for_stdout=True)
     assert str(caught.value) == f"--json {path}: " + message.format(dump=dump, tmp=tmp_path)
     assert sorted(os.listdir(tmp_path)) == before
 
@@ -94,8 +94,8 @@ def test_check_output_refuses(tmp_path, dump, kind, message):
 def test_check_output_on_dev_stdout_itself():
     """Only looked at (stat, readlink): /dev/stdout is a stream, whatever fd 1 is."""
     with pytest.raises(InputError, match=r"^--json /dev/stdout: leads to /proc/self/fd/1, a "):
-        arrays.check_output("/dev/stdout", what="--json", force=True, dash_for_stdout=True)
-    arrays.check_output("-", what="--json", dash_for_stdout=True)  # stdout itself: fine
+        writing.check_output("/dev/stdout", what="--json", force=True, dash_for_stdout=True)
+    writing.check_output("-", what="--json", dash_for_stdout=True)  # stdout itself: fine
 
 
 def test_check_output_accepts(tmp_path, dump):
@@ -103,24 +103,24 @@ def test_check_output_accepts(tmp_path, dump):
     target.write_text("old")
     (tmp_path / "link.json").symlink_to(target)
     for path in (tmp_path / "new.json", target, tmp_path / "link.json"):
-        arrays.check_output(path, inputs=[dump], what="--json", force=True)
-    arrays.check_output(tmp_path / "a" / "b", inputs=[dump], what="--plot", folder=True)
-    arrays.check_output(dump, inputs=[dump], what="--plot", folder=True)  # next to the arrays
+        writing.check_output(path, inputs=[dump], what="--json", force=True)
+    writing.check_output(tmp_path / "a" / "b", inputs=[dump], what="--plot", folder=True)
+    writing.check_output(dump, inputs=[dump], what="--plot", folder=True)  # next to the arrays
 
 
 def test_check_output_plot_folders(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match=r"^--plot .*/file: exists and is not a folder$"):
-        arrays.check_output(tmp_path / "file", what="--plot", folder=True)
+        writing.check_output(tmp_path / "file", what="--plot", folder=True)
     with pytest.raises(InputError, match=r"^--plot .*/file/sub: cannot be used: Not a directory$"):
-        arrays.check_output(tmp_path / "file" / "sub", what="--plot", folder=True)
+        writing.check_output(tmp_path / "file" / "sub", what="--plot", folder=True)
 
 
 def test_check_output_unwritable_folder(tmp_path, monkeypatch):
     """As root every folder is writable; a denied access() stands in for chmod 555."""
-    monkeypatch.setattr(arrays.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(writing.os, "access", lambda path, mode: False)
     with pytest.raises(InputError) as caught:
-        arrays.check_output(tmp_path / "r.json", what="--junit", force=True)
+        writing.check_output(tmp_path / "r.json", what="--junit", force=True)
     assert str(caught.value) == (
         f"--junit {tmp_path}/r.json: cannot write in {tmp_path} (permission denied)"
     )
@@ -139,13 +139,13 @@ def test_write_text_never_replaces_a_device_a_fifo_or_an_input(tmp_path, dump):
         (tmp_path / "pipe.json", "a FIFO"),
     ):
         with pytest.raises(InputError) as caught:
-            arrays.write_text(path, "{}")
+            writing.write_text(path, "{}")
         assert str(caught.value) == f"{path}: not a regular file ({what}); not replaced"
     assert stat.S_ISCHR(os.lstat(device).st_mode)
     assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe.json").st_mode)
     arrays.load(dump)
     with pytest.raises(InputError, match=r"X\.npy: a file lincheck has read as an input; not "):
-        arrays.write_text(dump / "X.npy", "{}")
+        writing.write_text(dump / "X.npy", "{}")
     assert np.array_equal(np.load(dump / "X.npy"), np.ones((4, 3)))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "dump",
@@ -160,7 +160,7 @@ def test_write_text_through_a_symlink_replaces_the_file_it_points_to(tmp_path):
     real = tmp_path / "runs" / "report.json"
     real.write_text("old")
     (tmp_path / "latest.json").symlink_to(real)
-    arrays.write_text(tmp_path / "latest.json", "new")
+    writing.write_text(tmp_path / "latest.json", "new")
     assert (tmp_path / "latest.json").is_symlink() and real.read_text() == "new"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["report.json"]
 
@@ -170,18 +170,18 @@ def test_save_and_save_files_refuse_what_is_not_a_regular_file(tmp_path, dump):
     out.mkdir()
     os.mkfifo(out / "X.npy")
     with pytest.raises(InputError) as caught:
-        arrays.save(out, {"W": np.ones(2), "X": np.ones(2)}, force=True)
+        writing.save(out, {"W": np.ones(2), "X": np.ones(2)}, force=True)
     assert str(caught.value) == f"{out}/X.npy: not a regular file (a FIFO); not replaced"
     assert [p.name for p in out.iterdir()] == ["X.npy"] and stat.S_ISFIFO(
         os.lstat(out / "X.npy").st_mode
     )
     _device(out / "plot.png")
     with pytest.raises(InputError, match=r"plot\.png: not a regular file \(a character device\)"):
-        arrays.save_files(out, {"other.png": b"1", "plot.png": b"2"}, force=True)
+        writing.save_files(out, {"other.png": b"1", "plot.png": b"2"}, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["X.npy", "plot.png"]
     arrays.load(dump)
     with pytest.raises(InputError, match=r"X\.npy: a file lincheck has read as an input"):
-        arrays.save_files(dump, {"X.npy": b"plot"}, force=True)
+        writing.save_files(dump, {"X.npy": b"plot"}, force=True)
 
 
 # --- all or nothing -------------------------------------------------------------------------
@@ -214,12 +214,12 @@ def test_a_full_disk_leaves_the_folder_as_it_was(tmp_path, monkeypatch, force):
     folder = tmp_path / "out"
     folder.mkdir()
     if force:
-        arrays.save(folder, {name: np.arange(2.0) for name in ARRAYS})
+        writing.save(folder, {name: np.arange(2.0) for name in ARRAYS})
     before = _snapshot(folder)
     full = OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(arrays.npy_format, "write_array", _fail_on_call(4, full))
+    monkeypatch.setattr(writing.npy_format, "write_array", _fail_on_call(4, full))
     with pytest.raises(InputError) as caught:
-        arrays.save(folder, ARRAYS, force=force)
+        writing.save(folder, ARRAYS, force=force)
     assert str(caught.value) == (
         f"{folder}/dY.npy: cannot write: No space left on device; nothing was written"
     )
@@ -231,10 +231,10 @@ def test_a_failure_while_naming_takes_every_name_back(tmp_path, monkeypatch, for
     folder = tmp_path / "out"
     folder.mkdir()
     if force:
-        arrays.save(folder, {name: np.arange(2.0) for name in ARRAYS})
+        writing.save(folder, {name: np.arange(2.0) for name in ARRAYS})
     before = _snapshot(folder)
     calls = []
-    real_link, real_replace = arrays._link_open_file, os.replace
+    real_link, real_replace = writing._link_open_file, os.replace
 
     def flaky(real):
         def name(*args, **kwargs):
@@ -246,11 +246,11 @@ def test_a_failure_while_naming_takes_every_name_back(tmp_path, monkeypatch, for
         return name
 
     if force:
-        monkeypatch.setattr(arrays.os, "replace", flaky(real_replace))
+        monkeypatch.setattr(writing.os, "replace", flaky(real_replace))
     else:
-        monkeypatch.setattr(arrays, "_link_open_file", flaky(real_link))
+        monkeypatch.setattr(writing, "_link_open_file", flaky(real_link))
     with pytest.raises(InputError, match=r"B\.npy: cannot write: Input/output error; nothing"):
-        arrays.save(folder, ARRAYS, force=force)
+        writing.save(folder, ARRAYS, force=force)
     monkeypatch.undo()
     assert _snapshot(folder) == before
 
@@ -260,12 +260,12 @@ def test_force_removes_a_differently_cased_twin_only_when_all_is_written(tmp_pat
     folder.mkdir()
     np.save(folder / "x.npy", np.ones(2))
     full = OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(arrays.npy_format, "write_array", _fail_on_call(2, full))
+    monkeypatch.setattr(writing.npy_format, "write_array", _fail_on_call(2, full))
     with pytest.raises(InputError):
-        arrays.save(folder, {"X": np.zeros(2), "W": np.zeros(2)}, force=True)
+        writing.save(folder, {"X": np.zeros(2), "W": np.zeros(2)}, force=True)
     assert [p.name for p in folder.iterdir()] == ["x.npy"]
     monkeypatch.undo()
-    arrays.save(folder, {"X": np.zeros(2), "W": np.zeros(2)}, force=True)
+    writing.save(folder, {"X": np.zeros(2), "W": np.zeros(2)}, force=True)
     assert sorted(p.name for p in folder.iterdir()) == ["W.npy", "X.npy"]
 
 
@@ -390,7 +390,7 @@ def test_every_path_into_proc_is_a_stream_not_a_file():
         f"/proc/{os.getpid()}/fd/1",
     ):
         with pytest.raises(InputError, match="is a stream, not a file lincheck can replace"):
-            arrays.check_output(path, what="--json", force=True, dash_for_stdout=True)
+            writing.check_output(path, what="--json", force=True, dash_for_stdout=True)
 
 
 def test_save_failures_into_a_folder_of_saved_cases_is_refused_before_work(tmp_path):
