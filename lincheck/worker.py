@@ -1,7 +1,7 @@
 """Your code in a worker process: ``run --impl/--forward`` cannot end, hang or garble lincheck.
 
-lincheck's verdict is only worth something if the code it checks cannot forge
-it. A backward that calls ``sys.exit(0)`` or ``os._exit(0)``, crashes in a
+lincheck's verdict is only worth something if the code it checks cannot end
+the check early or skip it. A backward that calls ``sys.exit(0)`` or ``os._exit(0)``, crashes in a
 native kernel, never returns, eats the memory, or prints to stdout must end in
 a failed case with a message, never in lincheck exiting 0, dying, hanging, or
 a JSON report on stdout with the user's text in it. So the CLI imports and
