@@ -104,7 +104,7 @@ def lower_precision(
 
 
 @dataclass(frozen=True)
-class Case:
+class Failure:
     """What the diagnosis needs to know about one failed subject.
 
     ``layer`` is the float64 layer (:class:`lincheck.workspace.Workspace`);
@@ -123,7 +123,7 @@ class Case:
     batch_shape: tuple[int, ...]
 
 
-def explain(case: Case, lower: Hint | None = None) -> list[Hint]:
+def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
     """Hints for one failed subject: the first alternative that fits, else ``unexplained``.
 
     Tried in order: a shape that is the transpose of the expected one, or
@@ -144,7 +144,7 @@ def explain(case: Case, lower: Hint | None = None) -> list[Hint]:
     shape2d = L.shape(tensor)
     values = np.asarray(s, dtype=np.float64).reshape(shape2d)
     M, S = L.magnitude(tensor)
-    k = L.inner(tensor)
+    k = L.terms(tensor)
     own = product_error(M, S, k, case.precision, case.storage, case.rounded).worst
     ref_bound = product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False).worst
     reference = L.reference(tensor)
@@ -171,7 +171,7 @@ def _fit(values, alternative, tolerance) -> float | None:
         return float(np.max(np.where(err == 0, 0.0, err / tolerance), initial=0.0))
 
 
-def _value_hints(case: Case, values, reference, own, ref_bound):
+def _value_hints(case: Failure, values, reference, own, ref_bound):
     """Hints for the alternatives that fit, in order; the caller takes the first.
 
     Each alternative is computed only when the ones before it did not fit.
@@ -264,7 +264,7 @@ _TRANSPOSE_ADVICE = {
 }
 
 
-def _operands(case: Case, own):
+def _operands(case: Failure, own):
     """Common wrong products: the forward output Y in place of dY, or Wᵀ in place of W."""
     L, tensor, p = case.layer, case.tensor, case.precision
     Y = forward(L.X, L.W, L.B)
@@ -293,7 +293,7 @@ def _operands(case: Case, own):
         yield "Y.sum(0)", Y.sum(axis=0), bound(aY.sum(axis=0), L.N, dY_err.sum(axis=0)), use_y
 
 
-def _shape_hint(case: Case) -> Hint | None:
+def _shape_hint(case: Failure) -> Hint | None:
     s, tensor, L = case.subject, case.tensor, case.layer
     expected = tuple(case.expected_shape)
     if tensor == "dB" and s.ndim >= 2 and s.shape[-1] == L.D_out and s.size == L.N * L.D_out:
@@ -307,7 +307,7 @@ def _shape_hint(case: Case) -> Hint | None:
         )
     if s.ndim == 2 and len(expected) == 2 and tuple(s.shape) == expected[::-1]:
         M, S = L.magnitude(tensor)
-        k = L.inner(tensor)
+        k = L.terms(tensor)
         tol = product_error(M, S, k, case.precision, case.storage, case.rounded).worst
         tol = tol + product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False).worst
         ratio = _fit(np.asarray(s, dtype=np.float64).T, L.reference(tensor), tol)
@@ -337,7 +337,7 @@ def _non_finite(tensor: str, s: np.ndarray) -> Hint:
     )
 
 
-def _localized(case: Case, err: np.ndarray, tol: np.ndarray) -> Hint | None:
+def _localized(case: Failure, err: np.ndarray, tol: np.ndarray) -> Hint | None:
     """A hint if most of the error beyond tolerance sits in a few rows, columns or entries."""
     excess = np.maximum(err - tol, 0.0)
     total = float(excess.sum())

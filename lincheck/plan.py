@@ -213,7 +213,7 @@ class Tallies:
         for dW and dB in the partial modes.
         """
         plan = self.plan
-        tensor, k = plan.tensor, layer.inner(plan.tensor)
+        tensor, k = plan.tensor, layer.terms(plan.tensor)
         ref = layer.reference(tensor, cols)
         ref_bound = product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False)
         flat = Positions.of_block(plan.shape2d, cols, rows)
@@ -286,7 +286,7 @@ class Tallies:
             (ref, M, S), block = found.result()
             flat = Positions(first=None, entries=self.sampled)
         note_steps(steps, tensor, block.steps)
-        ref_bound = product_error(M, S, totals.inner(tensor), PRECISIONS["fp64"], FLOAT64, False)
+        ref_bound = product_error(M, S, totals.terms(tensor), PRECISIONS["fp64"], FLOAT64, False)
         self.add_witness(ref, ref_bound, block, flat)
 
     def subject_check(self, sub: Subject) -> TensorCheck:
@@ -362,7 +362,7 @@ class Tallies:
             lower = diagnose.lower_precision(
                 self.plan.tensor, sub.precision, sub.array, self.own.alternatives
             )
-        case = diagnose.Case(
+        case = diagnose.Failure(
             tensor=self.plan.tensor,
             subject=sub.array,
             expected_shape=self.plan.shape,

@@ -57,7 +57,7 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _title(check: TensorCheck) -> str:
+def _plot_title(check: TensorCheck) -> str:
     subject = {"supplied": "your", "analytic": "analytic", "reference": "float64 reference"}
     verdict = "PASS" if check.passed else "FAIL"
     return (
@@ -94,7 +94,7 @@ def heatmap_png(check: TensorCheck) -> bytes:
     names = AXES[check.tensor]
     ax.set_xlabel(names[1])
     ax.set_ylabel(names[0])
-    ax.set_title(_title(check), fontsize=10, loc="left")
+    ax.set_title(_plot_title(check), fontsize=10, loc="left")
     return _png(fig)
 
 
@@ -125,7 +125,7 @@ def histogram_png(check: TensorCheck) -> bytes:
     ax.set_xlim(lo - 5, hi + 5)
     ax.set_xlabel("error / tolerance (log scale, a bar per factor of 2)")
     ax.set_ylabel("entries")
-    ax.set_title(_title(check), fontsize=10, loc="left")
+    ax.set_title(_plot_title(check), fontsize=10, loc="left")
     ax.legend(loc="upper right", fontsize=9)
     return _png(fig)
 

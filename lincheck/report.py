@@ -50,7 +50,7 @@ def _short(x: float | None) -> str:
     return f"{mantissa}e{int(exponent)}" if exponent else text
 
 
-def _index(index: tuple[int, ...] | None) -> str:
+def _index_text(index: tuple[int, ...] | None) -> str:
     return "—" if index is None else "[" + ", ".join(map(str, index)) + "]"
 
 
@@ -176,7 +176,7 @@ def worst_entries_table(report: Report, per_tensor: int = 3, per_failed: int = 5
             over = e.abs_error > e.tolerance
             table.add_row(
                 c.tensor,
-                _index(e.index),
+                _index_text(e.index),
                 f"{e.subject:.9g}",
                 f"{e.oracle:.9g}",
                 Text(_num(e.abs_error), style="red" if over else ""),

@@ -99,7 +99,7 @@ class Totals:
     set the steps of the partial witnesses.
 
     Offers the part of :class:`Workspace`'s interface that checks of dW and dB
-    use: ``reference``, ``magnitude``, ``inner``, ``shape``.
+    use: ``reference``, ``magnitude``, ``terms``, ``shape``.
     """
 
     def __init__(self, rows: Rows, dW_magnitudes: bool = True):
@@ -135,9 +135,9 @@ class Totals:
     def bias(self) -> bool:
         return self.B is not None
 
-    def inner(self, tensor: str) -> int:
-        """Terms per entry (:func:`lincheck.tensors.inner`)."""
-        return tensors.inner(tensor, self.N, self.D_in, self.D_out, self.bias)
+    def terms(self, tensor: str) -> int:
+        """Terms per entry (:func:`lincheck.tensors.terms`)."""
+        return tensors.terms(tensor, self.N, self.D_in, self.D_out, self.bias)
 
     def shape(self, tensor: str) -> tuple[int, ...]:
         """The tensor's 2-D shape (:func:`lincheck.tensors.shape2d`)."""
@@ -165,7 +165,7 @@ class Totals:
         """An upper bound on Σ M over the entries of dX or dW."""
         P = self.N * self.D_in if tensor == "dX" else self.D_out * self.D_in
         total = self.sum_M_dX if tensor == "dX" else self.sum_M_dW
-        return float(upper_sum(np.array(self._outer(total)), P * self.inner(tensor)))
+        return float(upper_sum(np.array(self._outer(total)), P * self.terms(tensor)))
 
 
 class BlockSum:
@@ -407,7 +407,7 @@ class DirectionsWitness:
             n_ops=n_ops,
             parts=parts,
             P=T.D_in * (T.N if self.tensor == "dX" else T.D_out),
-            k=T.inner(self.tensor),
+            k=T.terms(self.tensor),
             blocks=T.blocks,
         )
         return Directions(

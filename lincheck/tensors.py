@@ -33,7 +33,7 @@ def shape2d(tensor: str, N: int, D_in: int, D_out: int) -> tuple[int, ...]:
     return {"dX": (N, D_in), "dW": (D_out, D_in), "dB": (D_out,), "Y": (N, D_out)}[tensor]
 
 
-def inner(tensor: str, N: int, D_in: int, D_out: int, bias: bool) -> int:
+def terms(tensor: str, N: int, D_in: int, D_out: int, bias: bool) -> int:
     """Terms per entry: D_out for dX, N for dW and dB, D_in + 1 (with bias) for Y."""
     return {"dX": D_out, "dW": N, "dB": N, "Y": D_in + bias}[tensor]
 

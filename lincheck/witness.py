@@ -295,7 +295,7 @@ def entry_values(layer: Workspace, tensor: str, rows: np.ndarray, cols: np.ndarr
     else:
         ref = L.G[:, cols].sum(axis=0)
         return ref, upper_sum(L.sum_G_cols[cols], L.N), np.full(len(cols), float(L.N))
-    k = L.inner(tensor)
+    k = L.terms(tensor)
     kmax = max(L.N, L.D_in, L.D_out) + 1
     return (
         np.einsum("ek,ek->e", a, b),

@@ -131,9 +131,9 @@ class Workspace:
     def bias(self) -> bool:
         return self.B is not None
 
-    def inner(self, tensor: str) -> int:
-        """Terms per entry (:func:`lincheck.tensors.inner`)."""
-        return tensors.inner(tensor, self.N, self.D_in, self.D_out, self.bias)
+    def terms(self, tensor: str) -> int:
+        """Terms per entry (:func:`lincheck.tensors.terms`)."""
+        return tensors.terms(tensor, self.N, self.D_in, self.D_out, self.bias)
 
     def shape(self, tensor: str) -> tuple[int, ...]:
         """The tensor's 2-D shape (:func:`lincheck.tensors.shape2d`)."""
@@ -160,7 +160,7 @@ class Workspace:
         else:
             return self.MY, upper_sum(self.sum_X_rows[:, None] + self.sum_W_rows[None, :] + 1.0, 1)
         k = max(self.N, self.D_in, self.D_out) + 1
-        return upper_sum(M, self.inner(tensor)), upper_sum(S, k)
+        return upper_sum(M, self.terms(tensor)), upper_sum(S, k)
 
     def reference(self, tensor: str, cols: np.ndarray | None = None) -> np.ndarray:
         """The analytic values of a block, in float64: G W, Gᵀ X, Σₙ G or X Wᵀ + B."""
