@@ -118,7 +118,10 @@ def round_to(values: np.ndarray, fmt: Format) -> np.ndarray:
 
     float32 and float16 use NumPy's conversions (with their exponent ranges);
     tf32 and bfloat16 round the significand to ``fmt.bits`` bits and keep
-    float32's exponent range, as the hardware formats do.
+    float32's exponent range, as the hardware formats do, subnormals
+    included: below float32's smallest normal number, 2⁻¹²⁶, their spacing
+    is fixed at ``fmt.eta`` (2⁻¹³³ for bfloat16, 2⁻¹³⁶ for tf32), so 2⁻¹⁴⁰,
+    a float32 subnormal, is not a bfloat16 number (it rounds to 0).
     """
     a = np.asarray(values, dtype=np.float64)
     if fmt is FLOAT64:
@@ -127,7 +130,11 @@ def round_to(values: np.ndarray, fmt: Format) -> np.ndarray:
         with np.errstate(over="ignore"):
             return a.astype(fmt.name).astype(np.float64)
     m, e = np.frexp(a.astype(np.float32).astype(np.float64))
-    return np.ldexp(np.rint(np.ldexp(m, fmt.bits)), e - fmt.bits)
+    # frexp writes 2⁻¹²⁶ as 0.5 · 2⁻¹²⁵: below it, the exponent of the spacing stays put.
+    e = np.maximum(e, -125)
+    return np.ldexp(
+        np.rint(np.ldexp(a.astype(np.float32).astype(np.float64), fmt.bits - e)), e - fmt.bits
+    )
 
 
 def representable(values: np.ndarray, fmt: Format) -> bool:

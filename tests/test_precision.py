@@ -7,6 +7,8 @@ import oracles
 import pytest
 from conftest import matmul_in
 
+import lincheck
+from lincheck import precision
 from lincheck.precision import (
     BFLOAT16,
     FLOAT16,
@@ -34,7 +36,13 @@ def test_round_to_hand_cases():
         1.0,
         1.0 + 2.0**-7,
     ]
-    assert round_to(np.array([-3.0, 0.0, 2.0**-140]), BFLOAT16).tolist() == [-3.0, 0.0, 2.0**-140]
+    # Below 2⁻¹²⁶ bfloat16's spacing is its smallest subnormal, 2⁻¹³³: 2⁻¹⁴⁰ rounds to 0.
+    assert round_to(np.array([-3.0, 0.0, 2.0**-140, 2.0**-133]), BFLOAT16).tolist() == [
+        -3.0,
+        0.0,
+        0.0,
+        2.0**-133,
+    ]
     assert round_to(np.array([0.1]), FLOAT32)[0] == float(np.float32(0.1))
 
 
@@ -115,3 +123,47 @@ def test_magnitude_sums_match_their_definition(rng):
     assert mags.sums["dX"][n, j] == pytest.approx(np.abs(G[n]).sum() + np.abs(W[:, j]).sum())
     assert mags.sums["dW"][i, j] == pytest.approx(np.abs(G[:, i]).sum() + np.abs(X[:, j]).sum())
     assert mags.sums["Y"][n, i] == pytest.approx(np.abs(X[n]).sum() + np.abs(W[i]).sum() + 1)
+
+
+def _bf16_bits(a):
+    """bfloat16 by its definition: the top 16 bits of float32, rounded to nearest even."""
+    b = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return (((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+
+
+def _tf32_bits(a):
+    """TF32 as float32 with the low 13 significand bits rounded off (nearest even)."""
+    b = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return (((b + 0xFFF + ((b >> 13) & 1)) >> 13) << 13).astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize(
+    "fmt, oracle", [(precision.BFLOAT16, _bf16_bits), (precision.TF32, _tf32_bits)]
+)
+def test_round_to_matches_the_formats_bit_definition_subnormals_included(rng, fmt, oracle):
+    """Every finite float32, normal or subnormal (below 2⁻¹²⁶ the spacing is fixed at the
+    format's η: 2⁻¹⁴⁰ is no bfloat16 number), rounds as the hardware format defines."""
+    bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    bits[:50_000] &= 0x807FFFFF  # a quarter subnormal (exponent field 0)
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x) & (np.abs(x) < 3.0e38)]  # far from overflow in the narrow format
+    got = precision.round_to(x, fmt)
+    want = oracle(x).astype(np.float64)
+    assert np.array_equal(got, want)
+
+
+def test_subnormal_operands_that_the_format_cannot_hold_are_bounded(rng):
+    """Inputs that are bfloat16 numbers except for float32 subnormals (±2⁻¹⁴⁰): TF32 and
+    bf16 kernels flush or round them, and the bound must say so (it did not: Err/tol 149)."""
+    N, D_in, D_out = 16, 8, 4
+    G = _bf16_bits(rng.standard_normal((N, D_out)))
+    W = _bf16_bits(rng.standard_normal((D_out, D_in)))
+    X = (rng.choice([-1.0, 1.0], size=(N, D_in)) * 2.0**-140).astype(np.float32)
+    X[:, :2] = _bf16_bits(rng.standard_normal((N, 2)))
+    for name, q in (("bf16", _bf16_bits), ("tf32", _tf32_bits)):
+        dW = q(G).T @ q(X)  # float32 accumulation of the converted operands
+        if name == "bf16":
+            dW = _bf16_bits(dW)
+        report = lincheck.check(X, W, None, G, dW=dW, precision=name)
+        (check,) = [c for c in report.checks if c.tensor == "dW" and c.subject == "supplied"]
+        assert check.passed, (name, check.bound_ratio)
