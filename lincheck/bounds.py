@@ -32,35 +32,42 @@ def upper_sum(computed, k: int):
     return computed * (1.0 + 2.0 * gamma(k + 1, U64)) + 4 * (k + 1) * ETA64
 
 
-def central_difference_bound(n_ops: int, A, delta, M):
+def central_difference_bound(n_ops: int, A, delta, M, G_mass=0.0, k_Y: int = 0):
     """(worst, typical) error of a central difference read from a loss share.
 
     (1 + γ₃) γ_c (2A/Δ + M) + γ₃ M for the rounding (see :func:`witness_block`);
-    each loss value is also off by at most 2·c·η from underflow (see
-    :func:`lincheck.precision.product_error`) and the quotient by one more η;
-    (1 + 2⁻⁵⁰) covers evaluating the bound in float64. The typical scale
-    replaces γ_c by √c·u.
+    each loss value is also off by at most 2·c·η from underflow in its own
+    operations (see :func:`lincheck.precision.product_error`), and by
+    k_Y·η·Σ|G| from underflow inside the forward pass: each entry of Y sums
+    k_Y = D_in + 1 terms whose products may each be off by η/2, and the loss
+    multiplies Y by G, so ``G_mass`` = Σ|G| over the share's terms scales it
+    (X = 0.1, W = 3e-316, dY = 1e3 makes it the largest term); the quotient
+    adds one more η; (1 + 2⁻⁵⁰) covers evaluating the bound in float64. The
+    typical scale replaces γ_c by √c·u.
     """
     g3 = gamma(3, U64)
     loss = 2.0 * A / delta + M  # the loss values' share of the error, and the perturbation's
     rest = g3 * M
     roundoff = (1.0 + g3) * gamma(n_ops, U64) * loss + rest
-    underflow = (1.0 + g3) * 4.0 * n_ops * ETA64 / delta + 3.0 * ETA64
+    per_pass = 2.0 * n_ops * ETA64 + (1.0 + g3) * k_Y * ETA64 * G_mass
+    underflow = (1.0 + g3) * 2.0 * per_pass / delta + 3.0 * ETA64
     typical = (1.0 + g3) * np.sqrt(n_ops) * U64 * loss + rest
     return (roundoff + underflow) * (1.0 + 2.0**-50), typical
 
 
-def complex_step_bound(n_ops: int, h: float, M):
+def complex_step_bound(n_ops: int, h: float, M, G_mass=0.0, k_Y: int = 0):
     """(worst, typical) error of a complex-step estimate Im L(θ + ih)/h.
 
     With standard complex arithmetic the imaginary part carries only the
     perturbation, so there is no cancellation: γ_c M for the rounding, with
     c the operations in the imaginary part's sums (see
-    :func:`lincheck.witness.witness_block`), 2c·η/h for underflow in them and
-    η for the quotient; (1 + 2⁻⁵⁰) covers evaluating the bound. The typical
-    scale replaces γ_c by √c·u.
+    :func:`lincheck.witness.witness_block`), 2c·η/h for underflow in them,
+    k_Y·η·Σ|G|/h for underflow inside Y's imaginary part (as for
+    :func:`central_difference_bound`) and η for the quotient; (1 + 2⁻⁵⁰)
+    covers evaluating the bound. The typical scale replaces γ_c by √c·u.
     """
-    bound = (gamma(n_ops, U64) * M + 2 * n_ops * ETA64 / h + ETA64) * (1.0 + 2.0**-50)
+    underflow = (2 * n_ops * ETA64 + 2.0 * k_Y * ETA64 * G_mass) / h + ETA64
+    bound = (gamma(n_ops, U64) * M + underflow) * (1.0 + 2.0**-50)
     return bound, np.sqrt(n_ops) * U64 * M
 
 
@@ -91,6 +98,8 @@ def directions_tolerance(
     P: int,
     k: int,
     blocks: int,
+    G_mass: float = 0.0,
+    k_Y: int = 0,
 ):
     """(tolerance, typical, step) of one tensor's random directions (``docs/numerics.md`` §4).
 
@@ -106,7 +115,8 @@ def directions_tolerance(
     = γ_k ΣM + 2kηP the reference's bound, Σ|r| its absolute sum
     (``sum_r``, summed in float64 over P entries) and Σ|d̂| per direction
     (``share_magnitude``). ``step`` = min |Δ̂|, which converts a distance
-    into a per-entry error. ``scale`` is the largest |θ|.
+    into a per-entry error. ``scale`` is the largest |θ|. ``G_mass`` = Σ|G| and
+    ``k_Y`` = D_in + 1 bound the underflow inside Y, multiplied by G in the loss.
     """
     u = U64
     sum_E = gamma(k, u) * sum_M + 2 * k * ETA64 * P
@@ -119,7 +129,10 @@ def directions_tolerance(
     moved = h + slack / 2.0
     big, small = (2.0 * h + slack) * (1.0 + u), (2.0 * h - slack) * (1.0 - u)
     loss_part = 2.0 * A_all + 2.0 * moved * sum_M
-    fixed = (1.0 + u) * g_c * loss_part + 4 * n_ops * parts * ETA64
+    # Underflow: 2c·η per share per pass in the loss's own operations, and k_Y·η·Σ|G|
+    # from underflow inside Y multiplied by G (see central_difference_bound).
+    underflow = 4 * n_ops * parts * ETA64 + 2.0 * (1.0 + 2.0 * u) * k_Y * ETA64 * G_mass
+    fixed = (1.0 + u) * g_c * loss_part + underflow
     fixed += big * (sum_E + (u + 2.0 * g_P) * sum_r)
     typical = np.sqrt(n_ops) * u * loss_part + big * np.sqrt(k) * u * sum_M
     tolerance = fixed + (2.0 * u + g_m) * share_magnitude * (1.0 + u)

@@ -409,6 +409,8 @@ class DirectionsWitness:
             P=T.D_in * (T.N if self.tensor == "dX" else T.D_out),
             k=T.terms(self.tensor),
             blocks=T.blocks,
+            G_mass=float(upper_sum(np.array(float(T.sum_G_cols.sum())), T.D_out * T.blocks)),
+            k_Y=T.D_in + 1,
         )
         return Directions(
             difference=self.difference.copy(),

@@ -167,13 +167,15 @@ def witness_block(
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     L = layer
     A: Any  # the loss share's sum of absolute terms: one number, or one per row or column
+    G_mass: Any  # Σ|G| over the same share (underflow inside Y is multiplied by G)
     if method == "dense":
-        A = L.A_all
+        A, G_mass = L.A_all, float(L.sum_G_cols.sum())
         n_ops = L.D_in + 1 + L.N * L.D_out
     elif tensor == "dX":
-        A, n_ops = L.A_rows[:, None], L.D_in + 1 + L.D_out
+        A, G_mass, n_ops = L.A_rows[:, None], L.sum_G_rows[:, None], L.D_in + 1 + L.D_out
     else:
         A = L.A_cols[:, None] if tensor == "dW" else L.A_cols
+        G_mass = L.sum_G_cols[:, None] if tensor == "dW" else L.sum_G_cols
         n_ops = L.D_in + 1 + L.N
     if h is None:
         steps = step_sizes(L.scale[tensor], A, M, rel_step)
@@ -181,7 +183,7 @@ def witness_block(
         steps = np.broadcast_to(float(h), np.shape(M)).copy()
     run = _dense_block if method == "dense" else _central_block
     estimate, delta, passes = run(L, tensor, cols, steps)
-    bound, typical = central_difference_bound(n_ops, A, delta, M)
+    bound, typical = central_difference_bound(n_ops, A, delta, M, G_mass, L.D_in + 1)
     return Block(estimate, bound, typical, passes, (float(steps.min()), float(steps.max())))
 
 
@@ -262,7 +264,7 @@ def _complex_block(L: Workspace, tensor: str, cols, M) -> Block:
         Xs[k, :, cols] += 1j * h
         Y = forward(Xs.reshape(-1, L.D_in), L.W, L.B).reshape(c, L.N, L.D_out)
         estimate = (np.einsum("cni,ni->cn", Y, L.G).imag / h).T
-        n_ops, passes = 2 * (L.D_in + L.D_out), c
+        n_ops, passes, G_mass = 2 * (L.D_in + L.D_out), c, L.sum_G_rows[:, None]
     elif tensor == "dW":
         c, k = len(cols), np.arange(len(cols))
         Ws = np.broadcast_to(L.W, (c, L.D_out, L.D_in)).astype(np.complex128)
@@ -270,12 +272,12 @@ def _complex_block(L: Workspace, tensor: str, cols, M) -> Block:
         Bs = None if L.B is None else np.tile(L.B, c)
         Y = forward(L.X, Ws.reshape(-1, L.D_in), Bs).reshape(L.N, c, L.D_out)
         estimate = (np.einsum("nci,ni->ci", Y, L.G).imag / h).T
-        n_ops, passes = 2 * (L.D_in + L.N), c
+        n_ops, passes, G_mass = 2 * (L.D_in + L.N), c, L.sum_G_cols[:, None]
     else:
         Y = forward(L.X, L.W, cast(np.ndarray, L.B) + 1j * h)  # dB: there is a bias
         estimate = np.einsum("ni,ni->i", Y, L.G).imag / h
-        n_ops, passes = 2 * L.N, 1
-    bound, typical = complex_step_bound(n_ops, h, M)
+        n_ops, passes, G_mass = 2 * L.N, 1, L.sum_G_cols
+    bound, typical = complex_step_bound(n_ops, h, M, G_mass, L.D_in + 1)
     return Block(estimate, bound, typical, passes, (h, h))
 
 
@@ -322,9 +324,10 @@ def witness_entries(
     """
     L = layer
     if tensor == "dX":
-        A, n_ops = L.A_rows[rows], L.D_in + 1 + L.D_out
+        A, G_mass, n_ops = L.A_rows[rows], L.sum_G_rows[rows], L.D_in + 1 + L.D_out
     else:
-        A, n_ops = L.A_cols[rows if tensor == "dW" else cols], L.D_in + 1 + L.N
+        units = rows if tensor == "dW" else cols
+        A, G_mass, n_ops = L.A_cols[units], L.sum_G_cols[units], L.D_in + 1 + L.N
     h = step_sizes(L.scale[tensor], A, M, rel_step)
     e = np.arange(len(cols))
     if tensor == "dX":
@@ -349,7 +352,7 @@ def witness_entries(
         Y = forward(L.X, Ws, Bs).reshape(L.N, 2, len(e))
         shares = np.einsum("nse,ne->se", Y, L.G[:, units])
     estimate = (shares[0] - shares[1]) / delta
-    bound, typical = central_difference_bound(n_ops, A, delta, M)
+    bound, typical = central_difference_bound(n_ops, A, delta, M, G_mass, L.D_in + 1)
     # Rows (or output units) through the layer, in units of whole forward passes.
     passes = 2 * len(e) / (L.N if tensor == "dX" else L.D_out)
     steps = (float(h.min()), float(h.max())) if len(e) else (0.0, 0.0)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import compute_in, layer
 
+import lincheck
 from lincheck import check
 from lincheck.precision import PRECISIONS, TF32, round_to
 
@@ -173,3 +174,36 @@ def test_float16_sums_too_long_for_any_bound_are_inconclusive_not_passed(rng):
     assert check(*args, **grads, precision="fp32").passed  # float32 sums, float16 storage
     grads["dW"] = grads["dW"] * 3
     assert [c.tensor for c in check(*args, **grads, precision="fp32").failed] == ["dW"]
+
+
+SUBNORMAL_SCALES = [  # (X, W and B, dY): products inside Y underflow, and L multiplies them by G
+    (0.1, 3e-316, 1e3),
+    (1.0, 1e-310, 1e5),
+    (3e-316, 0.1, 1e3),
+    (1e-160, 1e-160, 1e10),
+]
+
+
+@pytest.mark.parametrize("scales", SUBNORMAL_SCALES, ids=str)
+@pytest.mark.parametrize(
+    "mode, method",
+    [
+        ("full", "central"),
+        ("full", "dense"),
+        ("full", "complex-step"),
+        ("sample", "central"),
+        ("directions", "central"),
+    ],
+)
+def test_underflow_inside_y_is_bounded_in_every_witness(scales, mode, method):
+    """The formulas are right, so the reference must pass against the witness, however
+    small the products inside Y (it failed at Err/tol 32: the underflow in Y, multiplied
+    by |dY| in the loss, was not in the bound)."""
+    rng = np.random.default_rng(0)
+    sx, sw, sg = scales
+    X, W, B, G = (
+        rng.standard_normal(s) * scale
+        for s, scale in (((8, 5), sx), ((3, 5), sw), ((3,), sw), ((8, 3), sg))
+    )
+    report = lincheck.check(X, W, B, G, mode=mode, method=method)
+    assert report.passed, [(c.tensor, c.bound_ratio) for c in report.checks]
