@@ -344,7 +344,13 @@ class DirectionsWitness:
         self.reference = reference  # whole (dW's from the totals); dX's otherwise block by block
         self.sum_M = totals.sum_M(tensor)
         self.h = float(
-            step_sizes(totals.scale[tensor], totals.A_all, np.array(self.sum_M), rel_step)
+            step_sizes(
+                totals.scale[tensor],
+                totals.A_all,
+                np.array(self.sum_M),
+                rel_step,
+                totals.scale["dW" if tensor == "dX" else "dX"],
+            )
         )
         self.generators = [np.random.default_rng([seed, 0, d]) for d in range(count)]
         if tensor == "dW":  # every block needs all of each direction: kept as bits

@@ -27,7 +27,12 @@ DEFAULT_REL_STEP = 2.0**10
 """How far past the cancellation threshold the step goes; see :func:`step_sizes`."""
 
 _MAX_STEP_FACTOR = 2.0**64
-"""Cap on a step, in units of its array's scale, so perturbed values stay far from overflow."""
+"""The step of an entry whose perturbation moves nothing (M = 0), in units of its array's
+scale."""
+
+_STEP_ROOM = 2.0**1000
+"""How large a value of the forward pass, or the loss's change, a step may make (float64
+overflows past 2¹⁰²⁴): see :func:`step_sizes`."""
 
 METHODS = ("central", "dense", "complex-step")
 """Witness methods: grouped central differences, one entry at a time, the complex step."""
@@ -46,6 +51,7 @@ def step_sizes(
     A: np.ndarray | float,
     M: np.ndarray,
     rel_step: float = DEFAULT_REL_STEP,
+    reach: float = 1.0,
 ) -> np.ndarray:
     """Per-entry central-difference steps h = rel_step · 2^⌈log₂ max(s, A/M)⌉.
 
@@ -58,16 +64,24 @@ def step_sizes(
     in each entry, so a large h adds no truncation error. The step is never
     below s = max |values| (a number may be given instead of the values;
     s = 1 if all are zero), so it is meaningful for arrays of any scale,
-    never above 2⁶⁴·s (far from overflow), and a power of two.
+    and a power of two. It is never so large that a value of the forward
+    pass could overflow: a unit change of θ moves an entry of Y by at most
+    ``reach`` (the largest |W| for X, the largest |X| for W, 1 for B) and
+    the loss by M, so h ≤ 2¹⁰⁰⁰ / max(reach, M, 1) / rel_step. (An entry
+    with M = 0, whose perturbation moves nothing, takes 2⁶⁴·s.) A step far
+    above s is fine: L is linear, and θ± = fl(θ ± h) is measured, not
+    assumed (X = 1e-300 beside dY = 1e100 needs h ≈ 1e3).
     """
     scale = float(np.max(np.abs(values), initial=0.0))
     if not np.isfinite(scale) or scale == 0.0:
         scale = 1.0
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         threshold = np.where(M > 0, A / M, np.inf)
-    # (minimum and maximum rather than np.clip, whose Python wrapper costs more than the
-    # arithmetic for the small blocks of small layers)
-    target = np.minimum(np.maximum(threshold, scale), scale * _MAX_STEP_FACTOR)
+        # (minimum and maximum rather than np.clip, whose Python wrapper costs more than
+        # the arithmetic for the small blocks of small layers)
+        limit = _STEP_ROOM / np.maximum(np.maximum(M, reach), 1.0) / rel_step
+    target = np.where(M > 0, np.maximum(threshold, scale), scale * _MAX_STEP_FACTOR)
+    target = np.minimum(target, limit)
     return rel_step * np.ldexp(1.0, np.frexp(target)[1])
 
 
@@ -178,7 +192,7 @@ def witness_block(
         G_mass = L.sum_G_cols[:, None] if tensor == "dW" else L.sum_G_cols
         n_ops = L.D_in + 1 + L.N
     if h is None:
-        steps = step_sizes(L.scale[tensor], A, M, rel_step)
+        steps = step_sizes(L.scale[tensor], A, M, rel_step, L.reach(tensor))
     else:
         steps = np.broadcast_to(float(h), np.shape(M)).copy()
     run = _dense_block if method == "dense" else _central_block
@@ -328,7 +342,7 @@ def witness_entries(
     else:
         units = rows if tensor == "dW" else cols
         A, G_mass, n_ops = L.A_cols[units], L.sum_G_cols[units], L.D_in + 1 + L.N
-    h = step_sizes(L.scale[tensor], A, M, rel_step)
+    h = step_sizes(L.scale[tensor], A, M, rel_step, L.reach(tensor))
     e = np.arange(len(cols))
     if tensor == "dX":
         Xs = np.stack([L.X[rows], L.X[rows]])  # (2, E, D_in)
@@ -395,7 +409,9 @@ def step_study(layer: Workspace, columns: int = 2, points: int = 33) -> dict[str
     cols = np.arange(min(columns, layer.D_in))
     M, _ = layer.magnitude("dW", cols)
     reference = layer.reference("dW", cols)
-    h_default = step_sizes(layer.scale["dW"], layer.A_cols[:, None], M, DEFAULT_REL_STEP)
+    h_default = step_sizes(
+        layer.scale["dW"], layer.A_cols[:, None], M, DEFAULT_REL_STEP, layer.reach("dW")
+    )
     scale = max(layer.scale["dW"], float(np.finfo(float).tiny))
     steps = np.geomspace(1e-12 * scale, 4 * float(h_default.max()), points)
     out: dict[str, list] = {"h": [], "error": [], "bound": []}

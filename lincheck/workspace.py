@@ -127,6 +127,11 @@ class Workspace:
             "dB": float(self.MY.max(initial=0.0)),
         }
 
+    def reach(self, tensor: str) -> float:
+        """How far a unit change of one entry of X, W or B moves an entry of Y at most:
+        the largest |W|, the largest |X|, or 1 (see :func:`lincheck.witness.step_sizes`)."""
+        return {"dX": self.scale["dW"], "dW": self.scale["dX"]}.get(tensor, 1.0)
+
     @property
     def bias(self) -> bool:
         return self.B is not None

@@ -207,3 +207,40 @@ def test_underflow_inside_y_is_bounded_in_every_witness(scales, mode, method):
     )
     report = lincheck.check(X, W, B, G, mode=mode, method=method)
     assert report.passed, [(c.tensor, c.bound_ratio) for c in report.checks]
+
+
+# (X, W and B, dY, rows of X scaled apart): every value finite, no product overflows
+EXTREME_SCALES = [
+    (1e-300, 1.0, 1e100, 1.0),
+    (1.0, 1e-300, 1e100, 1.0),
+    (1.0, 1.0, 1.0, 1e160),
+]
+
+
+@pytest.mark.parametrize("scales", EXTREME_SCALES, ids=str)
+@pytest.mark.parametrize(
+    "mode, method",
+    [
+        ("full", "central"),
+        ("full", "dense"),
+        ("full", "complex-step"),
+        ("sample", "central"),
+        ("directions", "central"),
+    ],
+)
+def test_extreme_but_finite_scales_get_a_verdict_not_an_overflow_claim(scales, mode, method):
+    """X = 1e-300 beside dY = 1e100: a step capped at 2⁶⁴ times X's scale left the
+    cancellation term to overflow, and full mode exited 2 claiming that "sums of products
+    overflow float64"; sample said inconclusive and directions gave a NaN ratio. The step
+    is now limited by what the forward pass can hold, not by θ's own scale."""
+    rng = np.random.default_rng(1)
+    sx, sw, sg, apart = scales
+    X, W, B, G = (
+        rng.standard_normal(s) * scale
+        for s, scale in (((8, 5), sx), ((3, 5), sw), ((3,), sw), ((8, 3), sg))
+    )
+    X[0] *= apart  # rows scaled far apart share one step in the directions
+    X[1] *= apart / 1e10
+    report = lincheck.check(X, W, B, G, mode=mode, method=method)
+    assert report.passed, [(c.tensor, c.bound_ratio, c.message) for c in report.checks]
+    assert all(np.isfinite(c.bound_ratio) for c in report.checks)
