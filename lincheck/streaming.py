@@ -86,7 +86,7 @@ class Rows:
             yield rows, Workspace(self.X[rows], self.W, self.B, self.G[rows])
 
 
-class Totals:
+class Totals(tensors.Sizes):
     """What the partial modes need of the whole layer, summed over row blocks.
 
     dW = Gᵀ X and dB = Σₙ G are sums over the batch, so their references
@@ -130,18 +130,6 @@ class Totals:
         self.sum_M_dX += float(block.sum_G_cols @ block.sum_W_rows)  # Σₙⱼ Σᵢ |G||W|
         self.sum_M_dW += float(block.sum_G_rows @ block.sum_X_rows)  # Σᵢⱼ Σₙ |G||X|
         self.scale["dX"] = max(self.scale["dX"], block.scale["dX"])
-
-    @property
-    def bias(self) -> bool:
-        return self.B is not None
-
-    def terms(self, tensor: str) -> int:
-        """Terms per entry (:func:`lincheck.tensors.terms`)."""
-        return tensors.terms(tensor, self.N, self.D_in, self.D_out, self.bias)
-
-    def shape(self, tensor: str) -> tuple[int, ...]:
-        """The tensor's 2-D shape (:func:`lincheck.tensors.shape2d`)."""
-        return tensors.shape2d(tensor, self.N, self.D_in, self.D_out)
 
     def _outer(self, x):
         """An upper bound on an exact sum over the blocks of upper bounds summed in float64."""

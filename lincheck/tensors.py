@@ -12,6 +12,8 @@ W (D_out, D_in), B (D_out,) and G = dL/dY (N, D_out):
 
 from __future__ import annotations
 
+from typing import Any
+
 INPUT_NAMES = ("X", "W", "B", "dY")
 SUBJECT_NAMES = ("dX", "dW", "dB", "Y")
 
@@ -45,3 +47,26 @@ def flat_index(flat: int, shape: tuple[int, ...]) -> list[int]:
         flat, i = divmod(int(flat), n)
         index.append(i)
     return index[::-1]
+
+
+class Sizes:
+    """The per-tensor facts of a layer whose sizes are ``N``, ``D_in``, ``D_out`` and whose
+    bias is ``B`` (None without one): what the workspace of a layer and the totals of a
+    streamed one both answer."""
+
+    N: int
+    D_in: int
+    D_out: int
+    B: Any
+
+    @property
+    def bias(self) -> bool:
+        return self.B is not None
+
+    def terms(self, tensor: str) -> int:
+        """Terms per entry (:func:`terms`)."""
+        return terms(tensor, self.N, self.D_in, self.D_out, self.bias)
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        """The tensor's 2-D shape (:func:`shape2d`)."""
+        return shape2d(tensor, self.N, self.D_in, self.D_out)

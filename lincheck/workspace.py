@@ -22,7 +22,7 @@ BLOCK_BYTES = 32 * 2**20
 """Memory for one block of perturbed forward passes (their inputs and outputs)."""
 
 
-class Workspace:
+class Workspace(tensors.Sizes):
     """A float64 layer prepared for block-wise checking.
 
     Holds the inputs as float64 (views when they already are) and, from
@@ -131,18 +131,6 @@ class Workspace:
         """How far a unit change of one entry of X, W or B moves an entry of Y at most:
         the largest |W|, the largest |X|, or 1 (see :func:`lincheck.witness.step_sizes`)."""
         return {"dX": self.scale["dW"], "dW": self.scale["dX"]}.get(tensor, 1.0)
-
-    @property
-    def bias(self) -> bool:
-        return self.B is not None
-
-    def terms(self, tensor: str) -> int:
-        """Terms per entry (:func:`lincheck.tensors.terms`)."""
-        return tensors.terms(tensor, self.N, self.D_in, self.D_out, self.bias)
-
-    def shape(self, tensor: str) -> tuple[int, ...]:
-        """The tensor's 2-D shape (:func:`lincheck.tensors.shape2d`)."""
-        return tensors.shape2d(tensor, self.N, self.D_in, self.D_out)
 
     def magnitude(self, tensor: str, cols: np.ndarray | None = None):
         """(M, S) for a block: M = Σ|terms| per entry, S = Σ(|a| + |b|) over its terms.

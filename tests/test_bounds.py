@@ -176,6 +176,14 @@ def test_float16_sums_too_long_for_any_bound_are_inconclusive_not_passed(rng):
     assert [c.tensor for c in check(*args, **grads, precision="fp32").failed] == ["dW"]
 
 
+EVERY_WITNESS = [
+    ("full", "central"),
+    ("full", "dense"),
+    ("full", "complex-step"),
+    ("sample", "central"),
+    ("directions", "central"),
+]
+
 SUBNORMAL_SCALES = [  # (X, W and B, dY): products inside Y underflow, and L multiplies them by G
     (0.1, 3e-316, 1e3),
     (1.0, 1e-310, 1e5),
@@ -185,16 +193,7 @@ SUBNORMAL_SCALES = [  # (X, W and B, dY): products inside Y underflow, and L mul
 
 
 @pytest.mark.parametrize("scales", SUBNORMAL_SCALES, ids=str)
-@pytest.mark.parametrize(
-    "mode, method",
-    [
-        ("full", "central"),
-        ("full", "dense"),
-        ("full", "complex-step"),
-        ("sample", "central"),
-        ("directions", "central"),
-    ],
-)
+@pytest.mark.parametrize("mode, method", EVERY_WITNESS)
 def test_underflow_inside_y_is_bounded_in_every_witness(scales, mode, method):
     """The formulas are right, so the reference must pass against the witness, however
     small the products inside Y (it failed at Err/tol 32: the underflow in Y, multiplied
@@ -218,16 +217,7 @@ EXTREME_SCALES = [
 
 
 @pytest.mark.parametrize("scales", EXTREME_SCALES, ids=str)
-@pytest.mark.parametrize(
-    "mode, method",
-    [
-        ("full", "central"),
-        ("full", "dense"),
-        ("full", "complex-step"),
-        ("sample", "central"),
-        ("directions", "central"),
-    ],
-)
+@pytest.mark.parametrize("mode, method", EVERY_WITNESS)
 def test_extreme_but_finite_scales_get_a_verdict_not_an_overflow_claim(scales, mode, method):
     """X = 1e-300 beside dY = 1e100: a step capped at 2⁶⁴ times X's scale left the
     cancellation term to overflow, and full mode exited 2 claiming that "sums of products

@@ -463,35 +463,50 @@ def _group_alive(pgid: int) -> list[str]:
     return alive
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to find workers")
-def test_one_ctrl_c_stops_every_worker_exits_130_and_writes_no_report(tmp_path):
-    """A multi-case verify --jobs 2 interrupted as a terminal does (SIGINT to the whole
-    process group) while its workers are busy: one line, exit 130, no worker left, no
-    report file, nothing new in the dumps' folder."""
-    rng = np.random.default_rng(0)
+def _busy_model(tmp_path, cases: int, seed: int):
+    """A folder of cases that each take many seconds in full mode: all still running."""
+    rng = np.random.default_rng(seed)
     model = tmp_path / "model"
-    for i in range(4):  # each case takes many seconds in full mode: all still running
+    for i in range(cases):
         folder = model / f"layer{i}"
         folder.mkdir(parents=True)
         for name, shape in (("X", (600, 400)), ("W", (300, 400)), ("dY", (600, 300))):
             np.save(folder / f"{name}.npy", rng.standard_normal(shape))
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    return model
+
+
+def _verify_with_two_busy_workers(tmp_path, model, json_target: str):
+    """Start ``lincheck verify --jobs 2`` in a session of its own; once both workers are up
+    and busy, return the process and its workers' pids."""
     exe = str(Path(sys.executable).with_name("lincheck"))
     process = subprocess.Popen(
-        [exe, "verify", str(model), "--jobs", "2", "--mode", "full", "--json", "out.json"],
+        [exe, "verify", str(model), "--jobs", "2", "--mode", "full", "--json", json_target],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
-    pgid = process.pid
+    workers: list[int] = []
     for _ in range(200):  # until both workers are up (at most 20 s)
-        if len(_group_alive(pgid)) >= 3 or process.poll() is not None:
+        workers = [int(p) for p in _group_alive(process.pid) if int(p) != process.pid]
+        if len(workers) >= 2 or process.poll() is not None:
             break
         time.sleep(0.1)
     time.sleep(0.5)
     assert process.poll() is None, process.communicate()
+    return process, workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to find workers")
+def test_one_ctrl_c_stops_every_worker_exits_130_and_writes_no_report(tmp_path):
+    """A multi-case verify --jobs 2 interrupted as a terminal does (SIGINT to the whole
+    process group) while its workers are busy: one line, exit 130, no worker left, no
+    report file, nothing new in the dumps' folder."""
+    model = _busy_model(tmp_path, 4, seed=0)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    process, _ = _verify_with_two_busy_workers(tmp_path, model, "out.json")
+    pgid = process.pid
     os.killpg(pgid, signal.SIGINT)
     out, err = process.communicate(timeout=30)  # a hang guard, not a timing
     assert process.returncode == 130, err
@@ -506,29 +521,8 @@ def test_one_ctrl_c_stops_every_worker_exits_130_and_writes_no_report(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to find workers")
 def test_a_worker_killed_mid_case_fails_the_cases_it_leaves_and_the_run_ends(tmp_path):
-    rng = np.random.default_rng(1)
-    model = tmp_path / "model"
-    for i in range(3):
-        folder = model / f"layer{i}"
-        folder.mkdir(parents=True)
-        for name, shape in (("X", (600, 400)), ("W", (300, 400)), ("dY", (600, 300))):
-            np.save(folder / f"{name}.npy", rng.standard_normal(shape))
-    exe = str(Path(sys.executable).with_name("lincheck"))
-    process = subprocess.Popen(
-        [exe, "verify", str(model), "--jobs", "2", "--mode", "full", "--json", "-"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    for _ in range(200):
-        workers = [int(p) for p in _group_alive(process.pid) if int(p) != process.pid]
-        if len(workers) >= 2 or process.poll() is not None:
-            break
-        time.sleep(0.1)
-    time.sleep(0.5)
-    assert process.poll() is None, process.communicate()
+    model = _busy_model(tmp_path, 3, seed=1)
+    process, workers = _verify_with_two_busy_workers(tmp_path, model, "-")
     os.kill(workers[0], signal.SIGKILL)  # as the out-of-memory killer would
     out, err = process.communicate(timeout=120)  # a hang guard, not a timing
     assert process.returncode == 1, err
