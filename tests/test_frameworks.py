@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -40,14 +41,21 @@ FLAVOURS = [("torch", d) for d in DTYPES] + [("torch", "autocast")]
 FLAVOURS += [("jax", d) for d in DTYPES] + [("tinygrad", d) for d in DTYPES]
 
 
-def cases(flavour_index: int, dtype: str) -> list[Case]:
-    """Six layers per framework and dtype: every shape, the scales and bias rotated.
+# tinygrad compiles a kernel per shape (about 1 s each with a cold cache): it runs the
+# batch dims, the long batch and the square W.
+SHAPES_OF = {"tinygrad": [1, 3, 4]}
 
-    A scale that would overflow ``dtype`` moves on to the next that does not.
+
+def cases(flavour_index: int, fw: str, dtype: str) -> list[Case]:
+    """A layer per shape for each framework and dtype, the scales and bias rotated.
+
+    A scale whose results leave ``dtype``'s normal range moves on to the next.
     """
     fmt = "bfloat16" if dtype == "autocast" else dtype
     out = []
     for i, (lead, D_in, D_out) in enumerate(SHAPES):
+        if i not in SHAPES_OF.get(fw, range(len(SHAPES))):
+            continue
         j = i + flavour_index
         bias = j % 2 == 0
         for k in range(len(SCALES)):
@@ -58,10 +66,16 @@ def cases(flavour_index: int, dtype: str) -> list[Case]:
     return out
 
 
+# How each run is declared: no precision (arrays in their own dtype), and the preset.
+# float64, float32 and float16 arrays default to their preset (the test checks it), so
+# they run once; autocast's float32 gradients of bfloat16 arithmetic need "bf16".
+DECLARED = {"bfloat16": ["own dtype", "preset"], "autocast": ["preset"]}
+
 MATRIX = [
-    pytest.param(fw, dtype, case, id=f"{fw}-{dtype}-{case.id}")
+    pytest.param(fw, dtype, case, declared, id=f"{fw}-{dtype}-{case.id}-{declared}")
     for f, (fw, dtype) in enumerate(FLAVOURS)
-    for case in cases(f, dtype)
+    for case in cases(f, fw, dtype)
+    for declared in DECLARED.get(dtype, ["own dtype"])
 ]
 
 
@@ -78,24 +92,8 @@ def run(fw: str, dtype: str, case: Case) -> Run:
     return RUNNERS[fw](case, dtype)
 
 
-@functools.cache
-def accepts_bfloat16() -> bool:
-    """Whether lincheck takes ml_dtypes.bfloat16 arrays (the arithmetic-model work adds it)."""
-    one = np.ones((1, 1), ml_dtypes.bfloat16)
-    try:
-        lincheck.check(one, one, None, one, dW=one)
-    except lincheck.InputError:
-        return False
-    return True
-
-
-def check(r: Run, precision: str | None) -> lincheck.Report:
-    bf16 = [k for k, v in r.__dict__.items() if v is not None and v.dtype == ml_dtypes.bfloat16]
-    if bf16 and not accepts_bfloat16():
-        # Until lincheck reads bfloat16 arrays: exact float32 copies, declared bf16.
-        r = Run(**{k: v.astype(np.float32) if k in bf16 else v for k, v in r.__dict__.items()})
-        precision = precision or "bf16"
-    return lincheck.check(r.X, r.W, r.B, r.dY, **r.subjects(), precision=precision)
+def check(r: Run, precision: str | None, **options) -> lincheck.Report:
+    return lincheck.check(r.X, r.W, r.B, r.dY, **r.subjects(), precision=precision, **options)
 
 
 def supplied(report: lincheck.Report) -> dict[str, lincheck.TensorCheck]:
@@ -133,21 +131,53 @@ def record(preset: str, report: lincheck.Report, where: str) -> None:
             table[name] = (c.bound_ratio, where)
 
 
-@pytest.mark.parametrize("declared", ["own dtype", "preset"])
-@pytest.mark.parametrize(("fw", "dtype", "case"), MATRIX)
+# XLA on CPU reduces dB = Σₙ dY in dY's own format when that is bfloat16 or float16
+# (a tree of bfloat16/float16 additions, not a float32 accumulator): its dB can be
+# several bfloat16 ulps off, beyond the statistical tier of the bf16/fp16 presets
+# (acc fp32-rz), though within their rigorous bound. Those dB are held to the certain
+# tier; test_jax_reduces_dB_in_its_own_format pins the finding.
+OWN_FORMAT_DB = {("jax", "bfloat16"), ("jax", "float16")}
+
+
+@pytest.mark.parametrize(("fw", "dtype", "case", "declared"), MATRIX)
 def test_correct_gradients_pass(fw, dtype, case, declared):
     require(fw)
-    if dtype == "autocast" and declared == "own dtype":
-        pytest.skip("autocast's gradients are float32 arrays of bfloat16 arithmetic: declare bf16")
     r = run(fw, dtype, case)
     preset = "bf16" if dtype == "autocast" else PRESET[dtype]
-    report = check(r, None if declared == "own dtype" else preset)
+    precision = None if declared == "own dtype" else preset
+    if (fw, dtype) in OWN_FORMAT_DB and r.dB is not None:
+        db = supplied(check(replace(r, dX=None, dW=None, Y=None), precision, certain_only=True))
+        assert db["dB"].passed and db["dB"].verdict == "pass", db["dB"]
+        r = replace(r, dB=None)
+    report = check(r, precision)
     got = supplied(report)
-    assert set(got) == {"dX", "dW", "Y"} | ({"dB"} if case.bias else set())
+    assert set(got) == {"dX", "dW", "Y"} | ({"dB"} if r.dB is not None else set())
     assert report.passed, describe(report)
     for c in got.values():
-        assert getattr(c, "verdict", "pass") == "pass", describe(report)
+        assert c.verdict == "pass", describe(report)
+        assert c.precision == preset
     record(preset, report, f"{fw}-{dtype}-{case.id}")
+
+
+@pytest.mark.parametrize(("dtype", "preset"), [("bfloat16", "bf16"), ("float16", "fp16")])
+def test_jax_reduces_dB_in_its_own_format(dtype, preset):
+    """A correct dB from jax.vjp fails the bf16/fp16 preset's statistical tier.
+
+    XLA sums dY over the batch in bfloat16/float16, where torch and tinygrad
+    accumulate in float32 and round once: JAX's dB is farther from the exact sum than
+    the once-rounded float32 sum (which passes), and the statistical tier says so.
+    """
+    require("jax")
+    case = Case((333,), 5, 37, True, (1e3, 1, 1e-3), seed=105)
+    jx = run("jax", dtype, case)
+    exact = jx.dY.astype(np.float64).sum(0)
+    once = exact.astype(np.float32).astype(jx.dB.dtype)  # a float32 sum rounded once
+    assert (np.abs(jx.dB.astype(np.float64) - exact) > np.abs(once - exact)).any()
+    report = check(jx, preset)
+    db = supplied(report)["dB"]
+    assert db.verdict == "fail" and db.tier == "statistical", describe(report)
+    assert db.certain_ratio <= 1
+    assert check(replace(jx, dB=once), preset).passed
 
 
 # Planted bugs, each applied to one correct run: (tensor, how, the wrong value).
@@ -177,4 +207,4 @@ def test_planted_bugs_fail(fw, dtype, bug):
     assert not report.passed
     c = supplied(report)[tensor]
     assert not c.passed, describe(report)
-    assert getattr(c, "verdict", "fail") in {"fail", "inconclusive"}
+    assert c.verdict in {"fail", "inconclusive"}
