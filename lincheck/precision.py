@@ -201,6 +201,19 @@ class Accumulator:
             n = -(-n // self.window)
         return depth
 
+    def mean_depth(self, k: int) -> float:
+        """Additions a term goes through on average, at most (Σ over the additions of the
+        terms under each, over k): (k + 1)/2 in a sequential sum, the worst order; about
+        (K + 1)/2 per level in a tree of K-term windows."""
+        if not self.window:
+            return (k + 1) / 2
+        total, n = 0.0, k
+        while n > 1:
+            w = min(self.window, n)
+            total += (w + 1) / 2
+            n = -(-n // self.window)
+        return total
+
 
 def _accumulator(text: str) -> Accumulator:
     fixed = {
@@ -572,7 +585,7 @@ def subject_bound(
     D = acc.depth(k)
     if acc.window:
         F = growth(D, c)
-        drift, spread, chunked = c * D, c * math.sqrt(2 * D), False
+        drift, spread, chunked = c * acc.mean_depth(k), c * math.sqrt(D), False
     elif acc.chunk and k > acc.chunk:
         K, m = acc.chunk, -(-k // acc.chunk)
         F = growth(K - 1, c) if m == 0 else math.expm1(
@@ -607,8 +620,8 @@ def subject_bound(
             adds = np.sqrt((largest + v / k) * (M + v))
             adds *= LAMBDA * spread
         elif acc.window:
-            # Random data (docs/numerics.md §2.3): Σ over additions of R² ≈ Σᵢ rᵢ² depthᵢ ≤ D·Q,
-            # taken twice over.
+            # Random data (docs/numerics.md §2.3): Σ over additions of R² ≈ Σᵢ rᵢ² depthᵢ, at
+            # most D·Q (about twice its expectation: a window's terms average half its depth).
             adds = np.sqrt(M * largest if squares is None else squares)
             adds *= LAMBDA * spread
         else:
