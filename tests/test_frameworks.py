@@ -7,7 +7,7 @@ dimensions, uneven sizes, N from 1 to 4096, inputs scaled by 1e-3 … 1e3 and wi
 without bias. lincheck checks each run twice: with no precision, the arrays in their
 own dtype (bfloat16 as ``ml_dtypes.bfloat16``), and with the dtype's preset.
 
-Each framework is skipped when it is not installed (``pip install '.[frameworks]'``).
+Each framework is skipped when it is not installed (the test extra installs them).
 ``pytest -s`` prints the largest bound_ratio per preset at the end;
 LINCHECK_FRAMEWORK_RATIOS=PATH also writes them as JSON.
 """
@@ -80,7 +80,7 @@ MATRIX = [
 
 
 def require(fw: str) -> None:
-    pytest.importorskip(fw, reason=f"{fw} is not installed (pip install '.[frameworks]')")
+    pytest.importorskip(fw, reason=f"{fw} is not installed (pip install '.[test]')")
     if fw == "tinygrad" and (why := tinygrad_usable()):
         pytest.skip(why)
 
