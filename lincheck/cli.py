@@ -423,7 +423,7 @@ def _check_dump(path, files, options, max_memory, quiet, progress=None):
         a["W"],
         a.get("B"),
         a["dY"],
-        **{name: a[name] for name in tensors.SUBJECT_NAMES if name in a},
+        **{name: a[name] for name in (*tensors.SUBJECT_NAMES, *tensors.SCALE_NAMES) if name in a},
         **options,
         sources=loaded.sources,
         progress=progress,

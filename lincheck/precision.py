@@ -448,7 +448,9 @@ def parse(spec: str | Arithmetic) -> Arithmetic:
             )
         if key in (*OPERAND_KEYS, "out"):
             if value not in FORMATS:
-                raise ValueError(f"precision {text!r}: {key}={value!r}: formats are {', '.join(FORMATS)}")
+                raise ValueError(
+                    f"precision {text!r}: {key}={value!r}: formats are {', '.join(FORMATS)}"
+                )
             model = replace(model, **{key: FORMATS[value]})
         elif key in ("acc", "reduce"):
             try:
@@ -666,7 +668,9 @@ def subject_bound(
 def _rule(model: Arithmetic, tensor: str, operands, c_p: float, outs) -> str:
     """How the tolerance was built, in words, for the report."""
     parts = [
-        f"operands converted to {op.fmt.name}" for op in operands if op.converted and op.fmt.bits < 53
+        f"operands converted to {op.fmt.name}"
+        for op in operands
+        if op.converted and op.fmt.bits < 53
     ]
     if c_p:
         parts.append("products rounded")
@@ -692,7 +696,9 @@ def reference_bound(M, S, k: int) -> ErrorBound:
     return ErrorBound(worst, worst, typical, f"fp64: γ_{k}(fp64) × Σ|terms|")
 
 
-def model_operands(model: Arithmetic, tensor: str, seen: Mapping[str, Operand]) -> tuple[Operand, ...]:
+def model_operands(
+    model: Arithmetic, tensor: str, seen: Mapping[str, Operand]
+) -> tuple[Operand, ...]:
     """The :class:`Operand` s of ``tensor`` under ``model``, from how the kernel saw each
     input (:func:`lincheck.scaling.prepare`). For Y a bias that is not a number of the
     ``out`` format adds its conversion; dB sums dY as given when dY was quantized to fp8
