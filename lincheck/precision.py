@@ -446,23 +446,24 @@ def parse(spec: str | Arithmetic) -> Arithmetic:
                 f"precision {text!r}: {item!r} is neither a preset ({', '.join(PRESETS)}) "
                 f"nor key=value with a key of {', '.join(KEYS)}"
             )
+        new: Format | Accumulator | str
         if key in (*OPERAND_KEYS, "out"):
             if value not in FORMATS:
                 raise ValueError(
                     f"precision {text!r}: {key}={value!r}: formats are {', '.join(FORMATS)}"
                 )
-            model = replace(model, **{key: FORMATS[value]})
+            new = FORMATS[value]
         elif key in ("acc", "reduce"):
             try:
-                model = replace(model, **{key: _accumulator(value)})
+                new = _accumulator(value)
             except ValueError as exc:
                 raise ValueError(f"precision {text!r}: {exc}") from None
         else:
             if value not in choices[key]:
-                raise ValueError(
-                    f"precision {text!r}: {key}={value!r}: expected one of {', '.join(choices[key])}"
-                )
-            model = replace(model, **{key: value})
+                allowed = ", ".join(choices[key])
+                raise ValueError(f"precision {text!r}: {key}={value!r}: expected one of {allowed}")
+            new = value
+        model = replace(model, **{key: new})  # type: ignore[arg-type]  # checked above
     return replace(model, name=text, description=f"the arithmetic {text}")
 
 
