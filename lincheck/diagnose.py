@@ -13,11 +13,13 @@ import numpy as np
 
 from .core import forward
 from .precision import (
+    FLOAT32,
     PRESETS,
     Arithmetic,
     Format,
     Operand,
     growth,
+    parse,
     reference_bound,
     representable,
     storage_format,
@@ -48,9 +50,66 @@ _QUESTION = {
 }
 
 
-def candidates(declared: Arithmetic) -> tuple[str, ...]:
-    """The less accurate presets a failure under ``declared`` is tested against."""
-    return _LOWER.get(declared.name, ())
+_VARIANTS = (
+    # (key, value, how the arithmetic differs, the question to ask)
+    (
+        "bias",
+        "separate",
+        "with a separately rounded bias",
+        "was X Wᵀ rounded before adding B (as JAX does)?",
+    ),
+    (
+        "products",
+        "rounded",
+        "with each product rounded",
+        "were the products rounded before the sum?",
+    ),
+    (
+        "acc",
+        "fp32-rz",
+        "with a truncating float32 accumulator",
+        "did tensor cores accumulate (they truncate)?",
+    ),
+    (
+        "acc",
+        "14bit/1000000000",
+        "with 14-bit accumulation: partial sums are not promoted",
+        "were the fp8 tensor cores' partial sums never promoted to float32?",
+    ),
+)
+
+
+def candidates(declared: Arithmetic, tensor: str = "Y") -> tuple[str, ...]:
+    """The less accurate arithmetics a failure under ``declared`` is tested against: lower
+    presets, then the declared model with one thing a kernel may do differently (a
+    separately rounded bias, rounded products, a truncating accumulator; for fp8, partial
+    sums never promoted)."""
+    lower = _LOWER.get(declared.name, ())
+    variants = []
+    fp8 = declared.quantized("X") or declared.quantized("W")
+    for key, value, _, _ in _VARIANTS:
+        if value.startswith("14bit") != fp8:
+            continue
+        current = getattr(declared, key)
+        current = getattr(current, "name", current)
+        narrow = min(declared.x.bits, declared.w.bits) < FLOAT32.bits
+        if current == value or (key == "products" and not narrow):
+            continue
+        if (key == "bias" and tensor != "Y") or (key == "acc" and current != "fp32" and not fp8):
+            continue
+        kept = [i for i in declared.name.split(",") if not i.strip().startswith(f"{key}=")]
+        variants.append(",".join([*kept, f"{key}={value}"]))
+    return (*lower, *variants)
+
+
+def _describe(name: str, declared: Arithmetic) -> tuple[str, str]:
+    """(what arithmetic ``name`` is, the question to ask) for a candidate of :func:`candidates`."""
+    if name in PRESETS:
+        return PRESETS[name].description, _QUESTION[name]
+    for key, value, how, question in _VARIANTS:
+        if name.endswith(f",{key}={value}"):
+            return f"{declared.description} {how}", question
+    return name, ""
 
 
 def lower_precision(
@@ -73,32 +132,29 @@ def lower_precision(
     only with that evidence. The first that fits every entry is named.
     """
     stored = storage_format(subject.dtype)
-    names = [n for n in candidates(declared) if n in fits]
+    names = [n for n in candidates(declared, tensor) if n in fits]
+    out = {n: parse(n).out for n in names}
     # The narrowest result format that holds every value is the most specific evidence.
     evidence = sorted(
-        (
-            n
-            for n in names
-            if PRESETS[n].out.bits < stored.bits and representable(subject, PRESETS[n].out)
-        ),
-        key=lambda n: PRESETS[n].out.bits,
+        (n for n in names if out[n].bits < stored.bits and representable(subject, out[n])),
+        key=lambda n: out[n].bits,
     )
     # A bfloat16 or float16 kernel returns bfloat16 or float16 numbers: without that
     # signature in the values, those arithmetics are not claimed (noise of their size fits
     # their loose bounds too). TF32 returns float32 and leaves no such trace.
-    plausible = [n for n in names if n in evidence or PRESETS[n].out.bits >= stored.bits]
+    plausible = [n for n in names if n in evidence or out[n].bits >= stored.bits]
     for name in evidence + [n for n in plausible if n not in evidence]:
         fit, ratio = fits[name]
         if fit:
-            candidate = PRESETS[name]
-            why = f" and every value is a {candidate.out.description} number"
+            what, question = _describe(name, declared)
+            why = f" and every value is a {out[name].description} number"
             why = why if name in evidence else ""
             return Hint(
                 "lower_precision",
                 tensor,
-                f"{tensor} exceeds the bound of {declared.description} but every entry fits "
-                f"{candidate.description} (at most {ratio:.2g} of its bound){why}: "
-                f"{_QUESTION[name]} If so, check with --precision {name}.",
+                f"{tensor} exceeds the tolerance of {declared.description} but every entry "
+                f"fits {what} (at most {ratio:.2g} of its tolerance){why}: "
+                f"{question} If so, check with --precision {name}.",
                 {"precision": name, "bound_ratio": ratio, "result_format_holds_values": bool(why)},
             )
     return None
@@ -142,6 +198,7 @@ class Failure:
             self.operands,
             self.storage,
             self.layer.squares(self.tensor),
+            self.layer.B if self.tensor == "Y" else None,
         )
         chosen = own.worst if self.certain_only else own.statistical
         return chosen + reference_bound(M, S, k).worst

@@ -98,7 +98,7 @@ def subject(
     seen: dict[str, Mapping[str, Operand]] = {}
     if not problem:
         values = array.reshape(shape2d)
-        alternatives = diagnose.candidates(precision) if allclose is None else ()
+        alternatives = diagnose.candidates(precision, tensor) if allclose is None else ()
         operands = {o: given[o] for o in OPERANDS[tensor] if o in given}
         for p in [precision, *(parse(n) for n in alternatives)]:
             seen[p.name] = prepare(p, operands, scales)
@@ -253,6 +253,7 @@ class Tallies:
                     sub.operands(tensor, name),
                     sub.storage,
                     layer.squares(tensor),
+                    layer.B if tensor == "Y" else None,
                 )
 
             alternatives = None

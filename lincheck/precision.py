@@ -533,6 +533,7 @@ def subject_bound(
     operands: tuple[Operand, ...],
     storage: Format,
     squares=None,
+    bias=None,
 ) -> ErrorBound:
     """The certain and statistical tolerances of a tensor computed under ``model``.
 
@@ -559,6 +560,8 @@ def subject_bound(
         The format the subject was stored in (its dtype).
     squares : ndarray, optional
         Σ terms² per entry (given for dB); M · largest bounds it otherwise.
+    bias : ndarray, optional
+        B, for Y with a separate bias: X Wᵀ = Y − B is rounded first.
 
     Notes
     -----
@@ -658,6 +661,9 @@ def subject_bound(
             stat += terms
             stat += e * v
         stat += P * v
+        if tensor == "Y" and model.bias == "separate" and bias is not None:
+            # X Wᵀ is rounded before B is added: that rounding sees |X Wᵀ| ≤ |v| + |b|.
+            stat += model.out.u * np.abs(bias)
         stat *= 1.0 + P
         stat += under
         stat *= SAFETY

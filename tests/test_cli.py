@@ -390,7 +390,7 @@ def test_verify_tf32_gradients_fail_fp32_with_a_hint_and_pass_tf32(tmp_path, rng
         ("lower_precision", "dX"),
         ("lower_precision", "dW"),
     ]
-    assert "hint [lower_precision] dX exceeds the bound of float32 arithmetic" in " ".join(
+    assert "hint [lower_precision] dX exceeds the tolerance of float32 arithmetic" in " ".join(
         result.stderr.split()
     )
     tf32 = invoke("verify", tmp_path / "c", "--precision", "tf32", "--json", "-")
