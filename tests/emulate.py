@@ -239,21 +239,29 @@ class Acc:
     emin: int
     mode: str
 
-    def add(self, a: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def round(self, v: np.ndarray) -> np.ndarray:
+        """v (float64) rounded to the accumulator."""
         if self.name == "fp64":
-            return a + t
-        v = _round_to_odd_sum(a, t)
+            return v
         if self.mode == "rz":
             return _cut(v, self.p)
         return v.astype(FORMATS[self.name].dtype).astype(np.float64)
 
+    def add(self, a: np.ndarray, t: np.ndarray) -> np.ndarray:
+        if self.name == "fp64":
+            return a + t
+        return self.round(_round_to_odd_sum(a, t))
+
     def leaf(self, t: np.ndarray) -> np.ndarray:
         """A term entering the accumulator: acc(0 + t), the term rounded to the accumulator."""
-        if self.name == "fp64":
-            return t
+        return self.round(t)
+
+    def decision(self, v: np.ndarray) -> np.ndarray:
+        """Where v may be a decision point of the rounding (rz: a value of the format; rn: a
+        midpoint). Values with few bits are flagged too (subnormal ranges): a superset."""
         if self.mode == "rz":
-            return _cut(t, self.p)
-        return t.astype(FORMATS[self.name].dtype).astype(np.float64)
+            return _cut(v, self.p) == v
+        return (_cut(v, self.p + 1) == v) & (_cut(v, self.p) != v)
 
 
 _ACCS = {
@@ -284,10 +292,38 @@ BLOCK = 16
 
 
 def _sequential(T, acc: Acc, rng):
-    a = acc.leaf(T[0])
-    for i in range(1, len(T)):
-        a = acc.add(a, T[i])
-    return a
+    """Each term added in turn. Fast path: the float64 sum, rounded; it is the rounded exact
+    sum wherever the float64 sum was exact or is not a decision point of the rounding (s is
+    RN₆₄ of the exact sum, so no float64 number lies strictly between them). Every step is
+    checked afterwards; if any may be wrong, the sum is redone with exact steps."""
+    if acc.name == "fp64" or len(T) < 64:
+        a = acc.leaf(T[0])
+        for i in range(1, len(T)):
+            a = acc.add(a, T[i])
+        return a
+    A = np.empty_like(T)
+    S = np.empty_like(T)
+    A[0] = acc.leaf(T[0])
+    if acc.mode == "rz":
+        mask = np.int64(~((1 << (53 - acc.p)) - 1))
+        Ai, Si = A.view(np.int64), S.view(np.int64)
+        for i in range(1, len(T)):
+            np.add(A[i - 1], T[i], out=S[i])
+            np.bitwise_and(Si[i], mask, out=Ai[i])
+    else:
+        dtype = FORMATS[acc.name].dtype
+        for i in range(1, len(T)):
+            np.add(A[i - 1], T[i], out=S[i])
+            A[i] = S[i].astype(dtype)
+    prev, t, s = A[:-1], T[1:], S[1:]
+    bb = s - prev
+    e = (prev - (s - bb)) + (t - bb)
+    if np.any((e != 0) & acc.decision(s)):
+        a = acc.leaf(T[0])
+        for i in range(1, len(T)):
+            a = acc.add(a, T[i])
+        return a
+    return A[-1]
 
 
 def _pairwise(T, acc: Acc, rng):

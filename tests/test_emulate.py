@@ -373,3 +373,30 @@ def test_inexact_scaled_products_are_refused():
     A = np.array([[1.0 + 2.0**-40, 0.3]])
     with pytest.raises(ValueError, match="not exact"):
         em.quantize(A, "e4m3", em.parse("fp8"), "X")
+
+
+@pytest.mark.parametrize("acc", ["fp32", "fp32-rz", "bf16", "fp16", "14bit/128"])
+def test_long_sequential_sums_match_exact_rational_rounding(acc, rng):
+    # 300 terms: the sequential fast path (float64 sums, checked afterwards) is taken.
+    T = bf16_products(rng, 300, 2, spread=10)
+    got = em.sum_terms(T, acc, "sequential")
+    for j in range(2):
+        terms = [Fraction(float(t)) for t in T[:, j]]
+        if "bit/" in acc:
+            part = [fr_sum(terms[i : i + 128], fr_acc(acc), "sequential", None) for i in (0, 128)]
+            part.append(fr_sum(terms[256:], fr_acc(acc), "sequential", None))
+            want = fr_sum(part, fr_acc("fp32"), "sequential", None)
+        else:
+            want = fr_sum(terms, fr_acc(acc), "sequential", None)
+        assert got[j] == float(want)
+
+
+def test_sequential_fast_path_falls_back_on_decision_points():
+    # The float64 sum 1 + (2⁻²⁴ + 2⁻⁶⁰) rounds to 1 + 2⁻²⁴, an fp32 midpoint: rounding that
+    # again would tie to 1; the exact sum is above the midpoint, RN gives 1 + 2⁻²³. And
+    # 1 − 2⁻⁶⁰ is 1 in float64, an fp32 number; RZ of the exact sum is 1 − 2⁻²⁴.
+    T = np.zeros((100, 2))
+    T[0] = 1.0
+    T[1] = [2.0**-24 + 2.0**-60, -(2.0**-60)]
+    assert em.sum_terms(T[:, :1], "fp32")[0] == 1 + 2.0**-23
+    assert em.sum_terms(T[:, 1:], "fp32-rz")[0] == 1 - 2.0**-24
