@@ -20,10 +20,7 @@ import numpy as np
 from . import plan, streaming, witness, workspace
 from .core import Gradients, as_batch, backward
 from .errors import InputError
-from .precision import (
-    PRECISIONS,
-    precision_for,
-)
+from .precision import parse, precision_for
 from .results import Entry, Hint, Layer, Report, TensorCheck
 from .tensors import SUBJECT_NAMES
 from .validate import (
@@ -65,6 +62,10 @@ def check(
     Y=None,
     *,
     precision: str | None = None,
+    certain_only: bool = False,
+    X_scale=None,
+    W_scale=None,
+    dY_scale=None,
     against: str = "reference",
     method: str = "central",
     mode: str = "auto",
@@ -89,10 +90,19 @@ def check(
         The upstream gradient G = ∂L/∂Y.
     dX, dW, dB, Y : array_like, optional
         Subjects: gradients (and a forward output) to check.
-    precision : {"fp64", "fp32", "tf32", "bf16", "fp16"}, optional
-        The arithmetic the subjects were computed in (see
-        :mod:`lincheck.precision`). Default: from each subject's dtype
-        (float64 → fp64, float32 → fp32, float16 → fp16, integers → fp64).
+    precision : str, optional
+        The arithmetic the subjects were computed in: a preset ("fp64",
+        "fp32", "tf32", "bf16", "fp16", "fp16-acc16", "fp8",
+        "fp8-blockwise") or ``key=value`` pairs (:func:`lincheck.precision.parse`).
+        Default: from each subject's dtype (float64 → fp64, float32 →
+        fp32, float16 → fp16, bfloat16 → bf16, fp8 → fp8, integers → fp64).
+    certain_only : bool
+        Fail only beyond the rigorous worst-case bound (the certain tier),
+        not beyond what rounding plausibly produces (the statistical tier).
+    X_scale, W_scale, dY_scale : array_like, optional
+        Dequantization factors of a scaled (fp8) model: the kernel used
+        ``X_scale · q(X / X_scale)``; one value, or one per row or block
+        (:mod:`lincheck.scaling`). Without them, the amax recipe.
     against : {"reference", "witness"}
         The oracle for the subjects: the analytic gradients computed in
         float64 from the exactly upcast inputs ("reference"; the witness
@@ -155,8 +165,7 @@ def check(
     """
     if against not in ("reference", "witness"):
         raise ValueError(f"against must be 'reference' or 'witness', not {against!r}")
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, not {precision!r}")
+    model = None if precision is None else parse(precision)
     if method not in witness.METHODS:
         raise ValueError(f"method must be one of {witness.METHODS}, not {method!r}")
     if mode not in MODES:
@@ -180,12 +189,22 @@ def check(
     if not bias:
         del shapes["dB"]
     supplied = {n: v for n, v in (("dX", dX), ("dW", dW), ("dB", dB), ("Y", Y)) if v is not None}
+    given_scales = {"X": X_scale, "W": W_scale, "dY": dY_scale}
+    scales = {n: real_array(f"{n}_scale", v, sources) for n, v in given_scales.items() if v is not None}
     subjects = {}
     for tensor, value in supplied.items():
         a = real_array(tensor, value, sources)
-        p = PRECISIONS[precision] if precision else precision_for(a.dtype)
+        p = model or precision_for(a.dtype)
         subjects[tensor] = plan.subject(
-            tensor, a, p, subject, inputs.given, allclose, *shapes[tensor]
+            tensor,
+            a,
+            p,
+            subject,
+            inputs.given,
+            allclose,
+            *shapes[tensor],
+            scales=scales,
+            certain_only=certain_only,
         )
     planned = plan.plans(shapes, subjects, against, "full")
     mode, reason = _choose_mode(mode, L, planned, method, budget)

@@ -41,7 +41,8 @@ from .options import (
     Mode,
     ModeOption,
     PlotOption,
-    PrecisionChoice,
+    CertainOnly,
+    PrecisionOption,
     Quiet,
     Rtol,
     Samples,
@@ -348,17 +349,8 @@ def verify(
     json_path: JsonOption = None,
     junit: JunitOption = None,
     github: GithubOption = False,
-    precision: Annotated[
-        PrecisionChoice | None,
-        typer.Option(
-            "--precision",
-            help="The arithmetic your gradients were computed in; sets their error bounds. "
-            "Default: from each file's dtype (float64 → fp64, float32 → fp32, "
-            "float16 → fp16). tf32: fp32 operands cut to 10-bit significands, fp32 sums; "
-            "bf16: bfloat16 operands and result, fp32 sums.",
-            show_default=False,
-        ),
-    ] = None,
+    precision: PrecisionOption = None,
+    certain_only: CertainOnly = False,
     method: MethodOption = Method.central,
     mode: ModeOption = Mode.auto,
     samples: Samples = 64,
@@ -392,7 +384,8 @@ def verify(
     from . import arrays
 
     options = dict(
-        precision=None if precision is None else precision.value,
+        precision=precision,
+        certain_only=certain_only,
         **check_options(method, mode, samples, directions, seed, budget, atol, rtol),
     )
     out = output_options(json_path, junit, github, quiet, heatmap, plot, force)
@@ -588,10 +581,7 @@ def explain(
     n: Annotated[int, typer.Option("--n", min=1, help="Batch size N.")] = 32,
     din: Annotated[int, typer.Option("--din", min=1, help="Input features D_in.")] = 64,
     dout: Annotated[int, typer.Option("--dout", min=1, help="Output features D_out.")] = 16,
-    precision: Annotated[
-        PrecisionChoice | None,
-        typer.Option("--precision", help="The arithmetic to state bounds for.", show_default=False),
-    ] = None,
+    precision: PrecisionOption = None,
     no_bias: Annotated[bool, typer.Option("--no-bias", help="A layer without bias.")] = False,
     lang: Annotated[
         Language, typer.Option("--lang", help="en, or zh: the derivation's own language.")
@@ -601,7 +591,7 @@ def explain(
     from .explain import Sizes
     from .report import explain_page
 
-    chosen = None if precision is None else precision.value
+    chosen = precision
     if path is not None:
         from . import arrays, validate
         from .precision import precision_for

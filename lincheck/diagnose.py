@@ -13,25 +13,30 @@ import numpy as np
 
 from .core import forward
 from .precision import (
-    FLOAT64,
-    PRECISIONS,
+    PRESETS,
+    Arithmetic,
     Format,
-    Precision,
-    gamma,
-    product_error,
+    Operand,
+    growth,
+    reference_bound,
     representable,
     storage_format,
+    subject_bound,
 )
 from .results import Hint
 from .tensors import AXES
+from .validate import is_float
 
 # Less accurate arithmetics to try, most accurate first, after a failure under each.
 _LOWER = {
     "fp64": ("fp32", "tf32", "fp16", "bf16"),
     "fp32": ("tf32", "fp16", "bf16"),
     "tf32": ("fp16", "bf16"),
-    "fp16": ("bf16",),
+    "fp16": ("fp16-acc16",),
     "bf16": (),
+    "fp16-acc16": (),
+    "fp8": (),
+    "fp8-blockwise": (),
 }
 
 _QUESTION = {
@@ -39,17 +44,18 @@ _QUESTION = {
     "tf32": "was TF32 enabled (torch.backends.cuda.matmul.allow_tf32)?",
     "fp16": "was float16 in use (autocast, .half())?",
     "bf16": "was bfloat16 in use (autocast with torch.bfloat16)?",
+    "fp16-acc16": "were the sums accumulated in float16 (NumPy's float16 sum over an axis is)?",
 }
 
 
-def candidates(declared: Precision) -> tuple[str, ...]:
-    """The less accurate precisions a failure under ``declared`` is tested against."""
-    return _LOWER[declared.name]
+def candidates(declared: Arithmetic) -> tuple[str, ...]:
+    """The less accurate presets a failure under ``declared`` is tested against."""
+    return _LOWER.get(declared.name, ())
 
 
 def lower_precision(
     tensor: str,
-    declared: Precision,
+    declared: Arithmetic,
     subject: np.ndarray,
     fits: dict[str, list],
 ) -> Hint | None:
@@ -73,20 +79,20 @@ def lower_precision(
         (
             n
             for n in names
-            if PRECISIONS[n].result.bits < stored.bits
-            and representable(subject, PRECISIONS[n].result)
+            if PRESETS[n].out.bits < stored.bits
+            and representable(subject, PRESETS[n].out)
         ),
-        key=lambda n: PRECISIONS[n].result.bits,
+        key=lambda n: PRESETS[n].out.bits,
     )
     # A bfloat16 or float16 kernel returns bfloat16 or float16 numbers: without that
     # signature in the values, those arithmetics are not claimed (noise of their size fits
     # their loose bounds too). TF32 returns float32 and leaves no such trace.
-    plausible = [n for n in names if n in evidence or PRECISIONS[n].result.bits >= stored.bits]
+    plausible = [n for n in names if n in evidence or PRESETS[n].out.bits >= stored.bits]
     for name in evidence + [n for n in plausible if n not in evidence]:
         fit, ratio = fits[name]
         if fit:
-            candidate = PRECISIONS[name]
-            why = f" and every value is a {candidate.result.name} number"
+            candidate = PRESETS[name]
+            why = f" and every value is a {candidate.out.description} number"
             why = why if name in evidence else ""
             return Hint(
                 "lower_precision",
@@ -117,10 +123,17 @@ class Failure:
     subject: np.ndarray
     expected_shape: tuple[int, ...]
     layer: Any
-    precision: Precision
+    precision: Arithmetic
     storage: Format
-    rounded: bool
+    operands: tuple[Operand, ...]
     batch_shape: tuple[int, ...]
+
+    def bound(self, M, S, k: int, tensor: str | None = None):
+        """The subject's rigorous bound plus the reference's, for magnitudes M, S of k terms."""
+        own = subject_bound(
+            self.precision, tensor or self.tensor, k, M, S, 0.0, 0.0, self.operands, self.storage
+        )
+        return own.worst + reference_bound(M, S, k).worst
 
 
 def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
@@ -139,14 +152,14 @@ def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
     if tuple(s.shape) != tuple(case.expected_shape):
         hint = _shape_hint(case)
         return [hint] if hint is not None else [_unexplained(tensor, "shape")]
-    if s.dtype.kind == "f" and not np.all(np.isfinite(s)):
+    if is_float(s.dtype) and not np.all(np.isfinite(s)):
         return [_non_finite(tensor, s)]
     shape2d = L.shape(tensor)
     values = np.asarray(s, dtype=np.float64).reshape(shape2d)
     M, S = L.magnitude(tensor)
     k = L.terms(tensor)
-    own = product_error(M, S, k, case.precision, case.storage, case.rounded).worst
-    ref_bound = product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False).worst
+    ref_bound = reference_bound(M, S, k).worst
+    own = case.bound(M, S, k) - ref_bound
     reference = L.reference(tensor)
     hint = next(_value_hints(case, values, reference, own, ref_bound), None)
     if hint is not None:
@@ -177,7 +190,7 @@ def _value_hints(case: Failure, values, reference, own, ref_bound):
     Each alternative is computed only when the ones before it did not fit.
     """
     tensor, L = case.tensor, case.layer
-    u = max(case.precision.accumulate.u, case.storage.u, case.precision.result.u)
+    u = max(case.precision.acc.c, case.storage.u, case.precision.out.u)
     tol = own + ref_bound
 
     ratio = _fit(values, -reference, tol)
@@ -270,12 +283,10 @@ def _operands(case: Failure, own):
     Y = forward(L.X, L.W, L.B)
     aY = np.abs(Y)
     # The subject's own Y, if its code computed one, is off by at most γ_{D_in+1}(u)·|X||W|ᵀ.
-    dY_err = gamma(L.D_in + 1, max(p.accumulate.u, p.operands.u)) * L.MY
-    fp64 = PRECISIONS["fp64"]
+    dY_err = growth(L.D_in + 1, max(p.acc.c, p.x.u, p.w.u, p.out.u)) * L.MY
 
     def bound(M, k, extra):
-        subject = product_error(M, 0.0, k, p, case.storage, case.rounded).worst
-        return subject + product_error(M, 0.0, k, fp64, FLOAT64, False).worst + extra
+        return case.bound(M, 0.0, k) + extra
 
     use_y = "the forward output Y was used where the upstream gradient dY belongs"
     if tensor == "dX":
@@ -308,8 +319,7 @@ def _shape_hint(case: Failure) -> Hint | None:
     if s.ndim == 2 and len(expected) == 2 and tuple(s.shape) == expected[::-1]:
         M, S = L.magnitude(tensor)
         k = L.terms(tensor)
-        tol = product_error(M, S, k, case.precision, case.storage, case.rounded).worst
-        tol = tol + product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False).worst
+        tol = case.bound(M, S, k)
         ratio = _fit(np.asarray(s, dtype=np.float64).T, L.reference(tensor), tol)
         if ratio is not None:
             return Hint(

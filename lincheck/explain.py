@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .precision import PRECISIONS, gamma
+from .precision import LAMBDA, Operand, parse, subject_bound
 
 LANGUAGES = ("en", "zh")
 
@@ -41,14 +41,23 @@ class Sizes:
     def directions_passes(self) -> int:
         return 2 * self.directions * 2 + 2 * self.bias
 
-    def bound(self, k: int) -> str:
-        """γ_k for the precision's accumulation, as text (∞ when k·u ≥ 1)."""
-        value = gamma(k, PRECISIONS[self.precision].accumulate.u)
-        return "∞ (no bound)" if value == float("inf") else f"{value:.1e}"
+    def bound(self, tensor: str, k: int) -> tuple[str, str]:
+        """(certain, statistical) tolerance over Σ|terms| for a sum of k terms, operands
+        converted, as text: the certain tier's factor, and the statistical tier's for
+        k terms of equal size whose sum cancels (|value| ≪ Σ|terms|)."""
+        model = parse(self.precision)
+        names = {"dX": ("dY", "W"), "dW": ("dY", "X"), "dB": ("dY",), "Y": ("X", "W")}[tensor]
+        ops = tuple(Operand(model.operand(n), model.operand(n).bits < 53) for n in names)
+        b = subject_bound(model, tensor, k, 1.0, 0.0, 0.0, 1.0 / k, ops, model.out)
+        return tuple(  # type: ignore[return-value]
+            "∞ (no bound)" if v == float("inf") else f"{float(v):.1e}"
+            for v in (b.worst, b.statistical)
+        )
 
 
 def _numbers(s: Sizes) -> dict[str, str]:
-    p = PRECISIONS[s.precision]
+    p = parse(s.precision)
+    dX, dW, Y = s.bound("dX", s.D_out), s.bound("dW", s.N), s.bound("Y", s.D_in + s.bias)
     return {
         "N": f"{s.N:,}",
         "D_in": f"{s.D_in:,}",
@@ -65,10 +74,15 @@ def _numbers(s: Sizes) -> dict[str, str]:
         "dirs": f"{s.directions_passes:,}",
         "jacobian": _bytes(8 * s.entries * s.N * s.D_out),
         "prec": s.precision,
-        "u": f"{p.accumulate.u:.1e}",
-        "g_dX": s.bound(s.D_out),
-        "g_dW": s.bound(s.N),
-        "g_Y": s.bound(s.D_in + s.bias),
+        "spec": p.spec,
+        "u": f"{p.acc.c:.1e}",
+        "lam": f"{LAMBDA:g}",
+        "g_dX": dX[0],
+        "g_dW": dW[0],
+        "g_Y": Y[0],
+        "s_dX": dX[1],
+        "s_dW": dW[1],
+        "s_Y": Y[1],
         "kY": f"{s.D_in + s.bias:,}",
         "bias_term": " + b[i]" if s.bias else "",
         "bias_matrix": " + B" if s.bias else "",
@@ -87,7 +101,7 @@ _EN = """\
 # The linear layer, with your shapes
 
 N = {N} samples, D_in = {D_in} input features, D_out = {D_out} output features, \
-checked in {prec} (unit roundoff u = {u}).
+checked in {prec}: `{spec}` (each addition off by at most u = {u}).
 
 | Array | Shape | Entry | Meaning |
 |---|---|---|---|
@@ -158,16 +172,23 @@ Your gradients are always compared with the float64 reference at every entry \
 
 ## The verdict
 
-An entry passes when |subject − oracle| ≤ bound(subject) + bound(oracle), \
-where the bound of a sum of k products is γ_k · Σ|terms| with \
-γ_k = k·u / (1 − k·u) (Higham, §3.1). Here, in {prec}:
+An entry fails for certain when |subject − oracle| exceeds the rigorous bound of \
+the arithmetic, whatever the summation order: each term passes through its \
+operands' conversions, a product, at most k − 1 additions and the result's \
+rounding, so the bound is ((1 + e)(1 + c)^(k−1)(1 + u_out) − 1) · Σ|terms| \
+(Higham, §3.1). It fails *statistically* when the error exceeds what rounding \
+plausibly produces: λ = {lam} times the √k scale of Higham and Mary (2019) for \
+the errors that average out, plus a rigorous allowance, proportional to the \
+value, for those that do not. Here, in {prec}, per Σ|terms|:
 
-| Tensor | Terms k | γ_k |
-|---|---|---|
-| dX | {D_out} | {g_dX} |
-| dW, dB | {N} | {g_dW} |
-| Y | {kY} | {g_Y} |
+| Tensor | Terms k | certain | statistical (cancelling sums) |
+|---|---|---|---|
+| dX | {D_out} | {g_dX} | {s_dX} |
+| dW, dB | {N} | {g_dW} | {s_dW} |
+| Y | {kY} | {g_Y} | {s_Y} |
 
+A check whose tolerance is at least half of every entry could not tell a \
+zero or halved gradient from the right one: it is *inconclusive*, not a pass. \
 There is no tolerance to tune: a larger error is a wrong gradient.
 """
 
@@ -175,7 +196,7 @@ _ZH = """\
 # 线性层:代入你的形状
 
 N = {N} 个样本,D_in = {D_in} 个输入特征,D_out = {D_out} 个输出特征,\
-按 {prec} 检查(单位舍入误差 u = {u})。
+按 {prec} 检查:`{spec}`(每次加法的相对误差至多 u = {u})。
 
 | 数组 | 形状 | 元素 | 含义 |
 |---|---|---|---|
@@ -238,16 +259,20 @@ L(X, W, B) = Σ_n Σ_i G[n, i] · y[n, i]
 
 ## 判定
 
-当 |被检值 − 参照值| ≤ 界(被检值) + 界(参照值) 时该元素通过;k 个乘积之和的误差界是 \
-γ_k · Σ|各项|,其中 γ_k = k·u / (1 − k·u)(Higham,§3.1)。在 {prec} 下:
+当 |被检值 − 参照值| 超过该算术的严格误差界(与求和顺序无关)时,判定为**确定**错误:\
+每一项经过操作数转换、一次乘法、至多 k − 1 次加法和结果舍入,误差界为 \
+((1 + e)(1 + c)^(k−1)(1 + u_out) − 1) · Σ|各项|(Higham,§3.1)。当误差超过舍入\
+可能产生的范围时判定为**统计**错误:对能相互抵消的误差取 Higham 与 Mary(2019)√k \
+尺度的 λ = {lam} 倍,对不能抵消的部分取与数值成比例的严格上界。在 {prec} 下(相对 Σ|各项|):
 
-| 张量 | 项数 k | γ_k |
-|---|---|---|
-| dX | {D_out} | {g_dX} |
-| dW, dB | {N} | {g_dW} |
-| Y | {kY} | {g_Y} |
+| 张量 | 项数 k | 确定 | 统计(相互抵消的和) |
+|---|---|---|---|
+| dX | {D_out} | {g_dX} | {s_dX} |
+| dW, dB | {N} | {g_dW} | {s_dW} |
+| Y | {kY} | {g_Y} | {s_Y} |
 
-没有需要调节的容差:更大的误差就是错误的梯度。
+若容差至少是每个元素的一半,检查就无法区分零梯度或减半的梯度与正确梯度:\
+结论为**无法判定**,而不是通过。没有需要调节的容差:更大的误差就是错误的梯度。
 """
 
 

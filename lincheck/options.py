@@ -30,12 +30,47 @@ class DType(str, Enum):
     float16 = "float16"
 
 
-class PrecisionChoice(str, Enum):
-    fp64 = "fp64"
-    fp32 = "fp32"
-    tf32 = "tf32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+PRESET_NAMES = ("fp64", "fp32", "tf32", "bf16", "fp16", "fp16-acc16", "fp8", "fp8-blockwise")
+"""``precision.PRESETS``' names (``tests/test_cli.py`` checks that they agree)."""
+
+
+def _precision(value: str | None) -> str | None:
+    """A --precision spec, checked here so that a bad one is bad usage (exit 2) with the
+    parser's own message (imports NumPy only when a spec is given)."""
+    if value is None:
+        return None
+    from .precision import parse
+
+    try:
+        parse(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        metavar="SPEC",
+        callback=_precision,
+        help="The arithmetic the gradients were computed in; sets their error bounds. A preset "
+        f"({', '.join(PRESET_NAMES)}) or key=value pairs, e.g. 'bf16,bias=fused' or "
+        "'x=e4m3,w=e4m3,dy=e5m2,scale=tensor,acc=fp32,out=bf16' (keys x, w, dy, convert, "
+        "scale, products, acc, out, bias; see lincheck explain --precision SPEC). Default: "
+        "from each file's dtype.",
+        show_default=False,
+    ),
+]
+
+CertainOnly = Annotated[
+    bool,
+    typer.Option(
+        "--certain-only",
+        help="Fail only beyond the rigorous worst-case bound (the certain tier), not beyond "
+        "what rounding plausibly produces (the statistical tier).",
+    ),
+]
 
 
 class Method(str, Enum):

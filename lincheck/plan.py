@@ -23,16 +23,18 @@ import numpy as np
 from . import diagnose, streaming, tally, witness
 from .core import FileBacked
 from .precision import (
-    FLOAT64,
-    PRECISIONS,
+    Arithmetic,
     Format,
-    Precision,
-    product_error,
-    representable,
+    Operand,
+    model_operands,
+    parse,
+    reference_bound,
     storage_format,
+    subject_bound,
 )
 from .results import Hint, TensorCheck
 from .tally import Positions
+from .scaling import prepare
 from .tensors import OPERANDS
 from .validate import nonfinite_summary
 
@@ -43,21 +45,22 @@ class Subject:
 
     ``problem`` is "" when it can (then ``values`` is its 2-D view, in its
     own dtype, upcast a block at a time), else what is wrong (a wrong shape,
-    NaN or Inf). ``rounded`` says, per precision tried, whether the inputs
-    as given had to be converted to that precision's operand format;
-    ``alternatives`` are the less accurate precisions a failure is tested
-    against (none under an allclose rule).
+    NaN or Inf). ``seen`` says, per model tried (the declared one and the
+    ``alternatives`` a failure is tested against; none under an allclose
+    rule), how that model's kernel saw each input (:func:`lincheck.scaling.prepare`).
+    ``certain_only``: only the certain tier fails the check.
     """
 
     array: np.ndarray
     label: str
-    precision: Precision
+    precision: Arithmetic
     storage: Format
     allclose: tuple[float, float] | None
     problem: str
     values: np.ndarray | None
     alternatives: tuple[str, ...]
-    rounded: Mapping[str, bool]
+    seen: Mapping[str, Mapping[str, Operand]]
+    certain_only: bool = False
 
     @property
     def usable(self) -> bool:
@@ -67,16 +70,23 @@ class Subject:
     def oracle_rule(self) -> str:
         return "bound" if self.allclose is None else "allclose"
 
+    def operands(self, tensor: str, name: str | None = None) -> tuple[Operand, ...]:
+        """The operands of ``tensor`` as model ``name`` (default: the declared one) saw them."""
+        model = self.precision if name is None else parse(name)
+        return model_operands(model, tensor, self.seen[model.name])
+
 
 def subject(
     tensor: str,
     array: np.ndarray,
-    precision: Precision,
+    precision: Arithmetic,
     label: str,
     given: Mapping[str, np.ndarray],
     allclose: tuple[float, float] | None,
     shape: tuple[int, ...],
     shape2d: tuple[int, ...],
+    scales: Mapping[str, np.ndarray] | None = None,
+    certain_only: bool = False,
 ) -> Subject:
     """Decide once whether a subject can be compared (shape, then NaN/Inf) and how."""
     if tuple(array.shape) != tuple(shape):
@@ -85,13 +95,13 @@ def subject(
         problem = nonfinite_summary(array)
     values: np.ndarray | None = None
     alternatives: tuple[str, ...] = ()
-    rounded: dict[str, bool] = {}
+    seen: dict[str, Mapping[str, Operand]] = {}
     if not problem:
         values = array.reshape(shape2d)
         alternatives = diagnose.candidates(precision) if allclose is None else ()
-        operands = [given[o] for o in OPERANDS[tensor] if o in given]
-        for p in [precision, *(PRECISIONS[n] for n in alternatives)]:
-            rounded[p.name] = not all(representable(g, p.operands) for g in operands)
+        operands = {o: given[o] for o in OPERANDS[tensor] if o in given}
+        for p in [precision, *(parse(n) for n in alternatives)]:
+            seen[p.name] = prepare(p, operands, scales)
     return Subject(
         array=array,
         label=label,
@@ -101,7 +111,8 @@ def subject(
         problem=problem,
         values=values,
         alternatives=tuple(alternatives),
-        rounded=rounded,
+        seen=seen,
+        certain_only=certain_only,
     )
 
 
@@ -198,7 +209,8 @@ class Tallies:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.own = tally.Tally(shape=plan.shape2d) if plan.usable else None
+        resolve = plan.usable and plan.allclose is None
+        self.own = tally.Tally(shape=plan.shape2d, resolve=resolve) if plan.usable else None
         self.witness = tally.Tally(shape=plan.shape2d)
         self.rules = {"subject": "", "witness": ""}
         self.directions: witness.Directions | None = None
@@ -215,7 +227,7 @@ class Tallies:
         plan = self.plan
         tensor, k = plan.tensor, layer.terms(plan.tensor)
         ref = layer.reference(tensor, cols)
-        ref_bound = product_error(M, S, k, PRECISIONS["fp64"], FLOAT64, False)
+        ref_bound = reference_bound(M, S, k)
         flat = Positions.of_block(plan.shape2d, cols, rows)
         sub = plan.subject
         if sub is not None and sub.values is not None and self.own is not None:
@@ -225,24 +237,30 @@ class Tallies:
                 o, o_worst, o_typ, oracle = block.estimate, block.bound, block.typical, "witness"
             else:
                 o, o_worst, o_typ, oracle = ref, ref_bound.worst, ref_bound.typical, "reference"
-            rounded = sub.rounded[sub.precision.name]
-            own = product_error(M, S, k, sub.precision, sub.storage, rounded)
+            largest = layer.largest(tensor, cols)
+            value = np.abs(ref)
+
+            def bound(name: str | None = None):
+                model = sub.precision if name is None else parse(name)
+                return subject_bound(
+                    model, tensor, k, M, S, value, largest, sub.operands(tensor, name), sub.storage
+                )
+
             alternatives = None
+            certain = None
             if sub.allclose is None:
-                tol = own.worst + o_worst
-                self.rules["subject"] = f"{own.rule} + {oracle} bound"
-                alternatives = {
-                    name: product_error(
-                        M, S, k, PRECISIONS[name], sub.storage, sub.rounded[name]
-                    ).worst
-                    + o_worst
-                    for name in sub.alternatives
-                }
+                own = bound()
+                certain = own.worst + o_worst
+                tol = certain if sub.certain_only else own.statistical + o_worst
+                tier = "rigorous bound" if sub.certain_only else "statistical tolerance"
+                self.rules["subject"] = f"{own.rule}; {tier} + {oracle} bound"
+                alternatives = {name: bound(name).worst + o_worst for name in sub.alternatives}
+                typical = np.sqrt(own.typical**2 + o_typ**2)
             else:
                 tol = sub.allclose[0] + sub.allclose[1] * np.abs(o)
                 self.rules["subject"] = _allclose_rule(sub.allclose, oracle)
-            typical = np.sqrt(own.typical**2 + o_typ**2)
-            self.own.add(s, o, tol, typical, flat, alternatives)
+                typical = np.sqrt(bound().typical ** 2 + o_typ**2)
+            self.own.add(s, o, tol, typical, flat, alternatives, certain=certain)
         if plan.witnessed and block is not None:
             self.add_witness(ref, ref_bound, block, flat)
 
@@ -286,7 +304,7 @@ class Tallies:
             (ref, M, S), block = found.result()
             flat = Positions(first=None, entries=self.sampled)
         note_steps(steps, tensor, block.steps)
-        ref_bound = product_error(M, S, totals.terms(tensor), PRECISIONS["fp64"], FLOAT64, False)
+        ref_bound = reference_bound(M, S, totals.terms(tensor))
         self.add_witness(ref, ref_bound, block, flat)
 
     def subject_check(self, sub: Subject) -> TensorCheck:
@@ -369,7 +387,7 @@ class Tallies:
             layer=layer,
             precision=sub.precision,
             storage=sub.storage,
-            rounded=sub.rounded[sub.precision.name] if sub.usable else False,
+            operands=sub.operands(self.plan.tensor) if sub.usable else (),
             batch_shape=batch_shape,
         )
         return diagnose.explain(case, lower)

@@ -1,20 +1,33 @@
-"""Arithmetic models: number formats, precisions, and the rounding-error bound of a product.
+"""Arithmetic models: number formats, how a kernel computed a product, and its error bounds.
 
-A *precision* says how a gradient was computed: the format its operands were
-rounded to, the format its sums were accumulated in, and the format its result
-was rounded to. From that and the per-entry magnitudes
-(:class:`lincheck.oracles.Magnitudes`), :func:`product_error` bounds the
-distance of every entry from the exact value. The derivation is in
-``docs/numerics.md`` §2.
+A model (:class:`Arithmetic`) says how a subject (the user's Y, dX, dW or
+dB) was computed from the given arrays: the format each operand was
+converted to and how (:data:`FORMATS`, round to nearest or toward zero,
+with or without scales), whether products were rounded, the accumulator
+(:class:`Accumulator`), the format of the result and whether the bias was
+added in the same rounding. ``--precision SPEC`` names one (:func:`parse`):
+a preset of :data:`PRESETS`, or ``key=value`` pairs.
 
-Notation: u is a format's unit roundoff, γ_k = k u / (1 − k u) [Higham,
-*Accuracy and Stability of Numerical Algorithms*, 2nd ed., 2002, §3.1].
+:func:`subject_bound` turns a model and the per-entry magnitudes of a
+product into two tolerances, derived in ``docs/numerics.md`` §2:
+
+- ``worst``, the *certain* tier: |computed − exact| ≤ worst for any
+  summation order, always (products of (1 + u) factors, valid at every k);
+- ``statistical``: beyond it an error is implausible for rounding, under
+  the assumptions of Higham and Mary's probabilistic analysis applied to
+  the part of the errors that can average out (§2.3); the part that cannot
+  (every error of one sign, as in summing a constant) is bounded rigorously.
+
+References: N. J. Higham, *Accuracy and Stability of Numerical Algorithms*,
+2nd ed., SIAM 2002, §2.2, §3.1; N. J. Higham and T. Mary, "A new approach to
+probabilistic rounding error analysis", SIAM J. Sci. Comput. 41(5), 2019.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,209 +41,588 @@ class Format:
     Attributes
     ----------
     name : str
+        The name in a precision spec (``bf16``, ``e4m3``, ...).
     bits : int
-        Significand precision p, the implicit bit included.
-    u : float
-        Bound on the relative error of converting a number into the format:
-        the unit roundoff 2⁻ᵖ for round-to-nearest (see TF32 and BFLOAT16
-        for the two that allow more).
-    eta : float
-        The smallest positive subnormal number. A conversion that underflows
-        has an absolute error of at most η/2; lincheck uses η.
+        Significand precision p, the implicit bit included; u = 2⁻ᵖ is the
+        unit roundoff of rounding to nearest.
+    emin : int
+        Exponent of the smallest normal number, 2^emin.
+    max : float
+        The largest finite number.
+    description : str
     """
 
     name: str
     bits: int
-    u: float
-    eta: float
-
-
-FLOAT64 = Format("float64", 53, 2.0**-53, 2.0**-1074)
-FLOAT32 = Format("float32", 24, 2.0**-24, 2.0**-149)
-# TF32 tensor cores read only the first 10 explicit significand bits of an
-# fp32 operand (truncation on some hardware, rounding on others), so the
-# conversion error is below one unit in the last place, 2⁻¹⁰, not 2⁻¹¹.
-# bfloat16 conversions round to nearest (PyTorch, JAX, CUDA): 2⁻⁸. Both also
-# allow for a first rounding of a float64 value to float32 (+2⁻²³).
-TF32 = Format("tf32", 11, 2.0**-10 + 2.0**-23, 2.0**-136)
-BFLOAT16 = Format("bfloat16", 8, 2.0**-8 + 2.0**-23, 2.0**-133)
-FLOAT16 = Format("float16", 11, 2.0**-11, 2.0**-24)
-
-FORMATS = {f.name: f for f in (FLOAT64, FLOAT32, TF32, BFLOAT16, FLOAT16)}
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How a gradient was computed: operand, accumulation and result formats."""
-
-    name: str
-    operands: Format
-    accumulate: Format
-    result: Format
+    emin: int
+    max: float
     description: str
 
+    @property
+    def u(self) -> float:
+        """Unit roundoff of round to nearest, 2⁻ᵖ."""
+        return 2.0**-self.bits
 
-PRECISIONS = {
-    p.name: p
-    for p in (
-        Precision("fp64", FLOAT64, FLOAT64, FLOAT64, "float64 arithmetic"),
-        Precision("fp32", FLOAT32, FLOAT32, FLOAT32, "float32 arithmetic"),
-        Precision(
-            "tf32",
-            TF32,
-            FLOAT32,
-            FLOAT32,
-            "TF32 arithmetic",
-        ),
-        Precision(
-            "bf16",
-            BFLOAT16,
-            FLOAT32,
-            BFLOAT16,
-            "bfloat16 arithmetic",
-        ),
-        Precision("fp16", FLOAT16, FLOAT16, FLOAT16, "float16 arithmetic"),
-    )
+    @property
+    def eta(self) -> float:
+        """The smallest positive subnormal, 2^(emin − p + 1): the spacing below 2^emin."""
+        return 2.0 ** (self.emin - self.bits + 1)
+
+
+FLOAT64 = Format("fp64", 53, -1022, float(np.finfo(np.float64).max), "float64")
+FLOAT32 = Format("fp32", 24, -126, float(np.finfo(np.float32).max), "float32")
+# TF32 and bfloat16 keep float32's exponent range (and its subnormals, with their own spacing).
+TF32 = Format("tf32", 11, -126, float(np.finfo(np.float32).max), "TF32")
+BFLOAT16 = Format("bf16", 8, -126, float(np.finfo(np.float32).max), "bfloat16")
+FLOAT16 = Format("fp16", 11, -14, 65504.0, "float16")
+# OCP 8-bit floating point (v1.0): E4M3 has no infinities and reaches 448; E5M2 is IEEE-like.
+E4M3 = Format("e4m3", 4, -6, 448.0, "fp8 e4m3")
+E5M2 = Format("e5m2", 3, -14, 57344.0, "fp8 e5m2")
+
+FORMATS = {f.name: f for f in (FLOAT64, FLOAT32, TF32, BFLOAT16, FLOAT16, E4M3, E5M2)}
+
+_DTYPE_FORMATS = {
+    "float64": FLOAT64,
+    "float32": FLOAT32,
+    "float16": FLOAT16,
+    "bfloat16": BFLOAT16,
+    "float8_e4m3fn": E4M3,
+    "float8_e5m2": E5M2,
 }
-"""The precisions lincheck knows, from most to least accurate operands."""
-
-_BY_DTYPE = {"float64": "fp64", "float32": "fp32", "float16": "fp16"}
-
-
-def precision_for(dtype: np.dtype) -> Precision:
-    """The precision a gradient of this dtype is presumed computed in (integers: fp64)."""
-    return PRECISIONS[_BY_DTYPE.get(np.dtype(dtype).name, "fp64")]
+"""NumPy dtype names (``ml_dtypes`` supplies the last three) and the formats they store."""
 
 
 def storage_format(dtype: np.dtype) -> Format:
     """The format an array of this dtype stores its values in (integers: float64)."""
-    return FORMATS.get(np.dtype(dtype).name, FLOAT64)
+    return _DTYPE_FORMATS.get(np.dtype(dtype).name, FLOAT64)
 
 
 def gamma(k: float, u: float) -> float:
-    """γ_k = k u / (1 − k u); infinite when k u ≥ 1 (no worst-case bound exists)."""
+    """γ_k = k u / (1 − k u); infinite when k u ≥ 1. Used for float64 sums only (k u ≪ 1)."""
     ku = k * u
     return ku / (1.0 - ku) if ku < 1.0 else math.inf
 
 
-def round_to(values: np.ndarray, fmt: Format) -> np.ndarray:
-    """``values`` rounded to nearest (ties to even) in ``fmt``, returned as float64.
+def growth(n: float, c: float) -> float:
+    """(1 + c)ⁿ − 1: the largest relative error of n roundings of relative error ≤ c.
 
-    float32 and float16 use NumPy's conversions (with their exponent ranges);
-    tf32 and bfloat16 round the significand to ``fmt.bits`` bits and keep
-    float32's exponent range, as the hardware formats do, subnormals
-    included: below float32's smallest normal number, 2⁻¹²⁶, their spacing
-    is fixed at ``fmt.eta`` (2⁻¹³³ for bfloat16, 2⁻¹³⁶ for tf32), so 2⁻¹⁴⁰,
-    a float32 subnormal, is not a bfloat16 number (it rounds to 0).
+    Valid for every n (Higham, Lemma 3.1 without its n c < 1 condition:
+    |Π(1 + δᵢ) − 1| ≤ (1 + c)ⁿ − 1 whenever every |δᵢ| ≤ c); infinite once
+    it exceeds float64's range.
+    """
+    if n <= 0 or c == 0:
+        return 0.0
+    with np.errstate(over="ignore"):
+        x = n * math.log1p(c)
+    return math.expm1(x) if x < 709.0 else math.inf
+
+
+def round_to(values: np.ndarray, fmt: Format, mode: str = "rn") -> np.ndarray:
+    """``values`` converted to ``fmt``, returned as float64.
+
+    ``mode`` is "rn" (to nearest, ties to even) or "rz" (toward zero).
+    Below the format's smallest normal number, 2^emin, the spacing stays
+    at the smallest subnormal (:attr:`Format.eta`): 2⁻¹⁴⁰, a float32
+    subnormal, is not a bfloat16 number (it rounds to 0). Beyond the range
+    the result is rounded as if the exponent went on (overflow is the
+    caller's to detect, against :attr:`Format.max`).
     """
     a = np.asarray(values, dtype=np.float64)
     if fmt is FLOAT64:
         return a
-    if fmt in (FLOAT32, FLOAT16):
+    if mode == "rn" and fmt in (FLOAT32, FLOAT16):
         with np.errstate(over="ignore"):
-            return a.astype(fmt.name).astype(np.float64)
-    m, e = np.frexp(a.astype(np.float32).astype(np.float64))
-    # frexp writes 2⁻¹²⁶ as 0.5 · 2⁻¹²⁵: below it, the exponent of the spacing stays put.
-    e = np.maximum(e, -125)
-    return np.ldexp(
-        np.rint(np.ldexp(a.astype(np.float32).astype(np.float64), fmt.bits - e)), e - fmt.bits
-    )
+            return a.astype("float32" if fmt is FLOAT32 else "float16").astype(np.float64)
+    _, e = np.frexp(a)
+    # frexp writes 2^emin as 0.5 · 2^(emin + 1): below it the exponent of the spacing stays put.
+    e = np.maximum(e, fmt.emin + 1)
+    scaled = np.ldexp(a, fmt.bits - e)
+    return np.ldexp(np.rint(scaled) if mode == "rn" else np.trunc(scaled), e - fmt.bits)
 
 
 def representable(values: np.ndarray, fmt: Format) -> bool:
-    """Whether every value is exactly a value of ``fmt``."""
+    """Whether every value is exactly a value of ``fmt`` (within its range)."""
     a = values if isinstance(values, FileBacked) else np.asarray(values)  # scanned by chunks
     if a.dtype.kind == "b":
         return True
-    if a.dtype.kind == "f":
+    if a.dtype.kind == "f" or a.dtype.name in _DTYPE_FORMATS:
         have = storage_format(a.dtype)
         # A format holds another if it has as many bits and at least its range.
-        if fmt.bits >= have.bits and (fmt is FLOAT64 or fmt is have or have is FLOAT16):
+        if have is fmt or (fmt.bits >= have.bits and fmt.emin <= have.emin and fmt.max >= have.max):
             return True
     for part in leading_chunks(a):  # a chunk at a time: a may be a file larger than memory
         chunk = a[part]
-        a64 = chunk.astype(np.float64)
+        a64 = np.asarray(chunk, dtype=np.float64)
         if a.dtype.kind in "iu" and not np.array_equal(a64.astype(a.dtype), chunk):
             return False  # an integer beyond 2⁵³ is not even a float64
+        if fmt is not FLOAT64 and np.max(np.abs(a64), initial=0.0) > fmt.max:
+            return False
         if not np.array_equal(round_to(a64, fmt), a64):
             return False
     return True
 
 
+# ---------------------------------------------------------------------------
+# Accumulators and models
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """Where a kernel adds its products up.
+
+    ``fmt`` and ``truncates`` give each addition's relative error, at most
+    2⁻ᵖ rounding to nearest and 2¹⁻ᵖ truncating (toward zero). With
+    ``chunk`` = K, partial sums of K consecutive terms are kept in that
+    format and each is added into a float32 accumulator rounding to nearest
+    (FP8 tensor cores keep about 14 bits [DeepSeek-AI, DeepSeek-V3
+    Technical Report, 2024, §3.3.2], which promote every 128 terms).
+    """
+
+    name: str
+    fmt: Format
+    truncates: bool = False
+    chunk: int = 0
+
+    @property
+    def c(self) -> float:
+        """The relative error of one addition."""
+        return self.fmt.u * (2.0 if self.truncates else 1.0)
+
+
+def _accumulator(text: str) -> Accumulator:
+    fixed = {
+        "fp64": Accumulator("fp64", FLOAT64),
+        "fp32": Accumulator("fp32", FLOAT32),
+        "fp32-rz": Accumulator("fp32-rz", FLOAT32, truncates=True),
+        "bf16": Accumulator("bf16", BFLOAT16),
+        "fp16": Accumulator("fp16", FLOAT16),
+    }
+    if text in fixed:
+        return fixed[text]
+    bits, _, K = text.partition("bit/")
+    if bits.isdigit() and K.isdigit() and 2 <= int(bits) <= 24 and int(K) >= 1:
+        fmt = Format(f"{bits}bit", int(bits), -126, FLOAT32.max, f"{bits}-bit")
+        return Accumulator(text, fmt, truncates=True, chunk=int(K))
+    raise ValueError(
+        f"acc={text!r}: expected fp64, fp32, fp32-rz, bf16, fp16 or BITSbit/K (e.g. 14bit/128)"
+    )
+
+
+SCALES = ("none", "tensor", "row", "block128", "mx32")
+OPERAND_KEYS = ("x", "w", "dy")
+KEYS = (*OPERAND_KEYS, "convert", "scale", "products", "acc", "out", "bias")
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """How a kernel computed Y = X Wᵀ + B, dX = G W, dW = Gᵀ X and dB = Σₙ G.
+
+    Operand ``x``, ``w`` and ``dy`` formats (dX uses dy and w, dW dy and x,
+    Y x and w; dB sums dY, converted to the dy format unless that is an
+    fp8 format: frameworks sum the unquantized upstream gradient), their
+    conversion (``convert``: "rn" or "rz") and ``scale`` ("none", "tensor",
+    "row", "block128", "mx32": the kernel used s · q(a / s)), whether
+    ``products`` were "exact" or "rounded" (to nearest, in the wider
+    operand format), the accumulator, the ``out`` format of the result and
+    whether the ``bias`` was "fused" into Y's sum or added "separate"ly
+    after rounding X Wᵀ.
+    """
+
+    name: str
+    x: Format
+    w: Format
+    dy: Format
+    convert: str
+    scale: str
+    products: str
+    acc: Accumulator
+    out: Format
+    bias: str
+    description: str = ""
+
+    def operand(self, name: str) -> Format:
+        """The format of input ``name`` ("X", "W", "dY") as the kernel used it."""
+        return {"X": self.x, "W": self.w, "dY": self.dy}[name]
+
+    def quantized(self, name: str) -> bool:
+        """Whether input ``name`` goes through a scaled (fp8) format."""
+        return self.scale != "none" and self.operand(name).bits <= E5M2.bits + 1
+
+    @property
+    def spec(self) -> str:
+        """The model in full, as ``key=value`` pairs (what :func:`parse` reads back)."""
+        return ",".join(
+            [
+                f"x={self.x.name}",
+                f"w={self.w.name}",
+                f"dy={self.dy.name}",
+                f"convert={self.convert}",
+                f"scale={self.scale}",
+                f"products={self.products}",
+                f"acc={self.acc.name}",
+                f"out={self.out.name}",
+                f"bias={self.bias}",
+            ]
+        )
+
+
+def _model(name, operands, out, acc, description, **keys) -> Arithmetic:
+    x, w, dy = (FORMATS[f] for f in operands)
+    return Arithmetic(
+        name=name,
+        x=x,
+        w=w,
+        dy=dy,
+        convert=keys.get("convert", "rn"),
+        scale=keys.get("scale", "none"),
+        products=keys.get("products", "exact"),
+        acc=_accumulator(acc),
+        out=FORMATS[out],
+        bias=keys.get("bias", "fused"),
+        description=description,
+    )
+
+
+PRESETS = {
+    m.name: m
+    for m in (
+        _model("fp64", ("fp64",) * 3, "fp64", "fp64", "float64 arithmetic"),
+        _model("fp32", ("fp32",) * 3, "fp32", "fp32", "float32 arithmetic"),
+        _model(
+            "tf32",
+            ("tf32",) * 3,
+            "fp32",
+            "fp32-rz",
+            "TF32 tensor cores (operands truncated or rounded, fp32 accumulation)",
+            convert="rz",
+        ),
+        _model(
+            "bf16",
+            ("bf16",) * 3,
+            "bf16",
+            "fp32-rz",
+            "bfloat16 operands, fp32 accumulation, bfloat16 result",
+            products="rounded",
+            bias="separate",
+        ),
+        _model(
+            "fp16",
+            ("fp16",) * 3,
+            "fp16",
+            "fp32-rz",
+            "float16 operands, fp32 accumulation, float16 result",
+            products="rounded",
+            bias="separate",
+        ),
+        _model(
+            "fp16-acc16",
+            ("fp16",) * 3,
+            "fp16",
+            "fp16",
+            "float16 operands and accumulation",
+            products="rounded",
+            bias="separate",
+        ),
+        _model(
+            "fp8",
+            ("e4m3", "e4m3", "e5m2"),
+            "bf16",
+            "fp32-rz",
+            "fp8 (e4m3 X and W, e5m2 dY) with per-tensor scales, fp32 accumulation",
+            scale="tensor",
+            bias="separate",
+        ),
+        _model(
+            "fp8-blockwise",
+            ("e4m3",) * 3,
+            "bf16",
+            "14bit/128",
+            "fp8 e4m3 in 1×128 and 128×128 blocks, 14-bit accumulation promoted every 128",
+            scale="block128",
+            bias="separate",
+        ),
+    )
+}
+"""The named models. Each covers what the frameworks do on CPUs and on tensor cores: a
+truncating fp32 accumulator bounds a rounding one too, rounded products bound exact ones,
+and a separately added bias bounds a fused one (docs/numerics.md §2.4)."""
+
+PRECISIONS = PRESETS  # the name the API and the CLI have always used
+
+_BY_DTYPE = {
+    "float64": "fp64",
+    "float32": "fp32",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "float8_e4m3fn": "fp8",
+    "float8_e5m2": "fp8",
+}
+
+
+def precision_for(dtype: np.dtype) -> Arithmetic:
+    """The model a gradient of this dtype is presumed computed in (integers: fp64)."""
+    return PRESETS[_BY_DTYPE.get(np.dtype(dtype).name, "fp64")]
+
+
+def parse(spec: str | Arithmetic) -> Arithmetic:
+    """The model a ``--precision`` spec names.
+
+    A spec is a preset name, or comma-separated items each a preset name or
+    ``key=value`` (keys :data:`KEYS`), later items overriding earlier ones
+    on top of fp32: ``bf16,bias=fused``, ``x=e4m3,w=e4m3,dy=e5m2,scale=tensor``.
+
+    Raises
+    ------
+    ValueError
+        naming the item that is not understood and what is allowed.
+
+    Examples
+    --------
+    >>> parse("bf16").spec
+    'x=bf16,w=bf16,dy=bf16,convert=rn,scale=none,products=rounded,acc=fp32-rz,out=bf16,bias=separate'
+    >>> parse("fp16,acc=fp16").spec == parse("fp16-acc16").spec
+    True
+    """
+    if isinstance(spec, Arithmetic):
+        return spec
+    text = str(spec).strip()
+    if text in PRESETS:
+        return PRESETS[text]
+    model = PRESETS["fp32"]
+    choices = {
+        "convert": ("rn", "rz"),
+        "scale": SCALES,
+        "products": ("exact", "rounded"),
+        "bias": ("fused", "separate"),
+    }
+    for item in (t.strip() for t in text.split(",")):
+        if item in PRESETS:
+            model = PRESETS[item]
+            continue
+        key, eq, value = item.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not eq or key not in KEYS:
+            raise ValueError(
+                f"precision {text!r}: {item!r} is neither a preset ({', '.join(PRESETS)}) "
+                f"nor key=value with a key of {', '.join(KEYS)}"
+            )
+        if key in (*OPERAND_KEYS, "out"):
+            if value not in FORMATS:
+                raise ValueError(f"precision {text!r}: {key}={value!r}: formats are {', '.join(FORMATS)}")
+            model = replace(model, **{key: FORMATS[value]})
+        elif key == "acc":
+            try:
+                model = replace(model, acc=_accumulator(value))
+            except ValueError as exc:
+                raise ValueError(f"precision {text!r}: {exc}") from None
+        else:
+            if value not in choices[key]:
+                raise ValueError(
+                    f"precision {text!r}: {key}={value!r}: expected one of {', '.join(choices[key])}"
+                )
+            model = replace(model, **{key: value})
+    return replace(model, name=text, description=f"the arithmetic {text}")
+
+
+# ---------------------------------------------------------------------------
+# Bounds
+
+LAMBDA = 8.0
+"""The statistical tier's multiple λ of the error's scale (docs/numerics.md §2.3): by
+Azuma–Hoeffding each of a sum's three random parts exceeds λ times its scale with
+probability at most 2·exp(−λ²/2) = 2.5e-14, so a correct entry exceeds the statistical
+tolerance with probability below 10⁻¹³ under the model's assumptions: below 10⁻⁴ over
+10⁹ entries."""
+
+SAFETY = 1.0 + 2.0**-50
+"""Covers evaluating a bound in float64 (a few roundings of 2⁻⁵³ each)."""
+
+
+@dataclass(frozen=True)
+class Operand:
+    """What a bound needs of one operand of a product: its format in the kernel, whether the
+    given values had to be converted to it, and the largest scale it was converted with."""
+
+    fmt: Format
+    converted: bool
+    scale: float = 1.0
+    overflows: bool = False
+
+
 @dataclass(frozen=True)
 class ErrorBound:
-    """Per-entry error bounds of a computed tensor.
+    """Per-entry tolerances of a computed tensor.
 
-    ``worst`` is rigorous: |computed − exact| ≤ worst, always. ``typical`` is
-    the probabilistic scale of Higham and Mary (2019): with independent
-    rounding errors, |computed − exact| ≲ √k u · Σ|terms|; errors near it
-    are normal, errors far below ``worst`` but far above ``typical`` are
-    possible but unusual.
+    ``worst`` is rigorous (the certain tier): |computed − exact| ≤ worst,
+    always. ``statistical`` ≤ worst is where rounding stops being plausible
+    (docs/numerics.md §2.3). ``typical`` is the statistical scale without
+    λ: errors near it are ordinary.
     """
 
     worst: np.ndarray
+    statistical: np.ndarray
     typical: np.ndarray
     rule: str
 
 
-def product_error(
-    M: np.ndarray,
-    S: np.ndarray | float,
+def _conversion(op: Operand, convert: str) -> tuple[float, float]:
+    """(relative, absolute) error of converting one value: 2⁻ᵖ (RN) or 2¹⁻ᵖ (RZ), plus 2⁻²⁴
+    for a first rounding through float32 of a narrower format's conversion; underflow
+    s·η (the spacing below the smallest normal, times the scale)."""
+    if not op.converted:
+        return 0.0, 0.0
+    if op.overflows:
+        return math.inf, math.inf
+    c = op.fmt.u * (2.0 if convert == "rz" else 1.0)
+    if op.fmt.bits < FLOAT32.bits:
+        c += 2.0**-24
+    return c, op.fmt.eta * op.scale
+
+
+def subject_bound(
+    model: Arithmetic,
+    tensor: str,
     k: int,
-    precision: Precision,
+    M,
+    S,
+    value,
+    largest,
+    operands: tuple[Operand, ...],
     storage: Format,
-    operands_rounded: bool,
 ) -> ErrorBound:
-    """Bound the error of k-term inner products computed in ``precision``.
+    """The certain and statistical tolerances of a tensor computed under ``model``.
 
     Parameters
     ----------
-    M : ndarray
-        Σ|a||b| per entry, the magnitude of the terms.
-    S : ndarray or float
-        Σ(|a| + |b|) per entry, which scales the error of operands that
-        underflow when rounded (only used if ``operands_rounded``).
+    model : Arithmetic
+    tensor : {"dX", "dW", "dB", "Y"}
     k : int
-        Terms per entry (D_out for dX, N for dW and dB, D_in + 1 for Y).
-    precision : Precision
+        Terms per entry (D_out for dX, N for dW and dB, D_in + 1 for Y with a bias).
+    M : ndarray
+        Σ|terms| per entry (|a||b| summed; for Y, + |b|).
+    S : ndarray or float
+        Σ(|a| + |b|) per entry: scales the error of operands that underflow.
+    value : ndarray
+        |exact value| per entry (the float64 reference; its own error is
+        below 10⁻¹⁵ of M, covered by the reference's bound).
+    largest : ndarray or float
+        An upper bound on max |term| per entry.
+    operands : tuple of Operand
+        The product's operands (one for dB).
     storage : Format
-        The format the result was stored in (the subject's dtype).
-    operands_rounded : bool
-        Whether the inputs, as given, had to be rounded to the operand
-        format (False when they are already representable in it).
+        The format the subject was stored in (its dtype).
 
     Notes
     -----
-    With u₀ the operand conversion error (0 if not rounded), u the
-    accumulation roundoff, and u₁… the roundoffs of any narrower result or
-    storage format,
+    Every term passes through the conversion of its operands (relative c_a,
+    c_b), a rounded product (c_p), at most k − 1 additions (c each; a K-term
+    chunk's K − 1 and ⌈k/K⌉ promotions for a chunked accumulator) and the
+    rounding to ``out`` (one more for a separate bias, one for a narrower
+    storage). With F the accumulation's growth and P the output's, the
+    certain tier is
 
-        |fl(aᵀb) − aᵀb| ≤ [(1 + u₀)² (1 + γ_k(u)) Π(1 + u_r) − 1] · M
-                           + underflow terms
+        worst = [(1 + e) F P − 1] · M + underflow,   e = (1+c_a)(1+c_b)(1+c_p) − 1
 
-    (Higham Lemmas 3.1 and 3.3; each product of two rounded operands has
-    two conversion errors, each sum k roundings in any order, each result
-    conversion one). Underflow adds at most η per rounding, and η₀(1 + u₀)·S
-    for operands that underflow when rounded.
+    and the statistical tier (docs/numerics.md §2.3), with v the exact value,
+
+        e |v| + λ e √(M · largest)                  conversions and products
+        + (1 + e) F [d |v| + λ c √(k − 1) (M + |v|)/2]  additions (d = c (k + 1)/2)
+        + (P − 1)(|v| + the above)                   output roundings
+        + underflow,  at most ``worst``.
     """
-    acc = precision.accumulate
-    u0 = precision.operands.u if operands_rounded else 0.0
-    outs = [f for f in (precision.result, storage) if f.u > acc.u]
-    outs = [f for i, f in enumerate(outs) if f not in outs[:i]]
-    g = gamma(k, acc.u)
-    grow = (1.0 + g) * math.prod(1.0 + f.u for f in outs)
-    alpha = (1.0 + u0) ** 2 * grow - 1.0
-    under = 2 * k * acc.eta + sum(f.eta for f in outs)
-    worst = alpha * M + under
-    if operands_rounded:
-        eta0 = precision.operands.eta
-        worst = worst + grow * (1.0 + u0) * eta0 * (S + k * eta0)
-    # (1 + 8·2⁻⁵³) covers evaluating this bound in float64.
-    worst = worst * (1.0 + 2.0**-50)
-    typical = (math.sqrt(2 * k) * u0 + math.sqrt(k) * acc.u + sum(f.u for f in outs)) * M
-    parts = [f"γ_{k}({acc.name})"]
-    if u0:
-        parts.insert(0, f"operands rounded to {precision.operands.name}")
-    parts += [f"result rounded to {f.name}" for f in outs]
-    rule = f"{precision.name}: " + ", ".join(parts) + " × Σ|terms|"
-    return ErrorBound(worst, typical, rule)
+    c_ops = [_conversion(op, model.convert) for op in operands]
+    c_p, eta_p = 0.0, 0.0
+    if model.products == "rounded" and len(operands) >= 2:
+        wider = max((op.fmt for op in operands[:2]), key=lambda f: f.bits)
+        c_p, eta_p = wider.u, wider.eta
+    # Products of (1 + c) factors minus 1, in logarithms: 1 + 2⁻⁵³ is 1 in float64.
+    e = math.expm1(sum(math.log1p(c) for c, _ in c_ops) + math.log1p(c_p))
+    acc = model.acc
+    c = acc.c
+    if acc.chunk and k > acc.chunk:
+        K, m = acc.chunk, -(-k // acc.chunk)
+        F = growth(K - 1, c) if m == 0 else math.expm1(
+            math.log1p(growth(K - 1, c)) + math.log1p(growth(m, FLOAT32.u))
+        )
+        drift = c * (K + 1) / 2 + FLOAT32.u * (m + 1) / 2
+        spread = c * math.sqrt((K - 1) * K) + FLOAT32.u * math.sqrt(m - 1)
+        chunked = True
+    else:
+        F = growth(k - 1, c)
+        drift, spread, chunked = c * (k + 1) / 2, c * math.sqrt(max(k - 1, 0)), False
+    outs = [model.out]
+    if tensor == "Y" and model.bias == "separate":
+        outs.append(model.out)
+    if storage.bits < min(o.bits for o in outs):
+        outs.append(storage)
+    P = math.expm1(sum(math.log1p(o.u) for o in outs))
+    whole = math.inf if math.isinf(F) else math.expm1(math.log1p(e) + math.log1p(F) + math.log1p(P))
+    eta_conv = max((eta for _, eta in c_ops), default=0.0)
+    eta_acc = acc.fmt.eta
+    with np.errstate(over="ignore", invalid="ignore"):
+        grow = (1.0 + F) * (1.0 + P)
+        under = grow * ((1.0 + e) * eta_conv * S + k * (eta_conv**2 + eta_p)) + (1.0 + P) * k * eta_acc
+        under = under + len(outs) * max(o.eta for o in outs)
+        worst = (whole * M + under) * SAFETY
+        v = np.abs(value)
+        terms = e * v + LAMBDA * e * np.sqrt(M * largest)
+        if chunked:
+            # A chunk's mass is at most K · (largest + |v|/k): √((K−1)K) · √(that · M) per chunk.
+            adds = drift * v + LAMBDA * spread * np.sqrt((largest + v / k) * (M + v))
+        else:
+            # A fluctuating partial sum is at most half the mass: R = −(the rest), Σr = 0.
+            adds = drift * v + LAMBDA * spread * (M + v) / 2
+        stat = terms + (1.0 + e) * (1.0 + F) * adds
+        stat = stat + P * (v + stat) + under
+        statistical = np.minimum(stat * SAFETY, worst)
+        typical = np.maximum(statistical - under, 0.0) / LAMBDA
+    return ErrorBound(worst, statistical, typical, _rule(model, tensor, operands, c_p, outs))
+
+
+def _rule(model: Arithmetic, tensor: str, operands, c_p: float, outs) -> str:
+    """How the tolerance was built, in words, for the report."""
+    parts = [
+        f"operands converted to {op.fmt.name}" for op in operands if op.converted and op.fmt.bits < 53
+    ]
+    if c_p:
+        parts.append("products rounded")
+    parts.append(f"sums in {model.acc.name}")
+    if model.out.bits < 53:
+        parts.append(f"result rounded to {model.out.name}")
+    if tensor == "Y" and model.bias == "separate":
+        parts.append("bias added separately")
+    if len(outs) > (2 if tensor == "Y" and model.bias == "separate" else 1):
+        parts.append(f"stored as {outs[-1].name}")
+    return f"{model.name}: " + ", ".join(parts)
+
+
+def reference_bound(M, S, k: int) -> ErrorBound:
+    """The float64 reference's error bound: γ_k(2⁻⁵³) M plus 2kη for underflow, any order.
+
+    (Operands are exact in float64; k u ≪ 1 for any k lincheck meets, so
+    Higham's γ_k applies.)
+    """
+    g = gamma(k, FLOAT64.u)
+    worst = (g * M + 2 * k * FLOAT64.eta) * SAFETY
+    typical = math.sqrt(k) * FLOAT64.u * M
+    return ErrorBound(worst, worst, typical, f"fp64: γ_{k}(fp64) × Σ|terms|")
+
+
+def model_operands(model: Arithmetic, tensor: str, seen: Mapping[str, Operand]) -> tuple[Operand, ...]:
+    """The :class:`Operand` s of ``tensor`` under ``model``, from how the kernel saw each
+    input (:func:`lincheck.scaling.prepare`). For Y a bias that is not a number of the
+    ``out`` format adds its conversion; dB sums dY as given when dY was quantized to fp8
+    (frameworks sum the unquantized upstream gradient)."""
+    from .tensors import OPERANDS
+
+    out = []
+    for name in OPERANDS[tensor]:
+        if name == "B":
+            if seen.get("B", Operand(model.out, False)).converted:
+                out.append(Operand(model.out, True))
+            continue
+        if tensor == "dB" and model.quantized("dY"):
+            out.append(Operand(FLOAT64, False))
+            continue
+        out.append(seen.get(name, Operand(model.operand(name), False)))
+    return tuple(out)

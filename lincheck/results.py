@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .tally import RESOLVE
 from .tensors import flat_index
 
 if TYPE_CHECKING:
@@ -124,6 +125,14 @@ class TensorCheck:
     checked: int = 0
     error_map: np.ndarray | None = field(default=None, compare=False, repr=False)
     histogram: np.ndarray | None = field(default=None, compare=False, repr=False)
+    verdict: str = ""
+    tier: str | None = None
+    certain_ratio: float | None = None
+    resolution: float | None = None
+
+    def __post_init__(self):
+        if not self.verdict:  # checks that are not tallied: pass or fail
+            object.__setattr__(self, "verdict", "pass" if self.passed else "fail")
 
     @classmethod
     def not_compared(
@@ -181,11 +190,19 @@ class TensorCheck:
         )
         if tally.exceeded:
             message = f"{tally.exceeded} of {tally.count} entries exceed their tolerance"
+            if tally.tier == "statistical":
+                message += " (beyond plausible rounding, within the rigorous bound)"
         elif tally.unbounded:
             message = (
-                f"inconclusive: {precision} arithmetic bounds nothing here (sums of k terms "
-                "with k·u ≥ 1 can lose every digit); if the sums were accumulated in float32, "
-                "check with --precision fp32"
+                f"inconclusive: {precision} arithmetic bounds nothing here (an operand beyond "
+                "the format's range, or sums so long that every digit can be lost)"
+            )
+        elif not tally.conclusive:
+            message = (
+                f"inconclusive: under {precision} arithmetic the tolerance is at least half of "
+                f"every entry (the largest |{tensor}| is {tally.resolution:.2g}× its tolerance, "
+                f"{RESOLVE:g}× is needed), so even a zero or halved {tensor} would pass; "
+                "check a smaller batch, or a more accurate arithmetic"
             )
         else:
             message = ""
@@ -213,6 +230,10 @@ class TensorCheck:
             checked=tally.count,
             error_map=getattr(tally, "map", None),
             histogram=getattr(tally, "histogram", None),
+            verdict=tally.verdict,
+            tier=tally.tier,
+            certain_ratio=tally.max_certain_ratio,
+            resolution=tally.resolution if tally.resolve else None,
         )
 
     @classmethod
@@ -273,11 +294,15 @@ class TensorCheck:
             "precision": self.precision,
             "rule": self.rule,
             "passed": self.passed,
+            "verdict": self.verdict,
+            "tier": self.tier,
             "shape": list(self.shape),
             "expected_shape": list(self.expected_shape),
             "max_abs_error": _json_float(self.max_abs_error),
             "max_rel_error": _json_float(self.max_rel_error),
             "bound_ratio": _json_float(self.bound_ratio),
+            "certain_ratio": _json_float(self.certain_ratio),
+            "resolution": _json_float(self.resolution),
             "typical_ratio": _json_float(self.typical_ratio),
             "worst_index": None if self.worst_index is None else list(self.worst_index),
             "tolerance": _json_float(self.tolerance),

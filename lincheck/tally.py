@@ -61,6 +61,10 @@ class Positions:
         return cls(first=None, cols=np.asarray(cols), width=shape[1])
 
 
+RESOLVE = 2.0
+"""A check is conclusive when some entry's |value| exceeds RESOLVE times its tolerance
+(:attr:`Tally.conclusive`)."""
+
 RANK_BITS = 22
 """Significand bits of error / tolerance that order the worst entries (about 7 digits)."""
 
@@ -113,8 +117,9 @@ class Tally:
     error / tolerance over RATIO_BINS.
     """
 
-    def __init__(self, top: int = 5, shape: tuple[int, ...] | None = None):
+    def __init__(self, top: int = 5, shape: tuple[int, ...] | None = None, resolve: bool = False):
         self.top = top
+        self.resolve = resolve  # whether a pass needs the check to be conclusive
         self.shape = None if shape is None else (1, *shape)[-2:]
         if self.shape is not None:
             self.map = np.zeros(tuple(min(n, c) for n, c in zip(self.shape, MAP_CELLS)))
@@ -127,6 +132,10 @@ class Tally:
         self.max_ratio = 0.0
         self.max_typical_ratio = 0.0
         self.detectable = 0.0
+        self.certain_exceeded = 0  # entries beyond the rigorous bound (the certain tier)
+        self.max_certain_ratio = 0.0
+        self.resolution = 0.0  # the largest |oracle| / tolerance: what the check can resolve
+        self.largest = 0.0  # the largest |oracle|
         self._best: list[tuple] = []  # (−ratio, flat index, subject, oracle, tolerance)
         self.alternatives: dict[str, list] = {}  # name -> [all fit, max ratio]
 
@@ -138,17 +147,28 @@ class Tally:
         typical: np.ndarray,
         flat: Positions,
         alternatives: dict[str, np.ndarray] | None = None,
+        certain: np.ndarray | None = None,
     ) -> None:
+        """Compare one block. ``tolerance`` is the one that decides (the statistical tier's,
+        or the certain one's); ``certain``, the rigorous bound, if it is larger."""
         s, o = np.ravel(subject), np.ravel(oracle)
         tol, typ = (_flat_like(a, subject) for a in (tolerance, typical))
+        cert = tol if certain is None else _flat_like(certain, subject)
         err = np.abs(s - o)
         exact = err == 0
+        a_o = np.abs(o)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(exact, 0.0, err / tol)
-            rel = np.where(exact, 0.0, err / np.abs(o))
+            rel = np.where(exact, 0.0, err / a_o)
             typ_ratio = np.where(exact, 0.0, err / typ)
+            cert_ratio = ratio if certain is None else np.where(exact, 0.0, err / cert)
+            resolved = np.where(a_o == 0, 0.0, a_o / tol)
         self.count += s.size
         self.exceeded += s.size - int(np.count_nonzero(err <= tol))
+        self.certain_exceeded += s.size - int(np.count_nonzero(err <= cert))
+        self.max_certain_ratio = max(self.max_certain_ratio, float(cert_ratio.max(initial=0.0)))
+        self.resolution = max(self.resolution, float(resolved.max(initial=0.0)))
+        self.largest = max(self.largest, float(a_o.max(initial=0.0)))
         self.unbounded += int(np.count_nonzero(np.isinf(tol)))
         self.max_abs = max(self.max_abs, float(err.max(initial=0.0)))
         self.max_rel = max(self.max_rel, float(rel.max(initial=0.0)))
@@ -215,10 +235,35 @@ class Tally:
             self.histogram += np.bincount(index, minlength=bins)
 
     @property
+    def conclusive(self) -> bool:
+        """Whether the check could catch an error of half the gradient's own size somewhere.
+
+        A halved gradient (the smallest of the gross mistakes: zero, sign-flipped,
+        halved, a mean for a sum) is off by |v|/2 at every entry: it is caught if
+        |v| > 2·tolerance at some entry. A gradient that is zero everywhere has no
+        size to resolve: any error beyond its tolerance is caught.
+        """
+        return not self.resolve or self.largest == 0 or self.resolution > RESOLVE
+
+    @property
     def passed(self) -> bool:
-        """Every entry within a finite tolerance. An infinite tolerance (a worst-case bound
-        that does not exist, k·u ≥ 1) cannot certify anything, so it does not pass."""
-        return self.exceeded == 0 and self.unbounded == 0
+        """Every entry within a finite tolerance, and the check conclusive (a tolerance
+        that cannot resolve the gradient's own size certifies nothing)."""
+        return self.exceeded == 0 and self.unbounded == 0 and self.conclusive
+
+    @property
+    def verdict(self) -> str:
+        """"fail" (some entry beyond its tolerance), "inconclusive" or "pass"."""
+        if self.exceeded:
+            return "fail"
+        return "pass" if self.passed else "inconclusive"
+
+    @property
+    def tier(self) -> str | None:
+        """Which tier decided a failure: "certain" (beyond the rigorous bound) or "statistical"."""
+        if not self.exceeded:
+            return None
+        return "certain" if self.certain_exceeded else "statistical"
 
     @property
     def best(self) -> list[tuple[int, float, float, float]]:

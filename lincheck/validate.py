@@ -23,6 +23,15 @@ def label(name: str, sources: Mapping[str, str]) -> str:
     return f"{name} ({sources[name]})" if name in sources else name
 
 
+NARROW_FLOATS = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+"""``ml_dtypes``' floating types (NumPy reports their kind as "V"), read like floats."""
+
+
+def is_float(dtype) -> bool:
+    """Whether arrays of ``dtype`` hold floating-point values (NumPy's or ``ml_dtypes``')."""
+    return dtype.kind == "f" or dtype.name in NARROW_FLOATS
+
+
 def real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
     """``value`` as an ndarray of real numbers, or InputError naming it.
 
@@ -42,7 +51,7 @@ def real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
             f"{label(name, sources)}: dtype {a.dtype} (extended precision) is not supported; "
             "save it as float64"
         )
-    if kind not in "biuf":
+    if kind not in "biuf" and a.dtype.name not in NARROW_FLOATS:
         what = {
             "c": "complex",
             "O": "object (pickled)",
@@ -96,7 +105,7 @@ def nonfinite_summary(a: np.ndarray) -> str:
     Reads the array a chunk at a time, so a memory-mapped file larger than
     memory is scanned without a mask of its size.
     """
-    if a.dtype.kind != "f" or (a.size <= CHUNK and np.isfinite(a).all()):
+    if not is_float(a.dtype) or (a.size <= CHUNK and np.isfinite(a).all()):
         return ""
     n_nan = n_bad = 0
     first = None

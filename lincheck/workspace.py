@@ -155,6 +155,20 @@ class Workspace(tensors.Sizes):
         k = max(self.N, self.D_in, self.D_out) + 1
         return upper_sum(M, self.terms(tensor)), upper_sum(S, k)
 
+    def largest(self, tensor: str, cols: np.ndarray | None = None):
+        """An upper bound on each entry's largest |term|, from row and column maxima: for
+        dW[o, i] = Σₙ G[n, o] X[n, i], maxₙ|G[n, o]| · maxₙ|X[n, i]| (for Y the bias is a
+        term too). It scales the statistical tier's bound (docs/numerics.md §2.3)."""
+        sel: slice | np.ndarray = slice(None) if cols is None else cols
+        if tensor == "dX":
+            return np.outer(self.aG.max(axis=1, initial=0.0), self.aW.max(axis=0, initial=0.0)[sel])
+        if tensor == "dW":
+            return np.outer(self.aG.max(axis=0, initial=0.0), self.aX.max(axis=0, initial=0.0)[sel])
+        if tensor == "dB":
+            return self.aG.max(axis=0, initial=0.0)
+        big = np.outer(self.aX.max(axis=1, initial=0.0), self.aW.max(axis=1, initial=0.0))
+        return big if self.B is None else np.maximum(big, np.abs(self.B))
+
     def reference(self, tensor: str, cols: np.ndarray | None = None) -> np.ndarray:
         """The analytic values of a block, in float64: G W, Gᵀ X, Σₙ G or X Wᵀ + B."""
         sel: slice | np.ndarray = slice(None) if cols is None else cols
