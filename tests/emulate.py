@@ -128,15 +128,18 @@ def convert(x, fmt: str, mode: str = "rn") -> np.ndarray:
     return round_bits(x, f.p, f.emin, mode, f.max)
 
 
+def sigbits_each(x) -> np.ndarray:
+    """The significand bits each value of x needs (0 for 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    m, _ = np.frexp(x)
+    n = np.abs(np.ldexp(m, 53)).astype(np.int64)
+    low = np.where(n == 0, 1 << 53, n & -n)
+    return 54 - np.frexp(low.astype(np.float64))[1]
+
+
 def sigbits(x) -> int:
     """The most significand bits any value of x needs (0 for an all-zero x)."""
-    x = np.asarray(x, dtype=np.float64)
-    m, _ = np.frexp(x[x != 0])
-    if m.size == 0:
-        return 0
-    n = np.abs(np.ldexp(m, 53)).astype(np.int64)
-    low = n & -n
-    return int(53 - np.frexp(low.astype(np.float64))[1].min() + 1)
+    return int(sigbits_each(x).max(initial=0))
 
 
 # ---------------------------------------------------------------------------
@@ -348,6 +351,7 @@ def _tree(T, acc: Acc, rng):
 def _chunks(T, size: int):
     """T (k, E) as (size, chunks·E): chunk c's terms in column block c (zero-padded)."""
     k, E = T.shape
+    size = min(size, k)  # one chunk: no padding
     n = -(-k // size)
     P = np.zeros((n * size, E))
     P[:k] = T
@@ -470,9 +474,13 @@ def quantize(A, fmt: str, model: Model, role: str, scales=None) -> Operand:
     S = _expand(s, model.scale, role, A)
     ratio = A / S
     q = convert(ratio, fmt, model.convert)
+    if not np.all(np.abs(q) <= f.max):
+        # mx32's recipe maps a block's amax up to 2^(emax+1)·(1 − ε), beyond e4m3's 448 and
+        # e5m2's 57344; the contract does not say whether such values saturate.
+        raise ValueError(f"{role}: a / s beyond {fmt}'s range")
     # a / s may be rounded in float64: harmless unless it lands on a decision point of the
     # conversion (rn: a midpoint, p + 1 bits but not p; rz: a grid point).
-    exact = (sigbits(s) + sigbits(ratio) <= 53) & (ratio * S == A)
+    exact = (sigbits_each(S) + sigbits_each(ratio) <= 53) & (ratio * S == A)
     on_grid = round_bits(ratio, f.p, f.emin, "rz") == ratio
     if model.convert == "rn":
         edge = (round_bits(ratio, f.p + 1, f.emin, "rz") == ratio) & ~on_grid
@@ -533,14 +541,15 @@ class Result:
 
 def emulate(
     X, W, B, dY, spec, order: str = "sequential", *, X_scale=None, W_scale=None,
-    dY_scale=None, seed: int = 0,
+    dY_scale=None, seed: int = 0, tensors=("Y", "dX", "dW", "dB"),
 ) -> Result:  # fmt: skip
     """Y = X Wᵀ + B and its gradients dX, dW, dB computed in the model ``spec``, exactly.
 
     X (*, D_in), W (D_out, D_in), B (D_out,) or None, dY (*, D_out). Scales: per block
     as :func:`recipe_scales` lays them out (tensor: a scalar; row: one per row; block128
     and mx32: rows × column blocks, W 128×128 blocks for block128); None: the recipe.
-    ``order`` applies to every sum; ``seed`` draws the random trees.
+    ``order`` applies to every sum; ``seed`` draws the random trees. Results not in
+    ``tensors`` (Y and dX cost the most at large N) are None.
     """
     m = parse(spec)
     rng = np.random.default_rng(seed)
@@ -565,22 +574,17 @@ def emulate(
     def total(T, q):
         return convert(sum_terms(T, m.acc, order, rng, q), m.out, "rn")
 
-    # Y: k = D_in products (+ the bias, first, when fused), entries (n, o).
-    T, q = products(x, w, x.values.T[:, :, None], w.values.T[:, None, :], m)
-    T = products_T = T.reshape(D_in, N * D_out)
+    Y = dX = None
     if B is not None:
         B = np.asarray(B, dtype=np.float64)
         if m.bias not in ("fused", "separate"):
             raise ValueError(f"bias {m.bias!r}")
-    if B is not None and m.bias == "fused":
-        T = np.concatenate([np.tile(B, N)[None, :], products_T])
-        q = min(q, quantum(B))
-    Y = total(T, q)
-    if B is not None and m.bias == "separate":
-        Y = convert(_round_to_odd_sum(Y, np.tile(B, N)), m.out, "rn")
-    # dX: k = D_out, entries (n, i).
-    T, q = products(g, w, g.values.T[:, :, None], w.values[:, None, :], m)
-    dX = total(T.reshape(D_out, N * D_in), q)
+    if "Y" in tensors:
+        Y = _forward(x, w, B, m, total, N, D_in, D_out).reshape(lead + (D_out,))
+    if "dX" in tensors:
+        # dX: k = D_out, entries (n, i).
+        T, q = products(g, w, g.values.T[:, :, None], w.values[:, None, :], m)
+        dX = total(T.reshape(D_out, N * D_in), q).reshape(lead + (D_in,))
     # dW and dB: k = N, entries (o, i) and o, summed together.
     T, q = products(g, x, g.values[:, :, None], x.values[:, None, :], m)
     T = T.reshape(N, D_out * D_in)
@@ -592,10 +596,23 @@ def emulate(
     dW = S[: D_out * D_in].reshape(D_out, D_in)
     dB = S[D_out * D_in :] if B is not None else None
     return Result(
-        Y=Y.reshape(lead + (D_out,)),
-        dX=dX.reshape(lead + (D_in,)),
+        Y=Y,
+        dX=dX,
         dW=dW,
         dB=dB,
         dtype=m.dtype,
         scales={"X": x.scales, "W": w.scales, "dY": g.scales},
     )
+
+
+def _forward(x, w, B, m, total, N, D_in, D_out):
+    """Y: k = D_in products (+ the bias, first, when fused), entries (n, o)."""
+    T, q = products(x, w, x.values.T[:, :, None], w.values.T[:, None, :], m)
+    T = products_T = T.reshape(D_in, N * D_out)
+    if B is not None and m.bias == "fused":
+        T = np.concatenate([np.tile(B, N)[None, :], products_T])
+        q = min(q, quantum(B))
+    Y = total(T, q)
+    if B is not None and m.bias == "separate":
+        Y = convert(_round_to_odd_sum(Y, np.tile(B, N)), m.out, "rn")
+    return Y
