@@ -127,6 +127,24 @@ class Failure:
     storage: Format
     operands: tuple[Operand, ...]
     batch_shape: tuple[int, ...]
+    certain_only: bool = False
+
+    def tolerance(self, M, S, k: int, reference) -> np.ndarray:
+        """The tolerance the verdict used: the statistical tier's (or, with ``certain_only``,
+        the rigorous bound) plus the reference's bound."""
+        own = subject_bound(
+            self.precision,
+            self.tensor,
+            k,
+            M,
+            S,
+            np.abs(reference),
+            self.layer.largest(self.tensor),
+            self.operands,
+            self.storage,
+        )
+        chosen = own.worst if self.certain_only else own.statistical
+        return chosen + reference_bound(M, S, k).worst
 
     def bound(self, M, S, k: int, tensor: str | None = None):
         """The subject's rigorous bound plus the reference's, for magnitudes M, S of k terms."""
@@ -141,9 +159,13 @@ def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
 
     Tried in order: a shape that is the transpose of the expected one, or
     dY's shape for dB; NaN/Inf; then, for values, a flipped sign, a mean over
-    the batch, the transpose, one row of dY for dB, a wrong operand, a
-    constant factor; then ``lower`` (a lower-precision hint, if the caller
-    found one); then errors confined to a few rows, columns or entries.
+    the batch, the transpose, one row of dY for dB, a wrong operand; then
+    errors confined to a few rows, columns or entries (before any arithmetic
+    is blamed: a lower precision spreads its errors everywhere); then
+    ``lower`` (a lower-precision hint, if the caller found one); then a
+    constant factor. Every alternative is measured by the tolerance that
+    failed the check (:meth:`Failure.tolerance`) and must fit clearly better
+    than the correct gradient: at most half its largest error (:func:`_fit`).
     """
     s, tensor, L = case.subject, case.tensor, case.layer
     # The shape first: a wrong-shaped result may be a broadcast view of 10¹² entries
@@ -158,16 +180,22 @@ def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
     values = np.asarray(s, dtype=np.float64).reshape(shape2d)
     M, S = L.magnitude(tensor)
     k = L.terms(tensor)
-    ref_bound = reference_bound(M, S, k).worst
-    own = case.bound(M, S, k) - ref_bound
     reference = L.reference(tensor)
-    hint = next(_value_hints(case, values, reference, own, ref_bound), None)
+    ref_bound = reference_bound(M, S, k).worst
+    tol = case.tolerance(M, S, k, reference)
+    err = np.abs(values - reference)
+    baseline = float(err.max(initial=0.0))
+    hints = _value_hints(case, values, reference, tol - ref_bound, ref_bound, baseline)
+    gross = next((h for h in hints if h.code != "scaled"), None)
+    if gross is not None:
+        return [gross]
+    hint = _localized(case, err, tol)
     if hint is not None:
         return [hint]
     if lower is not None:
         return [lower]
-    hint = _localized(case, np.abs(values - reference), own + ref_bound)
-    return [hint] if hint is not None else [_unexplained(tensor, "values")]
+    scaled = next(_value_hints(case, values, reference, tol - ref_bound, ref_bound, baseline, True), None)
+    return [scaled] if scaled is not None else [_unexplained(tensor, "values")]
 
 
 def _how(ratio: float) -> str:
@@ -175,25 +203,32 @@ def _how(ratio: float) -> str:
     return "exactly" if ratio == 0 else f"to within {ratio:.2g} of the rounding bound"
 
 
-def _fit(values, alternative, tolerance) -> float | None:
-    """The largest |values − alternative| / tolerance if every entry is within it, else None."""
+def _fit(values, alternative, tolerance, baseline: float = np.inf) -> float | None:
+    """The largest |values − alternative| / tolerance if every entry is within it and the
+    largest |values − alternative| is at most half ``baseline`` (the correct gradient's
+    largest error): an alternative must explain the values clearly better. Else None."""
     err = np.abs(values - alternative)
     if not np.all(np.isfinite(tolerance)) or not np.all(err <= tolerance):
         return None  # an infinite bound fits anything: no claim
+    if not float(err.max(initial=0.0)) <= baseline / 2:
+        return None
+    if not np.any(np.abs(alternative) > tolerance):
+        return None  # an alternative its own tolerance cannot tell from zero: no claim
     with np.errstate(divide="ignore", invalid="ignore"):
         return float(np.max(np.where(err == 0, 0.0, err / tolerance), initial=0.0))
 
 
-def _value_hints(case: Failure, values, reference, own, ref_bound):
+def _value_hints(case: Failure, values, reference, own, ref_bound, baseline, scaled=False):
     """Hints for the alternatives that fit, in order; the caller takes the first.
 
-    Each alternative is computed only when the ones before it did not fit.
+    Each alternative is computed only when the ones before it did not fit;
+    with ``scaled``, only the constant factor is tried.
     """
     tensor, L = case.tensor, case.layer
     u = max(case.precision.acc.c, case.storage.u, case.precision.out.u)
     tol = own + ref_bound
 
-    ratio = _fit(values, -reference, tol)
+    ratio = None if scaled else _fit(values, -reference, tol, baseline)
     if ratio is not None:
         yield Hint(
             "sign_flipped",
@@ -203,9 +238,9 @@ def _value_hints(case: Failure, values, reference, own, ref_bound):
             {"alternative": f"-{tensor}", "bound_ratio": ratio},
         )
 
-    if tensor in ("dW", "dB") and L.N > 1:
+    if tensor in ("dW", "dB") and L.N > 1 and not scaled:
         mean = reference / L.N
-        ratio = _fit(values, mean, tol / L.N + 2 * u * np.abs(mean))
+        ratio = _fit(values, mean, tol / L.N + 2 * u * np.abs(mean), baseline)
         formula = "dY.mean(0)" if tensor == "dB" else "dYᵀ X / N"
         right = "dY.sum(0)" if tensor == "dB" else "dYᵀ X"
         if ratio is not None:
@@ -217,8 +252,8 @@ def _value_hints(case: Failure, values, reference, own, ref_bound):
                 {"alternative": f"{tensor} / N", "N": L.N, "bound_ratio": ratio},
             )
 
-    if values.ndim == 2 and values.shape[0] == values.shape[1]:
-        ratio = _fit(values, reference.T, tol.T)
+    if values.ndim == 2 and values.shape[0] == values.shape[1] and not scaled:
+        ratio = _fit(values, reference.T, tol.T, baseline)
         if ratio is not None:
             yield Hint(
                 "transposed",
@@ -228,7 +263,7 @@ def _value_hints(case: Failure, values, reference, own, ref_bound):
                 {"alternative": f"{tensor}ᵀ", "bound_ratio": ratio},
             )
 
-    if tensor == "dB":
+    if tensor == "dB" and not scaled:
         G = L.G
         exact = case.storage.u * np.abs(G) + case.storage.eta  # dY's row, stored in the dtype
         close = np.all(np.abs(values[None, :] - G) <= exact, axis=1)
@@ -244,8 +279,8 @@ def _value_hints(case: Failure, values, reference, own, ref_bound):
                 {"row": [int(i) for i in np.unravel_index(n, case.batch_shape or (L.N,))]},
             )
 
-    for name, alternative, bound, advice in _operands(case, own):
-        ratio = _fit(values, alternative, bound)
+    for name, alternative, bound, advice in [] if scaled else _operands(case, own):
+        ratio = _fit(values, alternative, bound, baseline)
         if ratio is not None:
             yield Hint(
                 "wrong_operand",
@@ -256,11 +291,12 @@ def _value_hints(case: Failure, values, reference, own, ref_bound):
 
     # NumPy's pairwise sums, not BLAS dot products: the same digits with any thread count.
     rr = float(np.sum(reference * reference))
-    if rr > 0:
+    if rr > 0 and scaled:
         c = float(np.sum(values * reference)) / rr
         ordinary = [1.0, -1.0] + ([1.0 / L.N] if tensor in ("dW", "dB") else [])
         if all(abs(c - o) > 1e-3 * abs(o) for o in ordinary) and c != 0:
-            ratio = _fit(values, c * reference, abs(c) * tol + 2 * u * np.abs(c * reference))
+            slack = abs(c) * tol + 2 * u * np.abs(c * reference)
+            ratio = _fit(values, c * reference, slack, baseline)
             if ratio is not None:
                 yield Hint(
                     "scaled",

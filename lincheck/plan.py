@@ -254,7 +254,10 @@ class Tallies:
                 tol = certain if sub.certain_only else own.statistical + o_worst
                 tier = "rigorous bound" if sub.certain_only else "statistical tolerance"
                 self.rules["subject"] = f"{own.rule}; {tier} + {oracle} bound"
-                alternatives = {name: bound(name).worst + o_worst for name in sub.alternatives}
+                alternatives = {
+                    name: (b.worst if sub.certain_only else b.statistical) + o_worst
+                    for name, b in ((n, bound(n)) for n in sub.alternatives)
+                }
                 typical = np.sqrt(own.typical**2 + o_typ**2)
             else:
                 tol = sub.allclose[0] + sub.allclose[1] * np.abs(o)
@@ -388,6 +391,7 @@ class Tallies:
             precision=sub.precision,
             storage=sub.storage,
             operands=sub.operands(self.plan.tensor) if sub.usable else (),
+            certain_only=sub.certain_only,
             batch_shape=batch_shape,
         )
         return diagnose.explain(case, lower)

@@ -560,21 +560,35 @@ def subject_bound(
     eta_conv = max((eta for _, eta in c_ops), default=0.0)
     eta_acc = acc.fmt.eta
     with np.errstate(over="ignore", invalid="ignore"):
+        # In place where it can: a row block of dX in the partial modes is large.
         grow = (1.0 + F) * (1.0 + P)
-        under = grow * ((1.0 + e) * eta_conv * S + k * (eta_conv**2 + eta_p)) + (1.0 + P) * k * eta_acc
-        under = under + len(outs) * max(o.eta for o in outs)
-        worst = (whole * M + under) * SAFETY
+        under = grow * ((1.0 + e) * eta_conv * S + k * (eta_conv**2 + eta_p))
+        under = under + (1.0 + P) * k * eta_acc + len(outs) * max(o.eta for o in outs)
+        worst = whole * M
+        worst += under
+        worst *= SAFETY
         v = np.abs(value)
-        terms = e * v + LAMBDA * e * np.sqrt(M * largest)
         if chunked:
             # A chunk's mass is at most K · (largest + |v|/k): √((K−1)K) · √(that · M) per chunk.
-            adds = drift * v + LAMBDA * spread * np.sqrt((largest + v / k) * (M + v))
+            adds = np.sqrt((largest + v / k) * (M + v))
+            adds *= LAMBDA * spread
         else:
             # A fluctuating partial sum is at most half the mass: R = −(the rest), Σr = 0.
-            adds = drift * v + LAMBDA * spread * (M + v) / 2
-        stat = terms + (1.0 + e) * (1.0 + F) * adds
-        stat = stat + P * (v + stat) + under
-        statistical = np.minimum(stat * SAFETY, worst)
+            adds = M + v
+            adds *= LAMBDA * spread / 2
+        adds += drift * v
+        stat = adds
+        stat *= (1.0 + e) * (1.0 + F)
+        if e:
+            terms = np.sqrt(M * largest)
+            terms *= LAMBDA * e
+            stat += terms
+            stat += e * v
+        stat += P * v
+        stat *= 1.0 + P
+        stat += under
+        stat *= SAFETY
+        statistical = np.minimum(stat, worst, out=stat) if np.ndim(stat) else min(stat, worst)
         typical = np.maximum(statistical - under, 0.0) / LAMBDA
     return ErrorBound(worst, statistical, typical, _rule(model, tensor, operands, c_p, outs))
 

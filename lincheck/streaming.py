@@ -47,12 +47,14 @@ def row_blocks(N: int, D_in: int, D_out: int) -> list[slice]:
 
     Per row a block holds X and G as float64 with their absolute values,
     MY and the loss shares (:class:`Workspace`), a subject's row and some
-    fifteen per-entry arrays of its check, and two perturbed copies with
-    their outputs: about 20·D_in + 10·D_out float64 values. The blocks
+    twenty-five per-entry arrays of its check (its certain and statistical
+    tolerances, and those of the arithmetics a failure is tested against),
+    and two perturbed copies with their outputs: about 30·D_in + 15·D_out
+    float64 values. The blocks
     depend only on the shapes, so the same inputs always give the same
     blocks, and therefore the same report.
     """
-    size = max(1, ROW_BLOCK_BYTES // (8 * (20 * D_in + 10 * D_out)))
+    size = max(1, ROW_BLOCK_BYTES // (8 * (30 * D_in + 15 * D_out)))
     return [slice(start, min(start + size, N)) for start in range(0, N, size)]
 
 

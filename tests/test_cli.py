@@ -425,7 +425,7 @@ def test_run_complex_step_passes():
 
 @pytest.mark.parametrize(
     "args",
-    [["--precision", "fp8"], ["--method", "forward"], ["--atol", "-1"]],
+    [["--precision", "fp9"], ["--precision", "bf16,acc=fp12"], ["--method", "forward"], ["--atol", "-1"]],
 )
 def test_verify_bad_options_exit_2(tmp_path, rng, args):
     case(tmp_path / "c", rng)
@@ -634,4 +634,4 @@ def test_the_command_lines_choices_are_the_librarys():
     assert [m.value for m in options.Mode] == list(checks.MODES)
     assert [m.value for m in options.Method] == list(witness.METHODS)
     assert [d.value for d in options.DType] == list(checks.DTYPES)
-    assert {p.value for p in options.PrecisionChoice} <= set(precision.PRECISIONS)
+    assert options.PRESET_NAMES == tuple(precision.PRESETS)

@@ -44,11 +44,20 @@ def test_the_numbers_are_those_of_the_shapes():
 
 
 def test_no_bias_and_no_bound():
-    s = Sizes(N=4096, D_in=8, D_out=4, bias=False, precision="fp16")
+    s = Sizes(N=2**21, D_in=8, D_out=4, bias=False, precision="fp16-acc16")
     page = " ".join(text(s).split())
     assert "+ b[i]" not in page and "Y = X Wᵀ " in page
     assert f"{2 * 2 * 8} forward passes in all" in page
-    assert "dW, dB | 4,096 | ∞ (no bound)" in page  # 4096 · 2⁻¹¹ ≥ 1
+    # (1 + 2⁻¹¹)^(2²¹) overflows float64: float16 sums of 2²¹ terms have no bound at all.
+    assert "dW, dB | 2,097,152 | ∞ (no bound)" in page
+    assert "acc=fp16" in page and "x=fp16" in page  # the model is spelled out
+
+
+def test_float32_accumulation_bounds_long_float16_sums():
+    page = " ".join(text(Sizes(N=4096, D_in=8, D_out=4, precision="fp16")).split())
+    assert "acc=fp32-rz" in page
+    certain = page.split("dW, dB | 4,096 | ")[1].split(" ")[0]
+    assert float(certain) < 0.01  # (1 + 2⁻²³)^4095 (1 + 2⁻¹¹)³ − 1: a few float16 units
 
 
 def test_chinese_page():
