@@ -165,11 +165,22 @@ def test_preset_correct_results_pass(preset, shape, order):
     assert_pass(run(preset, X, W, B, dY, r.cast()), preset, X, W, B, dY)
 
 
-@pytest.mark.parametrize("mags", ["small-w", "large-w"])
-@pytest.mark.parametrize("preset", PRESETS)
+# lincheck bounds the underflow of scaled operands by the largest of the two operands'
+# s·η times Σ(|a| + |b|): with X ≈ 1e3 and W ≈ 1e-3 the tolerance of Y is 86 where
+# |Y| ≤ 5.4 and Σ|x||w| ≤ 10.8, and a correct Y is inconclusive.
+SCALED_UNDERFLOW = pytest.mark.xfail(
+    strict=True, reason="lincheck: scaled operands' underflow bound max(s·η)·Σ(|a|+|b|)"
+)
+MAG_CASES = [
+    pytest.param(p, mags, marks=[SCALED_UNDERFLOW] if p.startswith("fp8") else [])
+    for p in PRESETS
+    for mags in ("small-w", "large-w")
+    if not (mags == "large-w" and p.startswith("fp16"))  # dX ≈ 1e5: beyond fp16's range
+]
+
+
+@pytest.mark.parametrize(("preset", "mags"), MAG_CASES)
 def test_preset_correct_results_pass_at_other_magnitudes(preset, mags):
-    if mags == "large-w" and preset.startswith("fp16"):
-        pytest.skip("dX ≈ 1e5 is beyond fp16's range")
     X, W, B, dY, r = case(preset, *SMALL["32x64x16"], "tree", mags)
     assert_pass(run(preset, X, W, B, dY, r.cast()), preset, X, W, B, dY)
 
@@ -231,6 +242,18 @@ def test_presets_cover_the_kernels_they_claim(preset, kernel, order):
     for shape in SMALL.values():
         X, W, B, dY, r = case(kernel, *shape, order)
         assert_pass(run(preset, X, W, B, dY, r.cast()), preset, X, W, B, dY)
+
+
+@pytest.mark.xfail(strict=True, reason="lincheck: the first term entering the accumulator")
+@pytest.mark.parametrize("spec", ["fp32,acc=bf16", "fp32,acc=14bit/16", "fp32,acc=fp16"])
+def test_terms_wider_than_the_accumulator(spec):
+    # fp32 products (48 bits) are rounded as they enter a narrower accumulator, even the
+    # first: a sum of k terms has k roundings, not k − 1. With D_in = 1 (Y = x·w rounded to
+    # bf16, then stored in fp32) the error is up to 2⁻⁹ of |Y|.
+    X, W, _, dY = inputs(spec, (40,), 1, 3)
+    for order in em.ORDERS:
+        r = em.emulate(X, W, None, dY, spec, order)
+        assert_pass(run(spec, X, W, None, dY, {"Y": r.cast()["Y"]}), spec, X, W, None, dY)
 
 
 @pytest.mark.parametrize("scale", ["tensor", "row", "block128", "mx32"])
