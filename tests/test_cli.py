@@ -425,12 +425,7 @@ def test_run_complex_step_passes():
 
 @pytest.mark.parametrize(
     "args",
-    [
-        ["--precision", "fp9"],
-        ["--precision", "bf16,acc=fp12"],
-        ["--method", "forward"],
-        ["--atol", "-1"],
-    ],
+    [["--precision", "fp9"], ["--precision", "bf16,acc=fp12"], ["--method", "forward"], ["--atol", "-1"]],
 )
 def test_verify_bad_options_exit_2(tmp_path, rng, args):
     case(tmp_path / "c", rng)
