@@ -142,6 +142,7 @@ class Failure:
             self.layer.largest(self.tensor),
             self.operands,
             self.storage,
+            self.layer.squares(self.tensor),
         )
         chosen = own.worst if self.certain_only else own.statistical
         return chosen + reference_bound(M, S, k).worst

@@ -243,7 +243,16 @@ class Tallies:
             def bound(name: str | None = None):
                 model = sub.precision if name is None else parse(name)
                 return subject_bound(
-                    model, tensor, k, M, S, value, largest, sub.operands(tensor, name), sub.storage
+                    model,
+                    tensor,
+                    k,
+                    M,
+                    S,
+                    value,
+                    largest,
+                    sub.operands(tensor, name),
+                    sub.storage,
+                    layer.squares(tensor),
                 )
 
             alternatives = None

@@ -182,11 +182,37 @@ class Accumulator:
     fmt: Format
     truncates: bool = False
     chunk: int = 0
+    window: int = 0
 
     @property
     def c(self) -> float:
         """The relative error of one addition."""
         return self.fmt.u * (2.0 if self.truncates else 1.0)
+
+    def depth(self, k: int) -> int:
+        """Additions a term goes through at most, in a sum of k terms: k − 1 in some order;
+        with ``window`` = K, a tree of sums of K consecutive terms, level on level (XLA's
+        reductions on CPUs: windows of 32), at most K − 1 per level."""
+        if not self.window:
+            return max(k - 1, 0)
+        depth, n = 0, k
+        while n > 1:
+            depth += min(self.window, n) - 1
+            n = -(-n // self.window)
+        return depth
+
+    def mean_depth(self, k: int) -> float:
+        """Additions a term goes through on average, at most (Σ over the additions of the
+        terms under each, over k): (k + 1)/2 in a sequential sum, the worst order; about
+        (K + 1)/2 per level in a tree of K-term windows."""
+        if not self.window:
+            return (k + 1) / 2
+        total, n = 0.0, k
+        while n > 1:
+            w = min(self.window, n)
+            total += (w + 1) / 2
+            n = -(-n // self.window)
+        return total
 
 
 def _accumulator(text: str) -> Accumulator:
@@ -199,18 +225,22 @@ def _accumulator(text: str) -> Accumulator:
     }
     if text in fixed:
         return fixed[text]
+    name, _, K = text.partition("/")
+    if name in ("fp32", "bf16", "fp16") and K.isdigit() and int(K) >= 2:
+        return Accumulator(text, fixed[name].fmt, window=int(K))
     bits, _, K = text.partition("bit/")
     if bits.isdigit() and K.isdigit() and 2 <= int(bits) <= 24 and int(K) >= 1:
         fmt = Format(f"{bits}bit", int(bits), -126, FLOAT32.max, f"{bits}-bit")
         return Accumulator(text, fmt, truncates=True, chunk=int(K))
     raise ValueError(
-        f"acc={text!r}: expected fp64, fp32, fp32-rz, bf16, fp16 or BITSbit/K (e.g. 14bit/128)"
+        f"{text!r}: accumulators are fp64, fp32, fp32-rz, bf16, fp16, FORMAT/K (a tree of "
+        "K-term sums in fp32, bf16 or fp16, e.g. bf16/32) or BITSbit/K (e.g. 14bit/128)"
     )
 
 
 SCALES = ("none", "tensor", "row", "block128", "mx32")
 OPERAND_KEYS = ("x", "w", "dy")
-KEYS = (*OPERAND_KEYS, "convert", "scale", "products", "acc", "out", "bias")
+KEYS = (*OPERAND_KEYS, "convert", "scale", "products", "acc", "out", "bias", "reduce")
 
 
 @dataclass(frozen=True)
@@ -225,7 +255,7 @@ class Arithmetic:
     ``products`` were "exact" or "rounded" (to nearest, in the wider
     operand format), the accumulator, the ``out`` format of the result and
     whether the ``bias`` was "fused" into Y's sum or added "separate"ly
-    after rounding X Wᵀ.
+    after rounding X Wᵀ; ``reduce`` is dB's accumulator, if not ``acc``.
     """
 
     name: str
@@ -239,6 +269,12 @@ class Arithmetic:
     out: Format
     bias: str
     description: str = ""
+    reduce: Accumulator | None = None
+
+    def accumulator(self, tensor: str) -> Accumulator:
+        """The accumulator of ``tensor``: ``reduce`` for dB (the bias gradient is a reduction,
+        not a matrix product, and frameworks run it apart), else ``acc``."""
+        return self.reduce if tensor == "dB" and self.reduce is not None else self.acc
 
     def operand(self, name: str) -> Format:
         """The format of input ``name`` ("X", "W", "dY") as the kernel used it."""
@@ -262,6 +298,7 @@ class Arithmetic:
                 f"acc={self.acc.name}",
                 f"out={self.out.name}",
                 f"bias={self.bias}",
+                f"reduce={self.accumulator('dB').name}",
             ]
         )
 
@@ -280,6 +317,7 @@ def _model(name, operands, out, acc, description, **keys) -> Arithmetic:
         out=FORMATS[out],
         bias=keys.get("bias", "fused"),
         description=description,
+        reduce=_accumulator(keys["reduce"]) if "reduce" in keys else None,
     )
 
 
@@ -304,6 +342,7 @@ PRESETS = {
             "bfloat16 operands, fp32 accumulation, bfloat16 result",
             products="rounded",
             bias="separate",
+            reduce="bf16/32",
         ),
         _model(
             "fp16",
@@ -313,6 +352,7 @@ PRESETS = {
             "float16 operands, fp32 accumulation, float16 result",
             products="rounded",
             bias="separate",
+            reduce="fp16/32",
         ),
         _model(
             "fp16-acc16",
@@ -379,7 +419,7 @@ def parse(spec: str | Arithmetic) -> Arithmetic:
     Examples
     --------
     >>> parse("bf16").spec
-    'x=bf16,w=bf16,dy=bf16,convert=rn,scale=none,products=rounded,acc=fp32-rz,out=bf16,bias=separate'
+    'x=bf16,w=bf16,dy=bf16,convert=rn,scale=none,products=rounded,acc=fp32-rz,out=bf16,bias=separate,reduce=bf16/32'
     >>> parse("fp16,acc=fp16").spec == parse("fp16-acc16").spec
     True
     """
@@ -410,9 +450,9 @@ def parse(spec: str | Arithmetic) -> Arithmetic:
             if value not in FORMATS:
                 raise ValueError(f"precision {text!r}: {key}={value!r}: formats are {', '.join(FORMATS)}")
             model = replace(model, **{key: FORMATS[value]})
-        elif key == "acc":
+        elif key in ("acc", "reduce"):
             try:
-                model = replace(model, acc=_accumulator(value))
+                model = replace(model, **{key: _accumulator(value)})
             except ValueError as exc:
                 raise ValueError(f"precision {text!r}: {exc}") from None
         else:
@@ -489,6 +529,7 @@ def subject_bound(
     largest,
     operands: tuple[Operand, ...],
     storage: Format,
+    squares=None,
 ) -> ErrorBound:
     """The certain and statistical tolerances of a tensor computed under ``model``.
 
@@ -511,6 +552,8 @@ def subject_bound(
         The product's operands (one for dB).
     storage : Format
         The format the subject was stored in (its dtype).
+    squares : ndarray, optional
+        Σ terms² per entry (given for dB); M · largest bounds it otherwise.
 
     Notes
     -----
@@ -537,9 +580,13 @@ def subject_bound(
         c_p, eta_p = wider.u, wider.eta
     # Products of (1 + c) factors minus 1, in logarithms: 1 + 2⁻⁵³ is 1 in float64.
     e = math.expm1(sum(math.log1p(c) for c, _ in c_ops) + math.log1p(c_p))
-    acc = model.acc
+    acc = model.accumulator(tensor)
     c = acc.c
-    if acc.chunk and k > acc.chunk:
+    D = acc.depth(k)
+    if acc.window:
+        F = growth(D, c)
+        drift, spread, chunked = c * acc.mean_depth(k), c * math.sqrt(D), False
+    elif acc.chunk and k > acc.chunk:
         K, m = acc.chunk, -(-k // acc.chunk)
         F = growth(K - 1, c) if m == 0 else math.expm1(
             math.log1p(growth(K - 1, c)) + math.log1p(growth(m, FLOAT32.u))
@@ -572,6 +619,11 @@ def subject_bound(
             # A chunk's mass is at most K · (largest + |v|/k): √((K−1)K) · √(that · M) per chunk.
             adds = np.sqrt((largest + v / k) * (M + v))
             adds *= LAMBDA * spread
+        elif acc.window:
+            # Random data (docs/numerics.md §2.3): Σ over additions of R² ≈ Σᵢ rᵢ² depthᵢ, at
+            # most D·Q (about twice its expectation: a window's terms average half its depth).
+            adds = np.sqrt(M * largest if squares is None else squares)
+            adds *= LAMBDA * spread
         else:
             # A fluctuating partial sum is at most half the mass: R = −(the rest), Σr = 0.
             adds = M + v
@@ -580,7 +632,7 @@ def subject_bound(
         stat = adds
         stat *= (1.0 + e) * (1.0 + F)
         if e:
-            terms = np.sqrt(M * largest)
+            terms = np.sqrt(M * largest if squares is None else squares)
             terms *= LAMBDA * e
             stat += terms
             stat += e * v

@@ -118,11 +118,13 @@ class Totals(tensors.Sizes):
         self.scale = {"dX": 0.0, "dW": float(np.abs(rows.W).max(initial=0.0))}
         self.most_rows = 0
         self.max_G_cols, self.max_X_cols = np.zeros(D_out), np.zeros(D_in)
+        self.squares_G_cols = np.zeros(D_out)
 
     def add(self, block: Workspace) -> None:
         self.blocks += 1
         np.maximum(self.max_G_cols, block.aG.max(axis=0, initial=0.0), out=self.max_G_cols)
         np.maximum(self.max_X_cols, block.aX.max(axis=0, initial=0.0), out=self.max_X_cols)
+        self.squares_G_cols += block.squares("dB")
         self.most_rows = max(self.most_rows, block.N)
         self.dW += block.G.T @ block.X
         if self.M_dW is not None:
@@ -143,6 +145,10 @@ class Totals(tensors.Sizes):
     def reference(self, tensor: str, cols: np.ndarray | None = None) -> np.ndarray:
         sel: slice | np.ndarray = slice(None) if cols is None else cols
         return self.dW[:, sel] if tensor == "dW" else self.dB
+
+    def squares(self, tensor: str):
+        """Σ terms² per entry of dB, as :meth:`Workspace.squares` gives it."""
+        return self._outer(self.squares_G_cols) if tensor == "dB" else None
 
     def largest(self, tensor: str, cols: np.ndarray | None = None):
         """Each entry's largest |term| at most, as :meth:`Workspace.largest` gives it."""

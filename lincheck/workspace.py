@@ -169,6 +169,11 @@ class Workspace(tensors.Sizes):
         big = np.outer(self.aX.max(axis=1, initial=0.0), self.aW.max(axis=1, initial=0.0))
         return big if self.B is None else np.maximum(big, np.abs(self.B))
 
+    def squares(self, tensor: str):
+        """Σ terms² per entry of dB (Σₙ G[n, o]²), for its statistical bound; None for the
+        others (their bound uses :meth:`largest`)."""
+        return upper_sum(np.einsum("no,no->o", self.G, self.G), self.N) if tensor == "dB" else None
+
     def reference(self, tensor: str, cols: np.ndarray | None = None) -> np.ndarray:
         """The analytic values of a block, in float64: G W, Gᵀ X, Σₙ G or X Wᵀ + B."""
         sel: slice | np.ndarray = slice(None) if cols is None else cols
