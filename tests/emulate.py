@@ -159,6 +159,7 @@ class Model:
     acc: str = "fp64"
     out: str = "fp64"
     bias: str = "fused"
+    reduce: str | None = None  # dB's accumulator, if not acc
 
     @property
     def dtype(self) -> np.dtype:
@@ -175,8 +176,8 @@ PRESETS = {
     "fp64": _preset("fp64"),
     "fp32": _preset("fp32"),
     "tf32": replace(_preset("tf32", convert="rz"), acc="fp32-rz", out="fp32"),
-    "bf16": replace(_preset("bf16"), **_LOW),
-    "fp16": replace(_preset("fp16"), **_LOW),
+    "bf16": replace(_preset("bf16"), **_LOW, reduce="bf16/32"),
+    "fp16": replace(_preset("fp16"), **_LOW, reduce="fp16/32"),
     "fp16-acc16": replace(_preset("fp16"), **dict(_LOW, acc="fp16")),
     "fp8": Model(
         x="e4m3", w="e4m3", dy="e5m2", scale="tensor", acc="fp32-rz", out="bf16", bias="separate"
@@ -195,10 +196,10 @@ _KEYS = {f.name for f in fields(Model)}
 
 
 def parse(spec: str | Model) -> Model:
-    """A SPEC string (preset, then key=value overrides) as a Model."""
+    """A SPEC string (preset, then key=value overrides; keys alone: on top of fp32)."""
     if isinstance(spec, Model):
         return spec
-    model = PRESETS["fp64"]
+    model = PRESETS["fp32"]
     for i, item in enumerate(s.strip() for s in spec.split(",")):
         if "=" not in item:
             if i:
@@ -375,9 +376,11 @@ _ORDER_FUNCS = {
 def sum_terms(T, acc: str, order: str = "sequential", rng=None, q=None) -> np.ndarray:
     """Σ over axis 0 of T (k terms × E entries) in accumulator ``acc`` and ``order``, exactly.
 
-    ``acc``: fp64, fp32, fp32-rz, bf16, fp16, or ``BITSbit/K`` (K-term chunks in a
+    ``acc``: fp64, fp32, fp32-rz, bf16, fp16; ``BITSbit/K`` (K-term chunks in a
     BITS-bit truncating accumulator, summed in ``order``, each added in turn into an
-    fp32 RN accumulator). ``q``: a power of two every term is a multiple of (default:
+    fp32 RN accumulator); or ``FMT/K`` for FMT in fp32, bf16, fp16 (a tree of windows of
+    K consecutive terms, level on level, in FMT: XLA's reductions on CPUs; ``order``
+    within each window). ``q``: a power of two every term is a multiple of (default:
     computed from T), which keeps truncating accumulators in their normal range.
     """
     T = np.asarray(T, dtype=np.float64)
@@ -397,6 +400,15 @@ def sum_terms(T, acc: str, order: str = "sequential", rng=None, q=None) -> np.nd
         C, n = _chunks(T, K)
         partial = fn(C, chunk_acc, rng).reshape(n, E)
         return _sequential(partial, _ACCS["fp32"], rng)
+    m = re.fullmatch(r"(fp32|bf16|fp16)/(\d+)", acc)
+    if m:
+        a, K = _ACCS[m[1]], int(m[2])
+        if k == 1:
+            return a.leaf(T[0])
+        while len(T) > 1:
+            C, n = _chunks(T, K)
+            T = fn(C, a, rng).reshape(n, E)
+        return T[0]
     a = _ACCS[acc]
     if a.mode == "rz" and (quantum(T) if q is None else q) < 2.0**a.emin:
         raise ValueError(f"{acc}: terms below 2^{a.emin} (subnormal partial sums not emulated)")
@@ -586,15 +598,21 @@ def emulate(
         T, q = products(g, w, g.values.T[:, :, None], w.values[:, None, :], m)
         dX = total(T.reshape(D_out, N * D_in), q).reshape(lead + (D_in,))
     # dW and dB: k = N, entries (o, i) and o, summed together.
+    # (in one accumulation when dB has dW's accumulator).
     T, q = products(g, x, g.values[:, :, None], x.values[:, None, :], m)
     T = T.reshape(N, D_out * D_in)
+    dB = None
     if B is not None:
         bias_terms = G2 if m.dy in FP8 else g.values
-        T = np.concatenate([T, bias_terms], axis=1)
-        q = min(q, quantum(bias_terms))
+        if m.reduce is None or m.reduce == m.acc:
+            T = np.concatenate([T, bias_terms], axis=1)
+            q = min(q, quantum(bias_terms))
+        else:
+            dB = convert(sum_terms(bias_terms, m.reduce, order, rng), m.out, "rn")
     S = total(T, q)
     dW = S[: D_out * D_in].reshape(D_out, D_in)
-    dB = S[D_out * D_in :] if B is not None else None
+    if B is not None and dB is None:
+        dB = S[D_out * D_in :]
     return Result(
         Y=Y,
         dX=dX,

@@ -183,7 +183,9 @@ def bf16_products(rng, k, E, spread=6):
 
 
 @pytest.mark.parametrize("order", em.ORDERS)
-@pytest.mark.parametrize("acc", ["fp64", "fp32", "fp32-rz", "bf16", "fp16", "14bit/8", "6bit/5"])
+@pytest.mark.parametrize(
+    "acc", ["fp64", "fp32", "fp32-rz", "bf16", "fp16", "14bit/8", "6bit/5", "bf16/4", "fp16/7"]
+)
 def test_sum_terms_matches_exact_rational_rounding(acc, order, rng):
     k, E = 45, 3
     T = bf16_products(rng, k, E)
@@ -200,6 +202,20 @@ def test_sum_terms_matches_exact_rational_rounding(acc, order, rng):
             chunks[-1] += [Fraction(0)] * (K - len(chunks[-1]))
             part = [fr_sum(c, fr_acc(acc), order, np.random.default_rng(7)) for c in chunks]
             want = fr_sum(part, fr_acc("fp32"), "sequential", None)
+        elif "/" in acc:
+            # windows of K consecutive terms, level on level (zero-padded, as the emulator)
+            # (a random tree's draws: one set per level, shared by its windows)
+            fmt, K = acc.split("/")
+            level, K, shared = terms, int(K), np.random.default_rng(7)
+            while len(level) > 1:
+                size = min(K, len(level))
+                level = level + [Fraction(0)] * (-len(level) % size)
+                start, sums = shared.bit_generator.state, []
+                for i in range(0, len(level), size):
+                    shared.bit_generator.state = start
+                    sums.append(fr_sum(level[i : i + size], fr_acc(fmt), order, shared))
+                level = sums
+            want = level[0]
         else:
             want = fr_sum(terms, fr_acc(acc), order, np.random.default_rng(7))
         assert got[j] == float(want), (j, got[j], float(want))
@@ -305,6 +321,8 @@ def test_parse_presets_and_keys():
     assert (m.x, m.dy, m.scale, m.acc, m.out) == ("e4m3", "e5m2", "tensor", "fp32", "bf16")
     assert em.parse("fp8-blockwise").acc == "14bit/128"
     assert em.parse("tf32").convert == "rz"
+    assert (em.parse("bf16").reduce, em.parse("fp16").reduce) == ("bf16/32", "fp16/32")
+    assert em.parse("acc=bf16").x == "fp32"  # keys alone: on top of fp32
     with pytest.raises(ValueError):
         em.parse("bf16,colour=red")
 
