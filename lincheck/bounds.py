@@ -3,7 +3,7 @@
 Each function is one bound derived in ``docs/numerics.md``, named after it;
 the witness schemes (:mod:`lincheck.witness`) and the streaming witnesses
 (:mod:`lincheck.streaming`) evaluate them. The bounds of the *subjects*
-(gradients computed in some arithmetic) are :func:`lincheck.precision.product_error`.
+(gradients computed in some arithmetic) are :func:`lincheck.precision.subject_bound`.
 
 Notation: u is the unit roundoff (2⁻⁵³ for float64), η the smallest
 subnormal, γ_k = k u / (1 − k u) the factor of Higham's inner-product bound
@@ -26,7 +26,7 @@ def upper_sum(computed, k: int):
     """An upper bound on an exact sum of k non-negative products, from its float64 value.
 
     A computed non-negative sum is at least (1 − γ_k) times the exact one
-    less 2kη for underflow (see :func:`lincheck.precision.product_error`),
+    less 2kη for underflow (see :func:`lincheck.precision.subject_bound`),
     and 1/(1 − γ) ≤ 1 + 2γ for γ ≤ 1/2.
     """
     return computed * (1.0 + 2.0 * gamma(k + 1, U64)) + 4 * (k + 1) * ETA64
@@ -37,7 +37,7 @@ def central_difference_bound(n_ops: int, A, delta, M, G_mass=0.0, k_Y: int = 0):
 
     (1 + γ₃) γ_c (2A/Δ + M) + γ₃ M for the rounding (see :func:`witness_block`);
     each loss value is also off by at most 2·c·η from underflow in its own
-    operations (see :func:`lincheck.precision.product_error`), and by
+    operations (see :func:`lincheck.precision.subject_bound`), and by
     k_Y·η·Σ|G| from underflow inside the forward pass: each entry of Y sums
     k_Y = D_in + 1 terms whose products may each be off by η/2, and the loss
     multiplies Y by G, so ``G_mass`` = Σ|G| over the share's terms scales it

@@ -85,7 +85,7 @@ def backward(X: np.ndarray, W: np.ndarray, G: np.ndarray, bias: bool = True) -> 
     Gradients(dX=array([[1.5, 2. ]]), dW=array([[0.5, 1. ]]), dB=array([0.5]))
     """
     # float16 sums accumulate in float32, as frameworks and tensor cores do (NumPy's own
-    # float16 sum over axis 0 adds in float16: docs/numerics.md §2.4).
+    # float16 sum over axis 0 adds in float16: docs/numerics.md §2.1).
     acc = np.promote_types(G.dtype, np.float32) if G.dtype == np.float16 else None
     dB = G.sum(axis=0, dtype=acc).astype(G.dtype, copy=False) if bias else None
     return Gradients(G @ W, G.T @ X, dB)

@@ -2,7 +2,7 @@
 
 Only Typer and the standard library here (``lincheck --help`` imports no
 NumPy). The choices mirror the library's (``checks.MODES``,
-``witness.METHODS``, ``precision.PRECISIONS``, ``checks.DTYPES``);
+``witness.METHODS``, ``precision.PRESETS``, ``checks.DTYPES``);
 ``tests/test_cli.py`` checks that they agree.
 """
 

@@ -385,7 +385,7 @@ PRESETS = {
 }
 """The named models. Each covers what the frameworks do on CPUs and on tensor cores: a
 truncating fp32 accumulator bounds a rounding one too, rounded products bound exact ones,
-and a separately added bias bounds a fused one (docs/numerics.md §2.4)."""
+and a separately added bias bounds a fused one (docs/numerics.md §2.1)."""
 
 PRECISIONS = PRESETS  # the name the API and the CLI have always used
 

@@ -55,6 +55,8 @@ def _index_text(index: tuple[int, ...] | None) -> str:
 
 
 def _result(check: TensorCheck) -> Text:
+    if check.verdict == "inconclusive":
+        return Text("INCONCLUSIVE", style="bold yellow")
     return Text("PASS", style="bold green") if check.passed else Text("FAIL", style="bold red")
 
 
@@ -316,9 +318,12 @@ def verdict(report: Report) -> Text:
     if report.passed:
         return Text.assemble(("PASS", "bold green"), f"  all {n} checks passed")
     failed = ", ".join(f"{c.tensor} ({c.subject})" for c in report.failed)
-    return Text.assemble(
-        ("FAIL", "bold red"), f"  {len(report.failed)} of {n} checks failed: {failed}"
-    )
+    unsure = sum(c.verdict == "inconclusive" for c in report.failed)
+    wrong = len(report.failed) - unsure
+    counts = f"{wrong} of {n} checks failed" if wrong else ""
+    if unsure:
+        counts += (", " if counts else "") + f"{unsure} of {n} inconclusive"
+    return Text.assemble(("FAIL", "bold red"), f"  {counts}: {failed}")
 
 
 def render(

@@ -191,7 +191,12 @@ class TensorCheck:
         if tally.exceeded:
             message = f"{tally.exceeded} of {tally.count} entries exceed their tolerance"
             if tally.tier == "statistical":
-                message += " (beyond plausible rounding, within the rigorous bound)"
+                message += " (statistical tier: beyond what rounding plausibly produces)"
+            else:
+                message += (
+                    f" ({tally.certain_exceeded} beyond the rigorous bound: wrong whatever "
+                    "the summation order)"
+                )
         elif tally.unbounded:
             message = (
                 f"inconclusive: {precision} arithmetic bounds nothing here (an operand beyond "
