@@ -291,7 +291,7 @@ def test_given_scales(scale):
             s = em.convert(s * rng.uniform(1.25, 3, s.shape), "bf16")
         scales[name] = s
     given = {"X_scale": scales["X"], "W_scale": scales["W"], "dY_scale": scales["dY"]}
-    for order in em.ORDERS:
+    for order in ("sequential", "tree"):
         r = em.emulate(X, W, B, dY, spec, order, **given)
         assert_pass(run(spec, X, W, B, dY, r.cast(), **given), spec, X, W, B, dY)
 
@@ -299,18 +299,18 @@ def test_given_scales(scale):
 # ---------------------------------------------------------------------------
 # N = 200,000 (D_in = 8, D_out = 4)
 
-# One full check per preset (Y and dX too: 800,000 and 1,600,000 entries, their largest
-# error against tolerance), the order rotating; dW and dB, the sums of 200,000 terms, in
-# every order for fp32 and in a second order for the others. (About 3 s a full check.)
+# A full check for fp32, bf16, fp16 and fp8 (Y and dX too: 800,000 and 1,600,000 entries,
+# their largest error against tolerance), the order rotating; dW and dB, the sums of
+# 200,000 terms, in every order for fp32 and in another order or preset for the others.
+# (About 3 s a full check.)
 BIG_FULL = {
     "fp32": "sequential",
     "bf16": "pairwise",
     "fp16": "blocked",
     "fp8": "tree",
-    "fp8-blockwise": "sequential",
 }
 BIG_SUMS = [("fp32", "pairwise"), ("fp32", "blocked"), ("fp32", "tree"), ("bf16", "sequential")]
-BIG_SUMS += [("fp8", "sequential"), ("fp16-acc16", "pairwise")]
+BIG_SUMS += [("fp8-blockwise", "sequential"), ("fp16-acc16", "pairwise")]
 N_BIG = BIG[0][0]
 
 
@@ -415,7 +415,7 @@ BIG_BUGS = [  # zero, sign-flipped, halved for dW and dB; the mean for the sum i
 def test_planted_mistakes_fail_large_n(preset):
     X, W, B, dY, r = big_case(preset, BIG_FULL[preset])
     bugs_all = BIG_BUGS
-    if preset != "fp16":  # dX and Y too (a full check of them costs about 3 s)
+    if preset == "bf16":  # dX and Y too (a check of them costs about 3 s)
         bugs_all = bugs_all + [{"dX": lambda v: v / 2, "Y": lambda v: -v}]
     for bugs in bugs_all:
         subjects = {k: v for k, v in planted(r, bugs).items() if k in bugs}
