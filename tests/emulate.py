@@ -29,6 +29,14 @@ How each step is made exact
   That is RZ to the format when the value is a normal number of the format:
   :func:`sum_terms` checks that every term is a multiple of a power of two ≥ the
   format's smallest normal number, so every nonzero partial sum is at least that.
+* Long sequential sums take a fast path: the float64 sum of each step, rounded, checked
+  afterwards for every step (exact in float64, or not on a decision point of the
+  rounding); the sum is redone with exact steps if any step fails the check.
+* Scaled fp8 operands: ``s · q(a / s)`` must be exact in float64 (power-of-two scales,
+  or scales of few bits, such as bfloat16 numbers); ``a / s`` may be rounded unless it
+  lands on a decision point of the conversion. Both are checked, raising ValueError
+  otherwise, as does a value beyond the format's range (the contract does not say
+  whether conversions saturate).
 
 Summation orders (:data:`ORDERS`): ``sequential``, ``pairwise`` (halving tree),
 ``blocked`` (sequential in blocks of 16, then sequential over the blocks) and
@@ -626,9 +634,9 @@ def emulate(
 def _forward(x, w, B, m, total, N, D_in, D_out):
     """Y: k = D_in products (+ the bias, first, when fused), entries (n, o)."""
     T, q = products(x, w, x.values.T[:, :, None], w.values.T[:, None, :], m)
-    T = products_T = T.reshape(D_in, N * D_out)
+    T = T.reshape(D_in, N * D_out)
     if B is not None and m.bias == "fused":
-        T = np.concatenate([np.tile(B, N)[None, :], products_T])
+        T = np.concatenate([np.tile(B, N)[None, :], T])
         q = min(q, quantum(B))
     Y = total(T, q)
     if B is not None and m.bias == "separate":
