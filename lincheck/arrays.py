@@ -46,9 +46,9 @@ import numpy.lib.format as npy_format
 
 from .core import FileBacked
 from .errors import InputError
-from .tensors import INPUT_NAMES, SUBJECT_NAMES
+from .tensors import INPUT_NAMES, SCALE_NAMES, SUBJECT_NAMES
 
-ARRAY_NAMES = INPUT_NAMES + SUBJECT_NAMES
+ARRAY_NAMES = INPUT_NAMES + SUBJECT_NAMES + SCALE_NAMES
 _BY_LOWER = {name.lower(): name for name in ARRAY_NAMES}
 REQUIRED = ("X", "W", "dY")
 

@@ -190,7 +190,9 @@ def check(
         del shapes["dB"]
     supplied = {n: v for n, v in (("dX", dX), ("dW", dW), ("dB", dB), ("Y", Y)) if v is not None}
     given_scales = {"X": X_scale, "W": W_scale, "dY": dY_scale}
-    scales = {n: real_array(f"{n}_scale", v, sources) for n, v in given_scales.items() if v is not None}
+    scales = {
+        n: real_array(f"{n}_scale", v, sources) for n, v in given_scales.items() if v is not None
+    }
     subjects = {}
     for tensor, value in supplied.items():
         a = real_array(tensor, value, sources)

@@ -79,8 +79,7 @@ def lower_precision(
         (
             n
             for n in names
-            if PRESETS[n].out.bits < stored.bits
-            and representable(subject, PRESETS[n].out)
+            if PRESETS[n].out.bits < stored.bits and representable(subject, PRESETS[n].out)
         ),
         key=lambda n: PRESETS[n].out.bits,
     )
@@ -177,6 +176,9 @@ def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
         return [hint] if hint is not None else [_unexplained(tensor, "shape")]
     if is_float(s.dtype) and not np.all(np.isfinite(s)):
         return [_non_finite(tensor, s)]
+    swapped = _swapped_or_wrong_axis(case)  # shapes that coincide (N = D_out) hide these
+    if swapped is not None:
+        return [swapped]
     shape2d = L.shape(tensor)
     values = np.asarray(s, dtype=np.float64).reshape(shape2d)
     M, S = L.magnitude(tensor)
@@ -190,12 +192,14 @@ def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
     gross = next((h for h in hints if h.code != "scaled"), None)
     if gross is not None:
         return [gross]
-    hint = _localized(case, err, tol)
+    hint = _weight_decay(case, values, reference, tol, baseline) or _localized(case, err, tol)
     if hint is not None:
         return [hint]
     if lower is not None:
         return [lower]
-    scaled = next(_value_hints(case, values, reference, tol - ref_bound, ref_bound, baseline, True), None)
+    scaled = next(
+        _value_hints(case, values, reference, tol - ref_bound, ref_bound, baseline, True), None
+    )
     return [scaled] if scaled is not None else [_unexplained(tensor, "values")]
 
 
@@ -353,6 +357,9 @@ def _shape_hint(case: Failure) -> Hint | None:
             f"the sum over the batch is missing; dB = dY.sum(0) has shape ({L.D_out},).",
             {"shape": list(s.shape), "equals_dY": bool(same)},
         )
+    hint = _swapped_or_wrong_axis(case)
+    if hint is not None:
+        return hint
     if s.ndim == 2 and len(expected) == 2 and tuple(s.shape) == expected[::-1]:
         M, S = L.magnitude(tensor)
         k = L.terms(tensor)
@@ -367,6 +374,85 @@ def _shape_hint(case: Failure) -> Hint | None:
                 {"shape": list(s.shape), "bound_ratio": ratio},
             )
     return None
+
+
+def _other(case: Failure, name: str, values) -> float | None:
+    """How well ``values`` (shaped as tensor ``name``'s 2-D view) fit ``name``'s reference,
+    within its bound under the case's arithmetic (see :func:`_fit`); None if not."""
+    L = case.layer
+    M, S = L.magnitude(name)
+    k = L.terms(name)
+    twin = Failure(
+        name,
+        case.subject,
+        L.shape(name),
+        L,
+        case.precision,
+        case.storage,
+        case.operands,
+        case.batch_shape,
+        case.certain_only,
+    )
+    return _fit(values, L.reference(name), twin.bound(M, S, k))
+
+
+def _swapped_or_wrong_axis(case: Failure) -> Hint | None:
+    """dX and dW swapped (each has the other's shape and values), or dB summed over the
+    wrong axis (dY.sum(1): one value per sample)."""
+    s, tensor, L = case.subject, case.tensor, case.layer
+    swap = {"dX": "dW", "dW": "dX"}.get(tensor)
+    if swap is not None and tuple(s.shape) == L.shape(swap) and s.size:
+        ratio = _other(case, swap, np.asarray(s, dtype=np.float64).reshape(L.shape(swap)))
+        if ratio is not None:
+            formula = {"dX": "dY W", "dW": "dYᵀ X"}
+            return Hint(
+                "swapped",
+                tensor,
+                f"{tensor} holds {swap} ({formula[swap]}, {_how(ratio)}): the two gradients "
+                f"are swapped; {tensor} = {formula[tensor]}.",
+                {"holds": swap, "bound_ratio": ratio},
+            )
+    if tensor == "dB" and s.size == L.N and (s.ndim == 1 or tuple(s.shape) == L.batch_shape):
+        values = np.asarray(s, dtype=np.float64).reshape(-1)
+        rows = L.G.sum(axis=1)
+        tol = growth(L.D_out, max(case.precision.acc.c, case.storage.u)) * L.aG.sum(axis=1)
+        ratio = _fit(values, rows, tol + case.storage.eta)
+        if ratio is not None:
+            return Hint(
+                "bias_wrong_axis",
+                tensor,
+                f"dB has shape {tuple(s.shape)} and equals dY.sum(1) ({_how(ratio)}): it was "
+                f"summed over the output units instead of the batch; dB = dY.sum(0) has shape "
+                f"({L.D_out},).",
+                {"shape": list(s.shape), "bound_ratio": ratio},
+            )
+    return None
+
+
+def _weight_decay(case: Failure, values, reference, tol, baseline) -> Hint | None:
+    """dW + λW (L2 regularization folded into the gradient), λ by least squares."""
+    if case.tensor != "dW":
+        return None
+    W = case.layer.W
+    ww = float(np.sum(W * W))
+    if ww == 0:
+        return None
+    lam = float(np.sum((values - reference) * W)) / ww
+    if lam == 0:
+        return None
+    alternative = reference + lam * W
+    slack = tol + 2 * max(case.precision.acc.c, case.storage.u) * np.abs(lam * W)
+    ratio = _fit(values, alternative, slack, baseline)
+    if ratio is None:
+        return None
+    return Hint(
+        "weight_decay",
+        "dW",
+        f"dW = dYᵀ X + λ·W with λ = {lam:.6g} ({_how(ratio)}): weight decay (L2 "
+        "regularization) is folded into the gradient; lincheck checks the loss's gradient "
+        "alone: compare before the decay is added.",
+        {"weight_decay": lam, "bound_ratio": ratio},
+    )
 
 
 def _non_finite(tensor: str, s: np.ndarray) -> Hint:

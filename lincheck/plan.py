@@ -33,8 +33,8 @@ from .precision import (
     subject_bound,
 )
 from .results import Hint, TensorCheck
-from .tally import Positions
 from .scaling import prepare
+from .tally import Positions
 from .tensors import OPERANDS
 from .validate import nonfinite_summary
 

@@ -446,21 +446,24 @@ def parse(spec: str | Arithmetic) -> Arithmetic:
                 f"precision {text!r}: {item!r} is neither a preset ({', '.join(PRESETS)}) "
                 f"nor key=value with a key of {', '.join(KEYS)}"
             )
+        new: Format | Accumulator | str
         if key in (*OPERAND_KEYS, "out"):
             if value not in FORMATS:
-                raise ValueError(f"precision {text!r}: {key}={value!r}: formats are {', '.join(FORMATS)}")
-            model = replace(model, **{key: FORMATS[value]})
+                raise ValueError(
+                    f"precision {text!r}: {key}={value!r}: formats are {', '.join(FORMATS)}"
+                )
+            new = FORMATS[value]
         elif key in ("acc", "reduce"):
             try:
-                model = replace(model, **{key: _accumulator(value)})
+                new = _accumulator(value)
             except ValueError as exc:
                 raise ValueError(f"precision {text!r}: {exc}") from None
         else:
             if value not in choices[key]:
-                raise ValueError(
-                    f"precision {text!r}: {key}={value!r}: expected one of {', '.join(choices[key])}"
-                )
-            model = replace(model, **{key: value})
+                allowed = ", ".join(choices[key])
+                raise ValueError(f"precision {text!r}: {key}={value!r}: expected one of {allowed}")
+            new = value
+        model = replace(model, **{key: new})  # type: ignore[arg-type]  # checked above
     return replace(model, name=text, description=f"the arithmetic {text}")
 
 
@@ -541,8 +544,10 @@ def subject_bound(
         Terms per entry (D_out for dX, N for dW and dB, D_in + 1 for Y with a bias).
     M : ndarray
         Σ|terms| per entry (|a||b| summed; for Y, + |b|).
-    S : ndarray or float
-        Σ(|a| + |b|) per entry: scales the error of operands that underflow.
+    S : tuple
+        Per operand, the sum over the entry's terms of the other operand's |values|
+        (Σ|b| for a, Σ|a| for b; the term count for dB's one operand): an operand
+        off by η in absolute terms moves its products by η times these.
     value : ndarray
         |exact value| per entry (the float64 reference; its own error is
         below 10⁻¹⁵ of M, covered by the reference's bound).
@@ -582,35 +587,51 @@ def subject_bound(
     e = math.expm1(sum(math.log1p(c) for c, _ in c_ops) + math.log1p(c_p))
     acc = model.accumulator(tensor)
     c = acc.c
-    D = acc.depth(k)
+    # A term wider than the accumulator is rounded as it enters, the first one too (an
+    # FMA's k roundings, Higham's γ_k): products of operands whose significands together
+    # exceed the accumulator's, unless rounded to a format it holds.
+    wide = len(operands) >= 2 and sum(op.fmt.bits for op in operands[:2]) > acc.fmt.bits
+    if c_p and len(operands) >= 2:
+        wide = max(op.fmt.bits for op in operands[:2]) > acc.fmt.bits
+    first = 1 if wide else 0
+    D = acc.depth(k) + first
     if acc.window:
         F = growth(D, c)
-        drift, spread, chunked = c * acc.mean_depth(k), c * math.sqrt(D), False
+        drift, spread, chunked = c * (acc.mean_depth(k) + first), c * math.sqrt(D), False
     elif acc.chunk and k > acc.chunk:
         K, m = acc.chunk, -(-k // acc.chunk)
-        F = growth(K - 1, c) if m == 0 else math.expm1(
-            math.log1p(growth(K - 1, c)) + math.log1p(growth(m, FLOAT32.u))
-        )
-        drift = c * (K + 1) / 2 + FLOAT32.u * (m + 1) / 2
-        spread = c * math.sqrt((K - 1) * K) + FLOAT32.u * math.sqrt(m - 1)
+        F = math.expm1(math.log1p(growth(K - 1 + first, c)) + math.log1p(growth(m, FLOAT32.u)))
+        drift = c * ((K + 1) / 2 + first) + FLOAT32.u * (m + 1) / 2
+        spread = c * math.sqrt((K - 1 + first) * K) + FLOAT32.u * math.sqrt(m - 1)
         chunked = True
     else:
-        F = growth(k - 1, c)
-        drift, spread, chunked = c * (k + 1) / 2, c * math.sqrt(max(k - 1, 0)), False
-    outs = [model.out]
+        F = growth(D, c)
+        drift, spread = c * ((k + 1) / 2 + first), c * math.sqrt(max(D, 0))
+        chunked = False
+    # Output roundings: to `out` if it is narrower than the sum's format (a float32 sum for a
+    # chunked accumulator); Y's separate bias addition, in `out`; a narrower storage dtype.
+    summed = FLOAT32 if acc.chunk else acc.fmt
+    outs = [model.out] if model.out.bits < summed.bits else []
     if tensor == "Y" and model.bias == "separate":
         outs.append(model.out)
-    if storage.bits < min(o.bits for o in outs):
+    if storage.bits < min(o.bits for o in [summed, *outs]):
         outs.append(storage)
     P = math.expm1(sum(math.log1p(o.u) for o in outs))
     whole = math.inf if math.isinf(F) else math.expm1(math.log1p(e) + math.log1p(F) + math.log1p(P))
-    eta_conv = max((eta for _, eta in c_ops), default=0.0)
+    # Conversion underflow: operand j off by η_j moves the entry by η_j·S_j (and by k·η_a·η_b
+    # when both operands are off), each product then rounded and summed.
+    etas = [eta for _, eta in c_ops[:2]]
+    sums = S if isinstance(S, tuple) else (S,) * len(etas)
+    under_conv = sum(eta * Sj for eta, Sj in zip(etas, sums) if eta)
+    if len(etas) == 2:
+        under_conv = under_conv + k * etas[0] * etas[1]
+    under_conv = under_conv + sum(eta for _, eta in c_ops[2:])  # a converted bias
     eta_acc = acc.fmt.eta
     with np.errstate(over="ignore", invalid="ignore"):
         # In place where it can: a row block of dX in the partial modes is large.
         grow = (1.0 + F) * (1.0 + P)
-        under = grow * ((1.0 + e) * eta_conv * S + k * (eta_conv**2 + eta_p))
-        under = under + (1.0 + P) * k * eta_acc + len(outs) * max(o.eta for o in outs)
+        under = grow * ((1.0 + e) * under_conv + k * eta_p)
+        under = under + (1.0 + P) * k * eta_acc + sum(o.eta for o in outs)
         worst = whole * M
         worst += under
         worst *= SAFETY
@@ -648,7 +669,9 @@ def subject_bound(
 def _rule(model: Arithmetic, tensor: str, operands, c_p: float, outs) -> str:
     """How the tolerance was built, in words, for the report."""
     parts = [
-        f"operands converted to {op.fmt.name}" for op in operands if op.converted and op.fmt.bits < 53
+        f"operands converted to {op.fmt.name}"
+        for op in operands
+        if op.converted and op.fmt.bits < 53
     ]
     if c_p:
         parts.append("products rounded")
@@ -657,7 +680,7 @@ def _rule(model: Arithmetic, tensor: str, operands, c_p: float, outs) -> str:
         parts.append(f"result rounded to {model.out.name}")
     if tensor == "Y" and model.bias == "separate":
         parts.append("bias added separately")
-    if len(outs) > (2 if tensor == "Y" and model.bias == "separate" else 1):
+    if outs and outs[-1] is not model.out:
         parts.append(f"stored as {outs[-1].name}")
     return f"{model.name}: " + ", ".join(parts)
 
@@ -674,7 +697,9 @@ def reference_bound(M, S, k: int) -> ErrorBound:
     return ErrorBound(worst, worst, typical, f"fp64: γ_{k}(fp64) × Σ|terms|")
 
 
-def model_operands(model: Arithmetic, tensor: str, seen: Mapping[str, Operand]) -> tuple[Operand, ...]:
+def model_operands(
+    model: Arithmetic, tensor: str, seen: Mapping[str, Operand]
+) -> tuple[Operand, ...]:
     """The :class:`Operand` s of ``tensor`` under ``model``, from how the kernel saw each
     input (:func:`lincheck.scaling.prepare`). For Y a bias that is not a number of the
     ``out`` format adds its conversion; dB sums dY as given when dY was quantized to fp8

@@ -28,7 +28,8 @@ class Hint:
     """A diagnosis of a failed check: a stable ``code``, the tensor, a sentence, the evidence.
 
     Codes: ``transposed``, ``mean_instead_of_sum``, ``sign_flipped``,
-    ``scaled``, ``bias_not_summed``, ``wrong_operand``, ``localized``,
+    ``scaled``, ``bias_not_summed``, ``bias_wrong_axis``, ``swapped`` (dX
+    and dW), ``weight_decay``, ``wrong_operand``, ``localized``,
     ``lower_precision``, ``non_finite``, and ``unexplained`` when a check
     failed and none of them fits.
     """

@@ -162,10 +162,10 @@ class Totals(tensors.Sizes):
         sel: slice | np.ndarray = slice(None) if cols is None else cols
         k = max(self.N, self.D_in, self.D_out) + 1
         if tensor == "dW":
-            S = self._outer(self.sum_G_cols)[:, None] + self._outer(self.sum_X_cols)[None, sel]
+            S = (self._outer(self.sum_X_cols)[None, sel], self._outer(self.sum_G_cols)[:, None])
             M_dW = cast(np.ndarray, self.M_dW)  # kept whenever a dW subject is checked
-            return self._outer(M_dW[:, sel]), upper_sum(S, k)
-        return upper_sum(self._outer(self.sum_G_cols), self.N), upper_sum(float(self.N), k)
+            return self._outer(M_dW[:, sel]), tuple(upper_sum(x, k) for x in S)
+        return upper_sum(self._outer(self.sum_G_cols), self.N), (float(self.N),)
 
     def sum_M(self, tensor: str) -> float:
         """An upper bound on Σ M over the entries of dX or dW."""

@@ -253,7 +253,7 @@ class Tally:
 
     @property
     def verdict(self) -> str:
-        """"fail" (some entry beyond its tolerance), "inconclusive" or "pass"."""
+        """ "fail" (some entry beyond its tolerance), "inconclusive" or "pass"."""
         if self.exceeded:
             return "fail"
         return "pass" if self.passed else "inconclusive"

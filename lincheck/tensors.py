@@ -16,6 +16,8 @@ from typing import Any
 
 INPUT_NAMES = ("X", "W", "B", "dY")
 SUBJECT_NAMES = ("dX", "dW", "dB", "Y")
+SCALE_NAMES = ("X_scale", "W_scale", "dY_scale")
+"""Optional dequantization factors of a scaled (fp8) model (:mod:`lincheck.scaling`)."""
 
 OPERANDS = {"dX": ("dY", "W"), "dW": ("dY", "X"), "dB": ("dY",), "Y": ("X", "W", "B")}
 """The inputs each tensor is computed from (their formats set its rounding)."""

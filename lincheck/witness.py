@@ -298,6 +298,10 @@ def _complex_block(L: Workspace, tensor: str, cols, M) -> Block:
 def entry_values(layer: Workspace, tensor: str, rows: np.ndarray, cols: np.ndarray):
     """(reference, M, S) at chosen entries of dX or dW (rows, cols) or dB (cols).
 
+    S is Σ(|a| + |b|) over each entry's terms (the term count for dB): the
+    reference's bound, which is all these entries are checked with, needs no
+    more (a subject's splits it by operand: :meth:`Workspace.magnitude`).
+
     Each is an inner product of one row or column pair, so any number of
     entries of a layer of any size cost O(entries × terms).
     """

@@ -133,27 +133,29 @@ class Workspace(tensors.Sizes):
         return {"dX": self.scale["dW"], "dW": self.scale["dX"]}.get(tensor, 1.0)
 
     def magnitude(self, tensor: str, cols: np.ndarray | None = None):
-        """(M, S) for a block: M = Σ|terms| per entry, S = Σ(|a| + |b|) over its terms.
+        """(M, S) for a block: M = Σ|terms| per entry; S, per operand of the product, the sum
+        of the *other* operand's |values| over the entry's terms (Σ|b| for a, Σ|a| for b;
+        for dB, whose terms are G alone, the count N).
 
-        M scales every rounding bound (γ_k times it); S scales the error of
-        operands that underflow when rounded to a narrow format. ``cols``
-        selects columns of dX or dW (all if None); dB and Y come whole.
+        M scales every rounding bound; an operand that underflows when converted is off
+        by its η in absolute terms, which moves each product by η times the other
+        operand: S scales that. ``cols`` selects columns of dX or dW (all if None); dB
+        and Y come whole.
         """
         sel: slice | np.ndarray = slice(None) if cols is None else cols
-        M: np.ndarray
-        S: np.ndarray | float
-        if tensor == "dX":
-            M = self.aG @ self.aW[:, sel]
-            S = self.sum_G_rows[:, None] + self.sum_W_cols[None, sel]
-        elif tensor == "dW":
-            M = self.aG.T @ self.aX[:, sel]
-            S = self.sum_G_cols[:, None] + self.sum_X_cols[None, sel]
-        elif tensor == "dB":
-            M, S = self.sum_G_cols, float(self.N)
-        else:
-            return self.MY, upper_sum(self.sum_X_rows[:, None] + self.sum_W_rows[None, :] + 1.0, 1)
         k = max(self.N, self.D_in, self.D_out) + 1
-        return upper_sum(M, self.terms(tensor)), upper_sum(S, k)
+        if tensor == "dX":  # operands G, W
+            M = self.aG @ self.aW[:, sel]
+            S = (self.sum_W_cols[None, sel], self.sum_G_rows[:, None])
+        elif tensor == "dW":  # operands G, X
+            M = self.aG.T @ self.aX[:, sel]
+            S = (self.sum_X_cols[None, sel], self.sum_G_cols[:, None])
+        elif tensor == "dB":
+            return self.sum_G_cols, (float(self.N),)
+        else:  # operands X, W
+            S = (self.sum_W_rows[None, :], self.sum_X_rows[:, None])
+            return self.MY, tuple(upper_sum(x, k) for x in S)
+        return upper_sum(M, self.terms(tensor)), tuple(upper_sum(x, k) for x in S)
 
     def largest(self, tensor: str, cols: np.ndarray | None = None):
         """An upper bound on each entry's largest |term|, from row and column maxima: for

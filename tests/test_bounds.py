@@ -6,7 +6,7 @@ from conftest import compute_in, layer
 
 import lincheck
 from lincheck import check
-from lincheck.precision import PRECISIONS, TF32, round_to
+from lincheck.precision import TF32, round_to
 
 ALL = ["fp64", "fp32", "tf32", "bf16", "fp16"]  # the kernels conftest.compute_in simulates;
 # every preset, fp8 and float16 accumulation included, is in tests/test_emulated.py

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import compute_in, layer
 
+import lincheck
 from lincheck import check
 from lincheck.core import forward
 
@@ -174,3 +175,52 @@ def test_noise_within_bfloat16s_loose_bound_is_not_called_bfloat16(rng):
     grads["dW"] = grads["dW"] + 0.5 * noise
     hints, _ = hints_of(X, W, B, G, **grads)
     assert hints == [("unexplained", "dW")]
+
+
+# ---------------------------------------------------------------------------
+# Codes users meet, and hints that must not claim what is not true
+
+
+def _hint_codes(report):
+    return [(h.code, h.tensor) for h in report.hints]
+
+
+def test_weight_decay_is_named_with_its_lambda(rng):
+    X, W, B, G = layer(rng, 32, 64, 16)
+    report = lincheck.check(X, W, B, G, dW=G.T @ X + 0.01 * W)
+    (hint,) = report.hints
+    assert (hint.code, hint.tensor) == ("weight_decay", "dW")
+    assert hint.evidence["weight_decay"] == pytest.approx(0.01, rel=1e-9)
+
+
+@pytest.mark.parametrize("N", [16, 20], ids=["N=D_out", "N!=D_out"])
+def test_swapped_gradients_and_a_bias_summed_over_units_are_named(rng, N):
+    X, W, B, G = layer(rng, N, 64, 16)
+    report = lincheck.check(X, W, B, G, dX=G.T @ X, dW=G @ W, dB=G.sum(1))
+    codes = _hint_codes(report)
+    assert ("swapped", "dX") in codes and ("swapped", "dW") in codes
+    assert ("bias_wrong_axis", "dB") in codes
+    assert report.hints[0].evidence["holds"] == "dW"
+
+
+def test_an_error_in_one_entry_or_row_is_localized_not_blamed_on_tf32(rng):
+    """float32 dW with one entry 0.3% off, or one row × 1.001: localized, never TF32 (that
+    hint sent users to --precision tf32, which then passed the bug)."""
+    X, W, B, G = (a.astype(np.float32) for a in layer(rng, 32, 64, 16))
+    for where in ((3, 4), 3):
+        dW = G.T @ X
+        dW[where] *= 1.003 if isinstance(where, tuple) else 1.001
+        report = lincheck.check(X, W, B, G, dW=dW)
+        assert _hint_codes(report) == [("localized", "dW")], report.hints
+
+
+def test_no_hint_rests_on_a_bound_that_cannot_tell_anything_from_zero(rng):
+    """A forgotten float32 dW (zeros) at N = 4096 is not "float16 arithmetic", and a bf16
+    dX of zeros is not "Y W": an alternative must fit clearly better than the correct
+    gradient, within a bound that can tell it from zero."""
+    X, W, B, G = (a.astype(np.float32) for a in layer(rng, 4096, 8, 4))
+    report = lincheck.check(X, W, B, G, dW=np.zeros_like(W))
+    assert "lower_precision" not in [h.code for h in report.hints]
+    Xb, Wb, Bb, Gb = layer(rng, 32, 64, 16)
+    report = lincheck.check(Xb, Wb, Bb, Gb, dX=np.zeros((32, 64)), precision="bf16")
+    assert "wrong_operand" not in [h.code for h in report.hints]

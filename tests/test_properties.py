@@ -9,7 +9,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lincheck import arrays, check, precision, streaming
-from lincheck.precision import PRECISIONS
 
 SIMULATED = ["fp64", "fp32", "tf32", "bf16", "fp16"]  # conftest.compute_in's kernels
 
