@@ -172,14 +172,8 @@ def test_preset_correct_results_pass(preset, shape, order):
     assert_pass(run(preset, X, W, B, dY, r.cast()), preset, X, W, B, dY)
 
 
-# lincheck bounds the underflow of scaled operands by the largest of the two operands'
-# s·η times Σ(|a| + |b|): with X ≈ 1e3 and W ≈ 1e-3 the tolerance of Y is 86 where
-# |Y| ≤ 5.4 and Σ|x||w| ≤ 10.8, and a correct Y is inconclusive.
-SCALED_UNDERFLOW = pytest.mark.xfail(
-    strict=True, reason="lincheck: scaled operands' underflow bound max(s·η)·Σ(|a|+|b|)"
-)
 MAG_CASES = [
-    pytest.param(p, mags, marks=[SCALED_UNDERFLOW] if p.startswith("fp8") else [])
+    (p, mags)
     for p in PRESETS
     for mags in ("small-w", "large-w")
     if not (mags == "large-w" and p.startswith("fp16"))  # dX ≈ 1e5: beyond fp16's range
@@ -251,7 +245,6 @@ def test_presets_cover_the_kernels_they_claim(preset, kernel, order):
         assert_pass(run(preset, X, W, B, dY, r.cast()), preset, X, W, B, dY)
 
 
-@pytest.mark.xfail(strict=True, reason="lincheck: the first term entering the accumulator")
 @pytest.mark.parametrize(
     "spec", ["fp32,acc=bf16", "fp32,acc=14bit/16", "fp32,acc=fp16", "fp32,acc=fp32-rz"]
 )
