@@ -490,6 +490,7 @@ class Operand:
     converted: bool
     scale: float = 1.0
     overflows: bool = False
+    c: float | None = None  # a relative conversion error beyond the format's (MX clamping)
 
 
 @dataclass(frozen=True)
@@ -519,7 +520,7 @@ def _conversion(op: Operand, convert: str) -> tuple[float, float]:
     c = op.fmt.u * (2.0 if convert == "rz" else 1.0)
     if op.fmt.bits < FLOAT32.bits:
         c += 2.0**-24
-    return c, op.fmt.eta * op.scale
+    return max(c, op.c or 0.0), op.fmt.eta * op.scale
 
 
 def subject_bound(

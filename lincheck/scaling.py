@@ -72,9 +72,8 @@ def recipe(a: np.ndarray, kind: str, name: str, fmt) -> np.ndarray:
     pad[: a.shape[0], : a.shape[1]] = np.abs(a)
     amax = pad.reshape(R, r, C, c).max(axis=(1, 3))
     if kind == "mx32":
-        emax = int(np.floor(np.log2(fmt.max)))
-        with np.errstate(divide="ignore"):
-            s = np.exp2(np.floor(np.log2(amax)) - emax)
+        emax = int(np.frexp(fmt.max)[1]) - 1  # ⌊log₂ max⌋, exactly (frexp: m·2ᵉ, ½ ≤ m < 1)
+        s = np.ldexp(1.0, np.frexp(amax)[1] - 1 - emax)
     else:
         s = amax / fmt.max
     return np.where(amax > 0, s, 1.0)
@@ -124,8 +123,14 @@ def prepare(
         else:
             s = recipe(a64, model.scale, name, fmt)
         per_entry = expand(s, model.scale, name, a64.shape)
-        q = a64 / per_entry
-        # q(a / s) must stay within the format; a rounding up to its largest value is allowed.
-        overflows = bool(np.max(np.abs(q), initial=0.0) > fmt.max * (1.0 + fmt.u))
-        seen[name] = Operand(fmt, not representable(q, fmt), float(np.max(s)), overflows)
+        q = np.abs(a64 / per_entry)
+        beyond = q > fmt.max * (1.0 + fmt.u)  # a rounding up to the largest value is allowed
+        c = None
+        if model.scale == "mx32" and beyond.any():
+            # MX conversions clamp to the largest value (OCP Microscaling Formats v1.0, §6.3):
+            # an amax just under 2^(emax+1)·s loses up to 1 − max/2^(emax+1) of itself.
+            c = float(np.max(1.0 - fmt.max / q[beyond])) + fmt.u
+        overflows = bool(beyond.any()) and c is None
+        converted = c is not None or not representable(a64 / per_entry, fmt)
+        seen[name] = Operand(fmt, converted, float(np.max(s)), overflows, c)
     return seen

@@ -206,3 +206,32 @@ def test_subnormal_operands_that_the_format_cannot_hold_are_bounded(rng):
         report = lincheck.check(X, W, None, G, dW=dW, precision=name)
         (check,) = [c for c in report.checks if c.tensor == "dW" and c.subject == "supplied"]
         assert check.passed, (name, check.bound_ratio)
+
+
+def test_mx32_conversions_clamp_to_the_largest_value(rng):
+    """Under mx32's power-of-two scale a block's amax can reach 511·s, beyond e4m3's 448:
+    MX clamps (OCP Microscaling v1.0). The clamped kernel's correct dW is not a failure
+    (it was "inconclusive: beyond the format's range"), and the clamp is in the bound."""
+    from lincheck.precision import E4M3
+    from lincheck.scaling import expand, recipe
+
+    X = rng.standard_normal((64, 64))
+    X[0, 0] = 500.0  # its block's scale is 1: q = 500 clamps to 448, 10% off
+    W, G = rng.standard_normal((16, 64)), rng.standard_normal((64, 16))
+    s = expand(recipe(X, "mx32", "X", E4M3), "mx32", "X", X.shape)
+    assert s[0, 0] == 1.0
+    X_hat = s * np.clip(round_to(X / s, E4M3), -448, 448)
+    dW = round_to(G.T @ X_hat, BFLOAT16)
+    report = lincheck.check(X, W, None, G, dW=dW, precision="fp8,scale=mx32")
+    assert report.passed, report.checks
+    dW[0, 0] = -dW[0, 0]
+    assert not lincheck.check(X, W, None, G, dW=dW, precision="fp8,scale=mx32").passed
+
+
+def test_mx32_scale_is_exact_below_a_power_of_two():
+    """⌊log₂ amax⌋ from frexp: amax just under 8 has exponent 2, not 3 (log2 rounds up)."""
+    from lincheck.precision import E4M3
+    from lincheck.scaling import recipe
+
+    amax = 8.0 * (1 - 2.0**-53)
+    assert recipe(np.full((1, 32), amax), "mx32", "X", E4M3)[0, 0] == 2.0 ** (2 - 8)
