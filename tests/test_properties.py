@@ -158,3 +158,39 @@ def test_streamed_subject_checks_agree_with_full_ones(seed, N, D_in, D_out, ex, 
         if not c.passed:  # the planted entry (among rounding errors, summed in another order)
             assert s.worst_index == c.worst_index, c.tensor
         assert np.array_equal(s.error_map > 1, c.error_map > 1)  # the same entries over
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    N=st.integers(1, 48),
+    D_in=st.integers(1, 40),
+    D_out=st.integers(1, 24),
+    preset=st.sampled_from(sorted(precision.PRESETS)),
+    order=st.sampled_from(["sequential", "pairwise", "blocked", "tree"]),
+    mags=st.sampled_from(["unit", "small-w", "large-w"]),
+    bug=st.sampled_from(["zero", "sign", "half"]),
+    tensor=st.sampled_from(["dX", "dW", "dB", "Y"]),
+)
+def test_emulated_kernels_of_every_preset_never_fail_and_gross_bugs_never_pass(
+    seed, N, D_in, D_out, preset, order, mags, bug, tensor
+):
+    """Every preset's kernel, emulated bit for bit (tests/emulate.py) in some summation
+    order, on random shapes and magnitudes: its correct results never fail (they pass, or
+    are inconclusive where the arithmetic cannot resolve them), and a zero, sign-flipped or
+    halved tensor never passes. LINCHECK_HYPOTHESIS=long runs 5,000 of these."""
+    import test_emulated as te
+
+    if mags == "large-w" and preset.startswith("fp16"):
+        return  # dX ≈ 1e5: beyond float16's range
+    X, W, B, dY = te.inputs(preset, (N,), D_in, D_out, mags, seed % 2**16)
+    got = te.em.emulate(X, W, B, dY, preset, order, seed=seed % 2**16).cast()
+    report = te.run(preset, X, W, B, dY, got)
+    assert all(c.verdict != "fail" for c in report.checks), [
+        (c.tensor, c.subject, c.bound_ratio) for c in report.failed
+    ]
+    wrong = np.asarray(got[tensor], dtype=np.float64)
+    if not np.any(wrong):
+        return  # a zero gradient: no mistake of its own size to plant
+    wrong = {"zero": 0 * wrong, "sign": -wrong, "half": wrong / 2}[bug]
+    bad = te.run(preset, X, W, B, dY, {**got, tensor: wrong})
+    assert not bad.passed
