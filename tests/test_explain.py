@@ -81,3 +81,13 @@ def test_cli_explain_reads_shapes_from_a_dump(tmp_path):
     assert zh.exit_code == 0 and "N = 8 个样本" in zh.stdout
     bad = runner.invoke(app, ["explain", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "missing" in bad.stderr
+
+
+def test_the_page_states_the_model_it_bounds():
+    """explain --precision bf16 printed float32's u = 6.0e-08 as if that were bfloat16's:
+    the page now spells out the model (operands, accumulator, result) its bounds are for."""
+    page = " ".join(text(Sizes(N=32, D_in=64, D_out=16, precision="bf16")).split())
+    assert "x=bf16,w=bf16,dy=bf16" in page and "out=bf16" in page and "acc=fp32-rz" in page
+    assert "u = 6.0e-08" not in page
+    custom = " ".join(text(Sizes(N=32, D_in=64, D_out=16, precision="fp8,acc=14bit/128")).split())
+    assert "x=e4m3" in custom and "acc=14bit/128" in custom
