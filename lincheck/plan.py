@@ -16,7 +16,7 @@ turned into :class:`~lincheck.results.TensorCheck` verdicts and
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -61,6 +61,8 @@ class Subject:
     alternatives: tuple[str, ...]
     seen: Mapping[str, Mapping[str, Operand]]
     certain_only: bool = False
+    inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
+    scales: Mapping[str, np.ndarray] | None = None
 
     @property
     def usable(self) -> bool:
@@ -71,9 +73,11 @@ class Subject:
         return "bound" if self.allclose is None else "allclose"
 
     def operands(self, tensor: str, name: str | None = None) -> tuple[Operand, ...]:
-        """The operands of ``tensor`` as model ``name`` (default: the declared one) saw them."""
+        """The operands of ``tensor`` as model ``name`` (default: the declared one) saw them
+        (an alternative's are worked out when a failure is diagnosed)."""
         model = self.precision if name is None else parse(name)
-        return model_operands(model, tensor, self.seen[model.name])
+        seen = self.seen.get(model.name) or prepare(model, self.inputs, self.scales)
+        return model_operands(model, tensor, seen)
 
 
 def subject(
@@ -96,12 +100,12 @@ def subject(
     values: np.ndarray | None = None
     alternatives: tuple[str, ...] = ()
     seen: dict[str, Mapping[str, Operand]] = {}
+    inputs: dict[str, np.ndarray] = {}
     if not problem:
         values = array.reshape(shape2d)
         alternatives = diagnose.candidates(precision, tensor) if allclose is None else ()
-        operands = {o: given[o] for o in OPERANDS[tensor] if o in given}
-        for p in [precision, *(parse(n) for n in alternatives)]:
-            seen[p.name] = prepare(p, operands, scales)
+        inputs = {o: given[o] for o in OPERANDS[tensor] if o in given}
+        seen[precision.name] = prepare(precision, inputs, scales)
     return Subject(
         array=array,
         label=label,
@@ -113,6 +117,8 @@ def subject(
         alternatives=tuple(alternatives),
         seen=seen,
         certain_only=certain_only,
+        inputs=inputs if not problem else {},
+        scales=scales,
     )
 
 
@@ -256,7 +262,6 @@ class Tallies:
                     layer.B if tensor == "Y" else None,
                 )
 
-            alternatives = None
             certain = None
             if sub.allclose is None:
                 own = bound()
@@ -264,16 +269,12 @@ class Tallies:
                 tol = certain if sub.certain_only else own.statistical + o_worst
                 tier = "rigorous bound" if sub.certain_only else "statistical tolerance"
                 self.rules["subject"] = f"{own.rule}; {tier} + {oracle} bound"
-                alternatives = {
-                    name: (b.worst if sub.certain_only else b.statistical) + o_worst
-                    for name, b in ((n, bound(n)) for n in sub.alternatives)
-                }
                 typical = np.sqrt(own.typical**2 + o_typ**2)
             else:
                 tol = sub.allclose[0] + sub.allclose[1] * np.abs(o)
                 self.rules["subject"] = _allclose_rule(sub.allclose, oracle)
                 typical = np.sqrt(bound().typical ** 2 + o_typ**2)
-            self.own.add(s, o, tol, typical, flat, alternatives, certain=certain)
+            self.own.add(s, o, tol, typical, flat, certain=certain)
         if plan.witnessed and block is not None:
             self.add_witness(ref, ref_bound, block, flat)
 
@@ -383,16 +384,47 @@ class Tallies:
             return False
         return self.own is None or self.own.exceeded != 0
 
+    def alternative_fits(self, layer) -> dict[str, list]:
+        """For each arithmetic a failure is tested against: [whether every entry fits its
+        tolerance (the tier that decides) plus the reference's bound, the largest ratio].
+        Worked out only for a failed check, over the whole tensor of the diagnosis's layer."""
+        sub, tensor = self.plan.subject, self.plan.tensor
+        assert sub is not None and sub.values is not None
+        M, S = layer.magnitude(tensor)
+        k = layer.terms(tensor)
+        ref = layer.reference(tensor)
+        err = np.abs(np.asarray(sub.values, dtype=np.float64) - ref)
+        extra = reference_bound(M, S, k).worst
+        fits = {}
+        for name in sub.alternatives:
+            b = subject_bound(
+                parse(name),
+                tensor,
+                k,
+                M,
+                S,
+                np.abs(ref),
+                layer.largest(tensor),
+                sub.operands(tensor, name),
+                sub.storage,
+                layer.squares(tensor),
+                layer.B if tensor == "Y" else None,
+            )
+            tol = (b.worst if sub.certain_only else b.statistical) + extra
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = float(np.max(np.where(err == 0, 0.0, err / tol), initial=0.0))
+            fits[name] = [bool(np.all(err <= tol)), ratio]
+        return fits
+
     def hints(self, layer, batch_shape: tuple[int, ...]) -> list[Hint]:
         """What kind of mistake a failed subject looks like (nothing for a passing one)."""
         sub = self.plan.subject
         if sub is None or not self.needs_diagnosis:
             return []
         lower = None
-        if self.own is not None and sub.alternatives:
-            lower = diagnose.lower_precision(
-                self.plan.tensor, sub.precision, sub.array, self.own.alternatives
-            )
+        if self.own is not None and sub.alternatives and sub.values is not None:
+            fits = self.alternative_fits(layer)
+            lower = diagnose.lower_precision(self.plan.tensor, sub.precision, sub.array, fits)
         case = diagnose.Failure(
             tensor=self.plan.tensor,
             subject=sub.array,

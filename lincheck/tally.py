@@ -103,8 +103,7 @@ class Tally:
     was, the largest error / typical scale, the largest tolerance + error
     (the smallest single-entry change certain to be caught), the ``top``
     entries by error / tolerance (ranked by :func:`rank`, ties to the lowest
-    index), and, for each named alternative tolerance, whether every entry
-    fit it and the largest ratio to it.
+    index).
 
     Relative error is |error| / |oracle|, taken as 0 where both are 0 and as
     infinite where only the oracle is 0; ratios are likewise 0 where the
@@ -137,7 +136,6 @@ class Tally:
         self.resolution = 0.0  # the largest |oracle| / tolerance: what the check can resolve
         self.largest = 0.0  # the largest |oracle|
         self._best: list[tuple] = []  # (−ratio, flat index, subject, oracle, tolerance)
-        self.alternatives: dict[str, list] = {}  # name -> [all fit, max ratio]
 
     def add(
         self,
@@ -146,7 +144,6 @@ class Tally:
         tolerance: np.ndarray,
         typical: np.ndarray,
         flat: Positions,
-        alternatives: dict[str, np.ndarray] | None = None,
         certain: np.ndarray | None = None,
     ) -> None:
         """Compare one block. ``tolerance`` is the one that decides (the statistical tier's,
@@ -198,13 +195,6 @@ class Tally:
             self._best = sorted([*self._best, *found])[: self.top]
         if self.shape is not None:
             self._map(ratio, flat)
-
-        for name, alt in (alternatives or {}).items():
-            alt = _flat_like(alt, subject)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                alt_ratio = float(np.max(np.where(err == 0, 0.0, err / alt), initial=0.0))
-            fit, worst = self.alternatives.get(name, [True, 0.0])
-            self.alternatives[name] = [fit and bool(np.all(err <= alt)), max(worst, alt_ratio)]
 
     def _map(self, ratio: np.ndarray, flat: Positions) -> None:
         """Pool a block's error / tolerance into the map and the histogram, a chunk at a time
