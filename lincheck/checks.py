@@ -20,7 +20,7 @@ import numpy as np
 from . import plan, streaming, witness, workspace
 from .core import Gradients, as_batch, backward
 from .errors import InputError
-from .precision import parse, precision_for
+from .precision import needs_squares, parse, precision_for
 from .results import Entry, Hint, Layer, Report, TensorCheck
 from .tensors import SUBJECT_NAMES
 from .validate import (
@@ -304,7 +304,14 @@ def _run_streamed(
     rows = streaming.Rows(inputs.X, inputs.W, inputs.B, inputs.G)
     by_tensor = {t.plan.tensor: t for t in tallies}
     usable = {name for name, t in by_tensor.items() if t.plan.usable}
-    totals = streaming.Totals(rows, dW_magnitudes="dW" in usable)
+    dW = by_tensor.get("dW")
+    dW_sub = None if dW is None else dW.plan.subject
+    dW_squares = (
+        dW_sub is not None
+        and dW_sub.usable
+        and needs_squares(dW_sub.precision, dW_sub.operands("dW"))
+    )
+    totals = streaming.Totals(rows, dW_magnitudes="dW" in usable, dW_squares=dW_squares)
     rng = np.random.default_rng(seed)
     witnessed = [t for t in tallies if t.plan.witnessed]
     later = [t for t in witnessed if mode == "directions" and t.plan.tensor != "dB"]

@@ -79,6 +79,13 @@ _VARIANTS = (
 )
 
 
+def statistics(layer, model, tensor, operands):
+    """See :func:`lincheck.plan.statistics` (imported late: plan imports this module)."""
+    from .plan import statistics as of_layer
+
+    return of_layer(layer, model, tensor, operands)
+
+
 def candidates(declared: Arithmetic, tensor: str = "Y") -> tuple[str, ...]:
     """The less accurate arithmetics a failure under ``declared`` is tested against: lower
     presets, then the declared model with one thing a kernel may do differently (a
@@ -197,8 +204,7 @@ class Failure:
             self.layer.largest(self.tensor),
             self.operands,
             self.storage,
-            self.layer.squares(self.tensor),
-            self.layer.B if self.tensor == "Y" else None,
+            *statistics(self.layer, self.precision, self.tensor, self.operands),
         )
         chosen = own.worst if self.certain_only else own.statistical
         return chosen + reference_bound(M, S, k).worst

@@ -27,6 +27,7 @@ from .precision import (
     Format,
     Operand,
     model_operands,
+    needs_squares,
     parse,
     reference_bound,
     storage_format,
@@ -248,6 +249,7 @@ class Tallies:
 
             def bound(name: str | None = None):
                 model = sub.precision if name is None else parse(name)
+                ops = sub.operands(tensor, name)
                 return subject_bound(
                     model,
                     tensor,
@@ -256,10 +258,9 @@ class Tallies:
                     S,
                     value,
                     largest,
-                    sub.operands(tensor, name),
+                    ops,
                     sub.storage,
-                    layer.squares(tensor),
-                    layer.B if tensor == "Y" else None,
+                    *statistics(layer, model, tensor, ops, cols),
                 )
 
             certain = None
@@ -397,18 +398,18 @@ class Tallies:
         extra = reference_bound(M, S, k).worst
         fits = {}
         for name in sub.alternatives:
+            model, ops = parse(name), sub.operands(tensor, name)
             b = subject_bound(
-                parse(name),
+                model,
                 tensor,
                 k,
                 M,
                 S,
                 np.abs(ref),
                 layer.largest(tensor),
-                sub.operands(tensor, name),
+                ops,
                 sub.storage,
-                layer.squares(tensor),
-                layer.B if tensor == "Y" else None,
+                *statistics(layer, model, tensor, ops),
             )
             tol = (b.worst if sub.certain_only else b.statistical) + extra
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -437,6 +438,15 @@ class Tallies:
             batch_shape=batch_shape,
         )
         return diagnose.explain(case, lower)
+
+
+def statistics(layer, model: Arithmetic, tensor: str, operands, cols=None) -> tuple:
+    """(Σ terms², B for Y, the window tree's fluctuations) for :func:`subject_bound`'s
+    statistical tier, each computed only where the model needs it (None otherwise)."""
+    squares = layer.squares(tensor, cols) if needs_squares(model, operands) else None
+    acc = model.accumulator(tensor)
+    tree = layer.tree_squares(acc.window) if acc.window and tensor == "dB" else None
+    return squares, layer.B if tensor == "Y" else None, tree
 
 
 def not_diagnosed(tensor: str, limit_bytes: int) -> Hint:

@@ -535,6 +535,7 @@ def subject_bound(
     storage: Format,
     squares=None,
     bias=None,
+    tree=None,
 ) -> ErrorBound:
     """The certain and statistical tolerances of a tensor computed under ``model``.
 
@@ -560,7 +561,11 @@ def subject_bound(
     storage : Format
         The format the subject was stored in (its dtype).
     squares : ndarray, optional
-        Σ terms² per entry (given for dB); M · largest bounds it otherwise.
+        Σ terms² per entry; M · largest bounds it otherwise.
+    tree : ndarray, optional
+        For a window-tree accumulator, Σ over its additions of the fluctuating partial
+        sums squared (:meth:`lincheck.workspace.Workspace.tree_squares`); without it, the
+        worst case over the additions.
     bias : ndarray, optional
         B, for Y with a separate bias: X Wᵀ = Y − B is rounded first.
 
@@ -594,14 +599,18 @@ def subject_bound(
     # A term wider than the accumulator is rounded as it enters, the first one too (an
     # FMA's k roundings, Higham's γ_k): products of operands whose significands together
     # exceed the accumulator's, unless rounded to a format it holds.
-    wide = len(operands) >= 2 and sum(op.fmt.bits for op in operands[:2]) > acc.fmt.bits
-    if c_p and len(operands) >= 2:
-        wide = max(op.fmt.bits for op in operands[:2]) > acc.fmt.bits
+    if len(operands) >= 2:
+        wide = sum(op.fmt.bits for op in operands[:2]) > acc.fmt.bits
+        if c_p:
+            wide = max(op.fmt.bits for op in operands[:2]) > acc.fmt.bits
+    else:  # dB's terms are dY's values: rounded on entry if wider than the accumulator
+        wide = bool(operands) and operands[0].fmt.bits > acc.fmt.bits
     first = 1 if wide else 0
     D = acc.depth(k) + first
     if acc.window:
         F = growth(D, c)
-        drift, spread, chunked = c * (acc.mean_depth(k) + first), c * math.sqrt(D), False
+        drift, chunked = c * (acc.mean_depth(k) + first), False
+        spread = c * math.sqrt(max(k - 1 + first, 0))  # without the tree's sums: every addition
     elif acc.chunk and k > acc.chunk:
         K, m = acc.chunk, -(-k // acc.chunk)
         F = math.expm1(math.log1p(growth(K - 1 + first, c)) + math.log1p(growth(m, FLOAT32.u)))
@@ -644,11 +653,10 @@ def subject_bound(
             # A chunk's mass is at most K · (largest + |v|/k): √((K−1)K) · √(that · M) per chunk.
             adds = np.sqrt((largest + v / k) * (M + v))
             adds *= LAMBDA * spread
-        elif acc.window:
-            # Random data (docs/numerics.md §2.3): Σ over additions of R² ≈ Σᵢ rᵢ² depthᵢ, at
-            # most D·Q (about twice its expectation: a window's terms average half its depth).
-            adds = np.sqrt(M * largest if squares is None else squares)
-            adds *= LAMBDA * spread
+        elif acc.window and tree is not None:
+            # The tree's own partial sums (docs/numerics.md §2.3): Azuma over its additions.
+            adds = np.sqrt(tree)
+            adds *= LAMBDA * c
         else:
             # A fluctuating partial sum is at most half the mass: R = −(the rest), Σr = 0.
             adds = M + v
@@ -702,6 +710,14 @@ def reference_bound(M, S, k: int) -> ErrorBound:
     worst = (g * M + 2 * k * FLOAT64.eta) * SAFETY
     typical = math.sqrt(k) * FLOAT64.u * M
     return ErrorBound(worst, worst, typical, f"fp64: γ_{k}(fp64) × Σ|terms|")
+
+
+def needs_squares(model: Arithmetic, operands: tuple[Operand, ...]) -> bool:
+    """Whether the statistical tier has per-term errors to scale by Σ terms² (operands
+    converted, or products rounded)."""
+    return any(op.converted for op in operands) or (
+        model.products == "rounded" and len(operands) >= 2
+    )
 
 
 def model_operands(

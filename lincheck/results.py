@@ -207,8 +207,8 @@ class TensorCheck:
             message = (
                 f"inconclusive: under {precision} arithmetic the tolerance is at least half of "
                 f"every entry (the largest |{tensor}| is {tally.resolution:.2g}× its tolerance, "
-                f"{RESOLVE:g}× is needed), so even a zero or halved {tensor} would pass; "
-                "check a smaller batch, or a more accurate arithmetic"
+                f"{RESOLVE:g}× is needed), so even a zero {tensor} could pass; check a smaller "
+                "batch, or a more accurate arithmetic"
             )
         else:
             message = ""

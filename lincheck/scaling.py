@@ -99,6 +99,12 @@ def prepare(
         A given scale has the wrong shape, or is not positive and finite.
     """
     scales = scales or {}
+    unused = [SCALE_NAMES[n] for n in scales if not model.quantized(n)]
+    if unused:
+        raise InputError(
+            f"{', '.join(unused)}: given, but the arithmetic {model.name} does not scale "
+            f"{'that operand' if len(unused) == 1 else 'those operands'} (scale={model.scale})"
+        )
     seen: dict[str, Operand] = {}
     for name, a in given.items():
         if name == "B":
@@ -113,13 +119,22 @@ def prepare(
         if name in scales:
             s = np.asarray(scales[name], dtype=np.float64)
             want = block_shape(model.scale, name, a64.shape)
-            if s.size != want[0] * want[1]:
+            # One value, or (rows,) for row scales, or the blocks' (rows, columns): no other
+            # shape of the same size, whose values would land on the wrong blocks.
+            fits = (
+                s.shape == want
+                or (want[1] == 1 and s.shape == (want[0],))
+                or s.size == 1 == want[0] * want[1]
+            )
+            if not fits:
                 raise InputError(
-                    f"{SCALE_NAMES[name]}: {s.size} scales for scale={model.scale}, expected "
-                    f"{want[0] * want[1]} (shape {want} for {name} of shape {a64.shape})"
+                    f"{SCALE_NAMES[name]}: shape {s.shape} for scale={model.scale}, expected "
+                    f"{want} for {name} of shape {a64.shape}"
                 )
             if not np.all(np.isfinite(s) & (s > 0)):
                 raise InputError(f"{SCALE_NAMES[name]}: scales must be positive and finite")
+            if model.scale == "mx32" and not np.all(np.frexp(s)[0] == 0.5):
+                raise InputError(f"{SCALE_NAMES[name]}: mx32 scales are powers of two")
         else:
             s = recipe(a64, model.scale, name, fmt)
         per_entry = expand(s, model.scale, name, a64.shape)

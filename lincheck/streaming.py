@@ -104,7 +104,7 @@ class Totals(tensors.Sizes):
     use: ``reference``, ``magnitude``, ``terms``, ``shape``.
     """
 
-    def __init__(self, rows: Rows, dW_magnitudes: bool = True):
+    def __init__(self, rows: Rows, dW_magnitudes: bool = True, dW_squares: bool = False):
         self.N, self.D_in, self.D_out = rows.N, rows.D_in, rows.D_out
         self.B = rows.B
         D_out, D_in = self.D_out, self.D_in
@@ -112,6 +112,7 @@ class Totals(tensors.Sizes):
         self.dW = np.zeros((D_out, D_in))
         # |G|ᵀ|X|, a product as costly as a forward pass: only for checking a dW subject.
         self.M_dW = np.zeros((D_out, D_in)) if dW_magnitudes else None
+        self.Q_dW = np.zeros((D_out, D_in)) if dW_squares else None  # Σₙ G² X², if asked
         self.dB, self.sum_G_cols = np.zeros(D_out), np.zeros(D_out)
         self.sum_X_cols, self.A_cols = np.zeros(D_in), np.zeros(D_out)
         self.A_all = self.sum_M_dX = self.sum_M_dW = 0.0
@@ -129,6 +130,8 @@ class Totals(tensors.Sizes):
         self.dW += block.G.T @ block.X
         if self.M_dW is not None:
             self.M_dW += upper_sum(block.aG.T @ block.aX, block.N)
+        if self.Q_dW is not None:
+            self.Q_dW += block.squares("dW")
         self.dB += block.G.sum(axis=0)
         self.sum_G_cols += block.sum_G_cols
         self.sum_X_cols += block.sum_X_cols
@@ -146,9 +149,20 @@ class Totals(tensors.Sizes):
         sel: slice | np.ndarray = slice(None) if cols is None else cols
         return self.dW[:, sel] if tensor == "dW" else self.dB
 
-    def squares(self, tensor: str):
-        """Σ terms² per entry of dB, as :meth:`Workspace.squares` gives it."""
-        return self._outer(self.squares_G_cols) if tensor == "dB" else None
+    def squares(self, tensor: str, cols: np.ndarray | None = None):
+        """Σ terms² per entry of dW or dB, as :meth:`Workspace.squares` gives them (dW's only
+        if the totals were asked to keep them)."""
+        if tensor == "dB":
+            return self._outer(self.squares_G_cols)
+        if self.Q_dW is None:
+            return None
+        sel: slice | np.ndarray = slice(None) if cols is None else cols
+        return self._outer(self.Q_dW[:, sel])
+
+    def tree_squares(self, K: int):
+        """None: a tree's partial sums need the rows in order, which the row blocks split
+        (the bound then takes the worst case over the additions, docs/numerics.md §2.3)."""
+        return None
 
     def largest(self, tensor: str, cols: np.ndarray | None = None):
         """Each entry's largest |term| at most, as :meth:`Workspace.largest` gives it."""

@@ -226,12 +226,14 @@ class Tally:
 
     @property
     def conclusive(self) -> bool:
-        """Whether the check could catch an error of half the gradient's own size somewhere.
+        """Whether the check could catch an error the size of the gradient itself somewhere.
 
-        A halved gradient (the smallest of the gross mistakes: zero, sign-flipped,
-        halved, a mean for a sum) is off by |v|/2 at every entry: it is caught if
-        |v| > 2·tolerance at some entry. A gradient that is zero everywhere has no
-        size to resolve: any error beyond its tolerance is caught.
+        A zero or sign-flipped gradient is off by at least |v| − tol at each entry (its
+        own rounding error is within the tolerance): caught wherever |v| > 2·tol. A halved
+        one, off by |v − r|/2, is caught for certain wherever |v| > 3·tol, and in
+        practice well before (rounding errors sit far inside the tolerance); the report's
+        ``resolution`` (the largest |v|/tol) says how far. A gradient that is zero
+        everywhere has no size to resolve: any error beyond its tolerance is caught.
         """
         return not self.resolve or self.largest == 0 or self.resolution > RESOLVE
 

@@ -171,10 +171,45 @@ class Workspace(tensors.Sizes):
         big = np.outer(self.aX.max(axis=1, initial=0.0), self.aW.max(axis=1, initial=0.0))
         return big if self.B is None else np.maximum(big, np.abs(self.B))
 
-    def squares(self, tensor: str):
-        """Σ terms² per entry of dB (Σₙ G[n, o]²), for its statistical bound; None for the
-        others (their bound uses :meth:`largest`)."""
-        return upper_sum(np.einsum("no,no->o", self.G, self.G), self.N) if tensor == "dB" else None
+    def squares(self, tensor: str, cols: np.ndarray | None = None):
+        """Σ terms² per entry (for dW, Σₙ G[n, o]² X[n, i]²): the scale of independent
+        per-term errors in the statistical tier (docs/numerics.md §2.3). Products of squares,
+        as costly as the magnitudes: computed only for arithmetics that convert operands
+        or round products."""
+        sel: slice | np.ndarray = slice(None) if cols is None else cols
+        if tensor == "dB":
+            return upper_sum(np.einsum("no,no->o", self.G, self.G), self.N)
+        k = self.terms(tensor)
+        if tensor == "dX":
+            return upper_sum(self._sq("G") @ self._sq("W")[:, sel], k)
+        if tensor == "dW":
+            return upper_sum(self._sq("G").T @ self._sq("X")[:, sel], k)
+        Q = self._sq("X") @ self._sq("W").T
+        return upper_sum(Q if self.B is None else Q + self.B**2, k)
+
+    def _sq(self, name: str) -> np.ndarray:
+        """X², W² or G², kept once computed."""
+        cache = self.__dict__.setdefault("_squares", {})
+        if name not in cache:
+            a = getattr(self, name)
+            cache[name] = a * a
+        return cache[name]
+
+    def tree_squares(self, K: int):
+        """Σ over the additions of a tree of K-term windows (rows in order, level on level,
+        as XLA reduces) of R², for each entry of dB: R is an addition's partial sum less
+        its share of the value, |node|/N · dB. The statistical tier's scale for dB's
+        rounding errors in such a tree, with no assumption about the data (§2.3)."""
+        R = self.G - self.G.sum(axis=0) / self.N  # each term's fluctuation r = t − v/N
+        total = np.zeros(self.D_out)
+        while R.shape[0] > 1:
+            n = R.shape[0]
+            pad = -n % K
+            blocks = np.concatenate([R, np.zeros((pad, self.D_out))]).reshape(-1, K, self.D_out)
+            partial = np.cumsum(blocks, axis=1)[:, 1:, :]  # every addition's running sum
+            total += np.einsum("wjo,wjo->o", partial, partial)
+            R = partial[:, -1, :]
+        return upper_sum(total, 2 * self.N)
 
     def reference(self, tensor: str, cols: np.ndarray | None = None) -> np.ndarray:
         """The analytic values of a block, in float64: G W, Gᵀ X, Σₙ G or X Wᵀ + B."""
