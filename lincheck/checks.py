@@ -311,7 +311,18 @@ def _run_streamed(
         and dW_sub.usable
         and needs_squares(dW_sub.precision, dW_sub.operands("dW"))
     )
-    totals = streaming.Totals(rows, dW_magnitudes="dW" in usable, dW_squares=dW_squares)
+    converted = {}
+    for name in ("dW", "dB"):
+        t = by_tensor.get(name)
+        sub = None if t is None else t.plan.subject
+        if sub is not None and sub.usable:
+            ops = sub.operands(name)
+            for input_name, op in zip(("dY", "X"), ops):
+                if op.values is not None:
+                    converted[input_name] = op.values
+    totals = streaming.Totals(
+        rows, dW_magnitudes="dW" in usable, dW_squares=dW_squares, converted=converted
+    )
     rng = np.random.default_rng(seed)
     witnessed = [t for t in tallies if t.plan.witnessed]
     later = [t for t in witnessed if mode == "directions" and t.plan.tensor != "dB"]
@@ -331,7 +342,7 @@ def _run_streamed(
 
     for r, block in rows:
         check_no_overflow([block.MY, block.A_rows, block.A_cols], sources)
-        totals.add(block)
+        totals.add(block, r)
         for tensor in ("dX", "Y"):
             if tensor in usable:
                 M, S = block.magnitude(tensor)

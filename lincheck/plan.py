@@ -260,7 +260,7 @@ class Tallies:
                     largest,
                     ops,
                     sub.storage,
-                    *statistics(layer, model, tensor, ops, cols),
+                    *statistics(layer, model, tensor, ops, cols, rows),
                 )
 
             certain = None
@@ -440,13 +440,44 @@ class Tallies:
         return diagnose.explain(case, lower)
 
 
-def statistics(layer, model: Arithmetic, tensor: str, operands, cols=None) -> tuple:
-    """(Σ terms², B for Y, the window tree's fluctuations) for :func:`subject_bound`'s
-    statistical tier, each computed only where the model needs it (None otherwise)."""
+def statistics(layer, model: Arithmetic, tensor: str, operands, cols=None, rows=None) -> tuple:
+    """(Σ terms², B for Y, the window tree's fluctuations, the conversions' exact shift) for
+    :func:`subject_bound`'s statistical tier, each computed only where the model needs it
+    (None otherwise). ``rows`` places a block of rows (the partial modes) in the inputs."""
     squares = layer.squares(tensor, cols) if needs_squares(model, operands) else None
     acc = model.accumulator(tensor)
     tree = layer.tree_squares(acc.window) if acc.window and tensor == "dB" else None
-    return squares, layer.B if tensor == "Y" else None, tree
+    bias = layer.B if tensor == "Y" else None
+    return squares, bias, tree, conversion_shift(layer, tensor, operands, cols, rows)
+
+
+def conversion_shift(layer, tensor: str, operands, cols=None, rows=None):
+    """The reference computed from the operands as the model's kernel converted them, less
+    the reference: what the conversions move each entry by (None if no operand was
+    converted, or the layer is streamed totals, or the inputs are read from files)."""
+    if not any(op.values is not None for op in operands):
+        return None
+    if not hasattr(layer, "G"):  # streamed totals: kept as the blocks went by, if asked
+        return layer.conversion_shift(tensor, cols)
+    sel: slice | np.ndarray = slice(None) if cols is None else cols
+    r = slice(None) if rows is None else rows
+
+    def value(op, name):
+        if op.values is None:
+            return getattr(layer, name)
+        return op.values if name == "W" or name == "B" else op.values[r]
+
+    if tensor == "dX":
+        got = value(operands[0], "G") @ value(operands[1], "W")[:, sel]
+    elif tensor == "dW":
+        got = value(operands[0], "G").T @ value(operands[1], "X")[:, sel]
+    elif tensor == "dB":
+        got = value(operands[0], "G").sum(axis=0)
+    else:
+        got = value(operands[0], "X") @ value(operands[1], "W").T
+        if layer.B is not None:
+            got = got + (value(operands[2], "B") if len(operands) > 2 else layer.B)
+    return got - layer.reference(tensor, cols)
 
 
 def not_diagnosed(tensor: str, limit_bytes: int) -> Hint:

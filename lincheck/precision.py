@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -491,6 +491,8 @@ class Operand:
     scale: float = 1.0
     overflows: bool = False
     c: float | None = None  # a relative conversion error beyond the format's (MX clamping)
+    values: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """The converted values, 2-D, when the inputs are in memory and had to be converted."""
 
 
 @dataclass(frozen=True)
@@ -536,6 +538,7 @@ def subject_bound(
     squares=None,
     bias=None,
     tree=None,
+    shift=None,
 ) -> ErrorBound:
     """The certain and statistical tolerances of a tensor computed under ``model``.
 
@@ -566,6 +569,11 @@ def subject_bound(
         For a window-tree accumulator, Σ over its additions of the fluctuating partial
         sums squared (:meth:`lincheck.workspace.Workspace.tree_squares`); without it, the
         worst case over the additions.
+    shift : ndarray, optional
+        |the reference from the converted operands − the reference|: what the model's
+        conversions move each entry by, exactly. Where given, the statistical tier allows
+        the larger of it and the estimate for independent conversion errors (inputs with
+        few distinct values make those errors anything but independent).
     bias : ndarray, optional
         B, for Y with a separate bias: X Wᵀ = Y − B is rounded first.
 
@@ -665,10 +673,16 @@ def subject_bound(
         stat = adds
         stat *= (1.0 + e) * (1.0 + F)
         if e:
-            terms = np.sqrt(M * largest if squares is None else squares)
-            terms *= LAMBDA * e
-            stat += terms
-            stat += e * v
+            root = np.sqrt(M * largest if squares is None else squares)
+            e_conv = math.expm1(sum(math.log1p(c) for c, _ in c_ops))
+            conv = root * (LAMBDA * e_conv)
+            conv += e_conv * v
+            if shift is not None:
+                conv = np.maximum(conv, np.abs(shift) * (1.0 + 2.0**-40))
+            stat += conv
+            if c_p:
+                stat += (LAMBDA * c_p * (1.0 + e_conv)) * root
+                stat += c_p * (1.0 + e_conv) * v
         stat += P * v
         if tensor == "Y" and model.bias == "separate" and bias is not None:
             # X Wᵀ is rounded before B is added: that rounding sees |X Wᵀ| ≤ |v| + |b|.
@@ -733,7 +747,7 @@ def model_operands(
     for name in OPERANDS[tensor]:
         if name == "B":
             if seen.get("B", Operand(model.out, False)).converted:
-                out.append(Operand(model.out, True))
+                out.append(seen["B"])
             continue
         if tensor == "dB" and model.quantized("dY"):
             out.append(Operand(FLOAT64, False))

@@ -28,9 +28,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .core import leading_chunks
+from .core import FileBacked, leading_chunks
 from .errors import InputError
-from .precision import Arithmetic, Operand, representable
+from .precision import Arithmetic, Operand, representable, round_to
 
 SCALE_NAMES = {"X": "X_scale", "W": "W_scale", "dY": "dY_scale"}
 
@@ -108,12 +108,19 @@ def prepare(
     seen: dict[str, Operand] = {}
     for name, a in given.items():
         if name == "B":
-            seen[name] = Operand(model.out, not representable(a, model.out))
+            converted = not representable(a, model.out)
+            values = round_to(np.asarray(a, dtype=np.float64), model.out) if converted else None
+            seen[name] = Operand(model.out, converted, values=values)
             continue
         fmt = model.operand(name)
         if not model.quantized(name):
             overflows = fmt.max < _amax(a)
-            seen[name] = Operand(fmt, not representable(a, fmt), 1.0, overflows)
+            converted = not representable(a, fmt)
+            values = None
+            if converted and not overflows and not isinstance(a, FileBacked):
+                a2 = np.asarray(a, dtype=np.float64).reshape(-1, a.shape[-1])
+                values = round_to(a2, fmt, model.convert)
+            seen[name] = Operand(fmt, converted, 1.0, overflows, values=values)
             continue
         a64 = np.asarray(a, dtype=np.float64).reshape(-1, a.shape[-1])
         if name in scales:
@@ -147,5 +154,9 @@ def prepare(
             c = float(np.max(1.0 - fmt.max / q[beyond])) + fmt.u
         overflows = bool(beyond.any()) and c is None
         converted = c is not None or not representable(a64 / per_entry, fmt)
-        seen[name] = Operand(fmt, converted, float(np.max(s)), overflows, c)
+        values = None
+        if converted and not overflows:
+            q = np.clip(round_to(a64 / per_entry, fmt, model.convert), -fmt.max, fmt.max)
+            values = per_entry * q
+        seen[name] = Operand(fmt, converted, float(np.max(s)), overflows, c, values)
     return seen

@@ -104,7 +104,13 @@ class Totals(tensors.Sizes):
     use: ``reference``, ``magnitude``, ``terms``, ``shape``.
     """
 
-    def __init__(self, rows: Rows, dW_magnitudes: bool = True, dW_squares: bool = False):
+    def __init__(
+        self,
+        rows: Rows,
+        dW_magnitudes: bool = True,
+        dW_squares: bool = False,
+        converted: dict | None = None,
+    ):
         self.N, self.D_in, self.D_out = rows.N, rows.D_in, rows.D_out
         self.B = rows.B
         D_out, D_in = self.D_out, self.D_in
@@ -113,6 +119,11 @@ class Totals(tensors.Sizes):
         # |G|ᵀ|X|, a product as costly as a forward pass: only for checking a dW subject.
         self.M_dW = np.zeros((D_out, D_in)) if dW_magnitudes else None
         self.Q_dW = np.zeros((D_out, D_in)) if dW_squares else None  # Σₙ G² X², if asked
+        # dW and dB from the inputs as a model's kernel converted them ("dY", "X": 2-D
+        # arrays), for the conversions' exact shift (plan.conversion_shift).
+        self.converted = converted or {}
+        self.dW_conv = np.zeros((D_out, D_in)) if self.converted else None
+        self.dB_conv = np.zeros(D_out) if self.converted else None
         self.dB, self.sum_G_cols = np.zeros(D_out), np.zeros(D_out)
         self.sum_X_cols, self.A_cols = np.zeros(D_in), np.zeros(D_out)
         self.A_all = self.sum_M_dX = self.sum_M_dW = 0.0
@@ -121,8 +132,14 @@ class Totals(tensors.Sizes):
         self.max_G_cols, self.max_X_cols = np.zeros(D_out), np.zeros(D_in)
         self.squares_G_cols = np.zeros(D_out)
 
-    def add(self, block: Workspace) -> None:
+    def add(self, block: Workspace, rows: slice | None = None) -> None:
         self.blocks += 1
+        if self.dW_conv is not None and self.dB_conv is not None and rows is not None:
+            G = self.converted.get("dY")
+            G = block.G if G is None else G[rows]
+            X = self.converted.get("X")
+            self.dW_conv += G.T @ (block.X if X is None else X[rows])
+            self.dB_conv += G.sum(axis=0)
         np.maximum(self.max_G_cols, block.aG.max(axis=0, initial=0.0), out=self.max_G_cols)
         np.maximum(self.max_X_cols, block.aX.max(axis=0, initial=0.0), out=self.max_X_cols)
         self.squares_G_cols += block.squares("dB")
@@ -158,6 +175,15 @@ class Totals(tensors.Sizes):
             return None
         sel: slice | np.ndarray = slice(None) if cols is None else cols
         return self._outer(self.Q_dW[:, sel])
+
+    def conversion_shift(self, tensor: str, cols: np.ndarray | None = None):
+        """dW or dB from the converted inputs less the reference (None if not kept)."""
+        if self.dW_conv is None or self.dB_conv is None:
+            return None
+        sel: slice | np.ndarray = slice(None) if cols is None else cols
+        if tensor == "dW":
+            return self.dW_conv[:, sel] - self.dW[:, sel]
+        return self.dB_conv - self.dB
 
     def tree_squares(self, K: int):
         """None: a tree's partial sums need the rows in order, which the row blocks split
