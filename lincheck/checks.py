@@ -20,7 +20,7 @@ import numpy as np
 from . import plan, streaming, witness, workspace
 from .core import Gradients, as_batch, backward
 from .errors import InputError
-from .precision import needs_squares, parse, precision_for
+from .precision import needs_squares, order_weights, parse, precision_for
 from .results import Entry, Hint, Layer, Report, TensorCheck
 from .tensors import SUBJECT_NAMES
 from .validate import (
@@ -323,6 +323,12 @@ def _run_streamed(
     totals = streaming.Totals(
         rows, dW_magnitudes="dW" in usable, dW_squares=dW_squares, converted=converted
     )
+    for name in ("dW", "dB"):  # a truncating accumulator's order bias (plan.statistics)
+        t = by_tensor.get(name)
+        sub = None if t is None else t.plan.subject
+        acc = None if sub is None else sub.precision.accumulator(name)
+        if acc is not None and acc.truncates and sub is not None and sub.usable:
+            totals.weights = order_weights(rows.N, acc)
     rng = np.random.default_rng(seed)
     witnessed = [t for t in tallies if t.plan.witnessed]
     later = [t for t in witnessed if mode == "directions" and t.plan.tensor != "dB"]

@@ -28,6 +28,7 @@ from .precision import (
     Operand,
     model_operands,
     needs_squares,
+    order_weights,
     parse,
     reference_bound,
     storage_format,
@@ -448,7 +449,15 @@ def statistics(layer, model: Arithmetic, tensor: str, operands, cols=None, rows=
     acc = model.accumulator(tensor)
     tree = layer.tree_squares(acc.window) if acc.window and tensor == "dB" else None
     bias = layer.B if tensor == "Y" else None
-    return squares, bias, tree, conversion_shift(layer, tensor, operands, cols, rows)
+    shift = conversion_shift(layer, tensor, operands, cols, rows)
+    ordered = None
+    if acc.truncates:
+        k = layer.terms(tensor)
+        w = order_weights(k, acc)
+        weighted = layer.ordered(tensor, w, cols)
+        if weighted is not None:  # Σ wᵢ rᵢ = Σ wᵢ tᵢ − (v/k) Σ wᵢ
+            ordered = weighted - layer.reference(tensor, cols) * (w.sum() / k)
+    return squares, bias, tree, shift, ordered
 
 
 def conversion_shift(layer, tensor: str, operands, cols=None, rows=None):

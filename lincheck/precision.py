@@ -539,6 +539,7 @@ def subject_bound(
     bias=None,
     tree=None,
     shift=None,
+    ordered=None,
 ) -> ErrorBound:
     """The certain and statistical tolerances of a tensor computed under ``model``.
 
@@ -569,6 +570,11 @@ def subject_bound(
         For a window-tree accumulator, Σ over its additions of the fluctuating partial
         sums squared (:meth:`lincheck.workspace.Workspace.tree_squares`); without it, the
         worst case over the additions.
+    ordered : ndarray, optional
+        For a truncating accumulator, |Σᵢ wᵢ rᵢ| with wᵢ the additions term i goes
+        through in order (:func:`order_weights`): truncation errors share a sign, so
+        their mean times the fluctuations' running sums does not average out (a batch
+        sorted by class); bounded by c times it.
     shift : ndarray, optional
         |the reference from the converted operands − the reference|: what the model's
         conversions move each entry by, exactly. Where given, the statistical tier allows
@@ -683,6 +689,8 @@ def subject_bound(
             if c_p:
                 stat += (LAMBDA * c_p * (1.0 + e_conv)) * root
                 stat += c_p * (1.0 + e_conv) * v
+        if ordered is not None and acc.truncates:
+            stat += (c * (1.0 + e) * (1.0 + F)) * np.abs(ordered)
         stat += P * v
         if tensor == "Y" and model.bias == "separate" and bias is not None:
             # X Wᵀ is rounded before B is added: that rounding sees |X Wᵀ| ≤ |v| + |b|.
@@ -724,6 +732,18 @@ def reference_bound(M, S, k: int) -> ErrorBound:
     worst = (g * M + 2 * k * FLOAT64.eta) * SAFETY
     typical = math.sqrt(k) * FLOAT64.u * M
     return ErrorBound(worst, worst, typical, f"fp64: γ_{k}(fp64) × Σ|terms|")
+
+
+def order_weights(k: int, acc: Accumulator) -> np.ndarray:
+    """wᵢ: the additions term i (of k, in order) goes through when summed in order (in
+    chunks of K for a chunked accumulator): k − max(i, 1) for 0-based i (the first two
+    terms meet in the first addition)."""
+    i = np.arange(k)
+    if acc.chunk:
+        start = (i // acc.chunk) * acc.chunk
+        length = np.minimum(start + acc.chunk, k) - start
+        return (length - np.maximum(i - start, 1)).astype(np.float64)
+    return (k - np.maximum(i, 1)).astype(np.float64)
 
 
 def needs_squares(model: Arithmetic, operands: tuple[Operand, ...]) -> bool:

@@ -124,6 +124,9 @@ class Totals(tensors.Sizes):
         self.converted = converted or {}
         self.dW_conv = np.zeros((D_out, D_in)) if self.converted else None
         self.dB_conv = np.zeros(D_out) if self.converted else None
+        # Σₙ wₙ G[n]ᵀ X[n] and Σₙ wₙ G[n] for a truncating accumulator's order bias (if set).
+        self.weights: np.ndarray | None = None
+        self.dW_w, self.dB_w = np.zeros((D_out, D_in)), np.zeros(D_out)
         self.dB, self.sum_G_cols = np.zeros(D_out), np.zeros(D_out)
         self.sum_X_cols, self.A_cols = np.zeros(D_in), np.zeros(D_out)
         self.A_all = self.sum_M_dX = self.sum_M_dW = 0.0
@@ -134,6 +137,9 @@ class Totals(tensors.Sizes):
 
     def add(self, block: Workspace, rows: slice | None = None) -> None:
         self.blocks += 1
+        if self.weights is not None and rows is not None:
+            self.dW_w += block.ordered("dW", self.weights, offset=rows.start)
+            self.dB_w += block.ordered("dB", self.weights, offset=rows.start)
         if self.dW_conv is not None and self.dB_conv is not None and rows is not None:
             G = self.converted.get("dY")
             G = block.G if G is None else G[rows]
@@ -184,6 +190,13 @@ class Totals(tensors.Sizes):
         if tensor == "dW":
             return self.dW_conv[:, sel] - self.dW[:, sel]
         return self.dB_conv - self.dB
+
+    def ordered(self, tensor: str, w: np.ndarray, cols: np.ndarray | None = None, offset: int = 0):
+        """Σₙ wₙ tₙ of dW or dB, kept as the blocks went by (None if weights were not set)."""
+        if self.weights is None or not np.array_equal(w, self.weights):
+            return None
+        sel: slice | np.ndarray = slice(None) if cols is None else cols
+        return self.dW_w[:, sel] if tensor == "dW" else self.dB_w
 
     def tree_squares(self, K: int):
         """None: a tree's partial sums need the rows in order, which the row blocks split

@@ -195,6 +195,18 @@ class Workspace(tensors.Sizes):
             cache[name] = a * a
         return cache[name]
 
+    def ordered(self, tensor: str, w: np.ndarray, cols: np.ndarray | None = None, offset: int = 0):
+        """Σᵢ wᵢ tᵢ per entry, the terms weighted by their position along the summed axis
+        (``offset``: this block's first row in the batch, for dW and dB)."""
+        sel: slice | np.ndarray = slice(None) if cols is None else cols
+        if tensor == "dX":
+            return (self.G * w[None, : self.D_out]) @ self.W[:, sel]
+        if tensor in ("dW", "dB"):
+            wn = w[offset : offset + self.N]
+            return wn @ self.G if tensor == "dB" else (self.G * wn[:, None]).T @ self.X[:, sel]
+        Y = (self.X * w[None, : self.D_in]) @ self.W.T
+        return Y if self.B is None else Y + w[self.D_in] * self.B
+
     def tree_squares(self, K: int):
         """Σ over the additions of a tree of K-term windows (rows in order, level on level,
         as XLA reduces) of R², for each entry of dB: R is an addition's partial sum less
