@@ -596,10 +596,17 @@ def subject_bound(
 
     and the statistical tier (docs/numerics.md §2.3), with v the exact value,
 
-        e |v| + λ e √(M · largest)                  conversions and products
-        + (1 + e) F [d |v| + λ c √(k − 1) (M + |v|)/2]  additions (d = c (k + 1)/2)
-        + (P − 1)(|v| + the above)                   output roundings
-        + underflow,  at most ``worst``.
+        max(e_c |v| + λ e_c √Q, |shift|) + c_p (|v| + λ √Q)   conversions, products
+        + (1 + e)(1 + F) [d |v| + λ c √(k − 1) (M + |v|)/2       additions
+                          + c |ordered|]                        (truncating only)
+        + P (|v| + the above)                                 output roundings
+        + underflow,  at most ``worst``,
+
+    with Q = Σ terms² (``squares``, else M · largest) and d = c times the mean
+    depth of a term ((k + 1)/2 in any order). A window tree uses its own partial
+    sums, λ c √tree, where given; a chunked accumulator bounds each chunk's
+    fluctuation by its mass, K · (largest + |v|/k). Derivations and assumptions:
+    docs/numerics.md §2.3.
     """
     c_ops = [_conversion(op, model.convert) for op in operands]
     c_p, eta_p = 0.0, 0.0
