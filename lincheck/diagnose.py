@@ -92,6 +92,10 @@ def candidates(declared: Arithmetic, tensor: str = "Y") -> tuple[str, ...]:
     separately rounded bias, rounded products, a truncating accumulator; for fp8, partial
     sums never promoted)."""
     lower = _LOWER.get(declared.name, ())
+    if declared.name in ("fp64", "fp32"):  # bfloat16 operands, float32 (or wider) results,
+        # tried after TF32 (whose finer conversions fit less) and before the 16-bit results
+        at = lower.index("tf32") + 1
+        lower = (*lower[:at], f"{declared.name},x=bf16,w=bf16,dy=bf16", *lower[at:])
     variants = []
     fp8 = declared.quantized("X") or declared.quantized("W")
     for key, value, _, _ in _VARIANTS:
@@ -113,6 +117,11 @@ def _describe(name: str, declared: Arithmetic) -> tuple[str, str]:
     """(what arithmetic ``name`` is, the question to ask) for a candidate of :func:`candidates`."""
     if name in PRESETS:
         return PRESETS[name].description, _QUESTION[name]
+    if name.endswith(",x=bf16,w=bf16,dy=bf16"):
+        return (
+            f"bfloat16 operands with {declared.out.description} results",
+            "were the operands cast to bfloat16 (autocast) with the result kept wider?",
+        )
     for key, value, how, question in _VARIANTS:
         if name.endswith(f",{key}={value}"):
             return f"{declared.description} {how}", question

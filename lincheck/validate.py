@@ -51,6 +51,11 @@ def real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
             f"{label(name, sources)}: dtype {a.dtype} (extended precision) is not supported; "
             "save it as float64"
         )
+    if kind == "V" and a.dtype.names is None and a.dtype.name.startswith(("float", "int", "uint")):
+        raise InputError(  # another ml_dtypes type (float8_e4m3fnuz, float4_e2m1fn, int4, ...)
+            f"{label(name, sources)}: dtype {a.dtype} is not supported; lincheck reads "
+            f"{', '.join(NARROW_FLOATS)} besides NumPy's floats, integers and bool"
+        )
     if kind not in "biuf" and a.dtype.name not in NARROW_FLOATS:
         what = {
             "c": "complex",

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import lincheck
 from lincheck.cli import app
 
 runner = CliRunner()
@@ -654,3 +655,13 @@ def test_a_fifo_among_several_cases_is_bad_input_not_a_hang(tmp_path):
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())  # the table wraps the message
     assert "regular file (a FIFO)" in text and "1 of 3 cases had bad input" in text
+
+
+def test_narrow_types_lincheck_does_not_read_are_named():
+    """ml_dtypes' other types were called "structured or void"."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    X = np.ones((4, 3), dtype=ml_dtypes.float8_e4m3fnuz)
+    with pytest.raises(
+        lincheck.InputError, match="float8_e4m3fnuz is not supported; lincheck reads bfloat16"
+    ):
+        lincheck.check(X, np.ones((2, 3)), None, np.ones((4, 2)))

@@ -224,3 +224,18 @@ def test_no_hint_rests_on_a_bound_that_cannot_tell_anything_from_zero(rng):
     Xb, Wb, Bb, Gb = layer(rng, 32, 64, 16)
     report = lincheck.check(Xb, Wb, Bb, Gb, dX=np.zeros((32, 64)), precision="bf16")
     assert "wrong_operand" not in [h.code for h in report.hints]
+
+
+def test_bfloat16_operands_with_float32_results_are_named_not_tf32(rng):
+    """Operands cast to bfloat16, sums and results in float32 (autocast's matmul kept
+    wide): the hint names that arithmetic (it suggested TF32 tensor cores, on a CPU)."""
+    from lincheck.precision import BFLOAT16, round_to
+
+    X, W, B, G = (a.astype(np.float32) for a in layer(rng, 32, 64, 16))
+    bf = [round_to(a, BFLOAT16).astype(np.float32) for a in (X, W, G)]
+    report = lincheck.check(X, W, B, G, dX=bf[2] @ bf[1], dW=bf[2].T @ bf[0])
+    assert [h.evidence.get("precision") for h in report.hints] == ["fp32,x=bf16,w=bf16,dy=bf16"] * 2
+    assert all("bfloat16 operands with float32 results" in h.message for h in report.hints)
+    assert lincheck.check(
+        X, W, B, G, dX=bf[2] @ bf[1], dW=bf[2].T @ bf[0], precision="fp32,x=bf16,w=bf16,dy=bf16"
+    ).passed
