@@ -280,6 +280,25 @@ def _run_full(inputs: Inputs, tallies: list[plan.Tallies], method: str, sources,
     return layer, done, steps
 
 
+def _totals(rows: streaming.Rows, subjects: dict) -> streaming.Totals:
+    """The streamed totals, keeping what the dW and dB subjects' bounds will need: dW's
+    magnitudes, and, as their arithmetic asks, its squares, the sums from the converted
+    inputs and the order-weighted sums of a truncating accumulator (tolerances.py)."""
+    converted: dict[str, np.ndarray] = {}
+    squares, weights = False, None
+    for name in ("dW", "dB"):
+        sub = subjects.get(name)
+        if sub is None:
+            continue
+        ops = sub.operands(name)
+        converted.update({i: op.values for i, op in zip(("dY", "X"), ops) if op.values is not None})
+        squares = squares or (name == "dW" and needs_squares(sub.precision, ops))
+        acc = sub.precision.accumulator(name)
+        if acc.truncates:
+            weights = order_weights(rows.N, acc)
+    return streaming.Totals(rows, "dW" in subjects, squares, converted, weights)
+
+
 def _run_streamed(
     inputs: Inputs,
     tallies: list[plan.Tallies],
@@ -304,31 +323,7 @@ def _run_streamed(
     rows = streaming.Rows(inputs.X, inputs.W, inputs.B, inputs.G)
     by_tensor = {t.plan.tensor: t for t in tallies}
     usable = {name for name, t in by_tensor.items() if t.plan.usable}
-    dW = by_tensor.get("dW")
-    dW_sub = None if dW is None else dW.plan.subject
-    dW_squares = (
-        dW_sub is not None
-        and dW_sub.usable
-        and needs_squares(dW_sub.precision, dW_sub.operands("dW"))
-    )
-    converted = {}
-    for name in ("dW", "dB"):
-        t = by_tensor.get(name)
-        sub = None if t is None else t.plan.subject
-        if sub is not None and sub.usable:
-            ops = sub.operands(name)
-            for input_name, op in zip(("dY", "X"), ops):
-                if op.values is not None:
-                    converted[input_name] = op.values
-    totals = streaming.Totals(
-        rows, dW_magnitudes="dW" in usable, dW_squares=dW_squares, converted=converted
-    )
-    for name in ("dW", "dB"):  # a truncating accumulator's order bias (plan.statistics)
-        t = by_tensor.get(name)
-        sub = None if t is None else t.plan.subject
-        acc = None if sub is None else sub.precision.accumulator(name)
-        if acc is not None and acc.truncates and sub is not None and sub.usable:
-            totals.weights = order_weights(rows.N, acc)
+    totals = _totals(rows, {n: t.plan.subject for n, t in by_tensor.items() if n in usable})
     rng = np.random.default_rng(seed)
     witnessed = [t for t in tallies if t.plan.witnessed]
     later = [t for t in witnessed if mode == "directions" and t.plan.tensor != "dB"]

@@ -27,6 +27,7 @@ from .precision import (
 )
 from .results import Hint
 from .tensors import AXES
+from .tolerances import model_bound
 from .validate import is_float
 
 # Less accurate arithmetics to try, most accurate first, after a failure under each.
@@ -77,13 +78,6 @@ _VARIANTS = (
         "were the fp8 tensor cores' partial sums never promoted to float32?",
     ),
 )
-
-
-def statistics(layer, model, tensor, operands):
-    """See :func:`lincheck.plan.statistics` (imported late: plan imports this module)."""
-    from .plan import statistics as of_layer
-
-    return of_layer(layer, model, tensor, operands)
 
 
 def candidates(declared: Arithmetic, tensor: str = "Y") -> tuple[str, ...]:
@@ -203,17 +197,8 @@ class Failure:
     def tolerance(self, M, S, k: int, reference) -> np.ndarray:
         """The tolerance the verdict used: the statistical tier's (or, with ``certain_only``,
         the rigorous bound) plus the reference's bound."""
-        own = subject_bound(
-            self.precision,
-            self.tensor,
-            k,
-            M,
-            S,
-            np.abs(reference),
-            self.layer.largest(self.tensor),
-            self.operands,
-            self.storage,
-            *statistics(self.layer, self.precision, self.tensor, self.operands),
+        own = model_bound(
+            self.layer, self.precision, self.tensor, self.operands, self.storage, M, S, reference
         )
         chosen = own.worst if self.certain_only else own.statistical
         return chosen + reference_bound(M, S, k).worst

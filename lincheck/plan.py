@@ -27,17 +27,15 @@ from .precision import (
     Format,
     Operand,
     model_operands,
-    needs_squares,
-    order_weights,
     parse,
     reference_bound,
     storage_format,
-    subject_bound,
 )
 from .results import Hint, TensorCheck
 from .scaling import prepare
 from .tally import Positions
 from .tensors import OPERANDS
+from .tolerances import model_bound
 from .validate import nonfinite_summary
 
 
@@ -47,10 +45,11 @@ class Subject:
 
     ``problem`` is "" when it can (then ``values`` is its 2-D view, in its
     own dtype, upcast a block at a time), else what is wrong (a wrong shape,
-    NaN or Inf). ``seen`` says, per model tried (the declared one and the
-    ``alternatives`` a failure is tested against; none under an allclose
-    rule), how that model's kernel saw each input (:func:`lincheck.scaling.prepare`).
-    ``certain_only``: only the certain tier fails the check.
+    NaN or Inf). ``seen`` says how the declared model's kernel saw each input
+    (:func:`lincheck.scaling.prepare`); ``alternatives`` are the arithmetics a
+    failure is tested against (none under an allclose rule), whose views are
+    worked out from ``inputs`` and ``scales`` only then. ``certain_only``: only
+    the certain tier fails the check.
     """
 
     array: np.ndarray
@@ -61,7 +60,7 @@ class Subject:
     problem: str
     values: np.ndarray | None
     alternatives: tuple[str, ...]
-    seen: Mapping[str, Mapping[str, Operand]]
+    seen: Mapping[str, Operand]
     certain_only: bool = False
     inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
     scales: Mapping[str, np.ndarray] | None = None
@@ -77,9 +76,10 @@ class Subject:
     def operands(self, tensor: str, name: str | None = None) -> tuple[Operand, ...]:
         """The operands of ``tensor`` as model ``name`` (default: the declared one) saw them
         (an alternative's are worked out when a failure is diagnosed)."""
-        model = self.precision if name is None else parse(name)
-        seen = self.seen.get(model.name) or prepare(model, self.inputs, self.scales)
-        return model_operands(model, tensor, seen)
+        if name is None:
+            return model_operands(self.precision, tensor, self.seen)
+        model = parse(name)
+        return model_operands(model, tensor, prepare(model, self.inputs, self.scales))
 
 
 def subject(
@@ -101,13 +101,13 @@ def subject(
         problem = nonfinite_summary(array)
     values: np.ndarray | None = None
     alternatives: tuple[str, ...] = ()
-    seen: dict[str, Mapping[str, Operand]] = {}
+    seen: Mapping[str, Operand] = {}
     inputs: dict[str, np.ndarray] = {}
     if not problem:
         values = array.reshape(shape2d)
         alternatives = diagnose.candidates(precision, tensor) if allclose is None else ()
         inputs = {o: given[o] for o in OPERANDS[tensor] if o in given}
-        seen[precision.name] = prepare(precision, inputs, scales)
+        seen = prepare(precision, inputs, scales)
     return Subject(
         array=array,
         label=label,
@@ -245,24 +245,11 @@ class Tallies:
                 o, o_worst, o_typ, oracle = block.estimate, block.bound, block.typical, "witness"
             else:
                 o, o_worst, o_typ, oracle = ref, ref_bound.worst, ref_bound.typical, "reference"
-            largest = layer.largest(tensor, cols)
-            value = np.abs(ref)
 
             def bound(name: str | None = None):
                 model = sub.precision if name is None else parse(name)
                 ops = sub.operands(tensor, name)
-                return subject_bound(
-                    model,
-                    tensor,
-                    k,
-                    M,
-                    S,
-                    value,
-                    largest,
-                    ops,
-                    sub.storage,
-                    *statistics(layer, model, tensor, ops, cols, rows),
-                )
+                return model_bound(layer, model, tensor, ops, sub.storage, M, S, ref, cols, rows)
 
             certain = None
             if sub.allclose is None:
@@ -399,19 +386,8 @@ class Tallies:
         extra = reference_bound(M, S, k).worst
         fits = {}
         for name in sub.alternatives:
-            model, ops = parse(name), sub.operands(tensor, name)
-            b = subject_bound(
-                model,
-                tensor,
-                k,
-                M,
-                S,
-                np.abs(ref),
-                layer.largest(tensor),
-                ops,
-                sub.storage,
-                *statistics(layer, model, tensor, ops),
-            )
+            ops = sub.operands(tensor, name)
+            b = model_bound(layer, parse(name), tensor, ops, sub.storage, M, S, ref)
             tol = (b.worst if sub.certain_only else b.statistical) + extra
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = float(np.max(np.where(err == 0, 0.0, err / tol), initial=0.0))
@@ -439,54 +415,6 @@ class Tallies:
             batch_shape=batch_shape,
         )
         return diagnose.explain(case, lower)
-
-
-def statistics(layer, model: Arithmetic, tensor: str, operands, cols=None, rows=None) -> tuple:
-    """(Σ terms², B for Y, the window tree's fluctuations, the conversions' exact shift) for
-    :func:`subject_bound`'s statistical tier, each computed only where the model needs it
-    (None otherwise). ``rows`` places a block of rows (the partial modes) in the inputs."""
-    squares = layer.squares(tensor, cols) if needs_squares(model, operands) else None
-    acc = model.accumulator(tensor)
-    tree = layer.tree_squares(acc.window) if acc.window and tensor == "dB" else None
-    bias = layer.B if tensor == "Y" else None
-    shift = conversion_shift(layer, tensor, operands, cols, rows)
-    ordered = None
-    if acc.truncates:
-        k = layer.terms(tensor)
-        w = order_weights(k, acc)
-        weighted = layer.ordered(tensor, w, cols)
-        if weighted is not None:  # Σ wᵢ rᵢ = Σ wᵢ tᵢ − (v/k) Σ wᵢ
-            ordered = weighted - layer.reference(tensor, cols) * (w.sum() / k)
-    return squares, bias, tree, shift, ordered
-
-
-def conversion_shift(layer, tensor: str, operands, cols=None, rows=None):
-    """The reference computed from the operands as the model's kernel converted them, less
-    the reference: what the conversions move each entry by (None if no operand was
-    converted, or the layer is streamed totals, or the inputs are read from files)."""
-    if not any(op.values is not None for op in operands):
-        return None
-    if not hasattr(layer, "G"):  # streamed totals: kept as the blocks went by, if asked
-        return layer.conversion_shift(tensor, cols)
-    sel: slice | np.ndarray = slice(None) if cols is None else cols
-    r = slice(None) if rows is None else rows
-
-    def value(op, name):
-        if op.values is None:
-            return getattr(layer, name)
-        return op.values if name == "W" or name == "B" else op.values[r]
-
-    if tensor == "dX":
-        got = value(operands[0], "G") @ value(operands[1], "W")[:, sel]
-    elif tensor == "dW":
-        got = value(operands[0], "G").T @ value(operands[1], "X")[:, sel]
-    elif tensor == "dB":
-        got = value(operands[0], "G").sum(axis=0)
-    else:
-        got = value(operands[0], "X") @ value(operands[1], "W").T
-        if layer.B is not None:
-            got = got + (value(operands[2], "B") if len(operands) > 2 else layer.B)
-    return got - layer.reference(tensor, cols)
 
 
 def not_diagnosed(tensor: str, limit_bytes: int) -> Hint:

@@ -282,7 +282,7 @@ class Arithmetic:
 
     def quantized(self, name: str) -> bool:
         """Whether input ``name`` goes through a scaled (fp8) format."""
-        return self.scale != "none" and self.operand(name).bits <= E5M2.bits + 1
+        return self.scale != "none" and self.operand(name) in (E4M3, E5M2)
 
     @property
     def spec(self) -> str:

@@ -110,6 +110,7 @@ class Totals(tensors.Sizes):
         dW_magnitudes: bool = True,
         dW_squares: bool = False,
         converted: dict | None = None,
+        weights: np.ndarray | None = None,
     ):
         self.N, self.D_in, self.D_out = rows.N, rows.D_in, rows.D_out
         self.B = rows.B
@@ -125,7 +126,7 @@ class Totals(tensors.Sizes):
         self.dW_conv = np.zeros((D_out, D_in)) if self.converted else None
         self.dB_conv = np.zeros(D_out) if self.converted else None
         # Σₙ wₙ G[n]ᵀ X[n] and Σₙ wₙ G[n] for a truncating accumulator's order bias (if set).
-        self.weights: np.ndarray | None = None
+        self.weights = weights
         self.dW_w, self.dB_w = np.zeros((D_out, D_in)), np.zeros(D_out)
         self.dB, self.sum_G_cols = np.zeros(D_out), np.zeros(D_out)
         self.sum_X_cols, self.A_cols = np.zeros(D_in), np.zeros(D_out)
