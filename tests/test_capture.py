@@ -1,0 +1,164 @@
+"""lincheck.torch.capture on real torch models: every linear call recorded, checked by verify.
+
+The oracles: torch's own ``.grad`` (the sum of a module's per-call gradients,
+and the parameters left as they were), the shapes of each call, and a custom
+linear with a planted bug that verify must fail, and name, among correct layers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lincheck.capture import capture
+from lincheck.cli import app
+from lincheck.errors import InputError, LincheckError
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install '.[test]')")
+
+
+class _MeanBiasLinear(torch.autograd.Function):
+    """A custom linear whose backward averages dB over the batch instead of summing it."""
+
+    @staticmethod
+    def forward(ctx, X, W, B):
+        ctx.save_for_backward(X, W)
+        return X @ W.T + B
+
+    @staticmethod
+    def backward(ctx, G):
+        X, W = ctx.saved_tensors
+        X2, G2 = X.reshape(-1, X.shape[-1]), G.reshape(-1, G.shape[-1])
+        return G @ W, G2.T @ X2, G2.mean(0)
+
+
+class BrokenLinear(torch.nn.Linear):
+    def forward(self, X):
+        return _MeanBiasLinear.apply(X, self.weight, self.bias)
+
+
+class MLP(torch.nn.Module):
+    """Three linears, one of them broken; ``shared`` is called twice per forward."""
+
+    def __init__(self, broken: bool):
+        super().__init__()
+        self.inp = torch.nn.Linear(12, 24)
+        self.shared = torch.nn.Linear(24, 24, bias=False)
+        self.mid = (BrokenLinear if broken else torch.nn.Linear)(24, 24)
+        self.out = torch.nn.Linear(24, 5)
+
+    def forward(self, X):
+        h = torch.tanh(self.inp(X))
+        h = torch.relu(self.shared(h))
+        h = torch.tanh(self.mid(h))
+        h = self.shared(h)
+        return self.out(h)
+
+
+def _verify(*args: str):
+    result = CliRunner().invoke(app, ["verify", *args, "--json", "-", "--quiet"])
+    return result, json.loads(result.stdout) if result.stdout.strip() else None
+
+
+def _by_case(report) -> dict:
+    return {c["case"].rsplit("/", 1)[-1]: c for c in report["cases"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mlp_each_call_is_a_case_and_verifies(tmp_path, dtype):
+    torch.manual_seed(0)
+    model = MLP(broken=False).to(dtype)
+    X = torch.randn(3, 7, 12, dtype=dtype)  # leading batch dims
+    with capture(model, tmp_path / "dumps", format="npy") as cap:
+        model(X).square().sum().backward()
+    names = sorted(p.name for p in cap.paths)
+    assert names == ["inp", "mid", "out", "shared@1", "shared@2"]
+    assert cap.missing == []
+    calls = {c.name(2 if c.module == "shared" else 1): c for c in cap.calls}
+    assert calls["inp"].arrays["X"].shape == (3, 7, 12)
+    assert "dX" not in calls["inp"].arrays  # the model's input needs no gradient
+    assert calls["out"].arrays["dY"].shape == (3, 7, 5)
+    # A module called twice: its .grad is the sum of the two calls' own gradients.
+    dW = calls["shared@1"].arrays["dW"].astype(np.float64) + calls["shared@2"].arrays["dW"]
+    np.testing.assert_allclose(dW, model.shared.weight.grad.double().numpy(), rtol=1e-5, atol=0)
+    # The parameters are the model's own again, and train as before.
+    assert isinstance(model.shared.weight, torch.nn.Parameter)
+    assert all(p.grad is not None for p in model.parameters())
+
+    result, report = _verify(str(tmp_path / "dumps"))
+    assert result.exit_code == 0, result.output
+    assert report["passed"] and len(report["cases"]) == 5
+
+
+def test_broken_custom_linear_is_found_and_named(tmp_path):
+    torch.manual_seed(1)
+    model = MLP(broken=True)
+    with capture(model, tmp_path / "dumps", format="npy"):
+        model(torch.randn(16, 12)).square().sum().backward()
+    result, report = _verify(str(tmp_path / "dumps"))
+    assert result.exit_code == 1, result.output
+    cases = _by_case(report)
+    failed = [name for name, c in cases.items() if not c["passed"]]
+    assert failed == ["mid"], failed
+    checks = {
+        c["tensor"]: c for c in cases["mid"]["report"]["checks"] if c["subject"] == "supplied"
+    }
+    assert not checks["dB"]["passed"] and checks["dW"]["passed"] and checks["dX"]["passed"]
+    codes = {h["code"] for h in cases["mid"]["report"]["hints"]}
+    assert "mean_instead_of_sum" in codes, codes
+
+
+def test_transformer_encoder(tmp_path):
+    torch.manual_seed(2)
+    layer = torch.nn.TransformerEncoderLayer(
+        d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True
+    )
+    model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    with capture(model, tmp_path / "dumps", format="npy") as cap:
+        model(torch.randn(4, 6, 16)).square().mean().backward()
+    names = sorted(p.name for p in cap.paths)
+    # self_attn.out_proj is an nn.Linear, but attention reads its weight directly, never
+    # calling it: it has no call to record.
+    assert names == [f"layers.{i}.linear{k}" for i in (0, 1) for k in (1, 2)]
+    result, report = _verify(str(tmp_path / "dumps"))
+    assert result.exit_code == 0, result.output
+
+
+def test_no_backward_and_no_linear_are_errors(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with pytest.raises(LincheckError, match="no recorded call had a backward pass"):
+        with capture(model, tmp_path / "a", format="npy"):
+            pass
+    with pytest.raises(LincheckError, match="none of the 1 recorded calls had a backward"):
+        with capture(model, tmp_path / "b", format="npy"):
+            model(torch.randn(2, 3))
+    with pytest.raises(LincheckError, match="no nn.Linear"):
+        with capture(torch.nn.ReLU(), tmp_path / "c", format="npy"):
+            pass
+    assert not any(tmp_path.iterdir())
+
+
+def test_existing_cases_are_kept_without_force(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+
+    def step():
+        with capture(model, tmp_path, format="npy"):
+            model(torch.randn(2, 3)).sum().backward()
+
+    step()
+    before = (tmp_path / "0" / "X.npy").read_bytes()
+    with pytest.raises(InputError, match="already exists; nothing was written"):
+        step()
+    assert (tmp_path / "0" / "X.npy").read_bytes() == before
+
+
+def test_parameters_restored_when_forward_raises(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(RuntimeError):
+        with capture(model, tmp_path, format="npy"):
+            model(torch.randn(2, 4))  # wrong D_in: F.linear raises inside the call
+    assert isinstance(model.weight, torch.nn.Parameter)
+    assert isinstance(model.bias, torch.nn.Parameter)
