@@ -220,32 +220,40 @@ def _hook(module, name: str, accessor: Accessor, calls: list[Call], counts: dict
     import torch
 
     # One entry per call in progress (pushed before, popped after: a call may nest).
-    stack: list[tuple[Call | None, dict[str, Any]]] = []
+    stack: list[tuple[Call | None, list]] = []
 
     def before(mod, args):
         if not torch.is_grad_enabled() or not args or not torch.is_tensor(args[0]):
-            stack.append((None, {}))
+            stack.append((None, []))
             return None
         X = args[0]
         call = Call(name, counts.get(name, 0))
         counts[name] = call.index + 1
         calls.append(call)
-        W, B = accessor(mod)
+        with torch.no_grad():  # an accessor that computes a weight builds no graph
+            W, B = accessor(mod)
         call.precision = _arithmetic(X.device, W.dtype)
         call.device = str(X.device)
         call.arrays["X"] = _numpy(X)
         call.arrays["W"] = _numpy(W)
         if B is not None:
             call.arrays["B"] = _numpy(B)
-        own = {id(p): key for key, p in mod._parameters.items() if p is not None}
-        swapped = {}
+        # Parameters of the module and its children, by identity: an accessor that returns
+        # one of them (not a weight computed from them) gets its gradient recorded.
+        owners = {
+            id(p): (owner, key)
+            for owner in mod.modules()
+            for key, p in owner._parameters.items()
+            if p is not None
+        }
+        swapped = []
         for label, tensor in (("dW", W), ("dB", B)):
-            key = own.get(id(tensor)) if tensor is not None else None
-            if key is not None and tensor.requires_grad:
+            if tensor is not None and id(tensor) in owners and tensor.requires_grad:
+                owner, key = owners[id(tensor)]
                 alias = tensor.view_as(tensor)
                 alias.register_hook(_keeper(call, label))
-                swapped[key] = tensor
-                mod._parameters[key] = alias
+                swapped.append((owner, key, tensor))
+                owner._parameters[key] = alias
         stack.append((call, swapped))
         if X.requires_grad:
             alias = X.view_as(X)
@@ -254,9 +262,9 @@ def _hook(module, name: str, accessor: Accessor, calls: list[Call], counts: dict
         return None
 
     def after(mod, args, output):
-        call, swapped = stack.pop() if stack else (None, {})
-        for key, tensor in swapped.items():
-            mod._parameters[key] = tensor
+        call, swapped = stack.pop() if stack else (None, [])
+        for owner, key, tensor in swapped:
+            owner._parameters[key] = tensor
         if call is None or not torch.is_tensor(output):
             return None
         call.arrays["Y"] = _numpy(output)

@@ -162,3 +162,43 @@ def test_parameters_restored_when_forward_raises(tmp_path):
             model(torch.randn(2, 4))  # wrong D_in: F.linear raises inside the call
     assert isinstance(model.weight, torch.nn.Parameter)
     assert isinstance(model.bias, torch.nn.Parameter)
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen base weight plus a trainable low-rank update: Y = X (W₀ + U V)ᵀ + B."""
+
+    def __init__(self, D_in, D_out, rank=2):
+        super().__init__()
+        self.base = torch.nn.Linear(D_in, D_out)
+        self.base.weight.requires_grad_(False)
+        self.U = torch.nn.Parameter(torch.randn(D_out, rank) * 0.1)
+        self.V = torch.nn.Parameter(torch.randn(rank, D_in) * 0.1)
+
+    def forward(self, X):
+        return torch.nn.functional.linear(X, self.base.weight + self.U @ self.V, self.base.bias)
+
+
+def test_linear_like_module_with_an_accessor(tmp_path):
+    """A LoRA linear is checked through its effective weight: dX, dB and Y (its dW is no
+    tensor torch computes); its base nn.Linear is never called, so it has no case."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), LoRALinear(8, 4))
+    effective = {LoRALinear: lambda m: (m.base.weight + m.U @ m.V, m.base.bias)}
+    with capture(model, tmp_path, format="npy", linear_like=effective) as cap:
+        model(torch.randn(10, 6)).square().sum().backward()
+    assert sorted(p.name for p in cap.paths) == ["0", "2"]
+    lora = next(c for c in cap.calls if c.module == "2").arrays
+    assert {"X", "W", "B", "Y", "dY", "dX", "dB"} == set(lora)
+    W = (model[2].base.weight + model[2].U @ model[2].V).detach().numpy()
+    np.testing.assert_array_equal(lora["W"], W)
+    np.testing.assert_array_equal(lora["dB"], model[2].base.bias.grad.numpy())
+    result, report = _verify(str(tmp_path))
+    assert result.exit_code == 0, result.output
+
+
+def test_modules_chooses_what_is_recorded(tmp_path):
+    torch.manual_seed(4)
+    model = MLP(broken=True)
+    with capture(model, tmp_path, format="npy", modules=["inp", "out"]) as cap:
+        model(torch.randn(4, 12)).sum().backward()
+    assert sorted(p.name for p in cap.paths) == ["inp", "out"]
