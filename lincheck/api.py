@@ -59,12 +59,13 @@ def assert_gradients(X, W, B, dY, dX=None, dW=None, dB=None, Y=None, **options) 
 
 CASES = {
     "main": "the requested shape",
-    "n1": "N = 1: sums over the batch of one term, where a mean and a sum agree",
-    "din1": "D_in = 1: dX's rows and W's columns of one entry, where broadcasting hides bugs",
-    "dout1": "D_out = 1: dW, dB and each sum of dX of one output unit",
+    "n1": "a batch of one: sums over the batch of one term, where a mean and a sum agree",
+    "din1": "one input feature, where broadcasting hides bugs",
+    "dout1": "one output unit: dX's sums of one term",
     "swapped": "D_in and D_out swapped (made unequal for a square layer), so they cannot "
     "be confused",
-    "batched": "X with leading batch dimensions (2, ⌈N/2⌉, D_in), as torch.nn.Linear accepts",
+    "batched": "X with leading batch dimensions (2, ⌈N/2⌉, D_in), as torch.nn.Linear "
+    "accepts (leave it out for code that flattens X, as CS231n's affine layers do)",
     "no-bias": "no bias: B and dB are None",
 }
 """The kinds of case a sweep checks, by their stable short names, and what each tests."""
@@ -182,8 +183,8 @@ def _all_cases(N, D_in, D_out, dtypes, seed, layout) -> list[Case]:
     return cases
 
 
-def _split(N, D_in, D_out, dtypes, seed, cases, layout) -> tuple[list[Case], tuple[Case, ...]]:
-    """(the cases chosen, the rest of the sweep: skipped)."""
+def split_sweep(N, D_in, D_out, dtypes, seed, cases, layout) -> tuple[list[Case], tuple[Case, ...]]:
+    """(the cases of :func:`sweep` chosen by ``cases``, the rest: skipped)."""
     dtypes = list(dtypes)
     chosen = sweep(N, D_in, D_out, dtypes, seed, cases, layout)
     names = {c.name for c in chosen}
@@ -315,7 +316,7 @@ def check_backward(
     >>> check_backward(backward, N=8, D_in=5, D_out=3).passed
     True
     """
-    chosen, skipped = _split(N, D_in, D_out, dtypes, seed, cases, layout)
+    chosen, skipped = split_sweep(N, D_in, D_out, dtypes, seed, cases, layout)
     return _run_sweep(chosen, fn, forward, isolate, timeout, options, skipped)
 
 
@@ -359,7 +360,7 @@ def check_forward(
     """Check ``forward(X, W, B) -> Y`` against X Wᵀ + B (X W + B with ``layout="in_out"``)
     on every case of :func:`sweep` (``isolate``, ``timeout``, ``cases`` as for
     :func:`check_backward`)."""
-    chosen, skipped = _split(N, D_in, D_out, dtypes, seed, cases, layout)
+    chosen, skipped = split_sweep(N, D_in, D_out, dtypes, seed, cases, layout)
     return _run_sweep(chosen, None, forward, isolate, timeout, options, skipped)
 
 
