@@ -19,6 +19,7 @@ import numpy as np
 
 from .checks import check, random_inputs
 from .errors import LincheckError
+from .layouts import check_layout, stored
 from .results import Report, json_text
 from .worker import DEFAULT_TIMEOUT, Worker, call, read_results
 
@@ -56,9 +57,47 @@ def assert_gradients(X, W, B, dY, dX=None, dW=None, dB=None, Y=None, **options) 
 # Sweeps over a user's implementation
 
 
+CASES = {
+    "main": "the requested shape",
+    "n1": "a batch of one: sums over the batch of one term, where a mean and a sum agree",
+    "din1": "one input feature, where broadcasting hides bugs",
+    "dout1": "one output unit: dX's sums of one term",
+    "swapped": "D_in and D_out swapped (made unequal for a square layer), so they cannot "
+    "be confused",
+    "batched": "X with leading batch dimensions (2, ⌈N/2⌉, D_in), as torch.nn.Linear "
+    "accepts (leave it out for code that flattens X, as CS231n's affine layers do)",
+    "no-bias": "no bias: B and dB are None",
+}
+"""The kinds of case a sweep checks, by their stable short names, and what each tests."""
+
+
+def select_cases(cases: str | Iterable[str] | None) -> tuple[str, ...]:
+    """The kinds of case to check (of :data:`CASES`, in its order) from names like
+    ``"main,n1"``, or exclusions like ``"-batched"`` (every other kind; with names too,
+    those names less the excluded ones). None: every kind. ValueError names the kinds."""
+    if cases is None:
+        return tuple(CASES)
+    items = cases.split(",") if isinstance(cases, str) else list(cases)
+    names = [str(item).strip() for item in items if str(item).strip()]
+    unknown = [n for n in names if n.removeprefix("-") not in CASES]
+    if unknown or not names:
+        what = f"unknown case {unknown[0]!r}" if unknown else "no case named"
+        raise ValueError(f"{what}; the cases are {', '.join(CASES)} (a leading '-' excludes one)")
+    chosen = [n for n in names if not n.startswith("-")] or list(CASES)
+    excluded = {n[1:] for n in names if n.startswith("-")}
+    kinds = tuple(k for k in CASES if k in chosen and k not in excluded)
+    if not kinds:
+        raise ValueError(f"no case left to check: {', '.join(names)} excludes every case")
+    return kinds
+
+
 @dataclass(frozen=True)
 class Case:
-    """One layer of a sweep: its sizes, dtype, bias, seed, and a name saying what it tests."""
+    """One layer of a sweep: its sizes, dtype, bias, seed, and a name saying what it tests.
+
+    ``kind`` is its short stable name (:data:`CASES`); ``layout`` how W is given to the
+    user's functions (:mod:`lincheck.layouts`).
+    """
 
     name: str
     batch_shape: tuple[int, ...]
@@ -67,6 +106,8 @@ class Case:
     dtype: str
     bias: bool
     seed: int
+    kind: str = "main"
+    layout: str = "out_in"
 
     @property
     def slug(self) -> str:
@@ -74,13 +115,14 @@ class Case:
         return re.sub(r"[^A-Za-z0-9=._-]+", "_", self.name).strip("_")
 
     def inputs(self) -> dict[str, np.ndarray]:
-        """Seeded random X, W, B, dY for this case (X and dY with the leading dimensions)."""
+        """Seeded random X, W, B, dY for this case (X and dY with the leading dimensions,
+        W in the case's layout)."""
         N = int(np.prod(self.batch_shape))
         rng = np.random.default_rng(self.seed)
         data = random_inputs(rng, N, self.D_in, self.D_out, self.dtype, self.bias)
         data["X"] = data["X"].reshape(self.batch_shape + (self.D_in,))
         data["dY"] = data["dY"].reshape(self.batch_shape + (self.D_out,))
-        return data
+        return stored(data, self.layout)
 
 
 def sweep(
@@ -89,31 +131,67 @@ def sweep(
     D_out: int = 16,
     dtypes: Iterable[str] = ("float64", "float32"),
     seed: int = 0,
+    cases: str | Iterable[str] | None = None,
+    layout: str = "out_in",
 ) -> list[Case]:
     """The cases a sweep checks, per dtype: the requested shape and its edges.
 
     ``N=1``, ``D_in=1``, ``D_out=1`` (sums of one term, where a mean and a sum
     agree and broadcasting hides bugs), the two sizes swapped (or made unequal,
     for a square layer) so D_in and D_out cannot be confused, leading batch
-    dimensions as ``torch.nn.Linear`` accepts, and no bias.
+    dimensions as ``torch.nn.Linear`` accepts, and no bias: the kinds of
+    :data:`CASES`, in that order. ``cases`` chooses some of them by name
+    (:func:`select_cases`: ``"main,n1"``, or ``"-batched"`` for all but one); a case
+    keeps its seed whichever are chosen. ``layout`` is how W is handed to the user's
+    functions (:mod:`lincheck.layouts`).
+
+    Examples
+    --------
+    >>> [c.kind for c in sweep(8, 4, 3, ["float64"], cases="-batched,-no-bias")]
+    ['main', 'n1', 'din1', 'dout1', 'swapped']
     """
+    kinds = select_cases(cases)
+    check_layout(layout)
+    return [c for c in _all_cases(N, D_in, D_out, dtypes, seed, layout) if c.kind in kinds]
+
+
+def _all_cases(N, D_in, D_out, dtypes, seed, layout) -> list[Case]:
     lead = (2, max(1, (N + 1) // 2))
     other = (N, D_out, D_in) if D_in != D_out else (N, D_in, D_out + 1)
     shapes = [
-        (f"N={N} D_in={D_in} D_out={D_out}", (N,), D_in, D_out, True),
-        (f"N=1 D_in={D_in} D_out={D_out}", (1,), D_in, D_out, True),
-        (f"N={N} D_in=1 D_out={D_out}", (N,), 1, D_out, True),
-        (f"N={N} D_in={D_in} D_out=1", (N,), D_in, 1, True),
-        (f"N={other[0]} D_in={other[1]} D_out={other[2]}", (other[0],), other[1], other[2], True),
-        (f"X {lead + (D_in,)} D_out={D_out}", lead, D_in, D_out, True),
-        (f"N={N} D_in={D_in} D_out={D_out} no bias", (N,), D_in, D_out, False),
+        ("main", f"N={N} D_in={D_in} D_out={D_out}", (N,), D_in, D_out, True),
+        ("n1", f"N=1 D_in={D_in} D_out={D_out}", (1,), D_in, D_out, True),
+        ("din1", f"N={N} D_in=1 D_out={D_out}", (N,), 1, D_out, True),
+        ("dout1", f"N={N} D_in={D_in} D_out=1", (N,), D_in, 1, True),
+        (
+            "swapped",
+            f"N={other[0]} D_in={other[1]} D_out={other[2]}",
+            (other[0],),
+            other[1],
+            other[2],
+            True,
+        ),
+        ("batched", f"X {lead + (D_in,)} D_out={D_out}", lead, D_in, D_out, True),
+        ("no-bias", f"N={N} D_in={D_in} D_out={D_out} no bias", (N,), D_in, D_out, False),
     ]
     cases: list[Case] = []
     for dtype in dtypes:
-        for label, batch, d_in, d_out, bias in shapes:
+        for kind, label, batch, d_in, d_out, bias in shapes:
             name = f"{dtype} {label}"
-            cases.append(Case(name, batch, d_in, d_out, dtype, bias, seed + len(cases)))
+            seed_ = seed + len(cases)
+            cases.append(Case(name, batch, d_in, d_out, dtype, bias, seed_, kind, layout))
     return cases
+
+
+def split_sweep(N, D_in, D_out, dtypes, seed, cases, layout) -> tuple[list[Case], tuple[Case, ...]]:
+    """(the cases of :func:`sweep` chosen by ``cases``, the rest: skipped)."""
+    dtypes = list(dtypes)
+    chosen = sweep(N, D_in, D_out, dtypes, seed, cases, layout)
+    names = {c.name for c in chosen}
+    rest = tuple(
+        c for c in sweep(N, D_in, D_out, dtypes, seed, None, layout) if c.name not in names
+    )
+    return chosen, rest
 
 
 @dataclass(frozen=True)
@@ -140,6 +218,7 @@ class CaseResult:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "case": self.name,
+            "kind": None if self.case is None else self.case.kind,
             "passed": self.passed,
             "error": self.error,
             "bad_input": self.bad_input,
@@ -151,9 +230,11 @@ class CaseResult:
 
 @dataclass(frozen=True)
 class Sweep:
-    """Every case of a sweep. ``passed`` iff every case passed."""
+    """Every case of a sweep. ``passed`` iff every case checked passed; ``skipped`` are the
+    cases of the sweep that were not chosen (``cases=``) and so not checked."""
 
     results: tuple[CaseResult, ...]
+    skipped: tuple[Case, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -165,8 +246,9 @@ class Sweep:
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON report: ``passed``, every case's ``checks`` and ``hints`` (each naming
-        its ``case``), ``counts`` of cases that failed and that had bad input (both, so
-        neither hides the other), and ``cases`` with one report (or error) per case."""
+        its ``case``), ``counts`` of cases checked, failed, with bad input (both, so
+        neither hides the other) and skipped, ``cases`` with one report (or error) per
+        case, and ``skipped``: the cases not checked, by name and kind."""
         checks, hints = [], []
         for r in self.results:
             if r.report is not None:
@@ -178,8 +260,14 @@ class Sweep:
             "passed": self.passed,
             "checks": checks,
             "hints": hints,
-            "counts": {"cases": len(self.results), "failed": failed, "bad_input": bad},
+            "counts": {
+                "cases": len(self.results),
+                "failed": failed,
+                "bad_input": bad,
+                "skipped": len(self.skipped),
+            },
             "cases": [r.as_dict() for r in self.results],
+            "skipped": [{"case": c.name, "kind": c.kind} for c in self.skipped],
         }
 
     def to_json(self, **context: Any) -> str:
@@ -197,11 +285,16 @@ def check_backward(
     forward: Callable | None = None,
     isolate: bool = False,
     timeout: float | None = None,
+    cases: str | Iterable[str] | None = None,
+    layout: str = "out_in",
     **options,
 ) -> Sweep:
     """Check ``fn(X, W, B, dY) -> (dX, dW, dB)`` on every case of :func:`sweep`.
 
-    ``B`` is None for the no-bias cases, and ``dB`` must then be None. The
+    ``B`` is None for the no-bias cases, and ``dB`` must then be None. With
+    ``layout="in_out"``, W is (D_in, D_out) (``x @ w + b``) and dW must be too.
+    ``cases`` chooses the kinds of case by name (:data:`CASES`; ``"-batched"``
+    for all but one); the others are listed in the result's ``skipped``. The
     arrays are NumPy arrays in the case's dtype; the returned gradients are
     held to that dtype's arithmetic (or ``precision=`` in ``options``). If
     ``forward`` is given, ``forward(X, W, B) -> Y`` is checked too. An
@@ -223,17 +316,21 @@ def check_backward(
     >>> check_backward(backward, N=8, D_in=5, D_out=3).passed
     True
     """
-    return _run_sweep(sweep(N, D_in, D_out, dtypes, seed), fn, forward, isolate, timeout, options)
+    chosen, skipped = split_sweep(N, D_in, D_out, dtypes, seed, cases, layout)
+    return _run_sweep(chosen, fn, forward, isolate, timeout, options, skipped)
 
 
-def _run_sweep(cases, fn, forward, isolate: bool, timeout: float | None, options) -> Sweep:
+def _run_sweep(
+    cases, fn, forward, isolate: bool, timeout: float | None, options, skipped=()
+) -> Sweep:
     if not isolate:
-        return Sweep(tuple(run_case(case, fn, forward, **options) for case in cases))
+        return Sweep(tuple(run_case(case, fn, forward, **options) for case in cases), skipped)
     impl = None if fn is None else _importable(fn)
     spec = None if forward is None else _importable(forward)
     limit = DEFAULT_TIMEOUT if timeout is None else timeout
     with Worker(impl, spec, timeout=limit, paths=tuple(sys.path)) as worker:
-        return Sweep(tuple(run_case(case, None, worker=worker, **options) for case in cases))
+        results = tuple(run_case(case, None, worker=worker, **options) for case in cases)
+    return Sweep(results, skipped)
 
 
 def _importable(fn: Callable) -> str:
@@ -256,12 +353,15 @@ def check_forward(
     seed: int = 0,
     isolate: bool = False,
     timeout: float | None = None,
+    cases: str | Iterable[str] | None = None,
+    layout: str = "out_in",
     **options,
 ) -> Sweep:
-    """Check ``forward(X, W, B) -> Y`` against X Wᵀ + B on every case of :func:`sweep`
-    (``isolate`` and ``timeout`` as for :func:`check_backward`)."""
-    cases = sweep(N, D_in, D_out, dtypes, seed)
-    return _run_sweep(cases, None, forward, isolate, timeout, options)
+    """Check ``forward(X, W, B) -> Y`` against X Wᵀ + B (X W + B with ``layout="in_out"``)
+    on every case of :func:`sweep` (``isolate``, ``timeout``, ``cases`` as for
+    :func:`check_backward`)."""
+    chosen, skipped = split_sweep(N, D_in, D_out, dtypes, seed, cases, layout)
+    return _run_sweep(chosen, None, forward, isolate, timeout, options, skipped)
 
 
 def run_case(
@@ -294,7 +394,7 @@ def run_case(
     if errors:
         return CaseResult(case.name, None, "; ".join(errors), arrays, case)
     try:
-        report = check(X, W, B, G, **subjects, **options)
+        report = check(X, W, B, G, **subjects, layout=case.layout, **options)
     except LincheckError as exc:  # e.g. a subject that is not an array of numbers
         return CaseResult(case.name, None, str(exc), arrays, case)
     return CaseResult(case.name, report, None, arrays, case)

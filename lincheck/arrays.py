@@ -346,6 +346,17 @@ class FileArray(FileBacked):
             raise ValueError(f"cannot reshape array of size {self.size} into shape {shape}")
         return FileArray(self._file, self._offset, shape, self.dtype, False, self._label)
 
+    @property
+    def T(self) -> FileArray | np.ndarray:
+        """The transpose: for 2-D, the same bytes in the other index order (nothing read; a
+        C-order array becomes a Fortran-order one, whose row slices read column by column)."""
+        if self.ndim != 2:
+            return np.asarray(self).T
+        shape = self.shape[::-1]
+        return FileArray(
+            self._file, self._offset, shape, self.dtype, not self._fortran, self._label
+        )
+
     def __getitem__(self, index):
         if isinstance(index, tuple) and len(index) == 1:
             index = index[0]

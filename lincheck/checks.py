@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import plan, streaming, witness, workspace
+from . import diagnose, layouts, plan, streaming, witness, workspace
 from .core import Gradients, as_batch, backward
 from .errors import InputError
 from .precision import needs_squares, order_weights, parse, precision_for
@@ -61,6 +61,7 @@ def check(
     dB=None,
     Y=None,
     *,
+    layout: str = "out_in",
     precision: str | None = None,
     certain_only: bool = False,
     X_scale=None,
@@ -84,12 +85,18 @@ def check(
     Parameters
     ----------
     X : array_like, shape (*, D_in)
-    W : array_like, shape (D_out, D_in)
+    W : array_like, shape (D_out, D_in), or (D_in, D_out) with ``layout="in_out"``
     B : array_like, shape (D_out,), or None for a layer without bias
     dY : array_like, shape (*, D_out)
         The upstream gradient G = ∂L/∂Y.
     dX, dW, dB, Y : array_like, optional
-        Subjects: gradients (and a forward output) to check.
+        Subjects: gradients (and a forward output) to check; dW has W's shape.
+    layout : {"out_in", "in_out"}
+        How W and dW are stored: torch's (D_out, D_in), Y = X Wᵀ + B (default),
+        or (D_in, D_out), Y = X W + B, as JAX/Flax, Keras, TensorFlow and the
+        CS231n assignments store the kernel (dW = Xᵀ dY, of W's shape). The
+        report indexes dW as supplied and records the layout
+        (:mod:`lincheck.layouts`).
     precision : str, optional
         The arithmetic the subjects were computed in: a preset ("fp64",
         "fp32", "tf32", "bf16", "fp16", "fp16-acc16", "fp8",
@@ -172,7 +179,8 @@ def check(
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     allclose = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
     sources = sources or {}
-    inputs = validate_inputs(X, W, B, dY, sources)
+    layouts.check_layout(layout)
+    inputs = validate_inputs(X, W, B, dY, sources, layout)
     bias = inputs.B is not None
     if dB is not None and not bias:
         raise InputError(
@@ -191,15 +199,17 @@ def check(
     supplied = {n: v for n, v in (("dX", dX), ("dW", dW), ("dB", dB), ("Y", Y)) if v is not None}
     given_scales = {"X": X_scale, "W": W_scale, "dY": dY_scale}
     scales = {
-        n: real_array(f"{n}_scale", v, sources) for n, v in given_scales.items() if v is not None
+        n: layouts.internal(f"{n}_scale", real_array(f"{n}_scale", v, sources), layout)
+        for n, v in given_scales.items()
+        if v is not None
     }
-    subjects = {}
+    subjects, arrays = {}, {}
     for tensor, value in supplied.items():
-        a = real_array(tensor, value, sources)
+        a = arrays[tensor] = real_array(tensor, value, sources)
         p = model or precision_for(a.dtype)
         subjects[tensor] = plan.subject(
             tensor,
-            a,
+            layouts.internal(tensor, a, layout),
             p,
             subject,
             inputs.given,
@@ -234,7 +244,11 @@ def check(
         if layer is None:
             hints.append(plan.not_diagnosed(t.plan.tensor, DIAGNOSIS_BYTES))
         else:
-            hints += t.hints(layer, L.batch_shape)
+            hints += t.hints(layer, L.batch_shape, layout)
+    if failed and layer is not None and L.D_in == L.D_out:
+        hints = _other_layout(tallies, layer, L, layout, hints)
+    checks = [layouts.user_check(c, layout, arrays.get("dW")) for c in checks]
+    witness_checks = [layouts.user_check(c, layout) for c in witness_checks]
     witness_info: dict[str, Any] = {
         "method": method if mode == "full" else "central",
         "mode": mode,
@@ -248,8 +262,27 @@ def check(
     if reason:
         witness_info["reason"] = reason
     return Report(
-        layer=L, checks=tuple(checks + witness_checks), witness=witness_info, hints=tuple(hints)
+        layer=L,
+        checks=tuple(checks + witness_checks),
+        witness=witness_info,
+        hints=tuple(hints),
+        layout=layout,
     )
+
+
+def _other_layout(tallies, layer, L: Layer, layout: str, hints: list[Hint]) -> list[Hint]:
+    """A square W read in the wrong layout: if the subjects fit the other layout
+    (:func:`lincheck.diagnose.other_layout`), its ``layout`` hints replace the hints of the
+    tensors it explains; otherwise ``hints`` as they are."""
+    cases = {
+        t.plan.tensor: (t.failure(layer, L.batch_shape, layout), t.needs_diagnosis)
+        for t in tallies
+        if t.plan.usable and t.plan.tensor in ("dX", "dW", "Y")
+    }
+    found = diagnose.other_layout(cases, layout)
+    if not found:
+        return hints
+    return [h for h in hints if h.tensor not in found] + [found[t] for t in cases if t in found]
 
 
 def _run_full(inputs: Inputs, tallies: list[plan.Tallies], method: str, sources, progress):

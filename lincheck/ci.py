@@ -31,8 +31,9 @@ def _failure_text(check, report: Report) -> str:
     return "\n".join(lines + _hints_for(report, check.tensor))
 
 
-def junit_xml(outcomes: Sequence[Outcome], suite: str = "lincheck") -> str:
-    """A JUnit XML report: one test case per tensor check per case.
+def junit_xml(outcomes: Sequence[Outcome], suite: str = "lincheck", skipped=()) -> str:
+    """A JUnit XML report: one test case per tensor check per case, and a ``<skipped>``
+    test case per case of ``skipped`` (the :class:`lincheck.api.Case` objects not checked).
 
     The layout is the one JUnit's Ant task writes and Jenkins, GitLab and
     GitHub test-report actions read: ``<testsuites>`` holding one
@@ -65,6 +66,11 @@ def junit_xml(outcomes: Sequence[Outcome], suite: str = "lincheck") -> str:
                 ).text = _failure_text(check, report)
             cases.append(case)
             tests += 1
+    for c in skipped:
+        case = ET.Element("testcase", classname=f"{suite}.{c.name}", name="run", time="0")
+        ET.SubElement(case, "skipped", message=f"not checked: case {c.kind} not chosen (--cases)")
+        cases.append(case)
+    tests += len(skipped)
     testsuite = ET.SubElement(
         root,
         "testsuite",
@@ -72,13 +78,14 @@ def junit_xml(outcomes: Sequence[Outcome], suite: str = "lincheck") -> str:
         tests=str(tests),
         failures=str(failures),
         errors=str(errors),
-        skipped="0",
+        skipped=str(len(skipped)),
         time="0",
     )
     testsuite.extend(cases)
     root.set("tests", str(tests))
     root.set("failures", str(failures))
     root.set("errors", str(errors))
+    root.set("skipped", str(len(skipped)))
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 

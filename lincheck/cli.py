@@ -36,6 +36,8 @@ from .options import (
     JsonOption,
     JunitOption,
     Language,
+    Layout,
+    LayoutOption,
     MaxMemory,
     Method,
     MethodOption,
@@ -146,6 +148,19 @@ def run(
             metavar="MODULE:FUNCTION",
         ),
     ] = None,
+    layout: LayoutOption = Layout.out_in,
+    cases: Annotated[
+        str | None,
+        typer.Option(
+            "--cases",
+            help="With --impl/--forward: check only these cases of the sweep, by name "
+            "(main, n1, din1, dout1, swapped, batched, no-bias), or all but some: "
+            "--cases=-batched. The others are reported as skipped. 'list' prints the "
+            "cases and what each tests.",
+            metavar="NAME[,NAME...]",
+            show_default=False,
+        ),
+    ] = None,
     json_path: JsonOption = None,
     junit: JunitOption = None,
     github: GithubOption = False,
@@ -189,6 +204,9 @@ def run(
     force: Force = False,
 ) -> None:
     """lincheck run (the help text is in the decorator: one line per paragraph)."""
+    if cases == "list":
+        _list_cases((n, din, dout))
+    kinds = _chosen_cases(cases, impl or forward)
     options = check_options(method, mode, samples, directions, seed, budget, atol, rtol)
     require_plotting(plot)
     out = output_options(json_path, junit, github, quiet, heatmap, plot, force)
@@ -196,31 +214,60 @@ def run(
     sizes = (n, din, dout)
     dtypes = [d.value for d in dtype] if dtype else None
     if impl or forward:
-        _run_yours(
-            impl, forward, sizes, dtypes, seed, no_bias, timeout, save_failures, options, out
-        )
+        yours = (impl, forward, layout.value, kinds)
+        _run_yours(yours, sizes, dtypes, seed, no_bias, timeout, save_failures, options, out)
     if save_failures is not None:
         fail("--save-failures needs --impl or --forward")
-    _run_random(sizes, dtypes or ["float64"], seed, no_bias, save, options, out)
+    _run_random(sizes, dtypes or ["float64"], seed, no_bias, save, options, out, layout.value)
+
+
+def _list_cases(sizes) -> NoReturn:
+    """run --cases list: each case's name, its shape at these sizes, and what it tests."""
+    from . import api
+
+    n, din, dout = sizes
+    lines = ["The cases of a sweep (run --impl/--forward --cases NAME[,NAME...]):"]
+    for case in api.sweep(n, din, dout, ["float64"]):
+        shape = case.name.removeprefix("float64 ")
+        lines.append(f"  {case.kind:<8} {shape}: {api.CASES[case.kind]}")
+    lines.append("Each in every --dtype. --cases=-NAME checks all but NAME.")
+    for line in lines:
+        output.stdout.print(line, highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(0)
+
+
+def _chosen_cases(cases: str | None, yours) -> tuple[str, ...] | None:
+    """--cases as the kinds of case to check (bad usage, one line, for an unknown name)."""
+    if cases is None:
+        return None
+    if not yours:
+        fail("--cases needs --impl or --forward (a plain run checks one random layer)")
+    from .api import select_cases
+
+    try:
+        return select_cases(cases)
+    except ValueError as exc:
+        fail(f"--cases {cases}: {exc}")
 
 
 def _run_yours(
-    impl, forward, sizes, dtypes, seed, no_bias, timeout, save_failures, options, out
+    yours, sizes, dtypes, seed, no_bias, timeout, save_failures, options, out
 ) -> NoReturn:
     """run --impl/--forward: the user's functions on a sweep of cases, in a worker process."""
-    from . import api
+    from . import api, layouts
     from .worker import Worker
 
+    impl, forward, layout, kinds = yours
     n, din, dout = sizes
     dtypes = dtypes or ["float64", "float32"]
-    cases = api.sweep(n, din, dout, dtypes, seed)
+    cases, skipped = api.split_sweep(n, din, dout, dtypes, seed, kinds, layout)
     if no_bias:
         cases = [c for c in cases if not c.bias]
     if save_failures is not None and not out["force"]:
         _refuse_saved_cases(save_failures, cases)
     # Your functions run in a worker process: nothing they do can end, hang or
     # garble this one (lincheck/worker.py).
-    with bad_input():
+    with bad_input(), layouts.command_line_advice():
         with Worker(impl, forward, timeout or None) as worker:
             results = [api.run_case(case, None, worker=worker, **options) for case in cases]
     if save_failures is not None:
@@ -229,10 +276,10 @@ def _run_yours(
     header = (
         f"[bold]lincheck run[/] {what}: {len(cases)} cases "
         f"({', '.join(dtypes)}; N={n} D_in={din} D_out={dout} and edges), seed {seed}"
+        + (f", W as {layouts.W_AXES[layout]}" if layout != "out_in" else "")
     )
-    emit_many(
-        results, header, out, {"command": "run", "impl": impl, "forward": forward, "seed": seed}
-    )
+    context = {"command": "run", "impl": impl, "forward": forward, "seed": seed}
+    emit_many(results, header, out, {**context, "layout": layout}, skipped)
 
 
 def _refuse_saved_cases(folder: Path, cases) -> None:
@@ -252,11 +299,12 @@ def _refuse_saved_cases(folder: Path, cases) -> None:
         )
 
 
-def _run_random(sizes, dtypes, seed, no_bias, save, options, out) -> NoReturn:
-    """run: a seeded random layer per dtype, its analytic gradients against the witness."""
+def _run_random(sizes, dtypes, seed, no_bias, save, options, out, layout="out_in") -> NoReturn:
+    """run: a seeded random layer per dtype, its analytic gradients against the witness
+    (W and dW shown, and saved, as ``layout`` stores them)."""
     import numpy as np
 
-    from . import api, checks, writing
+    from . import api, checks, layouts, writing
 
     n, din, dout = sizes
     if save is not None and len(dtypes) > 1:
@@ -265,14 +313,16 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out) -> NoReturn:
     for value in dtypes:
         data = checks.random_inputs(np.random.default_rng(seed), n, din, dout, value, not no_bias)
         grads = checks.analytic_gradients(data)
+        given = layouts.stored({**data, **grads}, layout)
         if save is not None:
             with bad_input():
-                writing.save(save, {**data, **grads}, force=out["force"])
+                writing.save(save, given, force=out["force"])
         bar = ProgressBar(not out["quiet"])
         try:
             report = checks.check(
-                *(data.get(k) for k in ("X", "W", "B", "dY")),
-                **grads,
+                *(given.get(k) for k in ("X", "W", "B", "dY")),
+                **{k: given[k] for k in grads},
+                layout=layout,
                 against="witness",
                 subject="analytic",
                 **options,
@@ -287,10 +337,12 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out) -> NoReturn:
         f"seed {seed}\n"
         f"[dim]reproduce: lincheck run --n {n} --din {din} --dout {dout} --seed {seed} "
         + " ".join(f"--dtype {d}" for d in dtypes)
-        + f"{' --no-bias' if no_bias else ''}[/]"
+        + f"{' --no-bias' if no_bias else ''}"
+        + (f" --layout {layout}" if layout != "out_in" else "")
+        + "[/]"
     )
     if len(results) == 1:
-        context = {"command": "run", "seed": seed, "dtype": dtypes[0]}
+        context = {"command": "run", "seed": seed, "dtype": dtypes[0], "layout": layout}
         study = None
         if out["plot"] is not None:
             from . import witness, workspace
@@ -351,6 +403,7 @@ def verify(
     github: GithubOption = False,
     precision: PrecisionOption = None,
     certain_only: CertainOnly = False,
+    layout: LayoutOption = Layout.out_in,
     method: MethodOption = Method.central,
     mode: ModeOption = Mode.auto,
     samples: Samples = 64,
@@ -386,6 +439,7 @@ def verify(
     options = dict(
         precision=precision,
         certain_only=certain_only,
+        layout=layout.value,
         **check_options(method, mode, samples, directions, seed, budget, atol, rtol),
     )
     out = output_options(json_path, junit, github, quiet, heatmap, plot, force)
@@ -408,17 +462,24 @@ def verify(
     else:
         results = [_verify_case(case, options, max_memory) for case in cases]
     header = f"[bold]lincheck verify[/] {len(cases)} cases"
-    emit_many(results, header, out, {"command": "verify", "paths": [str(p) for p in cases]})
+    context = {"command": "verify", "paths": [str(p) for p in cases], "layout": layout.value}
+    emit_many(results, header, out, context)
 
 
 def _check_dump(path, files, options, max_memory, quiet, progress=None):
     """Load one dump (a folder, an .npz, and/or single files) and check it: (loaded, report)."""
-    from . import arrays, checks, tensors
+    from . import arrays, checks, layouts, tensors
 
     loaded = arrays.load(path, files)
     a = loaded.arrays
     memory_guard(a, options, max_memory, quiet)
-    report = checks.check(
+    with layouts.command_line_advice():
+        report = _check_loaded(checks, tensors, a, loaded, options, progress)
+    return loaded, report
+
+
+def _check_loaded(checks, tensors, a, loaded, options, progress):
+    return checks.check(
         a["X"],
         a["W"],
         a.get("B"),
@@ -428,7 +489,6 @@ def _check_dump(path, files, options, max_memory, quiet, progress=None):
         sources=loaded.sources,
         progress=progress,
     )
-    return loaded, report
 
 
 def _verify_case(path: Path, options: dict, max_memory: str | None = None):
@@ -513,7 +573,12 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
     parts: list[RenderableType] = [title, Columns(shapes, padding=(0, 2))]
     if out["verbose"] and loaded.ignored:
         parts.append(Text(f"ignored: {', '.join(loaded.ignored)}", style="dim"))
-    context = {"command": "verify", "path": name, "sources": dict(loaded.sources)}
+    context = {
+        "command": "verify",
+        "path": name,
+        "sources": dict(loaded.sources),
+        "layout": options["layout"],
+    }
     emit(report, Group(*parts), name, out, context)
 
 
@@ -542,18 +607,19 @@ def generate(
     with_grads: Annotated[
         bool, typer.Option("--with-grads", help="Also write dX, dW, dB computed in --dtype.")
     ] = False,
+    layout: LayoutOption = Layout.out_in,
     force: Force = False,
 ) -> None:
     """lincheck generate (the help text is in the decorator)."""
     import numpy as np
 
-    from . import checks, writing
+    from . import checks, layouts, writing
 
     data = checks.random_inputs(np.random.default_rng(seed), n, din, dout, dtype.value, not no_bias)
     if with_grads:
         data.update(checks.analytic_gradients(data))
     with bad_input():
-        written = writing.save(directory, data, force=force)
+        written = writing.save(directory, layouts.stored(data, layout.value), force=force)
     output.stdout.print(
         f"wrote {', '.join(p.name for p in written)} to {directory}", highlight=False
     )
@@ -583,6 +649,7 @@ def explain(
     dout: Annotated[int, typer.Option("--dout", min=1, help="Output features D_out.")] = 16,
     precision: PrecisionOption = None,
     no_bias: Annotated[bool, typer.Option("--no-bias", help="A layer without bias.")] = False,
+    layout: LayoutOption = Layout.out_in,
     lang: Annotated[
         Language, typer.Option("--lang", help="en, or zh: the derivation's own language.")
     ] = Language.en,
@@ -593,19 +660,23 @@ def explain(
 
     chosen = precision
     if path is not None:
-        from . import arrays, validate
+        from . import arrays, layouts, validate
         from .precision import precision_for
 
-        with bad_input():
+        with bad_input(), layouts.command_line_advice():
             loaded = arrays.load(path)
             a = loaded.arrays
-            layer = validate.layer_of(a["X"], a["W"], a.get("B"), a["dY"], loaded.sources)
+            layer = validate.layer_of(
+                a["X"], a["W"], a.get("B"), a["dY"], loaded.sources, layout.value
+            )
         n, din, dout, bias = layer.N, layer.D_in, layer.D_out, layer.bias
         subjects = [a[name] for name in ("dX", "dW", "dB") if name in a]
         chosen = chosen or precision_for((subjects or [a["X"]])[0].dtype).name
     else:
         bias = not no_bias
-    sizes = Sizes(N=n, D_in=din, D_out=dout, bias=bias, precision=chosen or "fp64")
+    sizes = Sizes(
+        N=n, D_in=din, D_out=dout, bias=bias, precision=chosen or "fp64", layout=layout.value
+    )
     output.stdout.print(explain_page(sizes, lang.value))
 
 

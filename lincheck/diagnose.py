@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from . import layouts
 from .core import forward
 from .precision import (
     FLOAT32,
@@ -181,7 +182,9 @@ class Failure:
     ``layer`` is the float64 layer (:class:`lincheck.workspace.Workspace`);
     ``precision``, ``storage`` and ``rounded`` say how the subject was
     computed, as for its verdict; ``batch_shape`` holds X's leading
-    dimensions, to name batch rows as the user indexes them.
+    dimensions, to name batch rows as the user indexes them. ``layout`` is
+    how the user stores W and dW (:mod:`lincheck.layouts`): ``subject`` and
+    ``expected_shape`` are in lincheck's own layout, the hints in the user's.
     """
 
     tensor: str
@@ -193,6 +196,26 @@ class Failure:
     operands: tuple[Operand, ...]
     batch_shape: tuple[int, ...]
     certain_only: bool = False
+    layout: str = "out_in"
+
+    @property
+    def flip(self) -> bool:
+        """Whether the subject is the transpose of what the user supplied (dW, ``in_out``)."""
+        return self.layout == "in_out" and self.tensor == "dW" and self.subject.ndim == 2
+
+    @property
+    def supplied(self):
+        """The subject as the user supplied it."""
+        return self.subject.T if self.flip else self.subject
+
+    def user_index(self, index) -> list[int]:
+        """An index of the subject as the user indexes what they supplied."""
+        return [int(i) for i in layouts.user_index(tuple(index), self.flip)]
+
+    @property
+    def formulas(self) -> dict[str, str]:
+        """The gradients' formulas with W as the user stores it."""
+        return layouts.FORMULAS[self.layout]
 
     def tolerance(self, M, S, k: int, reference) -> np.ndarray:
         """The tolerance the verdict used: the statistical tier's (or, with ``certain_only``,
@@ -232,7 +255,7 @@ def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
         hint = _shape_hint(case)
         return [hint] if hint is not None else [_unexplained(tensor, "shape")]
     if is_float(s.dtype) and not np.all(np.isfinite(s)):
-        return [_non_finite(tensor, s)]
+        return [_non_finite(tensor, case.supplied)]
     swapped = _swapped_or_wrong_axis(case)  # shapes that coincide (N = D_out) hide these
     if swapped is not None:
         return [swapped]
@@ -303,8 +326,8 @@ def _value_hints(case: Failure, values, reference, own, ref_bound, baseline, sca
     if tensor in ("dW", "dB") and L.N > 1 and not scaled:
         mean = reference / L.N
         ratio = _fit(values, mean, tol / L.N + 2 * u * np.abs(mean), baseline)
-        formula = "dY.mean(0)" if tensor == "dB" else "dYᵀ X / N"
-        right = "dY.sum(0)" if tensor == "dB" else "dYᵀ X"
+        formula = "dY.mean(0)" if tensor == "dB" else f"{case.formulas['dW']} / N"
+        right = "dY.sum(0)" if tensor == "dB" else case.formulas["dW"]
         if ratio is not None:
             yield Hint(
                 "mean_instead_of_sum",
@@ -321,7 +344,7 @@ def _value_hints(case: Failure, values, reference, own, ref_bound, baseline, sca
                 "transposed",
                 tensor,
                 f"{tensor} is the correct {tensor} transposed ({_how(ratio)}): "
-                f"{_TRANSPOSE_ADVICE.get(tensor, 'the indices are swapped')}.",
+                f"{_transpose_advice(tensor, case.layout)}.",
                 {"alternative": f"{tensor}ᵀ", "bound_ratio": ratio},
             )
 
@@ -369,15 +392,19 @@ def _value_hints(case: Failure, values, reference, own, ref_bound, baseline, sca
                 )
 
 
-_TRANSPOSE_ADVICE = {
-    "dW": "dW = dYᵀ X has W's shape (D_out, D_in); Xᵀ dY is its transpose",
-    "dX": "dX = dY W has X's shape (N, D_in)",
-}
+def _transpose_advice(tensor: str, layout: str) -> str:
+    F = layouts.FORMULAS[layout]
+    return {
+        "dW": f"dW = {F['dW']} has W's shape {layouts.W_AXES[layout]}; {F['dW_T']} is its "
+        "transpose",
+        "dX": f"dX = {F['dX']} has X's shape (N, D_in)",
+    }.get(tensor, "the indices are swapped")
 
 
 def _operands(case: Failure, own):
     """Common wrong products: the forward output Y in place of dY, or Wᵀ in place of W."""
     L, tensor, p = case.layer, case.tensor, case.precision
+    F = case.formulas
     Y = forward(L.X, L.W, L.B)
     aY = np.abs(Y)
     # The subject's own Y, if its code computed one, is off by at most γ_{D_in+1}(u)·|X||W|ᵀ.
@@ -388,16 +415,18 @@ def _operands(case: Failure, own):
 
     use_y = "the forward output Y was used where the upstream gradient dY belongs"
     if tensor == "dX":
-        yield "Y W", Y @ L.W, bound(aY @ L.aW, L.D_out, dY_err @ L.aW), use_y
+        with_y = F["dX"].replace("dY", "Y")
+        yield with_y, Y @ L.W, bound(aY @ L.aW, L.D_out, dY_err @ L.aW), use_y
         if L.D_in == L.D_out:
             yield (
-                "dY Wᵀ",
+                F["dX_T"],
                 L.G @ L.W.T,
                 bound(L.aG @ L.aW.T, L.D_out, 0.0),
-                "W was transposed; dX = dY W",
+                f"W was transposed; dX = {F['dX']}",
             )
     elif tensor == "dW":
-        yield "Yᵀ X", Y.T @ L.X, bound(aY.T @ L.aX, L.N, dY_err.T @ L.aX), use_y
+        with_y = F["dW"].replace("dY", "Y")
+        yield with_y, Y.T @ L.X, bound(aY.T @ L.aX, L.N, dY_err.T @ L.aX), use_y
     elif tensor == "dB":
         yield "Y.sum(0)", Y.sum(axis=0), bound(aY.sum(axis=0), L.N, dY_err.sum(axis=0)), use_y
 
@@ -423,12 +452,13 @@ def _shape_hint(case: Failure) -> Hint | None:
         tol = case.bound(M, S, k)
         ratio = _fit(np.asarray(s, dtype=np.float64).T, L.reference(tensor), tol)
         if ratio is not None:
+            shape = list(case.supplied.shape)
             return Hint(
                 "transposed",
                 tensor,
-                f"{tensor} has shape {tuple(s.shape)} and is the correct {tensor} transposed "
-                f"({_how(ratio)}): {_TRANSPOSE_ADVICE.get(tensor, 'the indices are swapped')}.",
-                {"shape": list(s.shape), "bound_ratio": ratio},
+                f"{tensor} has shape {tuple(shape)} and is the correct {tensor} transposed "
+                f"({_how(ratio)}): {_transpose_advice(tensor, case.layout)}.",
+                {"shape": shape, "bound_ratio": ratio},
             )
     return None
 
@@ -456,12 +486,15 @@ def _other(case: Failure, name: str, values) -> float | None:
 def _swapped_or_wrong_axis(case: Failure) -> Hint | None:
     """dX and dW swapped (each has the other's shape and values), or dB summed over the
     wrong axis (dY.sum(1): one value per sample)."""
-    s, tensor, L = case.subject, case.tensor, case.layer
+    s, tensor, L = case.supplied, case.tensor, case.layer
     swap = {"dX": "dW", "dW": "dX"}.get(tensor)
-    if swap is not None and tuple(s.shape) == L.shape(swap) and s.size:
-        ratio = _other(case, swap, np.asarray(s, dtype=np.float64).reshape(L.shape(swap)))
+    flip = case.layout == "in_out" and swap == "dW"  # the user's dW is (D_in, D_out)
+    swap_shape = L.shape(swap)[::-1] if flip and swap else L.shape(swap) if swap else ()
+    if swap is not None and tuple(s.shape) == swap_shape and s.size:
+        values = np.asarray(s, dtype=np.float64).reshape(swap_shape)
+        ratio = _other(case, swap, values.T if flip else values)
         if ratio is not None:
-            formula = {"dX": "dY W", "dW": "dYᵀ X"}
+            formula = case.formulas
             return Hint(
                 "swapped",
                 tensor,
@@ -505,7 +538,7 @@ def _weight_decay(case: Failure, values, reference, tol, baseline) -> Hint | Non
     return Hint(
         "weight_decay",
         "dW",
-        f"dW = dYᵀ X + λ·W with λ = {lam:.6g} ({_how(ratio)}): weight decay (L2 "
+        f"dW = {case.formulas['dW']} + λ·W with λ = {lam:.6g} ({_how(ratio)}): weight decay (L2 "
         "regularization) is folded into the gradient; lincheck checks the loss's gradient "
         "alone: compare before the decay is added.",
         {"weight_decay": lam, "bound_ratio": ratio},
@@ -537,7 +570,7 @@ def _localized(case: Failure, err: np.ndarray, tol: np.ndarray) -> Hint | None:
     bad = np.flatnonzero(excess)
     if bad.size <= min(5, excess.size // 4):
         shape = tuple(case.expected_shape)
-        where = [[int(i) for i in np.unravel_index(f, shape)] for f in bad]
+        where = [case.user_index(np.unravel_index(f, shape)) for f in bad]
         return Hint(
             "localized",
             tensor,
@@ -568,7 +601,7 @@ def _localized(case: Failure, err: np.ndarray, tol: np.ndarray) -> Hint | None:
                 f"{'s' if count > 1 else ''} {', '.join(labels)}: an indexing or boundary bug "
                 "(an off-by-one, a missed first or last element)?",
                 {
-                    "axis": "rows" if role == 0 else "columns",
+                    "axis": "rows" if (role == 0) != case.flip else "columns",
                     "indices": picked,
                     "share": float(share[count - 1]),
                 },
@@ -591,3 +624,86 @@ def _batch_index(n: int, batch_shape: tuple[int, ...]):
     if len(batch_shape) <= 1:
         return n
     return tuple(int(i) for i in np.unravel_index(n, batch_shape))
+
+
+# ---------------------------------------------------------------------------
+# A square W in the other layout
+
+_WHO = {
+    "in_out": "as JAX/Flax, Keras, TensorFlow and CS231n store the kernel",
+    "out_in": "as torch.nn.Linear stores it",
+}
+
+
+def _other_layout_fit(case: Failure, failed: bool) -> float | None:
+    """How well a subject (dX, dW or Y of a square layer) fits W read in the other layout:
+    dX = dY Wᵀ, dW the transpose of this layout's, Y = X W + B (in lincheck's own terms),
+    within the same tolerances as the ``transposed`` and ``wrong_operand`` hints. A failed
+    subject must fit clearly better than the correct one (:func:`_fit`); None if it does
+    not fit."""
+    L, tensor = case.layer, case.tensor
+    values = np.asarray(case.subject, dtype=np.float64).reshape(L.shape(tensor))
+    M, S = L.magnitude(tensor)
+    k = L.terms(tensor)
+    reference = L.reference(tensor)
+    if tensor == "dW":
+        alternative, tol = reference.T, case.tolerance(M, S, k, reference).T
+    elif tensor == "dX":
+        alternative, tol = L.G @ L.W.T, case.bound(L.aG @ L.aW.T, 0.0, k)
+    else:
+        alternative = forward(L.X, L.W.T, L.B)
+        magnitude = L.aX @ L.aW + (0.0 if L.B is None else np.abs(L.B))
+        tol = case.bound(magnitude, 0.0, k)
+    baseline = float(np.max(np.abs(values - reference), initial=0.0)) if failed else np.inf
+    return _fit(values, alternative, tol, baseline)
+
+
+def other_layout(cases: dict[str, tuple[Failure, bool]], layout: str) -> dict[str, Hint]:
+    """``layout`` hints for a square W stored the other way, by tensor; {} if none applies.
+
+    ``cases`` holds each compared subject among dX, dW and Y with whether it failed.
+    With D_in = D_out the shapes fit both layouts, so only the values can tell. The hint
+    is given when every one of these subjects fits the other layout (dX = dY Wᵀ, dW
+    transposed, Y = X W + B in this layout's terms: the whole case is consistent with it)
+    and dX or Y failed in this one: their values show how W was read. dW alone cannot
+    show it (the transpose of dW is the ``transposed`` bug in either layout): a failed dW
+    that is the only such subject keeps its ``transposed`` hint, which then also names
+    the other layout. One subject that does not fit the other layout (a dX that passed
+    here, say) means the case is in this layout, and a transposed dW is the bug.
+    """
+    fits = {}
+    for tensor, (case, failed) in cases.items():
+        ratio = _other_layout_fit(case, failed)
+        if ratio is None:
+            return {}
+        fits[tensor] = ratio
+    failing = [t for t, (_, f) in cases.items() if f]
+    other = layouts.OTHER[layout]
+    axes = layouts.W_AXES[other]
+    if not any(t in failing for t in ("dX", "Y")):
+        if failing != ["dW"]:
+            return {}
+        return {
+            "dW": Hint(
+                "transposed",
+                "dW",
+                f"dW is the correct dW transposed ({_how(fits['dW'])}): "
+                f"{_transpose_advice('dW', layout)}. If W itself is stored as {axes}, "
+                f"{_WHO[other]}, check with {layouts.advice(other)} instead (with D_in = "
+                "D_out, dW alone cannot tell the layouts apart; dX or Y can).",
+                {"alternative": "dWᵀ", "bound_ratio": fits["dW"], "layout": other},
+            )
+        }
+    names = ", ".join(cases)
+    out = {}
+    for tensor in failing:
+        out[tensor] = Hint(
+            "layout",
+            tensor,
+            f"{tensor} is right for W stored as {axes} (Y = {layouts.FORMULAS[other]['Y']}, "
+            f"{_WHO[other]}; {_how(fits[tensor])}), and so is the whole case ({names}): W is "
+            f"square, so its shape cannot tell the layouts apart. Check with "
+            f"{layouts.advice(other)}.",
+            {"layout": other, "fits": list(cases), "bound_ratio": fits[tensor]},
+        )
+    return out

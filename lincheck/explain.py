@@ -26,6 +26,7 @@ class Sizes:
     bias: bool = True
     precision: str = "fp64"
     directions: int = 16
+    layout: str = "out_in"
 
     @property
     def entries(self) -> int:
@@ -89,6 +90,22 @@ def _numbers(s: Sizes) -> dict[str, str]:
     }
 
 
+_LAYOUT_NOTE = {
+    "en": """
+**Your W is stored as (D_in, D_out) = ({D_in}, {D_out})** (`--layout in_out`, as in \
+`x @ w + b`). Below it is written as torch's (D_out, D_in), its transpose: your \
+`w[j, i]` is `w[i, j]` here. In your layout Y = X W{bias_matrix}, dX = G Wᵀ and \
+dW = Xᵀ G, of shape ({D_in}, {D_out}); lincheck reports dW's indices in your layout.
+""",
+    "zh": """
+**你的 W 按 (D_in, D_out) = ({D_in}, {D_out}) 存储**(`--layout in_out`,即 `x @ w + b`)。\
+下文按 torch 的 (D_out, D_in) 书写,即其转置:你的 `w[j, i]` 就是这里的 `w[i, j]`。\
+按你的存储方式,Y = X W{bias_matrix},dX = G Wᵀ,dW = Xᵀ G,形状为 ({D_in}, {D_out});\
+lincheck 按你的存储方式报告 dW 的下标。
+""",
+}
+
+
 def _bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
@@ -109,7 +126,7 @@ checked in {prec}: `{spec}` (each addition off by at most u = {u}).
 | W | ({D_out}, {D_in}) | w[i, j] | weight from input j to output i |
 | B | ({D_out},) | b[i] | bias of output i |
 | Y, G = ∂L/∂Y | ({N}, {D_out}) | y[n, i] | output i of sample n |
-
+{layout_note}
 ## Forward
 
 ```
@@ -204,7 +221,7 @@ N = {N} 个样本,D_in = {D_in} 个输入特征,D_out = {D_out} 个输出特征,
 | W | ({D_out}, {D_in}) | w[i, j] | 从输入 j 到输出 i 的权重 |
 | B | ({D_out},) | b[i] | 第 i 个输出的偏置 |
 | Y, G = ∂L/∂Y | ({N}, {D_out}) | y[n, i] | 第 n 个样本的第 i 个输出 |
-
+{layout_note}
 ## 正向传播
 
 ```
@@ -280,4 +297,6 @@ def text(sizes: Sizes, lang: str = "en") -> str:
     """The page as Markdown, the sizes substituted."""
     if lang not in LANGUAGES:
         raise ValueError(f"lang must be one of {LANGUAGES}, not {lang!r}")
-    return (_EN if lang == "en" else _ZH).format(**_numbers(sizes))
+    numbers = _numbers(sizes)
+    note = _LAYOUT_NOTE[lang].format(**numbers) if sizes.layout == "in_out" else ""
+    return (_EN if lang == "en" else _ZH).format(**numbers, layout_note=note)

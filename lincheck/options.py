@@ -86,6 +86,22 @@ class Mode(str, Enum):
     directions = "directions"
 
 
+class Layout(str, Enum):
+    out_in = "out_in"
+    in_out = "in_out"
+
+
+LayoutOption = Annotated[
+    Layout,
+    typer.Option(
+        "--layout",
+        help="How W (and dW) are stored: out_in, (D_out, D_in) as torch.nn.Linear, Y = X Wᵀ + B; "
+        "or in_out, (D_in, D_out) as JAX/Flax, Keras, TensorFlow and CS231n, Y = X W + B, "
+        "with dW of W's shape. Reports index dW as stored.",
+    ),
+]
+
+
 class Language(str, Enum):
     en = "en"
     zh = "zh"

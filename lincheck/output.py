@@ -147,7 +147,7 @@ def _write_report(path: Path, text: str) -> None:
         writing.write_text(path, text)
 
 
-def _finish(results, json_text, json_path, junit_path, github, to_stdout) -> NoReturn:
+def _finish(results, json_text, json_path, junit_path, github, to_stdout, skipped=()) -> NoReturn:
     """Write the JSON and JUnit reports, print GitHub annotations; then exit 0, 1 or 2."""
     outcomes = [(r.name, r.report, r.error, r.bad_input) for r in results]
     if json_path is not None:
@@ -158,7 +158,7 @@ def _finish(results, json_text, json_path, junit_path, github, to_stdout) -> NoR
     if junit_path is not None:
         from .ci import junit_xml
 
-        _write_report(junit_path, junit_xml(outcomes))
+        _write_report(junit_path, junit_xml(outcomes, skipped=skipped))
     if github or os.environ.get("GITHUB_ACTIONS") == "true":
         from .ci import github_annotations
 
@@ -246,8 +246,9 @@ def emit(report, header, name: str, out: dict, context: dict, study=None) -> NoR
     _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout)
 
 
-def emit_many(results, header, out: dict, context: dict) -> NoReturn:
-    """Several cases: one summary table, details of the failures, reports for CI; exit."""
+def emit_many(results, header, out: dict, context: dict, skipped=()) -> NoReturn:
+    """Several cases: one summary table, details of the failures, reports for CI; exit.
+    ``skipped``: cases of a sweep not checked (``run --cases``), named in every report."""
     from .api import Sweep
     from .report import render_cases, verdict_cases
 
@@ -256,12 +257,13 @@ def emit_many(results, header, out: dict, context: dict) -> NoReturn:
     maps = _heatmaps(out)
     notes = _plots(out, {r.name: r.report for r in results if r.report is not None})
     if out["quiet"]:
-        for note in [*notes, verdict_cases(results)]:
+        for note in [*notes, verdict_cases(results, skipped)]:
             console.print(note)
     else:
-        console.print(render_cases(results, header, maps, notes))
-    json_text = Sweep(tuple(results)).to_json(**context) if out["json_path"] is not None else ""
-    _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout)
+        console.print(render_cases(results, header, maps, notes, skipped))
+    sweep = Sweep(tuple(results), tuple(skipped))
+    json_text = sweep.to_json(**context) if out["json_path"] is not None else ""
+    _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout, skipped)
 
 
 def _available_memory() -> int | None:
@@ -280,8 +282,11 @@ def memory_guard(arrays: Mapping, options: dict, limit_text: str | None, quiet: 
     """Say how much memory a large check needs before starting it; refuse it past the limit."""
     from .checks import memory_needed
     from .errors import InputError
+    from .layouts import internal_shapes
 
-    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    shapes = internal_shapes(
+        {n: tuple(a.shape) for n, a in arrays.items()}, options.get("layout", "out_in")
+    )
     if any(name not in shapes for name in ("X", "W", "dY")) or len(shapes["W"]) != 2:
         return  # malformed inputs: the check itself says what is wrong
     need = memory_needed(shapes, options["mode"], options["method"], options["budget"])

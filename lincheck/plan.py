@@ -394,7 +394,7 @@ class Tallies:
             fits[name] = [bool(np.all(err <= tol)), ratio]
         return fits
 
-    def hints(self, layer, batch_shape: tuple[int, ...]) -> list[Hint]:
+    def hints(self, layer, batch_shape: tuple[int, ...], layout: str = "out_in") -> list[Hint]:
         """What kind of mistake a failed subject looks like (nothing for a passing one)."""
         sub = self.plan.subject
         if sub is None or not self.needs_diagnosis:
@@ -403,7 +403,13 @@ class Tallies:
         if self.own is not None and sub.alternatives and sub.values is not None:
             fits = self.alternative_fits(layer)
             lower = diagnose.lower_precision(self.plan.tensor, sub.precision, sub.array, fits)
-        case = diagnose.Failure(
+        return diagnose.explain(self.failure(layer, batch_shape, layout), lower)
+
+    def failure(self, layer, batch_shape: tuple[int, ...], layout: str = "out_in"):
+        """The subject as the diagnosis sees it (:class:`lincheck.diagnose.Failure`)."""
+        sub = self.plan.subject
+        assert sub is not None
+        return diagnose.Failure(
             tensor=self.plan.tensor,
             subject=sub.array,
             expected_shape=self.plan.shape,
@@ -413,8 +419,8 @@ class Tallies:
             operands=sub.operands(self.plan.tensor) if sub.usable else (),
             certain_only=sub.certain_only,
             batch_shape=batch_shape,
+            layout=layout,
         )
-        return diagnose.explain(case, lower)
 
 
 def not_diagnosed(tensor: str, limit_bytes: int) -> Hint:

@@ -402,10 +402,21 @@ def cases_table(results) -> Table:
     return table
 
 
-def verdict_cases(results) -> Text:
+def verdict_cases(results, skipped=()) -> Text:
+    """The last line: how many cases were checked and how they went, and how many of the
+    sweep were skipped (not checked: a skipped case never counts as passed)."""
     failed = [r for r in results if not r.passed]
+    skip = ""
+    if skipped:
+        kinds = ", ".join(dict.fromkeys(c.kind for c in skipped))
+        skip = f"; {len(skipped)} skipped, not checked ({kinds})"
     if not failed:
-        return Text.assemble(("PASS", "bold green"), f"  all {len(results)} cases passed")
+        counts = (
+            f"all {len(results)} cases passed"
+            if not skipped
+            else (f"all {len(results)} cases checked passed")
+        )
+        return Text.assemble(("PASS", "bold green"), f"  {counts}{skip}")
     bad = sum(r.bad_input for r in failed)
     names = ", ".join(r.name for r in failed)
     if bad == len(failed):
@@ -413,7 +424,7 @@ def verdict_cases(results) -> Text:
     else:  # both counts: a failed check is never hidden behind the bad input (exit 1)
         counts = f"{len(failed) - bad} of {len(results)} cases failed"
         counts += f", {bad} had bad input" if bad else ""
-    return Text.assemble(("FAIL", "bold red"), f"  {counts}: {names}")
+    return Text.assemble(("FAIL", "bold red"), f"  {counts}: {names}{skip}")
 
 
 def render_cases(
@@ -421,6 +432,7 @@ def render_cases(
     header: RenderableType | None = None,
     heatmap: str = "failed",
     notes: list[RenderableType] | None = None,
+    skipped=(),
 ) -> Group:
     """A summary table of all cases, then each failure: the first in full, the rest with
     only their failed rows, problems and hints."""
@@ -446,8 +458,11 @@ def render_cases(
             if lines is not None:
                 parts.append(lines)
         parts.append(Text(""))
+    if skipped:
+        listed = "\n".join(f"  {c.name}  [{c.kind}]" for c in skipped)
+        parts.append(Text(f"Skipped (not checked, --cases): {len(skipped)}\n{listed}"))
     parts += notes or []
-    parts.append(verdict_cases(results))
+    parts.append(verdict_cases(results, skipped))
     return Group(*parts)
 
 

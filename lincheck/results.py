@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 class Hint:
     """A diagnosis of a failed check: a stable ``code``, the tensor, a sentence, the evidence.
 
-    Codes: ``transposed``, ``mean_instead_of_sum``, ``sign_flipped``,
+    Codes: ``transposed``, ``layout`` (a square W stored the other way: every
+    subject fits the other layout), ``mean_instead_of_sum``, ``sign_flipped``,
     ``scaled``, ``bias_not_summed``, ``bias_wrong_axis``, ``swapped`` (dX
     and dW), ``weight_decay``, ``wrong_operand``, ``localized``,
     ``lower_precision``, ``non_finite``, and ``unexplained`` when a check
@@ -354,12 +355,15 @@ class Layer:
 
 @dataclass(frozen=True)
 class Report:
-    """Everything one check produced. ``passed`` iff every check passed."""
+    """Everything one check produced. ``passed`` iff every check passed. ``layout`` is how W
+    and dW were stored ("out_in", (D_out, D_in); or "in_out", (D_in, D_out)); dW's indices
+    and shapes are as supplied."""
 
     layer: Layer
     checks: tuple[TensorCheck, ...]
     witness: Mapping[str, Any]
     hints: tuple[Hint, ...] = ()
+    layout: str = "out_in"
 
     @property
     def passed(self) -> bool:
@@ -376,6 +380,7 @@ class Report:
             "checks": [c.as_dict() for c in self.checks],
             "hints": [h.as_dict() for h in self.hints],
             "layer": self.layer.as_dict(),
+            "layout": self.layout,
             "witness": dict(self.witness),
         }
 

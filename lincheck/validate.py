@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from . import layouts
 from .core import CHUNK, FileBacked, as_batch, leading_chunks
 from .errors import InputError
 from .results import Layer
@@ -144,7 +145,9 @@ class Inputs:
     layer: Layer
 
 
-def validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> Inputs:
+def validate_inputs(X, W, B, dY, sources: Mapping[str, str], layout: str = "out_in") -> Inputs:
+    """The inputs checked and flattened; W as ``layout`` stores it (:mod:`lincheck.layouts`),
+    returned in lincheck's own layout, (D_out, D_in). Messages use the shapes as given."""
     arrays = {"X": X, "W": W, "dY": dY}
     if B is not None:
         arrays["B"] = B
@@ -153,10 +156,21 @@ def validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> Inputs:
     B = given.get("B")
     if W.ndim != 2:
         raise InputError(
-            f"{label('W', sources)}: expected 2 dimensions (D_out, D_in), found shape {W.shape}"
+            f"{label('W', sources)}: expected 2 dimensions {layouts.W_AXES[layout]}, "
+            f"found shape {W.shape}"
         )
-    D_out, D_in = W.shape
+    D_out, D_in = W.shape if layout == "out_in" else W.shape[::-1]
     if X.ndim < 1 or X.shape[-1] != D_in:
+        if X.ndim >= 1 and _fits(X, W.shape if layout == "in_out" else W.shape[::-1], B, G):
+            other = layouts.OTHER[layout]
+            expected = (
+                f"(D_out, {X.shape[-1]})" if layout == "out_in" else f"({X.shape[-1]}, D_out)"
+            )
+            raise InputError(
+                f"{label('W', sources)}: shape {W.shape} does not fit X {X.shape}: expected "
+                f"{expected}; it fits as {layouts.W_AXES[other]} = {W.shape}: "
+                f"pass {layouts.advice(other)}"
+            )
         raise InputError(
             f"{label('X', sources)}: shape {X.shape} does not fit W {W.shape}: expected "
             f"(..., {D_in}), the last dimension equal to W's D_in"
@@ -178,6 +192,7 @@ def validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> Inputs:
         )
     for name, a in given.items():
         check_finite(name, a, sources)
+    W = given["W"] = layouts.internal("W", W, layout)  # (D_out, D_in) from here on
     X2, G2 = as_batch(X, G)  # views in the given dtypes: memory-mapped files stay on disk
     layer = Layer(
         N=X2.shape[0],
@@ -198,10 +213,19 @@ def validate_inputs(X, W, B, dY, sources: Mapping[str, str]) -> Inputs:
     )
 
 
-def layer_of(X, W, B, dY, sources: Mapping[str, str] | None = None) -> Layer:
+def _fits(X, W_out_in: tuple[int, ...], B, G) -> bool:
+    """Whether X, B and dY fit a W of shape ``W_out_in`` = (D_out, D_in)."""
+    D_out, D_in = W_out_in
+    bias_fits = B is None or tuple(B.shape) == (D_out,)
+    return X.shape[-1] == D_in and bias_fits and tuple(G.shape) == X.shape[:-1] + (D_out,)
+
+
+def layer_of(
+    X, W, B, dY, sources: Mapping[str, str] | None = None, layout: str = "out_in"
+) -> Layer:
     """The shapes of a layer (N, D_in, D_out, bias, dtypes) from its inputs, validated as
     :func:`check` validates them (InputError names what is wrong)."""
-    return validate_inputs(X, W, B, dY, sources or {}).layer
+    return validate_inputs(X, W, B, dY, sources or {}, layout).layer
 
 
 def check_no_overflow(arrays, sources: Mapping[str, str]) -> None:

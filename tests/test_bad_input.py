@@ -135,6 +135,26 @@ def good_members():
 
 CATALOGUE = [
     # (id, setup(DIR) -> argv after "verify", message with {dir}, exit code)
+    (
+        "W stored as (D_in, D_out) without --layout in_out",
+        lambda d: folder(d, W=good()["W"].T, dW=None),
+        "W ({dir}/W.npy): shape (3, 2) does not fit X (4, 3): expected (D_out, 3); it fits as "
+        "(D_in, D_out) = (3, 2): pass --layout in_out",
+        2,
+    ),
+    (
+        "W stored as (D_out, D_in) with --layout in_out",
+        lambda d: [*folder(d, dW=None), "--layout", "in_out"],
+        "W ({dir}/W.npy): shape (2, 3) does not fit X (4, 3): expected (3, D_out); it fits as "
+        "(D_out, D_in) = (2, 3): pass --layout out_in",
+        2,
+    ),
+    (
+        "a W of the wrong rank with --layout in_out",
+        lambda d: [*folder(d, W=np.ones(3)), "--layout", "in_out"],
+        "W ({dir}/W.npy): expected 2 dimensions (D_in, D_out), found shape (3,)",
+        2,
+    ),
     ("missing folder", lambda d: [str(d / "nowhere")], "{dir}/nowhere: no such file or folder", 2),
     (
         "missing --x file",
