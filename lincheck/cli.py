@@ -31,6 +31,7 @@ from .options import (
     DXFile,
     DYFile,
     Force,
+    FormatOption,
     GithubOption,
     HeatmapOption,
     JsonOption,
@@ -46,6 +47,7 @@ from .options import (
     Quiet,
     Rtol,
     Samples,
+    SaveFormat,
     Seed,
     SizeIn,
     SizeN,
@@ -182,17 +184,25 @@ def run(
         typer.Option(
             "--save-failures",
             help="With --impl/--forward: write each failing case to DIR/<case>/ as .npy files "
-            "that 'lincheck verify' reproduces.",
+            "(DIR/<case>.safetensors with --format safetensors) that 'lincheck verify' "
+            "reproduces.",
             metavar="DIR",
         ),
     ] = None,
+    save_format: FormatOption = SaveFormat.npy,
     force: Force = False,
 ) -> None:
     """lincheck run (the help text is in the decorator: one line per paragraph)."""
     options = check_options(method, mode, samples, directions, seed, budget, atol, rtol)
     require_plotting(plot)
     out = output_options(json_path, junit, github, quiet, heatmap, plot, force)
-    check_outputs(out, folders={"--save": save, "--save-failures": save_failures})
+    out["format"] = save_format.value
+    as_file = save_format is SaveFormat.safetensors and save is not None
+    check_outputs(
+        out, folders={"--save": None if as_file else save, "--save-failures": save_failures}
+    )
+    if save is not None and as_file:
+        _check_case_file(save, save_format.value, force)
     sizes = (n, din, dout)
     dtypes = [d.value for d in dtype] if dtype else None
     if impl or forward:
@@ -217,14 +227,14 @@ def _run_yours(
     if no_bias:
         cases = [c for c in cases if not c.bias]
     if save_failures is not None and not out["force"]:
-        _refuse_saved_cases(save_failures, cases)
+        _refuse_saved_cases(save_failures, cases, out["format"])
     # Your functions run in a worker process: nothing they do can end, hang or
     # garble this one (lincheck/worker.py).
     with bad_input():
         with Worker(impl, forward, timeout or None) as worker:
             results = [api.run_case(case, None, worker=worker, **options) for case in cases]
     if save_failures is not None:
-        _save_failures(save_failures, results, out["force"])
+        _save_failures(save_failures, results, out["force"], out["format"])
     what = " and ".join(x for x in (impl, forward) if x)
     header = (
         f"[bold]lincheck run[/] {what}: {len(cases)} cases "
@@ -235,14 +245,18 @@ def _run_yours(
     )
 
 
-def _refuse_saved_cases(folder: Path, cases) -> None:
+def _refuse_saved_cases(folder: Path, cases, save_format: str = "npy") -> None:
     """--save-failures without --force into a folder that holds cases of this sweep: exit 2
     before any work (saving them after the checks would fail and hide the verdict)."""
     from . import writing
     from .tensors import INPUT_NAMES, SUBJECT_NAMES
 
     names = [*INPUT_NAMES, *SUBJECT_NAMES]
-    taken = [folder / c.slug for c in cases if writing.existing_targets(folder / c.slug, names)]
+    if save_format == "safetensors":
+        files = [writing.case_path(folder / c.slug, save_format) for c in cases]
+        taken = [p for p in files if os.path.lexists(p)]
+    else:
+        taken = [folder / c.slug for c in cases if writing.existing_targets(folder / c.slug, names)]
     if taken:
         more = ", ..." if len(taken) > 2 else ""
         fail(
@@ -267,7 +281,7 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out) -> NoReturn:
         grads = checks.analytic_gradients(data)
         if save is not None:
             with bad_input():
-                writing.save(save, {**data, **grads}, force=out["force"])
+                writing.save_case(save, {**data, **grads}, format=out["format"], force=out["force"])
         bar = ProgressBar(not out["quiet"])
         try:
             report = checks.check(
@@ -301,19 +315,30 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out) -> NoReturn:
     emit_many(results, header, out, {"command": "run", "seed": seed, "dtypes": dtypes})
 
 
-def _save_failures(folder: Path, results, force: bool) -> None:
-    """Write each failing case's inputs and the user's outputs to folder/<case>/."""
+def _save_failures(folder: Path, results, force: bool, save_format: str = "npy") -> None:
+    """Write each failing case's inputs and the user's outputs to folder/<case>/ (or
+    folder/<case>.safetensors)."""
     from . import writing
 
     for result in results:
         if result.passed:
             continue
         with bad_input():
-            writing.save(folder / result.case.slug, dict(result.arrays), force=force)
+            writing.save_case(
+                folder / result.case.slug, dict(result.arrays), format=save_format, force=force
+            )
+
+
+def _check_case_file(save: Path, save_format: str, force: bool) -> None:
+    """--save FILE --format safetensors: refused before any work if it cannot be written."""
+    from . import writing
+
+    with bad_input():
+        writing.check_output(writing.case_path(save, save_format), what="--save", force=force)
 
 
 @app.command(
-    short_help="Check gradients your code saved (.npy folder or .npz).",
+    short_help="Check gradients your code saved (.npy folder, .npz or .safetensors).",
     help=(
         "Check gradients your code produced (dX, dW, dB, Y) against the float64 analytic "
         "reference, which is itself checked against a numerical witness; with no gradients "
@@ -330,8 +355,9 @@ def verify(
     paths: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Folders of .npy files or .npz files, one case each; a folder that holds "
-            "only case folders (or .npz files) stands for all of them. Names "
+            help="Folders of .npy files, .npz or .safetensors files, one case each; a folder "
+            "that holds only case folders (or .npz, .safetensors files) stands for all of "
+            "them. Names "
             "(case-insensitive): X, W, dY required; B optional; dX, dW, dB, Y are the "
             "gradients (and forward output) to check.",
             show_default=False,
@@ -417,6 +443,9 @@ def _check_dump(path, files, options, max_memory, quiet, progress=None):
 
     loaded = arrays.load(path, files)
     a = loaded.arrays
+    if options.get("precision") is None:  # --precision wins over the file's metadata
+        stored = arrays.stored_precision(loaded, path if path is not None else "files")
+        options = {**options, "precision": stored} if stored else options
     memory_guard(a, options, max_memory, quiet)
     report = checks.check(
         a["X"],
@@ -496,6 +525,7 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
     finally:
         bar.close()
     a = loaded.arrays
+    arithmetic = _arithmetic(options, loaded)
     from rich.columns import Columns
     from rich.console import Group, RenderableType
     from rich.text import Text
@@ -506,6 +536,7 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
         ("lincheck verify", "bold"),
         f" {name}  N={layer.N} D_in={layer.D_in} D_out={layer.D_out}, "
         f"{'with' if layer.bias else 'without'} bias",
+        f", {arithmetic['precision']} arithmetic (from {arithmetic['from']})" if arithmetic else "",
     )
     # One item per array, laid out in columns: a narrow terminal wraps between arrays.
     order = [*tensors.INPUT_NAMES, *tensors.SUBJECT_NAMES]
@@ -514,7 +545,22 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
     if out["verbose"] and loaded.ignored:
         parts.append(Text(f"ignored: {', '.join(loaded.ignored)}", style="dim"))
     context = {"command": "verify", "path": name, "sources": dict(loaded.sources)}
+    if arithmetic:
+        context["arithmetic"] = arithmetic
+    if loaded.metadata:
+        context["metadata"] = dict(loaded.metadata)
     emit(report, Group(*parts), name, out, context)
+
+
+def _arithmetic(options: dict, loaded) -> dict | None:
+    """Where the arithmetic came from, when not from the gradients' dtypes: ``--precision``,
+    or the metadata (``lincheck.precision``) of a ``.safetensors`` dump."""
+    if options.get("precision") is not None:
+        return {"precision": options["precision"], "from": "--precision"}
+    stored = loaded.metadata.get("lincheck.precision")
+    if stored is not None:
+        return {"precision": stored, "from": "metadata"}
+    return None
 
 
 @app.command(
@@ -542,6 +588,7 @@ def generate(
     with_grads: Annotated[
         bool, typer.Option("--with-grads", help="Also write dX, dW, dB computed in --dtype.")
     ] = False,
+    save_format: FormatOption = SaveFormat.npy,
     force: Force = False,
 ) -> None:
     """lincheck generate (the help text is in the decorator)."""
@@ -553,7 +600,10 @@ def generate(
     if with_grads:
         data.update(checks.analytic_gradients(data))
     with bad_input():
-        written = writing.save(directory, data, force=force)
+        written = writing.save_case(directory, data, format=save_format.value, force=force)
+    if save_format is SaveFormat.safetensors:
+        output.stdout.print(f"wrote {', '.join(data)} to {written[0]}", highlight=False)
+        return
     output.stdout.print(
         f"wrote {', '.join(p.name for p in written)} to {directory}", highlight=False
     )
@@ -574,7 +624,8 @@ def explain(
     path: Annotated[
         Path | None,
         typer.Argument(
-            help="A dump (folder of .npy files or .npz) whose shapes and dtypes to use.",
+            help="A dump (folder of .npy files, .npz or .safetensors) whose shapes and dtypes "
+            "(and stored arithmetic) to use.",
             show_default=False,
         ),
     ] = None,
@@ -600,9 +651,10 @@ def explain(
             loaded = arrays.load(path)
             a = loaded.arrays
             layer = validate.layer_of(a["X"], a["W"], a.get("B"), a["dY"], loaded.sources)
+            stored = arrays.stored_precision(loaded, path) if chosen is None else None
         n, din, dout, bias = layer.N, layer.D_in, layer.D_out, layer.bias
         subjects = [a[name] for name in ("dX", "dW", "dB") if name in a]
-        chosen = chosen or precision_for((subjects or [a["X"]])[0].dtype).name
+        chosen = chosen or stored or precision_for((subjects or [a["X"]])[0].dtype).name
     else:
         bias = not no_bias
     sizes = Sizes(N=n, D_in=din, D_out=dout, bias=bias, precision=chosen or "fp64")

@@ -86,6 +86,21 @@ class Mode(str, Enum):
     directions = "directions"
 
 
+class SaveFormat(str, Enum):
+    npy = "npy"
+    safetensors = "safetensors"
+
+
+FormatOption = Annotated[
+    SaveFormat,
+    typer.Option(
+        "--format",
+        help="How to write each case: npy, a folder of NAME.npy files; safetensors, one "
+        "file (.safetensors appended to the name), which also carries bfloat16 and fp8.",
+    ),
+]
+
+
 class Language(str, Enum):
     en = "en"
     zh = "zh"
