@@ -331,10 +331,12 @@ def test_the_metadata_sets_the_arithmetic_and_the_option_wins(tmp_path):
     assert explicit.exit_code == 1, explicit.output  # float32 arithmetic it was not
     assert report["arithmetic"] == {"precision": "fp32", "from": "--precision"}
     assert "lower_precision" in {h["code"] for h in report["hints"]}
+    explain = runner.invoke(app, ["explain", str(path)])
+    assert explain.exit_code == 0 and re.search(r"^bf16:", explain.stdout, re.M)
     safetensors.torch.save_file(dump, path)  # no metadata: the dtype's fp32 fails
     assert _verify(path)[0].exit_code == 1
     explain = runner.invoke(app, ["explain", str(path)])
-    assert explain.exit_code == 0 and "fp32" in explain.stdout
+    assert explain.exit_code == 0 and re.search(r"^fp32:", explain.stdout, re.M)
 
 
 def test_fp8_e4m3_inputs_in_a_dump(tmp_path):
@@ -647,3 +649,17 @@ def test_mutated_safetensors_load_as_the_reference_reads_them_or_are_one_line(
         assert "\n" not in str(exc)
     else:
         assert report.passed == all(c.passed for c in report.checks)
+
+
+@pytest.mark.skipif(safetensors.__version__ != "0.8.0", reason="a fact about safetensors 0.8.0")
+def test_what_the_readme_says_of_the_safetensors_numpy_loader(tmp_path):
+    """README ("bfloat16 and fp8 dumps") says why lincheck does not use it; true in 0.8.0."""
+    path = tmp_path / "c.safetensors"
+    safetensors.torch.save_file({"X": torch.ones(2, dtype=torch.bfloat16)}, path)
+    with pytest.raises(KeyError, match="BF16"):
+        safetensors.numpy.load(path.read_bytes())
+    safetensors.torch.save_file({"X": torch.ones(2, dtype=torch.float8_e4m3fn)}, path)
+    with pytest.raises(KeyError, match="F8_E4M3"):
+        safetensors.numpy.load(path.read_bytes())
+    with pytest.raises(AttributeError, match="float8_e4m3fn"):
+        safetensors.numpy.load_file(path)
