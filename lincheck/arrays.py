@@ -508,18 +508,13 @@ def stored_precision(loaded: Loaded, where: str | os.PathLike) -> str | None:
 def _read_file(name: str, path: Path) -> np.ndarray | FileArray:
     """One ``.npy`` file, read (or, if large, read as used); errors name the array and file."""
     label = f"{name} ({path})"
-    if path.suffix.lower() in (*PICKLES, *TEXTS, ".npz", SAFETENSORS):
+    suffix = path.suffix.lower()
+    if suffix in (".npz", SAFETENSORS, *PICKLES, *TEXTS):
         _stat(path, label)  # a missing file is missing, whatever its name
-        what = (
-            "holds a whole case: give it as PATH"
-            if path.suffix.lower()
-            in (
-                ".npz",
-                SAFETENSORS,
-            )
-            else _unreadable(path)
+        case = suffix in (".npz", SAFETENSORS)
+        raise InputError(
+            f"{label}: {'holds a whole case: give it as PATH' if case else _unreadable(path)}"
         )
-        raise InputError(f"{label}: {what}")
     shared = _SharedFile(_open_regular(path, label))
     try:
         with open(shared.fd, "rb", closefd=False) as fp:

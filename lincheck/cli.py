@@ -197,12 +197,12 @@ def run(
     require_plotting(plot)
     out = output_options(json_path, junit, github, quiet, heatmap, plot, force)
     out["format"] = save_format.value
-    as_file = save_format is SaveFormat.safetensors and save is not None
+    save_file = save if save_format is SaveFormat.safetensors else None  # one file, not a folder
     check_outputs(
-        out, folders={"--save": None if as_file else save, "--save-failures": save_failures}
+        out, folders={"--save": None if save_file else save, "--save-failures": save_failures}
     )
-    if save is not None and as_file:
-        _check_case_file(save, save_format.value, force)
+    if save_file is not None:
+        _check_case_file(save_file, force)
     sizes = (n, din, dout)
     dtypes = [d.value for d in dtype] if dtype else None
     if impl or forward:
@@ -329,12 +329,12 @@ def _save_failures(folder: Path, results, force: bool, save_format: str = "npy")
             )
 
 
-def _check_case_file(save: Path, save_format: str, force: bool) -> None:
+def _check_case_file(save: Path, force: bool) -> None:
     """--save FILE --format safetensors: refused before any work if it cannot be written."""
     from . import writing
 
     with bad_input():
-        writing.check_output(writing.case_path(save, save_format), what="--save", force=force)
+        writing.check_output(writing.case_path(save, "safetensors"), what="--save", force=force)
 
 
 @app.command(

@@ -162,16 +162,15 @@ def parse_header(header: bytes, data_size: int, where: str) -> tuple[list[Entry]
     for i, e in enumerate(entries):
         if e.end < e.begin:
             raise InputError(
-                f"{invalid} (tensor {e.name!r}: data_offsets [{e.begin}, {e.end}] end "
+                f"{invalid} (tensor {_short(e.name)}: data_offsets [{e.begin}, {e.end}] end "
                 "before they begin)"
             )
         bits = BITS[e.dtype] * int(np.prod(e.shape, dtype=object))
         if bits % 8 or bits // 8 != e.end - e.begin:
-            shape = list(e.shape)
+            needs = f"{bits:,} bits" if bits % 8 else f"{bits // 8:,} bytes"
             raise InputError(
-                f"{invalid} (tensor {e.name!r}: shape {shape} {e.dtype} needs "
-                f"{bits / 8:,g} bytes but data_offsets [{e.begin}, {e.end}] hold "
-                f"{e.end - e.begin:,})"
+                f"{invalid} (tensor {_short(e.name)}: shape {_short(list(e.shape))} {e.dtype} "
+                f"needs {needs} but data_offsets [{e.begin}, {e.end}] hold {e.end - e.begin:,})"
             )
         if e.begin > start:
             raise InputError(
@@ -181,8 +180,8 @@ def parse_header(header: bytes, data_size: int, where: str) -> tuple[list[Entry]
         if e.begin < start:
             other = entries[i - 1]
             raise InputError(
-                f"{invalid} (tensors {other.name!r} [{other.begin}, {other.end}] and "
-                f"{e.name!r} [{e.begin}, {e.end}] overlap)"
+                f"{invalid} (tensors {_short(other.name)} [{other.begin}, {other.end}] and "
+                f"{_short(e.name)} [{e.begin}, {e.end}] overlap)"
             )
         start = e.end
     if start > data_size:
@@ -206,7 +205,7 @@ def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in pairs:
         if key in out:
-            raise _RefusedError(f"repeats the key {key!r}")
+            raise _RefusedError(f"repeats the key {_short(key)}")
         _utf8(key)
         if isinstance(value, str):
             _utf8(value)
@@ -218,7 +217,7 @@ def _utf8(text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise _RefusedError(f"has a string that is not Unicode text ({text!r})") from None
+        raise _RefusedError(f"has a string that is not Unicode text ({_short(text)})") from None
 
 
 def _no_constant(name: str) -> object:
@@ -236,8 +235,18 @@ def _is_count(value: object) -> bool:
     return type(value) is int and value >= 0
 
 
+MAX_ARRAY_BYTES = np.iinfo(np.intp).max
+"""NumPy's largest array, in bytes (also its largest dimension)."""
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``value`` as JSON, cut to ``limit`` characters: a message stays one short line."""
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _entry(name: str, info: object, invalid: str) -> Entry:
-    what = f"{invalid} (tensor {name!r}"
+    what = f"{invalid} (tensor {_short(name)}"
     if not isinstance(info, dict):
         raise InputError(f"{what} is {_kind(info)}, not a JSON object)")
     for field in ("dtype", "shape", "data_offsets"):
@@ -245,13 +254,18 @@ def _entry(name: str, info: object, invalid: str) -> Entry:
             raise InputError(f"{what} has no {field})")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in BITS:
-        raise InputError(f"{what}: dtype {json.dumps(dtype)} is not a safetensors dtype)")
+        raise InputError(f"{what}: dtype {_short(dtype)} is not a safetensors dtype)")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise InputError(f"{what}: shape {json.dumps(shape)} is not a list of counts)")
+        raise InputError(f"{what}: shape {_short(shape)} is not a list of counts)")
     if len(shape) > 64:
         raise InputError(f"{what}: {len(shape)} dimensions; NumPy allows at most 64)")
+    # NumPy's limit, as it applies it: nonzero dimensions times the item size (a zero-size
+    # shape such as [2**70, 0] holds no bytes, so the offsets cannot refuse it).
+    nonzero = int(np.prod([d for d in shape if d], dtype=object)) * max(BITS[dtype] // 8, 1)
+    if nonzero > MAX_ARRAY_BYTES:
+        raise InputError(f"{what}: shape {_short(shape)} is too large for NumPy)")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
-        raise InputError(f"{what}: data_offsets {json.dumps(offsets)} are not two counts)")
+        raise InputError(f"{what}: data_offsets {_short(offsets)} are not two counts)")
     return Entry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -266,7 +280,13 @@ def numpy_dtype(stored: str, label: str) -> np.dtype:
     if stored in NUMPY_DTYPES:
         return np.dtype(NUMPY_DTYPES[stored])
     if stored in NARROW_DTYPES:
-        import ml_dtypes  # about 0.7 s: only when a narrow array is read
+        try:
+            import ml_dtypes  # about 0.7 s: only when a narrow array is read
+        except ImportError:
+            raise InputError(
+                f"{label}: dtype {stored} needs ml_dtypes, which is not installed: "
+                "pip install ml_dtypes"
+            ) from None
 
         return np.dtype(getattr(ml_dtypes, NARROW_DTYPES[stored]))
     what = " (complex)" if stored == "C64" else ""

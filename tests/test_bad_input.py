@@ -634,7 +634,7 @@ CATALOGUE = [
     (
         "safetensors: an unknown dtype",
         lambda d: st_case(d, lambda h: h["X"].update(dtype="F128")),
-        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'X': dtype \"F128\" is not "
+        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'X': dtype 'F128' is not "
         "a safetensors dtype)",
         2,
     ),
@@ -664,6 +664,13 @@ CATALOGUE = [
         lambda d: st_case(d, lambda h: h["X"].update(shape=[4.0, 3])),
         "{dir}/case.safetensors: not a valid .safetensors file (tensor 'X': shape [4.0, 3] is not "
         "a list of counts)",
+        2,
+    ),
+    (
+        "safetensors: a zero-size shape beyond NumPy's limit",
+        lambda d: st_case(d, lambda h: h["B"].update(shape=[2**70, 0], data_offsets=[0, 0])),
+        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'B': shape "
+        "[1180591620717411303424, 0] is too large for NumPy)",
         2,
     ),
     (
