@@ -564,11 +564,12 @@ def _arithmetic(options: dict, loaded) -> dict | None:
 
 
 @app.command(
-    short_help="Write random inputs (and gradients) as .npy files.",
+    short_help="Write random inputs (and gradients) as .npy files (or .safetensors).",
     help=(
         "Write seeded random X.npy, W.npy, B.npy, dY.npy (the inputs of 'verify'), and with "
-        "--with-grads dX.npy, dW.npy, dB.npy. Each file is written atomically; an existing "
-        "file is never replaced without --force."
+        "--with-grads dX.npy, dW.npy, dB.npy (with --format safetensors, one file DIR.safetensors "
+        "holding them all). Each file is written atomically; an existing file is never "
+        "replaced without --force."
     ),
     epilog=EXIT_CODES + "\nExample: lincheck generate case/ --n 8 --din 4 --dout 3 --with-grads",
 )
@@ -576,7 +577,10 @@ def generate(
     directory: Annotated[
         Path,
         typer.Argument(
-            help="Folder to write into (created if needed).", show_default=False, metavar="DIR"
+            help="Folder to write into (created if needed); with --format safetensors, the "
+            "file (.safetensors appended unless the name ends so).",
+            show_default=False,
+            metavar="DIR",
         ),
     ],
     n: SizeN = 32,

@@ -149,7 +149,9 @@ GithubOption = Annotated[
         "GITHUB_ACTIONS=true).",
     ),
 ]
-Force = Annotated[bool, typer.Option("--force", help="Replace existing files (.npy, plots).")]
+Force = Annotated[
+    bool, typer.Option("--force", help="Replace existing files (.npy, .safetensors, plots).")
+]
 MethodOption = Annotated[
     Method,
     typer.Option(
