@@ -32,18 +32,20 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import warnings
 import weakref
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 import numpy.lib.format as npy_format
 
+from . import safetensors_format as st
 from .core import FileBacked
 from .errors import InputError
 from .tensors import INPUT_NAMES, SCALE_NAMES, SUBJECT_NAMES
@@ -58,21 +60,27 @@ class Loaded:
     """Arrays found at a path, by canonical name (X, W, B, dY, dX, dW, dB, Y).
 
     ``arrays`` holds ndarrays, and :class:`FileArray` for large files;
-    ``sources`` maps each name to the file (or ``file.npz:key``) it came
-    from; ``ignored`` lists files or keys that name no array lincheck knows.
+    ``sources`` maps each name to the file (or ``file.npz:key``,
+    ``file.safetensors:key``) it came from; ``ignored`` lists files or keys
+    that name no array lincheck knows; ``metadata`` is a ``.safetensors``
+    header's ``__metadata__`` (empty for ``.npy`` and ``.npz``), where a
+    capture tool may record ``lincheck.precision`` (the arithmetic, a
+    ``--precision`` spec) and ``lincheck.module``.
     """
 
     arrays: Mapping[str, np.ndarray | FileArray]
     sources: Mapping[str, str]
     ignored: tuple[str, ...]
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 def load(
     path: str | os.PathLike | None, files: Mapping[str, str | os.PathLike] | None = None
 ) -> Loaded:
-    """Load a folder of ``.npy`` files or one ``.npz`` file, plus single files by name.
+    """Load a folder of ``.npy`` files, one ``.npz`` or one ``.safetensors`` file, plus single
+    files by name.
 
-    Names are file stems or ``.npz`` keys, case-insensitive. X, W and dY are
+    Names are file stems, ``.npz`` or ``.safetensors`` keys, case-insensitive. X, W and dY are
     required; B, dX, dW, dB and Y are optional. ``files`` maps array names
     to ``.npy`` files given one by one (``--x FILE`` and the like); ``path``
     may then be None.
@@ -95,8 +103,10 @@ def load(
             raise InputError(f"{path}: not a regular file ({kind_of(mode)})")
         elif path.suffix.lower() == ".npz":
             loaded = _load_npz(path)
+        elif path.suffix.lower() == SAFETENSORS:
+            loaded = _load_safetensors(path)
         else:
-            raise InputError(f"{path}: expected a folder of .npy files or one .npz file")
+            raise InputError(f"{path}: {_unreadable(path)}")
     if files:
         arrays, sources = dict(loaded.arrays), dict(loaded.sources)
         for name, file in files.items():
@@ -104,7 +114,7 @@ def load(
             _claim(sources, name, f"--{name.lower()} {file}")
             arrays[name] = _read_file(name, Path(file))
             sources[name] = str(file)
-        loaded = Loaded(arrays, sources, loaded.ignored)
+        loaded = Loaded(arrays, sources, loaded.ignored, loaded.metadata)
     missing = [name for name in REQUIRED if name not in loaded.arrays]
     if missing:
         where = path if path is not None else "the files given"
@@ -117,8 +127,9 @@ def load(
 def cases(path: str | os.PathLike) -> list[Path]:
     """The dumps a path stands for: itself, or each case inside it.
 
-    A folder that holds no array of its own but holds folders or ``.npz``
-    files (one per layer of a model, say) stands for each of those, sorted.
+    A folder that holds no array of its own but holds folders, ``.npz`` or
+    ``.safetensors`` files (one per layer of a model, say) stands for each of
+    those, sorted.
     Nothing is opened here (a FIFO named ``case.npz`` is a case that
     :func:`load` then refuses), and nothing raises: a path that cannot be
     listed is one case, for :func:`load` to report.
@@ -131,8 +142,55 @@ def cases(path: str | os.PathLike) -> list[Path]:
     except (OSError, ValueError):
         return [path]
     own = [e for e in entries if e.suffix.lower() == ".npy" and _canonical(e.stem)]
-    inner = [e for e in entries if e.suffix.lower() == ".npz" or is_dir(e)]
+    inner = [e for e in entries if e.suffix.lower() in (".npz", SAFETENSORS) or is_dir(e)]
     return inner if inner and not own else [path]
+
+
+SAFETENSORS = ".safetensors"
+
+PICKLES = (".pt", ".pth", ".bin", ".ckpt")
+"""Suffixes of PyTorch's pickled files: refused by name, never opened."""
+
+TEXTS = (".csv", ".txt", ".tsv")
+
+
+def _unreadable(path: Path) -> str:
+    """Why lincheck does not read ``path`` (a file of another kind), and how to convert it."""
+    suffix = path.suffix.lower()
+    if suffix in PICKLES:
+        src = _plain(path, "case.pt")
+        dst = _plain(path.with_suffix(SAFETENSORS), "case.safetensors")
+        return (
+            f"a PyTorch pickle ({suffix}); lincheck never unpickles. Save the tensors as "
+            'safetensors instead: python -c "import torch; from safetensors.torch import '
+            "save_file; save_file({k: v.detach().contiguous().clone() for k, v in "
+            f"torch.load('{src}').items()}}, '{dst}')\""
+        )
+    if suffix in TEXTS:
+        name = _canonical(path.stem) or "X"
+        src = _plain(path, f"{name}.csv")
+        dst = _plain(path.with_name(f"{name}.npy"), f"{name}.npy")
+        delimiter = ", delimiter=','" if suffix == ".csv" else ""
+        delimiter = ", delimiter='\\t'" if suffix == ".tsv" else delimiter
+        return (
+            f"a text file ({suffix}); lincheck reads binary arrays. Save each as .npy in one "
+            f"folder: python -c \"import numpy as np; np.save('{dst}', "
+            f"np.loadtxt('{src}'{delimiter}))\""
+        )
+    if suffix == ".npy":
+        return (
+            "expected a folder of .npy files, an .npz or a .safetensors file (give the folder, "
+            f"or the file as --{(_canonical(path.stem) or 'x').lower()} FILE)"
+        )
+    return "expected a folder of .npy files, an .npz or a .safetensors file"
+
+
+def _plain(path: Path, fallback: str) -> str:
+    """``path`` if it can be pasted into a single-quoted Python string in a double-quoted
+    shell word as it is, else ``fallback``."""
+    text = str(path)
+    ok = text and all(c.isalnum() or c in "._-/+=,@:" for c in text)
+    return text if ok else fallback
 
 
 def is_dir(path: Path) -> bool:
@@ -394,12 +452,80 @@ class FileArray(FileBacked):
 
 
 # ---------------------------------------------------------------------------
+# .safetensors
+
+
+def _load_safetensors(path: Path) -> Loaded:
+    """One ``.safetensors`` file: its header checked whole (:mod:`lincheck.safetensors_format`)
+    before any data is read; arrays over ``MEMMAP_BYTES`` read as used (:class:`FileArray`)."""
+    where = str(path)
+    shared = _SharedFile(_open_regular(path, where))
+    lead = shared.read(0, min(st.N_LEN, shared.size), where).tobytes()
+    n = st.header_length(lead, shared.size, where)
+    header = shared.read(st.N_LEN, n, where).tobytes()
+    data_start = st.N_LEN + n
+    entries, metadata = st.parse_header(header, shared.size - data_start, where)
+    sources: dict[str, str] = {}
+    wanted = []
+    ignored = []
+    for entry in sorted(entries, key=lambda e: e.name):
+        name = _canonical(entry.name)
+        if name is None:
+            ignored.append(f"{path}:{entry.name}")
+            continue
+        _claim(sources, name, f"{path}:{entry.name}")
+        wanted.append((name, entry))
+    arrays: dict[str, np.ndarray | FileArray] = {}
+    for name, entry in wanted:
+        label = f"{name} ({sources[name]})"
+        dtype = st.numpy_dtype(entry.dtype, label)
+        offset, nbytes = data_start + entry.begin, entry.end - entry.begin
+        if nbytes > MEMMAP_BYTES:
+            arrays[name] = FileArray(shared, offset, entry.shape, dtype, False, label)
+        else:
+            array = shared.read(offset, nbytes, label).view(dtype).reshape(entry.shape)
+            array.flags.writeable = False
+            arrays[name] = array
+    return Loaded(arrays, sources, tuple(ignored), dict(metadata))
+
+
+def stored_precision(loaded: Loaded, where: str | os.PathLike) -> str | None:
+    """The arithmetic a dump's metadata declares (``lincheck.precision``), checked; or None.
+
+    Raises
+    ------
+    InputError
+        ``{where}: its metadata's lincheck.precision ...`` is not a spec
+        :func:`lincheck.precision.parse` understands.
+    """
+    spec = loaded.metadata.get("lincheck.precision")
+    if spec is None:
+        return None
+    from .precision import parse
+
+    try:
+        parse(spec)
+    except ValueError as exc:
+        raise InputError(
+            f"{where}: its metadata's lincheck.precision {spec!r} is not an arithmetic: {exc}"
+        ) from None
+    return spec
+
+
+# ---------------------------------------------------------------------------
 # .npy and .npz
 
 
 def _read_file(name: str, path: Path) -> np.ndarray | FileArray:
     """One ``.npy`` file, read (or, if large, read as used); errors name the array and file."""
     label = f"{name} ({path})"
+    suffix = path.suffix.lower()
+    if suffix in (".npz", SAFETENSORS, *PICKLES, *TEXTS):
+        _stat(path, label)  # a missing file is missing, whatever its name
+        case = suffix in (".npz", SAFETENSORS)
+        raise InputError(
+            f"{label}: {'holds a whole case: give it as PATH' if case else _unreadable(path)}"
+        )
     shared = _SharedFile(_open_regular(path, label))
     try:
         with open(shared.fd, "rb", closefd=False) as fp:
@@ -545,6 +671,10 @@ def _read_npy(
     except EOFError:
         raise InputError(f"{label}: not a valid .npy file (its header is cut short)") from None
     except Exception:  # any other malformed header is bad input, never a traceback
+        fp.seek(start)
+        head = fp.read(min(size, 8 + width + 256))
+        if re.search(rb"'descr': *'[<>|=]?f1'", head):  # np.save of an ml_dtypes float8_e5m2
+            raise InputError(f"{label}: {_narrow_advice('<f1', 'an fp8 (float8_e5m2)')}") from None
         raise InputError(f"{label}: not a valid .npy file (its header is malformed)") from None
     invalid = f"{label}: not a valid .npy file (its header declares"
     # type() is int, not isinstance: True is an int to Python, not a dimension.
@@ -561,6 +691,10 @@ def _read_npy(
         raise InputError(f"{invalid} the subarray dtype {dtype})")
     if dtype.itemsize == 0:
         raise InputError(f"{invalid} dtype {dtype}, whose items have no bytes)")
+    if dtype.kind == "V" and dtype.names is None and dtype.itemsize in (1, 2):
+        # np.save writes an ml_dtypes bfloat16 array as |V2, a float8_e4m3fn one as |V1
+        what = "a bfloat16" if dtype.itemsize == 2 else "an fp8 (float8_e4m3fn)"
+        raise InputError(f"{label}: {_narrow_advice(str(dtype), what)}")
     # NumPy's limit, as it applies it: nonzero dimensions times the item size.
     nonzero = int(np.prod([d for d in shape if d], dtype=object)) * dtype.itemsize
     if nonzero > MAX_BYTES:
@@ -588,6 +722,14 @@ def _read_npy(
     array = data.view(dtype).reshape(shape, order="F" if fortran else "C")
     array.flags.writeable = False
     return array
+
+
+def _narrow_advice(descr: str, what: str) -> str:
+    return (
+        f"dtype {descr} (raw bytes) is what np.save writes for {what} array, which .npy "
+        "cannot carry; save the case as one .safetensors file instead: "
+        'safetensors.numpy.save_file({"X": X, "W": W, "dY": dY, ...}, "case.safetensors")'
+    )
 
 
 def _first_line(exc: BaseException) -> str:

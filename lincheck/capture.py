@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, LincheckError
+from .validate import NARROW_FLOATS
 
 Accessor = Callable[[Any], tuple[Any, Any]]
 """``fn(module) -> (W, B)``: a linear-like module's weight, shape (D_out, D_in), and bias
@@ -305,17 +306,20 @@ def _write(captured: Captured, format: str, force: bool) -> None:
         if c.precision:
             metadata["lincheck.precision"] = c.precision
         cases[_file_name(c.name(totals[c.module]))] = (c, metadata)
-    if format == "npy":
+    if format == "npy":  # refused before anything is written
         for c, metadata in cases.values():
             if "lincheck.precision" in metadata:
                 raise InputError(
                     f"{captured.folder}: {c.module} ran in {metadata['lincheck.precision']} "
                     "arithmetic, which a .npy folder cannot record; use format='safetensors'"
                 )
-    targets = {
-        name: captured.folder / (f"{name}.safetensors" if format == "safetensors" else name)
-        for name in cases
-    }
+            narrow = [n for n, a in c.arrays.items() if a.dtype.name in NARROW_FLOATS]
+            if narrow:
+                raise InputError(
+                    f"{captured.folder}: {c.module}'s {narrow[0]} is {c.arrays[narrow[0]].dtype}, "
+                    "which .npy cannot carry; use format='safetensors'"
+                )
+    targets = {name: writing.case_path(captured.folder / name, format) for name in cases}
     existing = [str(p) for p in targets.values() if os.path.lexists(p)]
     if existing and not force:
         raise InputError(
@@ -323,12 +327,7 @@ def _write(captured: Captured, format: str, force: bool) -> None:
         )
     captured.folder.mkdir(parents=True, exist_ok=True)
     for name, (c, metadata) in cases.items():
-        if format == "npy":
-            writing.save(targets[name], c.arrays, force=force)
-        else:
-            writing.save_case(  # type: ignore[attr-defined]
-                targets[name], c.arrays, format=format, force=force, metadata=metadata
-            )
+        writing.save_case(targets[name], c.arrays, format=format, force=force, metadata=metadata)
         captured.paths.append(targets[name])
 
 

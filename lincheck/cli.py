@@ -31,6 +31,7 @@ from .options import (
     DXFile,
     DYFile,
     Force,
+    FormatOption,
     GithubOption,
     HeatmapOption,
     JsonOption,
@@ -48,6 +49,7 @@ from .options import (
     Quiet,
     Rtol,
     Samples,
+    SaveFormat,
     Seed,
     SizeIn,
     SizeN,
@@ -197,10 +199,12 @@ def run(
         typer.Option(
             "--save-failures",
             help="With --impl/--forward: write each failing case to DIR/<case>/ as .npy files "
-            "that 'lincheck verify' reproduces.",
+            "(DIR/<case>.safetensors with --format safetensors) that 'lincheck verify' "
+            "reproduces.",
             metavar="DIR",
         ),
     ] = None,
+    save_format: FormatOption = SaveFormat.npy,
     force: Force = False,
 ) -> None:
     """lincheck run (the help text is in the decorator: one line per paragraph)."""
@@ -210,7 +214,13 @@ def run(
     options = check_options(method, mode, samples, directions, seed, budget, atol, rtol)
     require_plotting(plot)
     out = output_options(json_path, junit, github, quiet, heatmap, plot, force)
-    check_outputs(out, folders={"--save": save, "--save-failures": save_failures})
+    out["format"] = save_format.value
+    save_file = save if save_format is SaveFormat.safetensors else None  # one file, not a folder
+    check_outputs(
+        out, folders={"--save": None if save_file else save, "--save-failures": save_failures}
+    )
+    if save_file is not None:
+        _check_case_file(save_file, force)
     sizes = (n, din, dout)
     dtypes = [d.value for d in dtype] if dtype else None
     if impl or forward:
@@ -264,14 +274,14 @@ def _run_yours(
     if no_bias:
         cases = [c for c in cases if not c.bias]
     if save_failures is not None and not out["force"]:
-        _refuse_saved_cases(save_failures, cases)
+        _refuse_saved_cases(save_failures, cases, out["format"])
     # Your functions run in a worker process: nothing they do can end, hang or
     # garble this one (lincheck/worker.py).
     with bad_input(), layouts.command_line_advice():
         with Worker(impl, forward, timeout or None) as worker:
             results = [api.run_case(case, None, worker=worker, **options) for case in cases]
     if save_failures is not None:
-        _save_failures(save_failures, results, out["force"])
+        _save_failures(save_failures, results, out["force"], out["format"])
     what = " and ".join(x for x in (impl, forward) if x)
     header = (
         f"[bold]lincheck run[/] {what}: {len(cases)} cases "
@@ -282,14 +292,18 @@ def _run_yours(
     emit_many(results, header, out, {**context, "layout": layout}, skipped)
 
 
-def _refuse_saved_cases(folder: Path, cases) -> None:
+def _refuse_saved_cases(folder: Path, cases, save_format: str = "npy") -> None:
     """--save-failures without --force into a folder that holds cases of this sweep: exit 2
     before any work (saving them after the checks would fail and hide the verdict)."""
     from . import writing
     from .tensors import INPUT_NAMES, SUBJECT_NAMES
 
     names = [*INPUT_NAMES, *SUBJECT_NAMES]
-    taken = [folder / c.slug for c in cases if writing.existing_targets(folder / c.slug, names)]
+    if save_format == "safetensors":
+        files = [writing.case_path(folder / c.slug, save_format) for c in cases]
+        taken = [p for p in files if os.path.lexists(p)]
+    else:
+        taken = [folder / c.slug for c in cases if writing.existing_targets(folder / c.slug, names)]
     if taken:
         more = ", ..." if len(taken) > 2 else ""
         fail(
@@ -316,7 +330,7 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out, layout="out_in
         given = layouts.stored({**data, **grads}, layout)
         if save is not None:
             with bad_input():
-                writing.save(save, given, force=out["force"])
+                writing.save_case(save, given, format=out["format"], force=out["force"])
         bar = ProgressBar(not out["quiet"])
         try:
             report = checks.check(
@@ -353,19 +367,30 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out, layout="out_in
     emit_many(results, header, out, {"command": "run", "seed": seed, "dtypes": dtypes})
 
 
-def _save_failures(folder: Path, results, force: bool) -> None:
-    """Write each failing case's inputs and the user's outputs to folder/<case>/."""
+def _save_failures(folder: Path, results, force: bool, save_format: str = "npy") -> None:
+    """Write each failing case's inputs and the user's outputs to folder/<case>/ (or
+    folder/<case>.safetensors)."""
     from . import writing
 
     for result in results:
         if result.passed:
             continue
         with bad_input():
-            writing.save(folder / result.case.slug, dict(result.arrays), force=force)
+            writing.save_case(
+                folder / result.case.slug, dict(result.arrays), format=save_format, force=force
+            )
+
+
+def _check_case_file(save: Path, force: bool) -> None:
+    """--save FILE --format safetensors: refused before any work if it cannot be written."""
+    from . import writing
+
+    with bad_input():
+        writing.check_output(writing.case_path(save, "safetensors"), what="--save", force=force)
 
 
 @app.command(
-    short_help="Check gradients your code saved (.npy folder or .npz).",
+    short_help="Check gradients your code saved (.npy folder, .npz or .safetensors).",
     help=(
         "Check gradients your code produced (dX, dW, dB, Y) against the float64 analytic "
         "reference, which is itself checked against a numerical witness; with no gradients "
@@ -382,8 +407,9 @@ def verify(
     paths: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Folders of .npy files or .npz files, one case each; a folder that holds "
-            "only case folders (or .npz files) stands for all of them. Names "
+            help="Folders of .npy files, .npz or .safetensors files, one case each; a folder "
+            "that holds only case folders (or .npz, .safetensors files) stands for all of "
+            "them. Names "
             "(case-insensitive): X, W, dY required; B optional; dX, dW, dB, Y are the "
             "gradients (and forward output) to check.",
             show_default=False,
@@ -472,6 +498,9 @@ def _check_dump(path, files, options, max_memory, quiet, progress=None):
 
     loaded = arrays.load(path, files)
     a = loaded.arrays
+    if options.get("precision") is None:  # --precision wins over the file's metadata
+        stored = arrays.stored_precision(loaded, path if path is not None else "files")
+        options = {**options, "precision": stored} if stored else options
     memory_guard(a, options, max_memory, quiet)
     with layouts.command_line_advice():
         report = _check_loaded(checks, tensors, a, loaded, options, progress)
@@ -556,6 +585,7 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
     finally:
         bar.close()
     a = loaded.arrays
+    arithmetic = _arithmetic(options, loaded)
     from rich.columns import Columns
     from rich.console import Group, RenderableType
     from rich.text import Text
@@ -566,6 +596,7 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
         ("lincheck verify", "bold"),
         f" {name}  N={layer.N} D_in={layer.D_in} D_out={layer.D_out}, "
         f"{'with' if layer.bias else 'without'} bias",
+        f", {arithmetic['precision']} arithmetic (from {arithmetic['from']})" if arithmetic else "",
     )
     # One item per array, laid out in columns: a narrow terminal wraps between arrays.
     order = [*tensors.INPUT_NAMES, *tensors.SUBJECT_NAMES]
@@ -579,15 +610,31 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
         "sources": dict(loaded.sources),
         "layout": options["layout"],
     }
+    if arithmetic:
+        context["arithmetic"] = arithmetic
+    if loaded.metadata:
+        context["metadata"] = dict(loaded.metadata)
     emit(report, Group(*parts), name, out, context)
 
 
+def _arithmetic(options: dict, loaded) -> dict | None:
+    """Where the arithmetic came from, when not from the gradients' dtypes: ``--precision``,
+    or the metadata (``lincheck.precision``) of a ``.safetensors`` dump."""
+    if options.get("precision") is not None:
+        return {"precision": options["precision"], "from": "--precision"}
+    stored = loaded.metadata.get("lincheck.precision")
+    if stored is not None:
+        return {"precision": stored, "from": "metadata"}
+    return None
+
+
 @app.command(
-    short_help="Write random inputs (and gradients) as .npy files.",
+    short_help="Write random inputs (and gradients) as .npy files (or .safetensors).",
     help=(
         "Write seeded random X.npy, W.npy, B.npy, dY.npy (the inputs of 'verify'), and with "
-        "--with-grads dX.npy, dW.npy, dB.npy. Each file is written atomically; an existing "
-        "file is never replaced without --force."
+        "--with-grads dX.npy, dW.npy, dB.npy (with --format safetensors, one file DIR.safetensors "
+        "holding them all). Each file is written atomically; an existing file is never "
+        "replaced without --force."
     ),
     epilog=EXIT_CODES + "\nExample: lincheck generate case/ --n 8 --din 4 --dout 3 --with-grads",
 )
@@ -595,7 +642,10 @@ def generate(
     directory: Annotated[
         Path,
         typer.Argument(
-            help="Folder to write into (created if needed).", show_default=False, metavar="DIR"
+            help="Folder to write into (created if needed); with --format safetensors, the "
+            "file (.safetensors appended unless the name ends so).",
+            show_default=False,
+            metavar="DIR",
         ),
     ],
     n: SizeN = 32,
@@ -608,6 +658,7 @@ def generate(
         bool, typer.Option("--with-grads", help="Also write dX, dW, dB computed in --dtype.")
     ] = False,
     layout: LayoutOption = Layout.out_in,
+    save_format: FormatOption = SaveFormat.npy,
     force: Force = False,
 ) -> None:
     """lincheck generate (the help text is in the decorator)."""
@@ -619,7 +670,12 @@ def generate(
     if with_grads:
         data.update(checks.analytic_gradients(data))
     with bad_input():
-        written = writing.save(directory, layouts.stored(data, layout.value), force=force)
+        written = writing.save_case(
+            directory, layouts.stored(data, layout.value), format=save_format.value, force=force
+        )
+    if save_format is SaveFormat.safetensors:
+        output.stdout.print(f"wrote {', '.join(data)} to {written[0]}", highlight=False)
+        return
     output.stdout.print(
         f"wrote {', '.join(p.name for p in written)} to {directory}", highlight=False
     )
@@ -640,7 +696,8 @@ def explain(
     path: Annotated[
         Path | None,
         typer.Argument(
-            help="A dump (folder of .npy files or .npz) whose shapes and dtypes to use.",
+            help="A dump (folder of .npy files, .npz or .safetensors) whose shapes and dtypes "
+            "(and stored arithmetic) to use.",
             show_default=False,
         ),
     ] = None,
@@ -669,9 +726,10 @@ def explain(
             layer = validate.layer_of(
                 a["X"], a["W"], a.get("B"), a["dY"], loaded.sources, layout.value
             )
+            stored = arrays.stored_precision(loaded, path) if chosen is None else None
         n, din, dout, bias = layer.N, layer.D_in, layer.D_out, layer.bias
         subjects = [a[name] for name in ("dX", "dW", "dB") if name in a]
-        chosen = chosen or precision_for((subjects or [a["X"]])[0].dtype).name
+        chosen = chosen or stored or precision_for((subjects or [a["X"]])[0].dtype).name
     else:
         bias = not no_bias
     sizes = Sizes(

@@ -102,6 +102,21 @@ LayoutOption = Annotated[
 ]
 
 
+class SaveFormat(str, Enum):
+    npy = "npy"
+    safetensors = "safetensors"
+
+
+FormatOption = Annotated[
+    SaveFormat,
+    typer.Option(
+        "--format",
+        help="How to write each case: npy, a folder of NAME.npy files; safetensors, one "
+        "file (.safetensors appended to the name), which also carries bfloat16 and fp8.",
+    ),
+]
+
+
 class Language(str, Enum):
     en = "en"
     zh = "zh"
@@ -150,7 +165,9 @@ GithubOption = Annotated[
         "GITHUB_ACTIONS=true).",
     ),
 ]
-Force = Annotated[bool, typer.Option("--force", help="Replace existing files (.npy, plots).")]
+Force = Annotated[
+    bool, typer.Option("--force", help="Replace existing files (.npy, .safetensors, plots).")
+]
 MethodOption = Annotated[
     Method,
     typer.Option(

@@ -52,7 +52,12 @@ def real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
             f"{label(name, sources)}: dtype {a.dtype} (extended precision) is not supported; "
             "save it as float64"
         )
-    if kind == "V" and a.dtype.names is None and a.dtype.name.startswith(("float", "int", "uint")):
+    if (
+        kind == "V"
+        and a.dtype.names is None
+        and a.dtype.name.startswith(("float", "int", "uint"))
+        and a.dtype.name not in NARROW_FLOATS  # float8_e4m3fn is a "V" type too
+    ):
         raise InputError(  # another ml_dtypes type (float8_e4m3fnuz, float4_e2m1fn, int4, ...)
             f"{label(name, sources)}: dtype {a.dtype} is not supported; lincheck reads "
             f"{', '.join(NARROW_FLOATS)} besides NumPy's floats, integers and bool"

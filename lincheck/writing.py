@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import stat
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -27,6 +28,7 @@ from typing import IO
 import numpy as np
 import numpy.lib.format as npy_format
 
+from . import safetensors_format as st
 from .arrays import READ_INPUTS, cases, is_dir, kind_of
 from .errors import InputError
 
@@ -229,6 +231,106 @@ def save(
     stale = [p for p in clash if p not in writers]
     _write_all(folder, writers, replace=force, remove=stale)
     return list(writers)
+
+
+FORMATS = ("npy", "safetensors")
+
+
+def case_path(path: str | os.PathLike, format: str = "npy") -> Path:
+    """Where :func:`save_case` writes: the folder ``path`` (npy), or the file ``path`` with
+    ``.safetensors`` appended unless it ends so (safetensors)."""
+    path = Path(path)
+    if format == "safetensors" and path.suffix.lower() != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    return path
+
+
+def save_case(
+    path: str | os.PathLike,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    format: str = "npy",
+    force: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Write the arrays of one case, all or none, as ``verify`` reads them; the paths written.
+
+    Parameters
+    ----------
+    path : path
+        "npy": the folder to write ``NAME.npy`` files into (:func:`save`).
+        "safetensors": the file, ``.safetensors`` appended unless its name
+        ends so (:func:`case_path`).
+    arrays : mapping of name to array
+        X, W, B, dY, dX, dW, dB, Y, ... of any real dtype. ``ml_dtypes``
+        bfloat16, float8_e4m3fn and float8_e5m2 arrays are stored as BF16,
+        F8_E4M3 and F8_E5M2 in safetensors; ``.npy`` cannot carry them (np.save
+        writes raw 1- or 2-byte items that read back as void), so "npy"
+        refuses them.
+    format : {"npy", "safetensors"}
+    force : bool
+        Replace existing files; without it nothing is written if a target exists.
+    metadata : mapping of str to str, optional
+        Stored as the safetensors header's ``__metadata__`` (``verify`` reads
+        ``lincheck.precision`` from it as the default arithmetic); not stored
+        with "npy".
+
+    The safetensors file is written by lincheck itself (not the
+    ``safetensors`` package): the header lists the arrays by decreasing item
+    size then name, padded with spaces to 8 bytes as the reference writer
+    does, so every array's data is aligned to its item size; then the data,
+    little-endian, C order. It is written as :func:`save` writes (an unnamed
+    file, flushed, then named; never replacing without ``force``; never
+    through a symlink; a killed process leaves nothing partial).
+
+    Raises
+    ------
+    InputError
+        A target exists and ``force`` is False, a target is not a regular file,
+        an array's dtype cannot be stored in the format, or a write fails.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
+    if format == "npy":
+        for name, array in arrays.items():
+            dtype = np.asarray(array).dtype if not hasattr(array, "dtype") else array.dtype
+            if (
+                dtype.kind == "V" and dtype.names is None
+            ) or dtype.name in st.NARROW_DTYPES.values():
+                raise InputError(
+                    f"{name}: dtype {dtype.name} cannot be stored in .npy (np.save writes raw "
+                    f"{dtype.itemsize}-byte items); use --format safetensors "
+                    "(format='safetensors')"
+                )
+        return save(path, arrays, force=force)
+    target = case_path(path, format)
+    stored = {}
+    for name, array in arrays.items():
+        a = np.asarray(array)
+        if st.stored_dtype(a.dtype) is None:
+            raise InputError(f"{name}: dtype {a.dtype} cannot be stored in .safetensors")
+        if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and not _LITTLE):
+            a = a.astype(a.dtype.newbyteorder("<"))
+        stored[name] = a if a.flags.c_contiguous else a.copy(order="C")  # 0-d stays 0-d
+    order = sorted(stored, key=lambda n: (-stored[n].dtype.itemsize, n))
+    stored = {name: stored[name] for name in order}
+    header = st.build_header(stored, metadata)
+    if len(header) - st.N_LEN > st.MAX_HEADER_BYTES:
+        raise InputError(f"{target}: the header would exceed {st.MAX_HEADER_BYTES:,} bytes")
+
+    def write(fp: IO[bytes]) -> None:
+        fp.write(header)
+        for a in stored.values():
+            fp.write(a.reshape(-1).view(np.uint8).data)
+
+    folder = _folder(target.parent)
+    clash = [target] if os.path.lexists(target) else []
+    _make_room(folder, clash, force)
+    _write_all(folder, {target: write}, replace=force)
+    return [target]
+
+
+_LITTLE = sys.byteorder == "little"
 
 
 def _folder(folder: str | os.PathLike) -> Path:

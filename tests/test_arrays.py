@@ -79,7 +79,10 @@ def test_two_files_for_one_name(tmp_path, rng):
     "make, message",
     [
         (lambda p: None, r"no such file or folder"),
-        (lambda p: p.write_text("x"), r"expected a folder of \.npy files or one \.npz file"),
+        (
+            lambda p: p.write_text("x"),
+            r"expected a folder of \.npy files, an \.npz or a \.safetensors",
+        ),
     ],
 )
 def test_path_errors(tmp_path, make, message):

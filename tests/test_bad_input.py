@@ -6,6 +6,7 @@ also checks that docs/bad-input.md lists every message, so the page cannot drift
 """
 
 import io
+import json
 import os
 import socket
 import stat
@@ -133,6 +134,43 @@ def good_members():
     return [stored(k, npy(v)) for k, v in good().items() if k != "X"]
 
 
+NPY_ADVICE = (
+    ", which .npy cannot carry; save the case as one .safetensors file instead: "
+    'safetensors.numpy.save_file({{"X": X, "W": W, "dY": dY, ...}}, "case.safetensors")'
+)
+
+
+def st_case(d, edit=None, data=None, header=None, length=None, name="case.safetensors"):
+    """The good arrays as one .safetensors file written by the reference writer, then its
+    header (parsed JSON) edited, or replaced by raw bytes, its data or its length changed."""
+    import safetensors.numpy
+
+    raw = safetensors.numpy.save(good())
+    n = int.from_bytes(raw[:8], "little")
+    parsed = json.loads(raw[8 : 8 + n])
+    if edit is not None:
+        edit(parsed)
+    if header is None:
+        header = json.dumps(parsed, separators=(",", ":")).encode()
+    body = raw[8 + n :] if data is None else data(raw[8 + n :])
+    d.mkdir(exist_ok=True)
+    size = len(header) if length is None else length
+    (d / name).write_bytes(size.to_bytes(8, "little") + header + body)
+    return [str(d / name)]
+
+
+def narrow_npy(dtype_name):
+    import ml_dtypes
+
+    return npy(np.ones((4, 3), getattr(ml_dtypes, dtype_name)))
+
+
+def put(d, name, data=b""):
+    d.mkdir(exist_ok=True)
+    (d / name).write_bytes(data)
+    return [str(d / name)]
+
+
 CATALOGUE = [
     # (id, setup(DIR) -> argv after "verify", message with {dir}, exit code)
     (
@@ -165,7 +203,8 @@ CATALOGUE = [
     (
         "not a folder or .npz",
         lambda d: folder(d) and [str(d / "X.npy")],
-        "{dir}/X.npy: expected a folder of .npy files or one .npz file",
+        "{dir}/X.npy: expected a folder of .npy files, an .npz or a .safetensors file (give the "
+        "folder, or the file as --x FILE)",
         2,
     ),
     (
@@ -534,6 +573,240 @@ CATALOGUE = [
         ),
         "X ({dir}/case.npz:X): the archive member declares 1,000,000,000 compressed bytes but "
         "the whole archive has 1,146; the archive is corrupt",
+        2,
+    ),
+    # .safetensors: the header is checked whole before any data is read.
+    (
+        "safetensors: empty",
+        lambda d: put(d, "case.safetensors"),
+        "{dir}/case.safetensors: empty file",
+        2,
+    ),
+    (
+        "safetensors: shorter than its length",
+        lambda d: put(d, "case.safetensors", b"\x01\x02"),
+        "{dir}/case.safetensors: not a valid .safetensors file (it has 2 bytes, fewer than the 8 "
+        "of its length)",
+        2,
+    ),
+    (
+        "safetensors: header length beyond the file",
+        lambda d: st_case(d, length=10**6),
+        "{dir}/case.safetensors: not a valid .safetensors file (its header length is 1,000,000 "
+        "bytes but the file holds 562 after the length)",
+        2,
+    ),
+    (
+        "safetensors: header length over the limit",
+        lambda d: st_case(d, length=2**40),
+        "{dir}/case.safetensors: not a valid .safetensors file (its header length is "
+        "1,099,511,627,776 bytes; lincheck reads headers up to 16,777,216)",
+        2,
+    ),
+    (
+        "safetensors: header not UTF-8",
+        lambda d: st_case(d, header=b'{"\xff":1}'),
+        "{dir}/case.safetensors: not a valid .safetensors file (its header is not UTF-8: byte 2)",
+        2,
+    ),
+    (
+        "safetensors: header not JSON",
+        lambda d: st_case(d, header=b"{not json"),
+        "{dir}/case.safetensors: not a valid .safetensors file (its header is not JSON: Expecting "
+        "property name enclosed in double quotes)",
+        2,
+    ),
+    (
+        "safetensors: header a JSON array",
+        lambda d: st_case(d, header=b"[1, 2]"),
+        "{dir}/case.safetensors: not a valid .safetensors file (its header is an array, not a "
+        "JSON object)",
+        2,
+    ),
+    (
+        "safetensors: a repeated key",
+        lambda d: st_case(
+            d, header=b'{"B":{"dtype":"F64","shape":[2],"data_offsets":[0,16]},"B":1}'
+        ),
+        "{dir}/case.safetensors: not a valid .safetensors file (its header repeats the key 'B')",
+        2,
+    ),
+    (
+        "safetensors: NaN in the header",
+        lambda d: st_case(d, header=b'{"__metadata__":{"a":NaN}}'),
+        "{dir}/case.safetensors: not a valid .safetensors file (its header holds NaN, which is "
+        "not JSON)",
+        2,
+    ),
+    (
+        "safetensors: a tensor not an object",
+        lambda d: st_case(d, lambda h: h.update(B=5)),
+        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'B' is a number, not a "
+        "JSON object)",
+        2,
+    ),
+    (
+        "safetensors: a field missing",
+        lambda d: st_case(d, lambda h: h["X"].pop("dtype")),
+        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'X' has no dtype)",
+        2,
+    ),
+    (
+        "safetensors: an unknown dtype",
+        lambda d: st_case(d, lambda h: h["X"].update(dtype="F128")),
+        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'X': dtype 'F128' is not "
+        "a safetensors dtype)",
+        2,
+    ),
+    (
+        "safetensors: a complex array",
+        lambda d: st_case(d, lambda h: h["X"].update(dtype="C64")),
+        "X ({dir}/case.safetensors:X): dtype C64 (complex) is not supported; lincheck reads F64, "
+        "F32, F16, BF16, F8_E4M3, F8_E5M2, I8..I64, U8..U64 and BOOL",
+        2,
+    ),
+    (
+        "safetensors: a dtype lincheck does not read (F8_E8M0)",
+        lambda d: st_case(d, lambda h: h["W"].update(dtype="F8_E8M0", shape=[48])),
+        "W ({dir}/case.safetensors:W): dtype F8_E8M0 is not supported; lincheck reads F64, F32, "
+        "F16, BF16, F8_E4M3, F8_E5M2, I8..I64, U8..U64 and BOOL",
+        2,
+    ),
+    (
+        "safetensors: a negative dimension",
+        lambda d: st_case(d, lambda h: h["X"].update(shape=[-4, 3])),
+        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'X': shape [-4, 3] is not "
+        "a list of counts)",
+        2,
+    ),
+    (
+        "safetensors: a float dimension",
+        lambda d: st_case(d, lambda h: h["X"].update(shape=[4.0, 3])),
+        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'X': shape [4.0, 3] is not "
+        "a list of counts)",
+        2,
+    ),
+    (
+        "safetensors: a zero-size shape beyond NumPy's limit",
+        lambda d: st_case(d, lambda h: h["B"].update(shape=[2**70, 0], data_offsets=[0, 0])),
+        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'B': shape "
+        "[1180591620717411303424, 0] is too large for NumPy)",
+        2,
+    ),
+    (
+        "safetensors: offsets not two counts",
+        lambda d: st_case(d, lambda h: h["B"].update(data_offsets=[0])),
+        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'B': data_offsets [0] are "
+        "not two counts)",
+        2,
+    ),
+    (
+        "safetensors: offsets that end before they begin",
+        lambda d: st_case(d, lambda h: h["B"].update(data_offsets=[16, 0])),
+        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'B': data_offsets [16, 0] "
+        "end before they begin)",
+        2,
+    ),
+    (
+        "safetensors: a shape that does not fit its bytes",
+        lambda d: st_case(d, lambda h: h["X"].update(shape=[4, 2])),
+        "{dir}/case.safetensors: not a valid .safetensors file (tensor 'X': shape [4, 2] F64 "
+        "needs 64 bytes but data_offsets [64, 160] hold 96)",
+        2,
+    ),
+    (
+        "safetensors: a gap in the data",
+        lambda d: st_case(d, lambda h: h.pop("B")),
+        "{dir}/case.safetensors: not a valid .safetensors file (bytes [0, 16) of its data belong "
+        "to no tensor; the tensors must cover the data without gaps)",
+        2,
+    ),
+    (
+        "safetensors: overlapping tensors",
+        lambda d: st_case(d, lambda h: h["W"].update(data_offsets=[0, 48])),
+        "{dir}/case.safetensors: not a valid .safetensors file (tensors 'B' [0, 16] and 'W' [0, "
+        "48] overlap)",
+        2,
+    ),
+    (
+        "safetensors: bytes after the last tensor",
+        lambda d: st_case(d, data=lambda b: b + bytes(8)),
+        "{dir}/case.safetensors: not a valid .safetensors file (8 bytes after the last tensor's "
+        "data belong to no tensor)",
+        2,
+    ),
+    (
+        "safetensors: truncated data",
+        lambda d: st_case(d, data=lambda b: b[:-8]),
+        "{dir}/case.safetensors: not a valid .safetensors file (truncated: its tensors need 272 "
+        "bytes of data but the file holds 264)",
+        2,
+    ),
+    (
+        "safetensors: metadata not strings",
+        lambda d: st_case(d, lambda h: h.update(__metadata__={"a": 1})),
+        "{dir}/case.safetensors: not a valid .safetensors file (its __metadata__ is not an object "
+        "of strings)",
+        2,
+    ),
+    (
+        "safetensors: a lincheck.precision that is no arithmetic",
+        lambda d: st_case(d, lambda h: h.update(__metadata__={"lincheck.precision": "bf17"})),
+        "{dir}/case.safetensors: its metadata's lincheck.precision 'bf17' is not an arithmetic: "
+        "precision 'bf17': 'bf17' is neither a preset (fp64, fp32, tf32, bf16, fp16, fp16-acc16, "
+        "fp8, fp8-blockwise) nor key=value with a key of x, w, dy, convert, scale, products, acc, "
+        "out, bias, reduce",
+        2,
+    ),
+    # Files lincheck does not read: what they look like, and the one line that converts them.
+    (
+        "a bfloat16 array saved with np.save",
+        lambda d: folder(d, X=narrow_npy("bfloat16")),
+        "X ({dir}/X.npy): dtype |V2 (raw bytes) is what np.save writes for a bfloat16 array"
+        + NPY_ADVICE,
+        2,
+    ),
+    (
+        "an fp8 e4m3 array saved with np.save",
+        lambda d: folder(d, W=narrow_npy("float8_e4m3fn")),
+        "W ({dir}/W.npy): dtype |V1 (raw bytes) is what np.save writes for an fp8 "
+        "(float8_e4m3fn) array" + NPY_ADVICE,
+        2,
+    ),
+    (
+        "an fp8 e5m2 array saved with np.save",
+        lambda d: folder(d, dY=narrow_npy("float8_e5m2")),
+        "dY ({dir}/dY.npy): dtype <f1 (raw bytes) is what np.save writes for an fp8 "
+        "(float8_e5m2) array" + NPY_ADVICE,
+        2,
+    ),
+    (
+        "a PyTorch pickle",
+        lambda d: put(d, "case.pt", b"PK\x03\x04 never opened"),
+        "{dir}/case.pt: a PyTorch pickle (.pt); lincheck never unpickles. Save the tensors as "
+        'safetensors instead: python -c "import torch; from safetensors.torch import save_file; '
+        "save_file({{k: v.detach().contiguous().clone() for k, v in "
+        "torch.load('{dir}/case.pt').items()}}, '{dir}/case.safetensors')\"",
+        2,
+    ),
+    (
+        "a CSV file",
+        lambda d: put(d, "X.csv", b"1,2,3\n"),
+        "{dir}/X.csv: a text file (.csv); lincheck reads binary arrays. Save each as .npy in one "
+        "folder: python -c \"import numpy as np; np.save('{dir}/X.npy', np.loadtxt('{dir}/X.csv', "
+        "delimiter=','))\"",
+        2,
+    ),
+    (
+        "another kind of file",
+        lambda d: put(d, "case.h5", b"HDF"),
+        "{dir}/case.h5: expected a folder of .npy files, an .npz or a .safetensors file",
+        2,
+    ),
+    (
+        "a case file as --x FILE",
+        lambda d: folder(d, X=None) + ["--x", str(st_case(d)[0])],
+        "X ({dir}/case.safetensors): holds a whole case: give it as PATH",
         2,
     ),
 ]

@@ -202,3 +202,41 @@ def test_modules_chooses_what_is_recorded(tmp_path):
     with capture(model, tmp_path, format="npy", modules=["inp", "out"]) as cap:
         model(torch.randn(4, 12)).sum().backward()
     assert sorted(p.name for p in cap.paths) == ["inp", "out"]
+
+
+def test_bfloat16_model_and_autocast_verify_without_precision(tmp_path):
+    """bfloat16 parameters (stored as BF16), and float32 parameters under CPU autocast to
+    bfloat16 (stored as F32, the arithmetic recorded): both verify with no --precision."""
+    torch.manual_seed(5)
+    model = MLP(broken=False).to(torch.bfloat16)
+    with capture(model, tmp_path / "bf16"):
+        model(torch.randn(64, 12, dtype=torch.bfloat16)).float().square().sum().backward()
+    result, report = _verify(str(tmp_path / "bf16"))
+    assert result.exit_code == 0, result.output
+    checks = report["cases"][0]["report"]["checks"]
+    assert {c["precision"] for c in checks if c["subject"] == "supplied"} == {"bf16"}
+
+    model = MLP(broken=False)
+    with capture(model, tmp_path / "autocast"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(torch.randn(64, 12)).float().square().sum()
+        loss.backward()
+    result, report = _verify(str(tmp_path / "autocast"))
+    assert result.exit_code == 0, result.output
+    # The same dump held to float32's arithmetic fails: the record is what made it pass.
+    result, report = _verify(str(tmp_path / "autocast"), "--precision", "fp32")
+    assert result.exit_code == 1, result.output
+
+    with pytest.raises(InputError, match="use format='safetensors'"):
+        with capture(model, tmp_path / "npy", format="npy"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(torch.randn(4, 12)).float().sum()
+            loss.backward()
+
+
+def test_npy_refuses_bfloat16_before_writing(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)).to(torch.bfloat16)
+    with pytest.raises(InputError, match="which .npy cannot carry; use format='safetensors'"):
+        with capture(model, tmp_path, format="npy"):
+            model(torch.randn(4, 3, dtype=torch.bfloat16)).float().sum().backward()
+    assert not any(tmp_path.iterdir())
