@@ -199,9 +199,9 @@ def test_framework_modules_name_their_extra(name):
 
 SIZES = ["--n", "6", "--din", "5", "--dout", "3", "--dtype", "float32", "--dtype", "bfloat16"]
 RUNS = {
-    # name: (object, expected exit code, hint code every failing case must name). A correct
-    # nn.Module class runs in tests/test_readme.py (the README's command).
-    "torch backward": ("torch_layers:backward", 0, None),
+    # name: (object and options, expected exit code, hint code every failing case must
+    # name). A correct nn.Module class runs in tests/test_readme.py (the README's command).
+    "torch backward": ("torch_layers:backward --framework torch", 0, None),
     "torch forward": ("torch_layers:linear", 0, None),
     "JAX forward": ("jax_layers:linear_jit", 0, None),
     "torch backward, dB mean": ("torch_layers:mean_bias_backward", 1, "mean_instead_of_sum"),
@@ -225,7 +225,7 @@ def runs(tmp_path_factory):
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     env.pop("GITHUB_ACTIONS", None)
     commands = {
-        name: ([*LINCHECK, "run", "--impl", obj, *SIZES, "--json", "-", "--quiet"], env)
+        name: ([*LINCHECK, "run", "--impl", *obj.split(), *SIZES, "--json", "-", "--quiet"], env)
         for name, (obj, _, _) in RUNS.items()
     }
     no_torch = dict(env, PYTHONPATH=os.pathsep.join([str(missing), env.get("PYTHONPATH", "")]))
