@@ -19,9 +19,10 @@ import numpy as np
 
 from .checks import check, random_inputs
 from .errors import LincheckError
+from .frameworks import classify, detect_framework
 from .layouts import check_layout, stored
 from .results import Report, json_text
-from .worker import DEFAULT_TIMEOUT, Worker, call, read_results
+from .worker import DEFAULT_TIMEOUT, Worker, arithmetic, call, read_results
 
 
 def assert_gradients(X, W, B, dY, dX=None, dW=None, dB=None, Y=None, **options) -> Report:
@@ -287,6 +288,8 @@ def check_backward(
     timeout: float | None = None,
     cases: str | Iterable[str] | None = None,
     layout: str = "out_in",
+    framework: str | None = None,
+    device: str = "cpu",
     **options,
 ) -> Sweep:
     """Check ``fn(X, W, B, dY) -> (dX, dW, dB)`` on every case of :func:`sweep`.
@@ -308,6 +311,12 @@ def check_backward(
     ending or stalling the caller. The functions must be importable by name
     (defined at a module's top level, not in ``__main__`` or a closure).
 
+    ``fn`` may also be a torch or JAX layer, as ``lincheck run --impl`` takes
+    it (:func:`lincheck.frameworks.classify`): a backward on the framework's
+    arrays, a forward ``fn(X, W, B) -> Y`` differentiated by its autograd
+    (then Y is checked too), or a torch module class; ``framework`` ("numpy",
+    "torch", "jax") overrides the detection and ``device`` says where it runs.
+
     Examples
     --------
     >>> def backward(X, W, B, dY):
@@ -317,20 +326,35 @@ def check_backward(
     True
     """
     chosen, skipped = split_sweep(N, D_in, D_out, dtypes, seed, cases, layout)
-    return _run_sweep(chosen, fn, forward, isolate, timeout, options, skipped)
+    return _run_sweep(chosen, fn, forward, isolate, timeout, options, skipped, framework, device)
 
 
 def _run_sweep(
-    cases, fn, forward, isolate: bool, timeout: float | None, options, skipped=()
+    cases,
+    fn,
+    forward,
+    isolate: bool,
+    timeout: float | None,
+    options,
+    skipped=(),
+    framework=None,
+    device="cpu",
 ) -> Sweep:
     if not isolate:
+        if fn is not None and (framework or detect_framework(fn)) != "numpy":
+            fn = classify(fn, _name(fn), framework, device)
         return Sweep(tuple(run_case(case, fn, forward, **options) for case in cases), skipped)
     impl = None if fn is None else _importable(fn)
     spec = None if forward is None else _importable(forward)
     limit = DEFAULT_TIMEOUT if timeout is None else timeout
-    with Worker(impl, spec, timeout=limit, paths=tuple(sys.path)) as worker:
+    paths = tuple(sys.path)
+    with Worker(impl, spec, limit, paths, framework, device) as worker:
         results = tuple(run_case(case, None, worker=worker, **options) for case in cases)
     return Sweep(results, skipped)
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
 
 def _importable(fn: Callable) -> str:
@@ -386,13 +410,17 @@ def run_case(
         returned = worker.run(data)
         subjects, errors = dict(returned.subjects), list(returned.errors)
         savable = {name: subjects[name] for name in returned.savable}
+        precision = returned.precision
     else:
         found, errors = call(fn, forward, data)
+        precision = arithmetic(fn, data, found)
         subjects = read_results(found, errors)
         savable = {k: v for k, v in subjects.items() if _savable(v, largest)}
     arrays = {**data, **savable}
     if errors:
         return CaseResult(case.name, None, "; ".join(errors), arrays, case)
+    if precision is not None and options.get("precision") is None:
+        options = {**options, "precision": precision}  # the layer ran under autocast or TF32
     try:
         report = check(X, W, B, G, **subjects, layout=case.layout, **options)
     except LincheckError as exc:  # e.g. a subject that is not an array of numbers

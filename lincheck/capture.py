@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from . import frameworks
 from .errors import InputError, LincheckError
 from .validate import NARROW_FLOATS
 
@@ -96,35 +97,20 @@ class Captured:
 
 
 def _numpy(t) -> np.ndarray:
-    """A tensor's values on the host, exactly: bfloat16 and float8 as ``ml_dtypes`` arrays."""
-    import torch
-
-    t = t.detach().to("cpu")
-    narrow = {
-        torch.bfloat16: ("bfloat16", torch.int16),
-        torch.float8_e4m3fn: ("float8_e4m3fn", torch.uint8),
-        torch.float8_e5m2: ("float8_e5m2", torch.uint8),
-    }
-    if t.dtype in narrow:
-        import ml_dtypes
-
-        name, bits = narrow[t.dtype]
-        return t.contiguous().view(bits).numpy().view(getattr(ml_dtypes, name)).copy()
-    return t.numpy().copy()
+    """A tensor's values on the host, exactly (bfloat16 and fp8 as ``ml_dtypes`` arrays), copied:
+    the model may change its tensors in place after the call (an optimizer step)."""
+    return np.array(frameworks.to_numpy(t), copy=True)
 
 
 def _arithmetic(device, dtype) -> str | None:
     """The arithmetic of a matmul on ``device`` with operands of ``dtype``, when the dtypes
-    alone do not say it: autocast's dtype, or TF32 tensor cores for float32 on CUDA."""
-    import torch
-
-    kind = device.type
-    if torch.is_grad_enabled() and torch.is_autocast_enabled(kind):
-        cast = torch.get_autocast_dtype(kind)
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(cast)
-    if kind == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return None
+    alone do not say it: autocast's dtype, or TF32 tensor cores for float32 on CUDA
+    (:func:`lincheck.frameworks.default_precision`)."""
+    tf32, autocast = frameworks.torch_flags(device.type)
+    if not (tf32 or autocast):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return frameworks.default_precision(name, device.type, tf32=tf32, autocast=autocast)
 
 
 def _linear_accessor(module) -> tuple[Any, Any]:

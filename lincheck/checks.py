@@ -20,6 +20,7 @@ import numpy as np
 from . import diagnose, layouts, plan, streaming, witness, workspace
 from .core import Gradients, as_batch, backward
 from .errors import InputError
+from .frameworks import arithmetic_of, narrow_dtype
 from .precision import needs_squares, order_weights, parse, precision_for
 from .results import Entry, Hint, Layer, Report, TensorCheck
 from .tensors import SUBJECT_NAMES
@@ -32,6 +33,8 @@ from .validate import (
 )
 
 DTYPES = ("float64", "float32", "float16")
+NARROW_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+"""``ml_dtypes``' narrow floats: random layers in them for ``run --impl`` and sweeps."""
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +209,9 @@ def check(
     subjects, arrays = {}, {}
     for tensor, value in supplied.items():
         a = arrays[tensor] = real_array(tensor, value, sources)
-        p = model or precision_for(a.dtype)
+        # A torch tensor from CUDA with TF32 allowed, or checked under autocast, was computed
+        # in that arithmetic rather than its dtype's (lincheck/frameworks.py).
+        p = model or parse(arithmetic_of(value) or precision_for(a.dtype))
         subjects[tensor] = plan.subject(
             tensor,
             layouts.internal(tensor, a, layout),
@@ -494,10 +499,12 @@ def random_inputs(
 
     X and dY are standard normal; W and B are uniform on ±1/√D_in (PyTorch's
     default initialisation). Values are drawn in float64 and rounded once to
-    ``dtype``.
+    ``dtype`` (to nearest, ties to even; the narrow floats of
+    :data:`NARROW_DTYPES` through ``ml_dtypes``, which saturates nothing here:
+    the values stay far below e4m3's largest, 448).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
+    if dtype not in DTYPES + NARROW_DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES + NARROW_DTYPES}, not {dtype!r}")
     bound = 1.0 / np.sqrt(D_in)
     arrays = {
         "X": rng.standard_normal((N, D_in)),
@@ -507,16 +514,29 @@ def random_inputs(
     }
     if not bias:
         del arrays["B"]
-    return {name: a.astype(dtype) for name, a in arrays.items()}
+    target = narrow_dtype(dtype) if dtype in NARROW_DTYPES else np.dtype(dtype)
+    return {name: a.astype(target) for name, a in arrays.items()}
 
 
 def analytic_gradients(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """dX, dW (and dB) computed by NumPy in the arrays' own dtype, dX shaped like X."""
+    """dX, dW (and dB) computed by NumPy in the arrays' own dtype, dX shaped like X.
+
+    bfloat16 arrays are computed as frameworks compute them (the ``bf16``
+    preset): the bfloat16 operands, exact in float32, multiplied and summed in
+    float32, each result rounded once to bfloat16. (NumPy's own sums of
+    ``ml_dtypes`` arrays would round every partial sum to bfloat16.)
+    """
     X, G = as_batch(arrays["X"], arrays["dY"])
-    grads = backward(X, arrays["W"], G, bias="B" in arrays)
+    W = arrays["W"]
+    narrow = X.dtype.name in NARROW_DTYPES
+    if narrow:
+        X, W, G = (np.asarray(a, dtype=np.float32) for a in (X, W, G))
+    grads = backward(X, W, G, bias="B" in arrays)
     out = {"dX": grads.dX.reshape(arrays["X"].shape), "dW": grads.dW}
     if grads.dB is not None:
         out["dB"] = grads.dB
+    if narrow:
+        out = {name: a.astype(arrays["X"].dtype) for name, a in out.items()}
     return out
 
 

@@ -23,6 +23,7 @@ from .options import (
     Budget,
     CertainOnly,
     DBFile,
+    DeviceOption,
     DirectionsOption,
     DType,
     DTypeOption,
@@ -32,6 +33,7 @@ from .options import (
     DYFile,
     Force,
     FormatOption,
+    FrameworkOption,
     GithubOption,
     HeatmapOption,
     JsonOption,
@@ -138,8 +140,11 @@ def run(
             help="Check your backward instead: package.module:function, called as "
             "fn(X, W, B, dY) -> (dX, dW, dB) (B and dB None without bias), on the requested "
             "shape, N=1, D_in=1, D_out=1, swapped sizes, leading batch dimensions and no bias, "
-            "in each --dtype.",
-            metavar="MODULE:FUNCTION",
+            "in each --dtype. Also a torch or JAX forward fn(X, W, B) -> Y (differentiated by "
+            "torch.autograd or jax.vjp; Y is checked too), a torch.autograd.Function, or an "
+            "nn.Module class or factory with nn.Linear's (in_features, out_features, bias=) "
+            "and a weight and bias parameter.",
+            metavar="MODULE:OBJECT",
         ),
     ] = None,
     forward: Annotated[
@@ -206,6 +211,8 @@ def run(
     ] = None,
     save_format: FormatOption = SaveFormat.npy,
     force: Force = False,
+    framework: FrameworkOption = None,
+    device: DeviceOption = "cpu",
 ) -> None:
     """lincheck run (the help text is in the decorator: one line per paragraph)."""
     if cases == "list":
@@ -224,10 +231,18 @@ def run(
     sizes = (n, din, dout)
     dtypes = [d.value for d in dtype] if dtype else None
     if impl or forward:
-        yours = (impl, forward, layout.value, kinds)
+        where = (None if framework is None else framework.value, device)
+        yours = (impl, forward, layout.value, kinds, where)
         _run_yours(yours, sizes, dtypes, seed, no_bias, timeout, save_failures, options, out)
     if save_failures is not None:
         fail("--save-failures needs --impl or --forward")
+    if framework is not None or device != "cpu":
+        fail("--framework and --device need --impl")
+    if any(d.startswith("float8") for d in dtypes or ()):
+        fail(
+            "--dtype float8_*: lincheck computes no fp8 gradients of its own (frameworks "
+            "return fp8 matmuls' results in bfloat16 or float32); check yours with --impl"
+        )
     _run_random(sizes, dtypes or ["float64"], seed, no_bias, save, options, out, layout.value)
 
 
@@ -267,7 +282,7 @@ def _run_yours(
     from . import api, layouts
     from .worker import Worker
 
-    impl, forward, layout, kinds = yours
+    impl, forward, layout, kinds, where = yours
     n, din, dout = sizes
     dtypes = dtypes or ["float64", "float32"]
     cases, skipped = api.split_sweep(n, din, dout, dtypes, seed, kinds, layout)
@@ -278,7 +293,7 @@ def _run_yours(
     # Your functions run in a worker process: nothing they do can end, hang or
     # garble this one (lincheck/worker.py).
     with bad_input(), layouts.command_line_advice():
-        with Worker(impl, forward, timeout or None) as worker:
+        with Worker(impl, forward, timeout or None, (), *where) as worker:
             results = [api.run_case(case, None, worker=worker, **options) for case in cases]
     if save_failures is not None:
         _save_failures(save_failures, results, out["force"], out["format"])

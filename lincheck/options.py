@@ -30,6 +30,44 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class RunDType(str, Enum):
+    """run's dtypes: NumPy's, and the narrow floats (``ml_dtypes``; torch and JAX have them)."""
+
+    float64 = "float64"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float8_e4m3fn = "float8_e4m3fn"
+    float8_e5m2 = "float8_e5m2"
+
+
+class Framework(str, Enum):
+    numpy = "numpy"
+    torch = "torch"
+    jax = "jax"
+
+
+FrameworkOption = Annotated[
+    Framework | None,
+    typer.Option(
+        "--framework",
+        help="With --impl: whose arrays your function takes, when the detection (the "
+        "framework its code names, else what its module imports; NumPy if none) would guess "
+        "wrong or cannot tell (a module using both torch and JAX).",
+        show_default=False,
+    ),
+]
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="With a torch or JAX --impl: the device its layer runs on (cpu, cuda, cuda:1, "
+        "mps; JAX: cpu, gpu, tpu, with :INDEX).",
+        metavar="DEVICE",
+    ),
+]
+
+
 PRESET_NAMES = ("fp64", "fp32", "tf32", "bf16", "fp16", "fp16-acc16", "fp8", "fp8-blockwise")
 """``precision.PRESETS``' names (``tests/test_cli.py`` checks that they agree)."""
 
@@ -141,11 +179,13 @@ DTypeOption = Annotated[
     DType, typer.Option("--dtype", help="dtype of the arrays and of the analytic computation.")
 ]
 DTypesOption = Annotated[
-    list[DType] | None,
+    list[RunDType] | None,
     typer.Option(
         "--dtype",
         help="dtype of the arrays and of the computed gradients (repeat for several; "
-        "default float64, with --impl float64 and float32).",
+        "default float64, with --impl float64 and float32). bfloat16, float8_e4m3fn and "
+        "float8_e5m2 are ml_dtypes arrays (torch and JAX tensors for their layers); "
+        "without --impl, fp8 is refused: lincheck computes no fp8 gradients of its own.",
         show_default=False,
     ),
 ]

@@ -17,6 +17,7 @@ import numpy as np
 from . import layouts
 from .core import CHUNK, FileBacked, as_batch, leading_chunks
 from .errors import InputError
+from .frameworks import framework_of_type, to_numpy
 from .results import Layer
 
 
@@ -36,10 +37,11 @@ def is_float(dtype) -> bool:
 def real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
     """``value`` as an ndarray of real numbers, or InputError naming it.
 
-    Takes NumPy arrays and anything with ``__array__`` or DLPack
-    (``__dlpack__``): PyTorch CPU tensors, JAX arrays, CuPy on the host,
-    without importing those libraries. A tensor that requires grad is read
-    through its ``detach()``.
+    Takes NumPy arrays, torch tensors and JAX arrays of any dtype on any device
+    (bfloat16 and fp8 through their bits: :func:`lincheck.frameworks.to_numpy`),
+    and anything else with ``__array__`` or DLPack (``__dlpack__``), such as
+    CuPy on the host, without importing those libraries. A tensor that
+    requires grad is read through its ``detach()``.
     """
     found = as_numpy(value)
     if isinstance(found, Exception):
@@ -52,11 +54,12 @@ def real_array(name: str, value: Any, sources: Mapping[str, str]) -> np.ndarray:
             f"{label(name, sources)}: dtype {a.dtype} (extended precision) is not supported; "
             "save it as float64"
         )
+    narrow = a.dtype.name in NARROW_FLOATS  # (ml_dtypes reports e4m3fn's kind as "V", e5m2's "f")
     if (
         kind == "V"
         and a.dtype.names is None
+        and not narrow
         and a.dtype.name.startswith(("float", "int", "uint"))
-        and a.dtype.name not in NARROW_FLOATS  # float8_e4m3fn is a "V" type too
     ):
         raise InputError(  # another ml_dtypes type (float8_e4m3fnuz, float4_e2m1fn, int4, ...)
             f"{label(name, sources)}: dtype {a.dtype} is not supported; lincheck reads "
@@ -86,6 +89,13 @@ def as_numpy(value: Any) -> np.ndarray | FileBacked | Exception:
     """
     if isinstance(value, np.ndarray | FileBacked):
         return value
+    if framework_of_type(value):  # torch or JAX: any dtype (bfloat16, fp8), any device, exactly
+        try:
+            found = to_numpy(value)
+        except Exception as exc:
+            return exc
+        if found is not None:
+            return found
     problem: Exception | None = None
     try:  # a tensor that requires grad is read through detach(), which may raise
         detached = getattr(value, "detach", lambda: value)()

@@ -48,6 +48,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from .errors import InputError
+from .frameworks import EXTRA, NARROW, classify, narrow_dtype
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds a user's function may take on one case (and to import) before it is stopped.
@@ -66,12 +67,14 @@ class Returned:
     larger than every array of the layer is a zero-strided stand-in of its
     shape (a wrong shape, whose values are never read). ``errors`` are the
     failures that stopped a call; ``savable`` names the subjects worth saving
-    with ``--save-failures``.
+    with ``--save-failures``; ``precision`` is the preset a torch or JAX layer
+    computed in when it is not its dtype's (autocast, TF32), else None.
     """
 
     subjects: Mapping[str, np.ndarray] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
     savable: tuple[str, ...] = ()
+    precision: str | None = None
 
 
 def describe(exc: BaseException, name: str) -> str:
@@ -101,15 +104,29 @@ def unpack(out: Any, bias: bool) -> tuple[dict[str, Any], str]:
 def call(
     fn: Callable | None, forward: Callable | None, inputs: Mapping[str, np.ndarray]
 ) -> tuple[dict[str, Any], list[str]]:
-    """Call the user's backward and forward on one case's inputs (copies): (subjects, errors)."""
+    """Call the user's backward and forward on one case's inputs (copies): (subjects, errors).
+
+    ``fn`` may be an :class:`~lincheck.frameworks.Impl` (a torch or JAX layer,
+    run by its framework) or a NumPy backward.
+    """
+    from .frameworks import Impl
+
     X, W, B, G = inputs["X"], inputs["W"], inputs.get("B"), inputs["dY"]
     subjects: dict[str, Any] = {}
     errors = []
+    if isinstance(fn, Impl) and fn.framework == "numpy":
+        fn = fn.fn
     if fn is not None:
         try:
-            out = fn(X.copy(), W.copy(), None if B is None else B.copy(), G.copy())
-            # (inside the try: a result's own len() or iteration is the user's code too)
-            found, problem = unpack(out, B is not None)
+            if isinstance(fn, Impl):
+                found = fn.run(inputs)
+                problem = ""
+                if fn.role == "backward":
+                    found, problem = unpack(found["returned"], B is not None)
+            else:
+                out = fn(X.copy(), W.copy(), None if B is None else B.copy(), G.copy())
+                # (inside the try: a result's own len() or iteration is the user's code too)
+                found, problem = unpack(out, B is not None)
         except BaseException as exc:  # SystemExit too: the user's code cannot end the check
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -126,6 +143,19 @@ def call(
                 raise
             errors.append(describe(exc, _name(forward)))
     return subjects, errors
+
+
+def arithmetic(fn: Any, inputs: Mapping[str, np.ndarray], subjects: Mapping[str, Any]):
+    """The preset a torch or JAX layer's case ran in when it is not its dtype's, else None
+    (:meth:`lincheck.frameworks.Impl.arithmetic`); what cannot be read is None."""
+    from .frameworks import Impl
+
+    if not isinstance(fn, Impl) or "Y" not in subjects and fn.gives_forward:
+        return None
+    try:
+        return fn.arithmetic(inputs, subjects)
+    except Exception:
+        return None
 
 
 def read_results(subjects: Mapping[str, Any], errors: list[str]) -> dict[str, np.ndarray]:
@@ -150,7 +180,11 @@ def read_results(subjects: Mapping[str, Any], errors: list[str]) -> dict[str, np
     return arrays
 
 
-def _name(fn: Callable) -> str:
+def _name(fn: Any) -> str:
+    from .frameworks import Impl
+
+    if isinstance(fn, Impl):
+        return fn.name
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
@@ -164,8 +198,13 @@ def stand_in(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 def _send(fp: BinaryIO, header: dict, arrays: Mapping[str, np.ndarray] = {}) -> None:
-    frames = [json.dumps({**header, "arrays": list(arrays)}).encode()]
-    for a in arrays.values():
+    # .npy has no code for ml_dtypes' types (bfloat16, fp8): they travel as unsigned integers
+    # of their width, the bits unchanged, with their dtype's name in the header.
+    narrow = {name: a.dtype.name for name, a in arrays.items() if a.dtype.name in NARROW}
+    frames = [json.dumps({**header, "arrays": list(arrays), "narrow": narrow}).encode()]
+    for name, a in arrays.items():
+        if name in narrow:
+            a = np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
         buf = io.BytesIO()
         npy_format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
         frames.append(buf.getvalue())
@@ -190,9 +229,16 @@ def _receive(read: Callable[[int], bytes]) -> tuple[dict, dict[str, np.ndarray]]
         return _read_exactly(read, size)
 
     header = json.loads(frame())
+    narrow = header.pop("narrow", {})
     arrays = {}
     for name in header.pop("arrays"):
-        arrays[name] = npy_format.read_array(io.BytesIO(frame()), allow_pickle=False)
+        a = npy_format.read_array(io.BytesIO(frame()), allow_pickle=False)
+        if name in narrow:
+            dtype = narrow_dtype(str(narrow[name]))  # one of NARROW, or ValueError: garbled
+            if a.dtype.kind != "u" or a.dtype.itemsize != dtype.itemsize:
+                raise ValueError(f"{name}: {a.dtype} cannot hold {dtype.name}")
+            a = a.view(dtype)
+        arrays[name] = a
     return header, arrays
 
 
@@ -214,8 +260,12 @@ class Worker:
         forward: str | None,
         timeout: float | None,
         paths: tuple[str, ...] = (),
+        framework: str | None = None,
+        device: str = "cpu",
     ):
         self.specs = {"impl": impl, "forward": forward}
+        self.framework, self.device = framework, device
+        self.gives_forward = False  # whether --impl is a forward (or module): it gives Y too
         self.paths = list(paths)  # where else the child looks for modules (the caller's sys.path)
         self.names = {k: v.partition(":")[2] for k, v in self.specs.items() if v}
         self.timeout = timeout
@@ -240,7 +290,16 @@ class Worker:
             start_new_session=os.name == "posix",
         )
         try:
-            _send_to(process, {"specs": self.specs, "cwd": os.getcwd(), "paths": self.paths})
+            _send_to(
+                process,
+                {
+                    "specs": self.specs,
+                    "cwd": os.getcwd(),
+                    "paths": self.paths,
+                    "framework": self.framework,
+                    "device": self.device,
+                },
+            )
             header, _ = _reply(process, self.timeout, f"importing {self._label()}")
         except _LostError as lost:
             self.stop()
@@ -251,6 +310,7 @@ class Worker:
         if "bad_input" in header:
             self.stop()
             raise InputError(header["bad_input"])
+        self.gives_forward = bool(header.get("gives_forward"))
         return process
 
     def stop(self) -> None:
@@ -272,12 +332,12 @@ class Worker:
         nothing done in the child (lincheck's own code there can be patched
         by the user's) can skip a check. A malformed reply is "garbled".
         """
+        process = self.process or self.start()
         expected: tuple[str, ...] = ()
         if self.specs["impl"]:
             expected += ("dX", "dW", "dB") if "B" in inputs else ("dX", "dW")
-        if self.specs["forward"]:
+        if self.specs["forward"] or self.gives_forward:
             expected += ("Y",)
-        process = self.process or self.start()
         try:
             _send_to(process, {"call": True}, inputs)
             header, arrays = _reply(process, self.timeout, "this case")
@@ -296,16 +356,23 @@ def _returned(header: dict, arrays: dict[str, np.ndarray], expected: tuple[str, 
     try:
         errors = [str(e) for e in header["errors"]]
         stand_ins = {
-            str(name): stand_in(tuple(int(n) for n in shape), np.dtype(str(dtype)))
+            str(name): stand_in(tuple(int(n) for n in shape), _dtype(str(dtype)))
             for name, (shape, dtype) in header["stand_ins"].items()
         }
+        precision = header.get("precision")
+        precision = None if precision is None else str(precision)
     except Exception as exc:
         raise _LostError(f"garbled its worker's reply ({type(exc).__name__}: {exc})") from None
     names = set(arrays) | set(stand_ins)
     if not names <= set(expected) or (not errors and names != set(expected)):
         got = ", ".join(sorted(names)) or "nothing"
         raise _LostError(f"garbled its worker's reply (expected {', '.join(expected)}, got {got})")
-    return Returned({**arrays, **stand_ins}, tuple(errors), tuple(arrays))
+    return Returned({**arrays, **stand_ins}, tuple(errors), tuple(arrays), precision)
+
+
+def _dtype(text: str) -> np.dtype:
+    """A dtype sent by name: NumPy's (``a.dtype.str``) or one of :data:`NARROW`."""
+    return narrow_dtype(text) if text in NARROW else np.dtype(text)
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -396,8 +463,11 @@ def _load(spec: str, option: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except BaseException as exc:  # the user's module failed to import (or exited): one line
+        missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+        top = str(missing or "").partition(".")[0]
+        extra = f" ({EXTRA[top]})" if top in EXTRA else ""
         raise InputError(
-            f"{option} {spec}: cannot import {module_name}: {type(exc).__name__}: {exc}"
+            f"{option} {spec}: cannot import {module_name}: {type(exc).__name__}: {exc}{extra}"
         ) from None
     fn: Any = module
     for part in attribute.split("."):
@@ -425,13 +495,22 @@ def main() -> None:
     sys.path.insert(0, header["cwd"])
     sys.path += [p for p in header["paths"] if p not in sys.path]
     specs = header["specs"]
+    fn: Any = None
     try:
-        fn = _load(specs["impl"], "--impl") if specs["impl"] else None
+        if specs["impl"]:
+            option = f"--impl {specs['impl']}"
+            obj = _load(specs["impl"], "--impl")
+            fn = classify(obj, option, header.get("framework"), header.get("device") or "cpu")
         forward = _load(specs["forward"], "--forward") if specs["forward"] else None
+        if fn is not None and fn.gives_forward and forward is not None:
+            raise InputError(
+                f"--forward {specs['forward']}: --impl {specs['impl']} is a {fn.framework} "
+                f"{fn.role}, whose Y is checked already; drop --forward"
+            )
     except InputError as exc:
         _send(proto_out, {"bad_input": str(exc)})
         return
-    _send(proto_out, {"ready": True})
+    _send(proto_out, {"ready": True, "gives_forward": fn is not None and fn.gives_forward})
 
     while True:
         try:
@@ -439,11 +518,16 @@ def main() -> None:
         except EOFError:
             return
         subjects, errors = call(fn, forward, inputs)
+        precision = arithmetic(fn, inputs, subjects)
         largest = max(a.size for a in inputs.values())
         arrays, stand_ins = {}, {}
         for name, a in read_results(subjects, errors).items():
             if a.size <= largest:  # the values of a transposed dW or a dY-shaped dB tell
                 arrays[name] = a
             else:
-                stand_ins[name] = (list(a.shape), a.dtype.str)
-        _send(proto_out, {"errors": errors, "stand_ins": stand_ins}, arrays)
+                stand_ins[name] = (
+                    list(a.shape),
+                    a.dtype.name if a.dtype.name in NARROW else a.dtype.str,
+                )
+        reply = {"errors": errors, "stand_ins": stand_ins, "precision": precision}
+        _send(proto_out, reply, arrays)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from lincheck.capture import capture
 from lincheck.cli import app
 from lincheck.errors import InputError, LincheckError
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install '.[test]')")
+capture = pytest.importorskip("lincheck.torch").capture
 
 
 class _MeanBiasLinear(torch.autograd.Function):

@@ -128,3 +128,87 @@ def test_make_target(project):
     (cwd / "Makefile").write_text(makefile)
     done = run_shell("make check-gradients", cwd, env)
     assert "PASS  all 14 cases passed" in done.stdout
+
+
+TORCH_LAYERS = """
+import torch
+
+
+class MyLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, X, W, B):
+        ctx.save_for_backward(X, W)
+        ctx.bias = B is not None
+        Y = X @ W.T
+        return Y + B if ctx.bias else Y
+
+    @staticmethod
+    def backward(ctx, G):
+        X, W = ctx.saved_tensors
+        X2, G2 = X.reshape(-1, X.shape[-1]), G.reshape(-1, G.shape[-1])
+        return G @ W, G2.T @ X2, G2.sum(0) if ctx.bias else None
+
+
+class MyLinear(torch.nn.Module):
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, X):
+        return MyLinearFunction.apply(X, self.weight, self.bias)
+"""
+
+JAX_LAYERS = """
+import jax
+
+
+@jax.custom_vjp
+def linear(X, W, B):
+    return X @ W.T + (0 if B is None else B)
+
+
+def forward(X, W, B):
+    return linear(X, W, B), (X, W, B)
+
+
+def backward(saved, G):
+    X, W, B = saved
+    X2, G2 = X.reshape(-1, X.shape[-1]), G.reshape(-1, G.shape[-1])
+    return G @ W, G2.T @ X2, None if B is None else G2.sum(0)
+
+
+linear.defvjp(forward, backward)
+"""
+
+
+def test_framework_layers(tmp_path, monkeypatch):
+    """The "torch and JAX layers" examples: the command in a subprocess (started first, it
+    runs while the Python examples run here), the Python blocks as written."""
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "layers.py").write_text(TORCH_LAYERS)
+    (tmp_path / "mypkg" / "jax_layers.py").write_text(JAX_LAYERS)
+    text = section("Python API")
+    text = text[text.index("### torch and JAX layers") :]
+    found = blocks(text)
+    (command,) = [body.strip() for lang, body in found if lang == ""]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    process = subprocess.Popen(
+        command, shell=True, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.chdir(tmp_path)
+        python = [body for lang, body in found if lang == "python"]
+        assert len(python) == 2
+        for body in python:
+            exec(compile(body, "README.md", "exec"), {})
+    finally:
+        out, err = process.communicate(timeout=300)
+        for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+            del sys.modules[name]
+    assert process.returncode == 0, (out + err).decode()
+    assert b"PASS  all 14 cases passed" in out
