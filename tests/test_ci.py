@@ -463,6 +463,16 @@ def _group_alive(pgid: int) -> list[str]:
     return alive
 
 
+def _is_pool_worker(pid: str) -> bool:
+    """A process of verify's pool (started by multiprocessing's spawn), not its resource
+    tracker or the command itself."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"spawn_main" in command
+
+
 def _busy_model(tmp_path, cases: int, seed: int):
     """A folder of cases that each take many seconds in full mode: all still running."""
     rng = np.random.default_rng(seed)
@@ -489,7 +499,7 @@ def _verify_with_two_busy_workers(tmp_path, model, json_target: str):
     )
     workers: list[int] = []
     for _ in range(200):  # until both workers are up (at most 20 s)
-        workers = [int(p) for p in _group_alive(process.pid) if int(p) != process.pid]
+        workers = [int(p) for p in _group_alive(process.pid) if _is_pool_worker(p)]
         if len(workers) >= 2 or process.poll() is not None:
             break
         time.sleep(0.1)
@@ -523,6 +533,11 @@ def test_one_ctrl_c_stops_every_worker_exits_130_and_writes_no_report(tmp_path):
 def test_a_worker_killed_mid_case_fails_the_cases_it_leaves_and_the_run_ends(tmp_path):
     model = _busy_model(tmp_path, 3, seed=1)
     process, workers = _verify_with_two_busy_workers(tmp_path, model, "-")
+    # Each worker's BLAS gets its share of the cores (oversubscribed, OpenBLAS's spinning
+    # threads slow a whole-model verify several times), unless the user chose a count.
+    environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+    share = os.environ.get("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+    assert f"OPENBLAS_NUM_THREADS={share}".encode() in environ
     os.kill(workers[0], signal.SIGKILL)  # as the out-of-memory killer would
     out, err = process.communicate(timeout=120)  # a hang guard, not a timing
     assert process.returncode == 1, err
