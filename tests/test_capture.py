@@ -8,6 +8,7 @@ linear with a planted bug that verify must fail, and name, among correct layers.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,12 +60,12 @@ class MLP(torch.nn.Module):
 
 
 def _verify(*args: str):
-    result = CliRunner().invoke(app, ["verify", *args, "--json", "-", "--quiet"])
+    result = CliRunner().invoke(app, ["verify", *args, "--json", "-", "--quiet", "--jobs", "1"])
     return result, json.loads(result.stdout) if result.stdout.strip() else None
 
 
 def _by_case(report) -> dict:
-    return {c["case"].rsplit("/", 1)[-1]: c for c in report["cases"]}
+    return {Path(c["case"]).name.removesuffix(".safetensors"): c for c in report["cases"]}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -93,11 +94,14 @@ def test_mlp_each_call_is_a_case_and_verifies(tmp_path, dtype):
     assert report["passed"] and len(report["cases"]) == 5
 
 
-def test_broken_custom_linear_is_found_and_named(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_broken_custom_linear_is_found_and_named(tmp_path, dtype):
+    """Among correct layers of one dtype, the custom linear that averages dB fails, alone,
+    with its hint; no correct layer is a false alarm in any dtype."""
     torch.manual_seed(1)
-    model = MLP(broken=True)
-    with capture(model, tmp_path / "dumps", format="npy"):
-        model(torch.randn(16, 12)).square().sum().backward()
+    model = MLP(broken=True).to(dtype)
+    with capture(model, tmp_path / "dumps"):
+        model(torch.randn(256, 12, dtype=dtype)).float().square().mean().backward()
     result, report = _verify(str(tmp_path / "dumps"))
     assert result.exit_code == 1, result.output
     cases = _by_case(report)

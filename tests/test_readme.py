@@ -2,12 +2,16 @@
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from lincheck.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -192,7 +196,7 @@ def test_framework_layers(tmp_path, monkeypatch):
     (tmp_path / "mypkg" / "layers.py").write_text(TORCH_LAYERS)
     (tmp_path / "mypkg" / "jax_layers.py").write_text(JAX_LAYERS)
     text = section("Python API")
-    text = text[text.index("### torch and JAX layers") :]
+    text = text[text.index("### torch and JAX layers") : text.index("### Whole torch models")]
     found = blocks(text)
     (command,) = [body.strip() for lang, body in found if lang == ""]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -212,3 +216,37 @@ def test_framework_layers(tmp_path, monkeypatch):
             del sys.modules[name]
     assert process.returncode == 0, (out + err).decode()
     assert b"PASS  all 14 cases passed" in out
+
+
+def test_whole_model_capture(tmp_path, monkeypatch):
+    """The "Whole torch models" section: its Python block captures a model as written, its
+    command verifies the dump (and the same dump held to fp32 fails, as it says); the table
+    of a model with one broken custom linear is what verify prints for such a model."""
+    torch = pytest.importorskip("torch")
+    from test_capture import MLP
+
+    text = section("Python API")
+    text = text[text.index("### Whole torch models") : text.index("**What is public**")]
+    python, command, table = blocks(text)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python[1], "README.md", "exec"), {})
+    assert sorted(p.name for p in (tmp_path / "dumps").iterdir()) == [
+        f"layers.{i}.linear{k}.safetensors" for i in (0, 1) for k in (1, 2)
+    ]
+    args = shlex.split(command[1])[1:]
+    result = CliRunner().invoke(app, [*args, "--jobs", "1"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [*args, "--jobs", "1", "--precision", "fp32"])
+    assert result.exit_code == 1, result.output
+
+    torch.manual_seed(1)
+    model = MLP(broken=True)
+    (tmp_path / "broken").mkdir()
+    monkeypatch.chdir(tmp_path / "broken")
+    with pytest.importorskip("lincheck.torch").capture(model, "dumps"):
+        model(torch.randn(16, 12)).square().sum().backward()
+    result = CliRunner().invoke(app, ["verify", "dumps", "--jobs", "1"], terminal_width=100)
+    assert result.exit_code == 1, result.output
+    shown = [line.rstrip() for line in result.output.splitlines()]
+    for row in table[1].strip("\n").splitlines():
+        assert row.rstrip() in shown, row
