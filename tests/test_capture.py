@@ -244,3 +244,29 @@ def test_npy_refuses_bfloat16_before_writing(tmp_path):
         with capture(model, tmp_path, format="npy"):
             model(torch.randn(4, 3, dtype=torch.bfloat16)).float().sum().backward()
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_capture_changes_nothing_the_model_computes(tmp_path, dtype):
+    """The loss and every .grad, bit for bit, with and without capture (the aliases pass the
+    gradients through unchanged and add no arithmetic)."""
+
+    def step(record: bool):
+        torch.manual_seed(6)
+        model = MLP(broken=False).to(dtype)
+        X = torch.randn(3, 5, 12, dtype=dtype)
+        if record:
+            with capture(model, tmp_path / str(dtype)):
+                loss = model(X).float().square().mean()
+                loss.backward()
+        else:
+            loss = model(X).float().square().mean()
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = step(False)
+    loss_captured, grads_captured = step(True)
+    assert torch.equal(loss, loss_captured)
+    assert grads.keys() == grads_captured.keys()
+    for name in grads:
+        assert torch.equal(grads[name], grads_captured[name]), name
