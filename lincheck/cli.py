@@ -231,6 +231,10 @@ def run(
         _check_case_file(save_file, force)
     sizes = (n, din, dout)
     dtypes = [d.value for d in dtype] if dtype else None
+    narrow = [d for d in dtypes or () if d.startswith(("bfloat16", "float8"))]
+    if narrow and save_format is SaveFormat.npy and (save or save_failures):
+        option = "--save" if save else "--save-failures"
+        fail(f"{option}: .npy cannot carry {narrow[0]} arrays; add --format safetensors")
     if impl or forward:
         where = (None if framework is None else framework.value, device)
         yours = (impl, forward, layout.value, kinds, where)

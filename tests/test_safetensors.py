@@ -13,6 +13,7 @@ import re
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -250,6 +251,8 @@ def test_save_case_npy_refuses_what_npy_cannot_carry(tmp_path):
         ):
             writing.save_case(tmp_path / "out", {"X": np.ones(2), "dB": np.ones(2, dtype)})
     assert not (tmp_path / "out").exists()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "bad-input.md").read_text()
+    assert "`--save: .npy cannot carry bfloat16 arrays; add --format safetensors`" in docs
     with pytest.raises(InputError, match=r"^X: dtype complex128 cannot be stored in .safetensors"):
         writing.save_case(tmp_path / "c", {"X": np.ones(2, complex)}, format="safetensors")
 
@@ -663,3 +666,20 @@ def test_what_the_readme_says_of_the_safetensors_numpy_loader(tmp_path):
         safetensors.numpy.load(path.read_bytes())
     with pytest.raises(AttributeError, match="float8_e4m3fn"):
         safetensors.numpy.load_file(path)
+
+
+@pytest.mark.parametrize("option", ["--save", "--save-failures"])
+def test_bfloat16_cases_are_not_saved_as_npy(tmp_path, option):
+    """run --dtype bfloat16 with a .npy target: refused before any work, naming the fix
+    (saving after the checks would fail and hide the verdict)."""
+    args = ["run", "--dtype", "bfloat16", option, str(tmp_path / "out"), "--quiet"]
+    if option == "--save-failures":
+        args += ["--impl", "cs231n_layers:backward"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"lincheck: error: {option}: .npy cannot carry bfloat16 arrays; add --format safetensors\n"
+    )
+    assert not (tmp_path / "out").exists()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "bad-input.md").read_text()
+    assert "`--save: .npy cannot carry bfloat16 arrays; add --format safetensors`" in docs
