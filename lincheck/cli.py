@@ -291,7 +291,8 @@ def _run_yours(
     n, din, dout = sizes
     dtypes = dtypes or ["float64", "float32"]
     cases, skipped = api.split_sweep(n, din, dout, dtypes, seed, kinds, layout)
-    if no_bias:
+    if no_bias:  # the cases with a bias are left out, and reported as skipped
+        skipped = tuple(sorted((*skipped, *(c for c in cases if c.bias)), key=_sweep_order))
         cases = [c for c in cases if not c.bias]
     if save_failures is not None and not out["force"]:
         _refuse_saved_cases(save_failures, cases, out["format"])
@@ -310,6 +311,10 @@ def _run_yours(
     )
     context = {"command": "run", "impl": impl, "forward": forward, "seed": seed}
     emit_many(results, header, out, {**context, "layout": layout}, skipped)
+
+
+def _sweep_order(case) -> int:
+    return case.seed  # cases are seeded in sweep order
 
 
 def _refuse_saved_cases(folder: Path, cases, save_format: str = "npy") -> None:

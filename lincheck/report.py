@@ -460,7 +460,7 @@ def render_cases(
         parts.append(Text(""))
     if skipped:
         listed = "\n".join(f"  {c.name}  [{c.kind}]" for c in skipped)
-        parts.append(Text(f"Skipped (not checked, --cases): {len(skipped)}\n{listed}"))
+        parts.append(Text(f"Skipped (not checked: --cases or --no-bias): {len(skipped)}\n{listed}"))
     parts += notes or []
     parts.append(verdict_cases(results, skipped))
     return Group(*parts)

@@ -237,6 +237,16 @@ def test_skipped_cases_are_junit_skipped_elements(in_tests, tmp_path):
     assert "1 cases checked passed; 6 skipped" in result.stdout.replace("all ", "")
 
 
+def test_no_bias_reports_the_cases_with_a_bias_as_skipped(in_tests):
+    result = run_impl("backward", "--no-bias", "--json", "-", "--quiet")
+    report = json.loads(result.stdout)
+    assert [c["kind"] for c in report["cases"]] == ["no-bias"]
+    kinds = ["main", "n1", "din1", "dout1", "swapped", "batched"]
+    assert [s["kind"] for s in report["skipped"]] == kinds
+    last = " ".join(result.stderr.split())  # the line as one, however the terminal wraps it
+    assert "; 6 skipped, not checked (main, n1, din1, dout1, swapped, batched)" in last
+
+
 def test_cases_list_and_bad_names():
     listed = runner.invoke(app, ["run", "--cases", "list"])
     assert listed.exit_code == 0
