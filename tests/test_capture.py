@@ -270,3 +270,31 @@ def test_capture_changes_nothing_the_model_computes(tmp_path, dtype):
     assert grads.keys() == grads_captured.keys()
     for name in grads:
         assert torch.equal(grads[name], grads_captured[name]), name
+
+
+def test_the_arithmetic_recorded_for_cuda_and_autocast():
+    """The rule capture records (exercised on CPU: TF32 is a flag torch keeps without a GPU)."""
+    from lincheck.capture import _arithmetic
+
+    cuda = torch.device("cuda")
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert _arithmetic(cuda, torch.float32) == "tf32"
+        assert _arithmetic(torch.device("cpu"), torch.float32) is None  # TF32 is CUDA's
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert _arithmetic(cuda, torch.float32) is None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _arithmetic(torch.device("cpu"), torch.float32) == "bf16"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_capture_on_cuda_verifies(tmp_path):  # pragma: no cover - needs a GPU
+    torch.manual_seed(7)
+    model = MLP(broken=False).cuda()
+    with capture(model, tmp_path):
+        model(torch.randn(64, 12, device="cuda")).square().sum().backward()
+    result, report = _verify(str(tmp_path))
+    assert result.exit_code == 0, result.output
