@@ -31,11 +31,12 @@ The arithmetic
 A gradient computed under autocast is stored in the parameter's dtype
 (float32) but was computed in bfloat16 or float16; a float32 matmul on CUDA
 with ``torch.backends.cuda.matmul.allow_tf32`` ran on TF32 tensor cores.
-Either is recorded in the case as ``lincheck.precision`` (``bf16``,
-``fp16``, ``tf32``), which ``verify`` uses when no ``--precision`` is given;
-otherwise the dtypes say it. A ``.npy`` folder cannot hold that record (nor
-bfloat16 arrays), so such a capture needs ``format="safetensors"`` (the
-default).
+Either is recorded in the case as ``lincheck.precision`` (``tf32``, or
+``bf16,reduce=fp32``: torch sums dB with a float32 accumulator, also for
+bfloat16 parameters), which ``verify`` uses when no
+``--precision`` is given; otherwise the dtypes say it. A ``.npy`` folder
+cannot hold that record (nor bfloat16 arrays), so such a capture needs
+``format="safetensors"`` (the default).
 
 Eager mode only: a ``torch.compile``-d model fuses the layer into kernels
 whose hooks do not run per module.
@@ -62,6 +63,7 @@ Accessor = Callable[[Any], tuple[Any, Any]]
 (shape (D_out,), or None), as the tensors its forward uses."""
 
 FORMATS = ("safetensors", "npy")
+GRADIENTS = ("dY", "dX", "dW", "dB")
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Call:
     precision: str | None = None
     device: str = "cpu"
     backward: bool = False
+    task: int = -1  # the backward pass (autograd graph task) whose gradients are kept
 
     def name(self, calls: int) -> str:
         """The case name: the module's qualified name, and the call's number if it was called
@@ -107,10 +110,10 @@ def _arithmetic(device, dtype) -> str | None:
     alone do not say it: autocast's dtype, or TF32 tensor cores for float32 on CUDA
     (:func:`lincheck.frameworks.default_precision`)."""
     tf32, autocast = frameworks.torch_flags(device.type)
-    if not (tf32 or autocast):
-        return None
     name = str(dtype).removeprefix("torch.")
-    return frameworks.default_precision(name, device.type, tf32=tf32, autocast=autocast)
+    chosen = frameworks.default_precision(name, device.type, tf32=tf32, autocast=autocast)
+    chosen = frameworks.torch_reduction(chosen)  # dB: torch sums in float32
+    return None if chosen == frameworks.default_precision(name) else chosen
 
 
 def _linear_accessor(module) -> tuple[Any, Any]:
@@ -213,6 +216,9 @@ def _hook(module, name: str, accessor: Accessor, calls: list[Call], counts: dict
         if not torch.is_grad_enabled() or not args or not torch.is_tensor(args[0]):
             stack.append((None, []))
             return None
+        if args[0].numel() == 0:  # an empty batch (an expert that got no tokens): no case
+            stack.append((None, []))
+            return None
         X = args[0]
         call = Call(name, counts.get(name, 0))
         counts[name] = call.index + 1
@@ -261,15 +267,33 @@ def _hook(module, name: str, accessor: Accessor, calls: list[Call], counts: dict
 
     return [
         module.register_forward_pre_hook(before),
-        module.register_forward_hook(after, always_call=True),
+        # Prepended: it runs before the user's own forward hooks (which may change the
+        # output: Y and dY are the Linear's own), and captures nested in one another
+        # restore the parameters in the reverse order of their swaps.
+        module.register_forward_hook(after, always_call=True, prepend=True),
     ]
 
 
 def _keeper(call: Call, label: str, last: bool = False):
+    """A hook storing ``label``'s gradient, from one backward pass only.
+
+    dY's hook runs first in each pass (the output's gradient is complete before the layer's
+    backward runs), so a new pass starts a new set: a partial pass before the full one (a
+    gradient penalty's ``autograd.grad`` with respect to the input, which computes dX but
+    no dW) cannot leave its dY beside the next pass's dW. The last pass's set is kept.
+    """
+    import torch
+
     def keep(grad):
-        call.arrays.setdefault(label, _numpy(grad))
+        task = torch._C._current_graph_task_id()
         if last:
+            for name in GRADIENTS:
+                call.arrays.pop(name, None)
+            call.task = task
             call.backward = True
+        elif task != call.task:
+            return
+        call.arrays[label] = _numpy(grad)
 
     return keep
 

@@ -204,6 +204,15 @@ def torch_flags(device_type: str) -> tuple[bool, str | None]:
     return tf32, autocast
 
 
+def torch_reduction(preset: str) -> str:
+    """The bf16 preset as torch computes it: torch sums dB = Σₙ G over the batch with a
+    float32 accumulator (its reductions accumulate in ``acc_type``) and rounds once, where
+    the preset's default reduce is XLA's CPU window of bf16 partial sums, whose bound is so
+    loose that a dB 10% wrong would pass a long batch. (fp16 keeps its preset: its hints
+    were not re-checked against the tighter bound.)"""
+    return f"{preset},reduce=fp32" if preset == "bf16" else preset
+
+
 def jax_flags() -> bool:
     """Whether JAX's float32 matmuls may use reduced-precision operands (its default on
     GPUs and TPUs: ``jax_default_matmul_precision`` unset or not "highest")."""
@@ -226,7 +235,12 @@ def arithmetic_of(value: Any) -> str | None:
         tf32, autocast, dtype = jax_flags(), None, str(value.dtype)
     else:
         return None
-    if not (tf32 or autocast) or dtype not in ("float32", *NARROW, "float16", "float64"):
+    if dtype not in ("float32", *NARROW, "float16", "float64"):
+        return None
+    if framework == "torch":
+        chosen = torch_reduction(default_precision(dtype, device, tf32=tf32, autocast=autocast))
+        return None if chosen == default_precision(dtype) else chosen
+    if not (tf32 or autocast):
         return None
     return default_precision(dtype, device, tf32=tf32, autocast=autocast)
 
@@ -288,6 +302,8 @@ class Impl:
             device, tf32 = jax_device(self.device).platform, jax_flags()
         autocast = y_dtype if y_dtype in ("bfloat16", "float16") and y_dtype != dtype else None
         chosen = default_precision(dtype, device, tf32=tf32, autocast=autocast)
+        if self.framework == "torch":
+            chosen = torch_reduction(chosen)
         return None if chosen == default_precision(dtype) else chosen
 
 

@@ -34,7 +34,9 @@ def plain_consoles() -> None:
 
 def fail(message: str) -> NoReturn:
     """Print one line on stderr and exit 2 (bad usage or bad input)."""
-    stderr.print(f"lincheck: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    stderr.print(
+        f"lincheck: error: {message}", markup=False, highlight=False, emoji=False, soft_wrap=True
+    )
     raise typer.Exit(code=2)
 
 

@@ -218,7 +218,9 @@ def test_bfloat16_model_and_autocast_verify_without_precision(tmp_path):
     result, report = _verify(str(tmp_path / "bf16"))
     assert result.exit_code == 0, result.output
     checks = report["cases"][0]["report"]["checks"]
-    assert {c["precision"] for c in checks if c["subject"] == "supplied"} == {"bf16"}
+    # torch sums dB in float32: the record says so (the bf16 preset alone would let a dB
+    # 10% wrong pass).
+    assert {c["precision"] for c in checks if c["subject"] == "supplied"} == {"bf16,reduce=fp32"}
 
     model = MLP(broken=False)
     with capture(model, tmp_path / "autocast"):
@@ -240,7 +242,7 @@ def test_bfloat16_model_and_autocast_verify_without_precision(tmp_path):
 
 def test_npy_refuses_bfloat16_before_writing(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)).to(torch.bfloat16)
-    with pytest.raises(InputError, match="which .npy cannot carry; use format='safetensors'"):
+    with pytest.raises(InputError, match="a .npy folder cannot record; use format='safetensors'"):
         with capture(model, tmp_path, format="npy"):
             model(torch.randn(4, 3, dtype=torch.bfloat16)).float().sum().backward()
     assert not any(tmp_path.iterdir())
@@ -287,7 +289,7 @@ def test_the_arithmetic_recorded_for_cuda_and_autocast():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _arithmetic(torch.device("cpu"), torch.float32) == "bf16"
+        assert _arithmetic(torch.device("cpu"), torch.float32) == "bf16,reduce=fp32"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -297,4 +299,62 @@ def test_capture_on_cuda_verifies(tmp_path):  # pragma: no cover - needs a GPU
     with capture(model, tmp_path):
         model(torch.randn(64, 12, device="cuda")).square().sum().backward()
     result, report = _verify(str(tmp_path))
+    assert result.exit_code == 0, result.output
+
+
+class _ScaledBiasLinear(torch.autograd.Function):
+    """A custom linear whose dB is 10% short."""
+
+    @staticmethod
+    def forward(ctx, X, W, B):
+        ctx.save_for_backward(X, W)
+        return X @ W.T + B
+
+    @staticmethod
+    def backward(ctx, G):
+        X, W = ctx.saved_tensors
+        return G @ W, G.T @ X, 0.9 * G.sum(0)
+
+
+class ShortBiasLinear(torch.nn.Linear):
+    def forward(self, X):
+        return _ScaledBiasLinear.apply(X, self.weight, self.bias)
+
+
+def test_bfloat16_db_ten_percent_short_fails(tmp_path):
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), ShortBiasLinear(16, 10))
+    model = model.to(torch.bfloat16)
+    X, target = torch.randn(64, 8, dtype=torch.bfloat16), torch.randint(0, 10, (64,))
+    with capture(model, tmp_path):
+        torch.nn.functional.cross_entropy(model(X).float(), target).backward()
+    result, report = _verify(str(tmp_path))
+    assert result.exit_code == 1, result.output
+    assert [n for n, c in _by_case(report).items() if not c["passed"]] == ["2"]
+
+
+def test_a_partial_backward_pass_first_keeps_one_consistent_set(tmp_path):
+    """A gradient penalty's autograd.grad with respect to the input (dY and dX, no dW) before
+    the loss's backward: each case holds the gradients of one pass."""
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    X = torch.randn(32, 8, requires_grad=True)
+    with capture(model, tmp_path):
+        out = model(X)
+        torch.autograd.grad(out.sum(), X, retain_graph=True)
+        (out**2).mean().backward()
+    result, _ = _verify(str(tmp_path))
+    assert result.exit_code == 0, result.output
+
+
+def test_the_users_forward_hooks_do_not_change_what_is_recorded(tmp_path):
+    torch.manual_seed(10)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    model[0].register_forward_hook(lambda module, args, out: out * 2)
+    with capture(model, tmp_path):
+        with capture(model, tmp_path / "inner"):  # nested: the parameters come back too
+            model(torch.randn(10, 8)).sum().backward()
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+    assert all(type(p) is torch.nn.Parameter for p in model[0]._parameters.values())
+    result, _ = _verify(str(tmp_path / "inner"))
     assert result.exit_code == 0, result.output
