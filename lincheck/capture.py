@@ -75,8 +75,12 @@ class Call:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     precision: str | None = None
     device: str = "cpu"
-    backward: bool = False
     task: int = -1  # the backward pass (autograd graph task) whose gradients are kept
+
+    @property
+    def backward(self) -> bool:
+        """Whether a backward pass reached this call (dY arrives first in every pass)."""
+        return "dY" in self.arrays
 
     def name(self, calls: int) -> str:
         """The case name: the module's qualified name, and the call's number if it was called
@@ -290,7 +294,6 @@ def _keeper(call: Call, label: str, last: bool = False):
             for name in GRADIENTS:
                 call.arrays.pop(name, None)
             call.task = task
-            call.backward = True
         elif task != call.task:
             return
         call.arrays[label] = _numpy(grad)

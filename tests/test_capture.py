@@ -21,24 +21,32 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 capture = pytest.importorskip("lincheck.torch").capture
 
 
-class _MeanBiasLinear(torch.autograd.Function):
-    """A custom linear whose backward averages dB over the batch instead of summing it."""
+def custom_linear(bias_gradient):
+    """An ``nn.Linear`` whose forward and backward are a custom ``autograd.Function``, with dB
+    computed by ``bias_gradient(G2)`` from the upstream gradient flattened to (N, D_out)."""
 
-    @staticmethod
-    def forward(ctx, X, W, B):
-        ctx.save_for_backward(X, W)
-        return X @ W.T + B
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, X, W, B):
+            ctx.save_for_backward(X, W)
+            return X @ W.T + B
 
-    @staticmethod
-    def backward(ctx, G):
-        X, W = ctx.saved_tensors
-        X2, G2 = X.reshape(-1, X.shape[-1]), G.reshape(-1, G.shape[-1])
-        return G @ W, G2.T @ X2, G2.mean(0)
+        @staticmethod
+        def backward(ctx, G):
+            X, W = ctx.saved_tensors
+            X2, G2 = X.reshape(-1, X.shape[-1]), G.reshape(-1, G.shape[-1])
+            return G @ W, G2.T @ X2, bias_gradient(G2)
+
+    class CustomLinear(torch.nn.Linear):
+        def forward(self, X):
+            return Function.apply(X, self.weight, self.bias)
+
+    return CustomLinear
 
 
-class BrokenLinear(torch.nn.Linear):
-    def forward(self, X):
-        return _MeanBiasLinear.apply(X, self.weight, self.bias)
+# Planted bugs: dB averaged over the batch instead of summed; dB 10% short.
+BrokenLinear = custom_linear(lambda G2: G2.mean(0))
+ShortBiasLinear = custom_linear(lambda G2: 0.9 * G2.sum(0))
 
 
 class MLP(torch.nn.Module):
@@ -300,25 +308,6 @@ def test_capture_on_cuda_verifies(tmp_path):  # pragma: no cover - needs a GPU
         model(torch.randn(64, 12, device="cuda")).square().sum().backward()
     result, report = _verify(str(tmp_path))
     assert result.exit_code == 0, result.output
-
-
-class _ScaledBiasLinear(torch.autograd.Function):
-    """A custom linear whose dB is 10% short."""
-
-    @staticmethod
-    def forward(ctx, X, W, B):
-        ctx.save_for_backward(X, W)
-        return X @ W.T + B
-
-    @staticmethod
-    def backward(ctx, G):
-        X, W = ctx.saved_tensors
-        return G @ W, G.T @ X, 0.9 * G.sum(0)
-
-
-class ShortBiasLinear(torch.nn.Linear):
-    def forward(self, X):
-        return _ScaledBiasLinear.apply(X, self.weight, self.bias)
 
 
 def test_bfloat16_db_ten_percent_short_fails(tmp_path):
