@@ -874,11 +874,15 @@ def test_the_docs_list_every_message():
 
 
 @pytest.mark.parametrize("mode", ["full", "directions", "sample"])
-@pytest.mark.parametrize("shape", [(256, 512, 256), (2048, 256, 128), (20000, 64, 32)], ids=str)
-def test_memory_estimate_bounds_what_the_check_allocates(mode, shape):
+@pytest.mark.parametrize("shape", [(32, 128, 64), (1024, 64, 32), (10000, 32, 16)], ids=str)
+def test_memory_estimate_bounds_what_the_check_allocates(mode, shape, monkeypatch):
+    """Blocks cut to 1 MiB, so these small shapes take many blocks, as large ones do."""
     import tracemalloc
 
-    from lincheck import check
+    from lincheck import check, streaming, workspace
+
+    monkeypatch.setattr(workspace, "BLOCK_BYTES", 2**20)
+    monkeypatch.setattr(streaming, "ROW_BLOCK_BYTES", 2**20)
     from lincheck.checks import analytic_gradients, memory_needed, random_inputs
 
     data = random_inputs(np.random.default_rng(0), *shape, "float32")
@@ -911,10 +915,19 @@ def test_max_memory_refuses_and_large_checks_say_what_they_need(tmp_path, monkey
     assert big.stderr == "lincheck: this check needs about 3.0 GiB of memory beyond its inputs\n"
 
 
-def test_large_files_fit_the_memory_limit_in_the_partial_modes(tmp_path):
-    """Files over 64 MiB are read as used; directions stream them, a full check must refuse."""
+def test_large_files_fit_the_memory_limit_in_the_partial_modes(tmp_path, monkeypatch):
+    """Files over MEMMAP_BYTES are read as used; directions stream them, a full check must refuse.
+
+    The thresholds are cut by 16 (4 MiB files, 8 MiB blocks), so a 7 MiB X stands for a
+    file over the default 64 MiB at a sixteenth of the time.
+    """
+    from lincheck import arrays, streaming, workspace
+
+    monkeypatch.setattr(arrays, "MEMMAP_BYTES", 4 * 2**20)
+    monkeypatch.setattr(streaming, "ROW_BLOCK_BYTES", 8 * 2**20)
+    monkeypatch.setattr(workspace, "BLOCK_BYTES", 2 * 2**20)
     rng = np.random.default_rng(0)
-    N, D_in, D_out = 200_000, 96, 16
+    N, D_in, D_out = 20_000, 96, 16
     d = tmp_path / "dump"
     d.mkdir()
     X = np.lib.format.open_memmap(d / "X.npy", mode="w+", dtype=np.float32, shape=(N, D_in))
@@ -923,13 +936,11 @@ def test_large_files_fit_the_memory_limit_in_the_partial_modes(tmp_path):
     np.save(d / "W.npy", rng.standard_normal((D_out, D_in), dtype=np.float32))
     np.save(d / "dY.npy", rng.standard_normal((N, D_out), dtype=np.float32))
     del X
-    assert (d / "X.npy").stat().st_size > 64 * 2**20
-    full = runner.invoke(app, ["verify", str(d), "--max-memory", "160M"])
+    assert (d / "X.npy").stat().st_size > arrays.MEMMAP_BYTES
+    full = runner.invoke(app, ["verify", str(d), "--max-memory", "10M"])
     assert full.exit_code == 2, full.output
-    assert "over 160 MiB (--max-memory)" in full.stderr
-    streamed = runner.invoke(
-        app, ["verify", str(d), "--max-memory", "160M", "--mode", "directions"]
-    )
+    assert "over 10 MiB (--max-memory)" in full.stderr
+    streamed = runner.invoke(app, ["verify", str(d), "--max-memory", "10M", "--mode", "directions"])
     assert streamed.exit_code == 0, streamed.output
     assert "directions" in streamed.stdout
 

@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,12 @@ def lincheck(*args, threads: int, cwd) -> tuple[int, bytes]:
     )
     assert done.returncode in (0, 1), done.stderr.decode()
     return done.returncode, done.stdout
+
+
+def at_every_thread_count(*args, cwd) -> list[tuple[int, bytes]]:
+    """:func:`lincheck` once per count of THREADS, the processes side by side (as a CI runs)."""
+    with ThreadPoolExecutor(len(THREADS)) as pool:
+        return list(pool.map(lambda t: lincheck(*args, threads=t, cwd=cwd), THREADS))
 
 
 def verdicts(code: int, report: bytes) -> dict:
@@ -107,7 +114,7 @@ def dumps(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["full", "sample", "directions"])
 def test_verify_verdicts_do_not_depend_on_the_thread_count(dumps, mode):
     for name, folder in dumps.items():
-        runs = [lincheck("verify", folder, "--mode", mode, threads=t, cwd=folder) for t in THREADS]
+        runs = at_every_thread_count("verify", folder, "--mode", mode, cwd=folder)
         outcomes = [verdicts(*run) for run in runs]
         same_verdicts(outcomes)
         if name == "correct":
@@ -123,7 +130,7 @@ def test_verify_verdicts_do_not_depend_on_the_thread_count(dumps, mode):
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
 def test_run_passes_with_any_thread_count(tmp_path, dtype):
     args = ("run", "--n", 96, "--din", 128, "--dout", 64, "--dtype", dtype, "--seed", 3)
-    outcomes = [verdicts(*lincheck(*args, threads=t, cwd=tmp_path)) for t in THREADS]
+    outcomes = [verdicts(*run) for run in at_every_thread_count(*args, cwd=tmp_path)]
     same_verdicts(outcomes)
     assert outcomes[0]["exit"] == 0 and outcomes[0]["passed"]
 

@@ -5,7 +5,7 @@ import oracles
 import pytest
 from conftest import ORACLE_RTOL, layer, loop_gradients
 
-from lincheck import check, streaming, witness, workspace
+from lincheck import check, checks, streaming, witness, workspace
 
 
 def test_entry_values_and_sampled_witness_match_loops(rng):
@@ -178,9 +178,11 @@ def test_memory_mapped_inputs_are_checked_a_block_at_a_time(tmp_path, monkeypatc
     """Partial modes never hold a float64 copy of X or dY: a file larger than memory fits."""
     import tracemalloc
 
+    # Blocks and the diagnosis limit cut to 1 MiB, so 40 000 rows stand for files far larger.
     monkeypatch.setattr(streaming, "ROW_BLOCK_BYTES", 2**20)
+    monkeypatch.setattr(checks, "DIAGNOSIS_BYTES", 2**20)
     rng = np.random.default_rng(0)
-    N, D_in, D_out = 200_000, 48, 16
+    N, D_in, D_out = 40_000, 48, 16
     arrays = {}
     for name, shape in (("X", (N, D_in)), ("dY", (N, D_out))):
         arrays[name] = np.lib.format.open_memmap(
@@ -195,14 +197,14 @@ def test_memory_mapped_inputs_are_checked_a_block_at_a_time(tmp_path, monkeypatc
     dX = np.lib.format.open_memmap(tmp_path / "dX.npy", mode="w+", dtype=np.float32, shape=X.shape)
     for start in range(0, N, 10_000):
         dX[start : start + 10_000] = G[start : start + 10_000] @ W
-    dX[190_123, 7] += 1.0
+    dX[39_123, 7] += 1.0
     tracemalloc.start()
     try:
         report = check(X, W, B, G, dX=dX, dW=dW, mode="directions", directions=4)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert [(c.tensor, c.worst_index) for c in report.failed] == [("dX", (190_123, 7))]
+    assert [(c.tensor, c.worst_index) for c in report.failed] == [("dX", (39_123, 7))]
     assert [h.code for h in report.hints] == ["not_diagnosed"]  # a diagnosis holds it all
     float64_X = 8 * N * D_in
     assert peak < float64_X / 4, (peak, float64_X)
