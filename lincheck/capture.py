@@ -10,7 +10,10 @@ as linear-like), named by the module's qualified name
 (``dumps/encoder.layers.1.linear2.safetensors``): its input ``X``, parameters
 ``W`` and ``B``, output ``Y``, the upstream gradient ``dY`` and the
 gradients torch produced, ``dX``, ``dW`` and ``dB``. ``lincheck verify
-dumps/`` then checks every layer.
+dumps/`` then checks every layer. A call with its input by keyword
+(``linear(input=x)``) is recorded as one by position. Names that become the same file
+name (``"a b"`` and ``"a_b"`` in a ``ModuleDict``, or names that differ only in case)
+get ``~2``, ``~3``; each case's ``lincheck.module`` metadata keeps the real name.
 
 How a call's own gradients are caught
 -------------------------------------
@@ -216,14 +219,15 @@ def _hook(module, name: str, accessor: Accessor, calls: list[Call], counts: dict
     # One entry per call in progress (pushed before, popped after: a call may nest).
     stack: list[tuple[Call | None, list]] = []
 
-    def before(mod, args):
-        if not torch.is_grad_enabled() or not args or not torch.is_tensor(args[0]):
+    def before(mod, args, kwargs):
+        keyword = _input_key(args, kwargs)
+        X = kwargs[keyword] if keyword is not None else args[0] if args else None
+        if not torch.is_grad_enabled() or not torch.is_tensor(X):
             stack.append((None, []))
             return None
-        if args[0].numel() == 0:  # an empty batch (an expert that got no tokens): no case
+        if X.numel() == 0:  # an empty batch (an expert that got no tokens): no case
             stack.append((None, []))
             return None
-        X = args[0]
         call = Call(name, counts.get(name, 0))
         counts[name] = call.index + 1
         calls.append(call)
@@ -255,10 +259,12 @@ def _hook(module, name: str, accessor: Accessor, calls: list[Call], counts: dict
         if X.requires_grad:
             alias = X.view_as(X)
             alias.register_hook(_keeper(call, "dX"))
-            return (alias, *args[1:])
+            if keyword is None:
+                return (alias, *args[1:]), kwargs
+            return args, {**kwargs, keyword: alias}
         return None
 
-    def after(mod, args, output):
+    def after(mod, args, kwargs, output):
         call, swapped = stack.pop() if stack else (None, [])
         for owner, key, tensor in swapped:
             owner._parameters[key] = tensor
@@ -270,12 +276,22 @@ def _hook(module, name: str, accessor: Accessor, calls: list[Call], counts: dict
         return None
 
     return [
-        module.register_forward_pre_hook(before),
+        module.register_forward_pre_hook(before, with_kwargs=True),
         # Prepended: it runs before the user's own forward hooks (which may change the
         # output: Y and dY are the Linear's own), and captures nested in one another
         # restore the parameters in the reverse order of their swaps.
-        module.register_forward_hook(after, always_call=True, prepend=True),
+        module.register_forward_hook(after, always_call=True, prepend=True, with_kwargs=True),
     ]
+
+
+def _input_key(args: tuple, kwargs: dict) -> str | None:
+    """Where a call's input is: None for the first positional argument, else its keyword
+    (``linear(input=x)``, or the one keyword argument of a subclass's forward)."""
+    if args or not kwargs:
+        return None
+    if "input" in kwargs:
+        return "input"
+    return next(iter(kwargs)) if len(kwargs) == 1 else None
 
 
 def _keeper(call: Call, label: str, last: bool = False):
@@ -314,11 +330,18 @@ def _write(captured: Captured, format: str, force: bool) -> None:
     for c in calls:
         totals[c.module] = totals.get(c.module, 0) + 1
     cases = {}
+    taken: set[str] = set()  # lower case: a case-insensitive file system is one name
     for c in done:
         metadata = {"lincheck.module": c.module, "lincheck.device": c.device}
         if c.precision:
             metadata["lincheck.precision"] = c.precision
-        cases[_file_name(c.name(totals[c.module]))] = (c, metadata)
+        name = _file_name(c.name(totals[c.module]))
+        unique, k = name, 1
+        while unique.lower() in taken:  # "a b" and "a_b", or "Head" and "head"
+            k += 1
+            unique = f"{name}~{k}"
+        taken.add(unique.lower())
+        cases[unique] = (c, metadata)
     if format == "npy":  # refused before anything is written
         for c, metadata in cases.values():
             if "lincheck.precision" in metadata:
@@ -332,6 +355,8 @@ def _write(captured: Captured, format: str, force: bool) -> None:
                     f"{captured.folder}: {c.module}'s {narrow[0]} is {c.arrays[narrow[0]].dtype}, "
                     "which .npy cannot carry; use format='safetensors'"
                 )
+    if captured.folder.exists() and not captured.folder.is_dir():
+        raise InputError(f"{captured.folder}: is a file, not a folder; nothing was written")
     targets = {name: writing.case_path(captured.folder / name, format) for name in cases}
     existing = [str(p) for p in targets.values() if os.path.lexists(p)]
     if existing and not force:

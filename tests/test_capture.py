@@ -347,3 +347,54 @@ def test_the_users_forward_hooks_do_not_change_what_is_recorded(tmp_path):
     assert all(type(p) is torch.nn.Parameter for p in model[0]._parameters.values())
     result, _ = _verify(str(tmp_path / "inner"))
     assert result.exit_code == 0, result.output
+
+
+class KeywordCalls(torch.nn.Module):
+    """Linears called with their input by keyword, and two names that sanitise alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict(
+            {
+                "a b": torch.nn.Linear(4, 4),
+                "a_b": torch.nn.Linear(4, 4),
+                "A_B": torch.nn.Linear(4, 3),
+            }
+        )
+
+    def forward(self, X):
+        h = self.heads["a b"](input=X)
+        h = self.heads["a_b"](input=torch.tanh(h))
+        return self.heads["A_B"](h)
+
+
+def test_keyword_calls_and_colliding_names_are_each_a_case(tmp_path):
+    torch.manual_seed(0)
+    model = KeywordCalls().double()
+    X = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    with capture(model, tmp_path) as captured:
+        model(X).square().sum().backward()
+    # Three modules, three files, each naming the module it came from.
+    assert len(captured.paths) == len({p.name.lower() for p in captured.paths}) == 3
+    from lincheck import arrays
+
+    for path in captured.paths:
+        loaded = arrays.load(path)
+        module = model.heads[loaded.metadata["lincheck.module"].removeprefix("heads.")]
+        assert np.array_equal(loaded.arrays["W"], module.weight.detach().numpy())
+        # dX by keyword was caught: its own gradient, not the sum of another call's.
+        assert "dX" in loaded.arrays and "dW" in loaded.arrays
+    first = arrays.load(tmp_path / "heads.a_b.safetensors").arrays
+    assert np.array_equal(first["X"], X.detach().numpy())
+    assert np.array_equal(first["dX"], X.grad.numpy())  # X feeds only the first call
+    result, report = _verify(str(tmp_path))
+    assert result.exit_code == 0 and report["passed"], result.output
+
+
+def test_a_file_where_the_folder_should_be_is_refused(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    (tmp_path / "dumps").write_text("notes")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        with capture(model, tmp_path / "dumps"):
+            model(torch.randn(2, 3)).sum().backward()
+    assert (tmp_path / "dumps").read_text() == "notes"
