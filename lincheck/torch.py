@@ -10,6 +10,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import importlib
 from typing import Any
 
@@ -51,7 +52,8 @@ def check_module(
         and ``dtype``, and its ``weight`` (out_features, in_features) and
         ``bias`` (out_features,) parameters are set to seeded random W and B.
         An instance is used as it is, with its own weights (its shape, bias,
-        dtype and device are its own unless ``dtype``/``device`` are given).
+        dtype and device are its own unless ``dtype``/``device`` are given, which
+        convert a copy: the instance itself is never changed).
     batch_shape : tuple of int
         The leading dimensions of X and dY (N is their product).
     dtype : torch.dtype or str
@@ -86,8 +88,8 @@ def check_module(
         out_features, in_features = weight.shape
         own_bias = getattr(module, "bias", None)
         bias = isinstance(own_bias, _torch.Tensor)
-        if dtype is not None or device is not None:
-            module = module.to(device=device, dtype=_dtype(dtype))
+        if dtype is not None or device is not None:  # on a copy: the user's module stays put
+            module = copy.deepcopy(module).to(device=device, dtype=_dtype(dtype))
         dtype, device = weight.dtype if dtype is None else dtype, device or weight.device
         params = {"W": _numpy(module.weight)}
         if bias:

@@ -126,6 +126,10 @@ def test_module_instance_is_used_as_it_is():
     assert torch.equal(layer.weight, before) and layer.weight.grad is None
     no_bias = torch.nn.Linear(9, 4, bias=False)
     assert lincheck.torch.check_module(no_bias).layer.bias is False
+    # dtype= checks a converted copy: the user's bfloat16 layer is left as it was.
+    wide = lincheck.torch.check_module(layer, batch_shape=(3, 5), dtype="float64")
+    assert wide.passed and wide.layer.dtypes["W"] == "float64", describe(wide)
+    assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, before)
 
 
 def test_module_without_weight_is_refused_in_one_line():
