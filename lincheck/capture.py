@@ -36,7 +36,7 @@ A gradient computed under autocast is stored in the parameter's dtype
 with ``torch.backends.cuda.matmul.allow_tf32`` ran on TF32 tensor cores.
 Either is recorded in the case as ``lincheck.precision`` (``tf32``, or
 ``bf16,reduce=fp32``: torch sums dB with a float32 accumulator, also for
-bfloat16 parameters), which ``verify`` uses when no
+bfloat16 and float16 parameters), which ``verify`` uses when no
 ``--precision`` is given; otherwise the dtypes say it. A ``.npy`` folder
 cannot hold that record (nor bfloat16 arrays), so such a capture needs
 ``format="safetensors"`` (the default).

@@ -325,7 +325,11 @@ def _value_hints(case: Failure, values, reference, own, ref_bound, baseline, sca
 
     if tensor in ("dW", "dB") and L.N > 1 and not scaled:
         mean = reference / L.N
-        ratio = _fit(values, mean, tol / L.N + 2 * u * np.abs(mean), baseline)
+        # The mean's own rounding: relative u, and below the normal range the subnormal
+        # spacing of the format it was stored (or computed) in, which a mean of a small
+        # dY reaches where the sum did not.
+        eta = max(case.storage.eta, case.precision.out.eta)
+        ratio = _fit(values, mean, tol / L.N + 2 * u * np.abs(mean) + 2 * eta, baseline)
         formula = "dY.mean(0)" if tensor == "dB" else f"{case.formulas['dW']} / N"
         right = "dY.sum(0)" if tensor == "dB" else case.formulas["dW"]
         if ratio is not None:

@@ -205,12 +205,12 @@ def torch_flags(device_type: str) -> tuple[bool, str | None]:
 
 
 def torch_reduction(preset: str) -> str:
-    """The bf16 preset as torch computes it: torch sums dB = Σₙ G over the batch with a
-    float32 accumulator (its reductions accumulate in ``acc_type``) and rounds once, where
-    the preset's default reduce is XLA's CPU window of bf16 partial sums, whose bound is so
-    loose that a dB 10% wrong would pass a long batch. (fp16 keeps its preset: its hints
-    were not re-checked against the tighter bound.)"""
-    return f"{preset},reduce=fp32" if preset == "bf16" else preset
+    """The bf16 or fp16 preset as torch computes it: torch sums dB = Σₙ G over the batch
+    with a float32 accumulator (its reductions accumulate in ``acc_type``, float for both)
+    and rounds once, where the presets' default reduce is XLA's CPU window of 16-bit
+    partial sums, whose bound is so loose that a dB 10% wrong (bf16) or 1% wrong (fp16)
+    would pass a long batch."""
+    return f"{preset},reduce=fp32" if preset in ("bf16", "fp16") else preset
 
 
 def jax_flags() -> bool:

@@ -82,6 +82,20 @@ def test_planted_bugs_are_named(kind, dtype, bug, code, tensor):
     assert [h.code for h in report.hints if h.tensor == tensor] == [code]
 
 
+def test_float16_bias_one_percent_short_fails():
+    """torch sums a float16 dB in float32 and rounds once: a dB 1% short is far beyond that
+    over N = 512 (and is named a scaling), though within the fp16 preset's float16 windows;
+    the correct layer passes the tighter bound."""
+    shape = dict(batch_shape=(512,), in_features=8, out_features=4, dtype="float16")
+    correct = lincheck.torch.check_function(tl.LinearFunction, **shape)
+    assert correct.passed, describe(correct)
+    short = type("ShortBiasFunction", (tl.LinearFunction,), {"bug": "dB 1% short"})
+    report = lincheck.torch.check_function(short, **shape)
+    assert {c.tensor for c in report.failed} == {"dB"}, describe(report)
+    assert [h.code for h in report.hints] == ["scaled"], describe(report)
+    assert {c.precision for c in report.checks if c.subject == "supplied"} == {"fp16,reduce=fp32"}
+
+
 @pytest.mark.parametrize("kind", ["autograd.Function", "nn.Module"])
 def test_bfloat16_sequential_accumulation_fails(kind):
     """dW accumulated one sample at a time in bfloat16 over N = 2048 (every partial sum

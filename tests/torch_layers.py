@@ -35,6 +35,8 @@ def gradients(X, W, B, G, bug: str | None = None):
         dW = 2 * dW
     elif bug == "dX with W transposed":  # a square layer
         dX = G @ W.T
+    elif bug == "dB 1% short":
+        dB = None if B is None else 0.99 * G2.sum(0)
     elif bug == "dW summed in bf16":
         dW = sequential_sum(G2, X2)
     return dX, dW, dB
