@@ -50,6 +50,7 @@ def assert_gradients(
     """
     from .report import brief_text, to_text
 
+    __tracebackhide__ = True  # pytest shows the caller's line, not this function's code
     report = check(X, W, B, dY, dX=dX, dW=dW, dB=dB, Y=Y, **options)
     if not report.passed:
         failed = ", ".join(f"{c.tensor} ({c.subject})" for c in report.failed)
@@ -71,8 +72,8 @@ def assert_backward(fn: Callable, **options) -> Sweep:
 
     The message's first line is the verdict (how many cases failed, and which); then
     a table of the cases, and the problems and hints of the first
-    :data:`BRIEF_CASES` failed cases (``print(sweep)`` of :func:`check_backward`'s
-    result shows them all). Returns the sweep
+    :data:`BRIEF_CASES` failed cases that fail differently (``print(sweep)`` of
+    :func:`check_backward`'s result shows them all). Returns the sweep
     when every case passes. Options are :func:`check_backward`'s.
 
     Examples
@@ -87,10 +88,11 @@ def assert_backward(fn: Callable, **options) -> Sweep:
     """
     from .report import sweep_text, verdict_cases
 
+    __tracebackhide__ = True  # pytest shows the caller's line, not this function's code
     sweep = check_backward(fn, **options)
     if not sweep.passed:
         head = verdict_cases(sweep.results, sweep.skipped).plain
-        text = sweep_text(sweep.results, sweep.skipped, most=BRIEF_CASES)
+        text = sweep_text(sweep.results, sweep.skipped, most=BRIEF_CASES, last_line=False)
         raise AssertionError(f"{head}\n{text}")
     return sweep
 

@@ -516,17 +516,23 @@ def render_cases(
     return Group(*parts)
 
 
-def sweep_text(results, skipped=(), width: int = 100, most: int | None = None) -> str:
-    """A sweep as plain text: the table of cases, each failure's problems and hints (a
-    case's error in full; of the first ``most`` failures only, if given), and the verdict
-    line; no tables of numbers, no heatmaps."""
+def sweep_text(
+    results, skipped=(), width: int = 100, most: int | None = None, last_line: bool = True
+) -> str:
+    """A sweep as plain text: the table of cases, the failures' problems and hints (a
+    case's error in full), and the verdict line (unless not ``last_line``); no tables of
+    numbers, no heatmaps. With ``most``, only that many failures are detailed, and a
+    failure whose tensors and hints are one's already detailed is left to the table."""
     parts: list[RenderableType] = [cases_table(results), Text("")]
     failed = [r for r in results if not r.passed]
-    if most is not None and len(failed) > most:
-        failed, rest = failed[:most], len(failed) - most
-    else:
-        rest = 0
+    shown: set[str] = set()
+    rest = 0
     for r in failed:
+        alike = _case_failures(r) if r.report is not None or r.unsupported else None
+        if most is not None and (len(shown) >= most or (alike is not None and alike in shown)):
+            rest += 1
+            continue
+        shown.add(alike or r.name)
         if r.report is None:
             kind = "bad input" if r.bad_input else "unsupported" if r.unsupported else "error"
             parts.append(Text(f"{r.name}: {kind}: {r.error}"))
@@ -535,8 +541,9 @@ def sweep_text(results, skipped=(), width: int = 100, most: int | None = None) -
             text = lines.plain if lines is not None else verdict(r.report).plain
             parts.append(Text(f"{r.name}:\n{text}"))
     if rest:
-        parts.append(Text(f"({rest} more failed cases: their hints are in the table above)"))
-    parts.append(verdict_cases(results, skipped))
+        parts.append(Text(f"({rest} more failed cases, alike or not shown: see the table)"))
+    if last_line:
+        parts.append(verdict_cases(results, skipped))
     return _plain_text(Group(*parts), width)
 
 

@@ -107,6 +107,7 @@ def test_a_failed_sweep_reads_well_in_pytest(tmp_path):
     out = done.stdout
     assert done.returncode == 1 and "2 failed" in out, out
     assert "CaseResult(" not in out and "results=(" not in out
+    assert "def assert_backward" not in out  # lincheck's own frame is hidden
     where = next(line for line in out.splitlines() if "where False = Sweep(FAIL" in line)
     assert "dB (mean_instead_of_sum)" in where and "..." not in where  # not truncated
     assert "AssertionError: FAIL  1 of 1 cases failed: float64 N=6 D_in=4 D_out=3" in out
