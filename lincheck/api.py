@@ -1,10 +1,11 @@
 """The Python API for tests and CI: assert on gradients, sweep a user's backward function.
 
 ``check`` (from :mod:`lincheck.checks`) returns a :class:`~lincheck.results.Report`;
-``assert_gradients`` raises ``AssertionError`` with the tables when it fails;
+``assert_gradients`` raises ``AssertionError`` with the failures and hints when it fails;
 ``check_backward`` and ``check_forward`` call a user's implementation on a
 sweep of seeded random layers (the requested shape, the edge shapes and each
-requested dtype) and check every case.
+requested dtype) and check every case; ``assert_backward`` raises with the
+table of cases unless every case passes.
 """
 
 from __future__ import annotations
@@ -313,7 +314,8 @@ class Sweep:
 
         statuses = Counter(r.status for r in self.results)
         counts = ", ".join(f"{n} {status}" for status, n in statuses.items())
-        text = f"Sweep({'PASS' if self.passed else 'FAIL'}: {len(self.results)} cases, {counts}"
+        n = len(self.results)
+        text = f"Sweep({'PASS' if self.passed else 'FAIL'}: {n} case{'s' * (n != 1)}, {counts}"
         text += f", {len(self.skipped)} skipped" if self.skipped else ""
         if self.failed:  # pytest shows 240 characters of a repr: the first failure only
             first = self.failed[0]

@@ -74,8 +74,8 @@ def test_run_impl_names_the_unsupported_case_exit_1_and_how_to_leave_it_out(tmp_
     done = _cli(tmp_path, "run", "--impl", "textbook_layers:textbook", *sizes, "--json", "r.json")
     assert done.returncode == 1, done.stdout + done.stderr
     verdict = done.stdout.rstrip().splitlines()[-1]
-    assert verdict.startswith("FAIL  no gradient wrong, but 1 of 7 cases not supported")
-    assert verdict.endswith("--cases=-batched leaves them out")
+    assert verdict.startswith("FAIL") and "no gradient wrong" in verdict
+    assert "1 of 7 cases not supported" in verdict and "--cases=-batched" in verdict
     report = json.loads((tmp_path / "r.json").read_text())
     assert [c["kind"] for c in report["cases"] if c["unsupported"]] == ["batched"]
     again = _cli(tmp_path, "run", "--impl", "textbook_layers:textbook", *sizes, "--cases=-batched")
@@ -110,7 +110,8 @@ def test_a_failed_sweep_reads_well_in_pytest(tmp_path):
     assert "def assert_backward" not in out  # lincheck's own frame is hidden
     where = next(line for line in out.splitlines() if "where False = Sweep(FAIL" in line)
     assert "dB (mean_instead_of_sum)" in where and "..." not in where  # not truncated
-    assert "AssertionError: FAIL  1 of 1 cases failed: float64 N=6 D_in=4 D_out=3" in out
+    raised = next(line for line in out.splitlines() if "AssertionError: FAIL" in line)
+    assert "float64 N=6 D_in=4 D_out=3" in raised  # the verdict line, naming the case
     assert "hint [mean_instead_of_sum] dB = dY.mean(0)" in out
 
 
