@@ -310,7 +310,7 @@ class Sweep:
         cases ended how, and why the first failure failed (``print(sweep)`` for more)."""
         from collections import Counter
 
-        from .report import _case_failures
+        from .report import case_failures
 
         statuses = Counter(r.status for r in self.results)
         counts = ", ".join(f"{n} {status}" for status, n in statuses.items())
@@ -319,7 +319,7 @@ class Sweep:
         text += f", {len(self.skipped)} skipped" if self.skipped else ""
         if self.failed:  # pytest shows 240 characters of a repr: the first failure only
             first = self.failed[0]
-            text += f"; {first.name}: {_case_failures(first)}"
+            text += f"; {first.name}: {case_failures(first)}"
             text += f"; {len(self.failed) - 1} more" if len(self.failed) > 1 else ""
             text += "; print() it for the table"
         return text + ")"

@@ -409,7 +409,9 @@ def brief_text(report: Report, width: int = 100) -> str:
     return _plain_text(brief(report), width)
 
 
-def _case_failures(result) -> str:
+def case_failures(result) -> str:
+    """What failed in a case, in a few words: its failed tensors with their hints' codes,
+    or the first line of its error."""
     if result.unsupported:
         return "takes no leading batch dimensions (--cases=-batched leaves this case out)"
     if result.error is not None:
@@ -436,7 +438,7 @@ def cases_table(results) -> Table:
             n = len(r.report.checks)
             checks = f"{n - len(r.report.failed)}/{n}"
             mark = Text("PASS", style="bold green") if r.passed else Text("FAIL", style="bold red")
-        table.add_row(r.name, checks, mark, _case_failures(r))
+        table.add_row(r.name, checks, mark, case_failures(r))
     return table
 
 
@@ -528,7 +530,7 @@ def sweep_text(
     shown: set[str] = set()
     rest = 0
     for r in failed:
-        alike = _case_failures(r) if r.report is not None or r.unsupported else None
+        alike = case_failures(r) if r.report is not None or r.unsupported else None
         if most is not None and (len(shown) >= most or (alike is not None and alike in shown)):
             rest += 1
             continue
