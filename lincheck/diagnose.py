@@ -487,7 +487,7 @@ def _shape_of_other(case: Failure) -> Hint | None:
                 "swapped",
                 tensor,
                 f"{tensor} has shape {got}, {what}, where {tensor} has shape {own}: were "
-                f"the gradients returned in the wrong order (dX, dW, dB)? Its values are not "
+                f"the gradients returned in the wrong order (it is dX, dW, dB)? Its values are not "
                 f"{other}'s either, so check both: {formula(tensor, case.layout)}; "
                 f"{formula(other, case.layout)}.",
                 {"shape": list(got), "shape_of": other, "transposed": transposed},
