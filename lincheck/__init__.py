@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CaseResult": "api",
     "Sweep": "api",
+    "assert_backward": "api",
     "assert_gradients": "api",
     "check_backward": "api",
     "check_forward": "api",
@@ -44,6 +45,7 @@ __all__ = [
     "Sweep",
     "TensorCheck",
     "analytic_gradients",
+    "assert_backward",
     "assert_gradients",
     "check",
     "check_backward",
@@ -52,7 +54,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .api import CaseResult, Sweep, assert_gradients, check_backward, check_forward
+    from .api import (
+        CaseResult,
+        Sweep,
+        assert_backward,
+        assert_gradients,
+        check_backward,
+        check_forward,
+    )
     from .checks import analytic_gradients, check, random_inputs
     from .errors import InputError, LincheckError
     from .results import Hint, Layer, Report, TensorCheck

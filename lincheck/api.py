@@ -1,10 +1,11 @@
 """The Python API for tests and CI: assert on gradients, sweep a user's backward function.
 
 ``check`` (from :mod:`lincheck.checks`) returns a :class:`~lincheck.results.Report`;
-``assert_gradients`` raises ``AssertionError`` with the tables when it fails;
+``assert_gradients`` raises ``AssertionError`` with the failures and hints when it fails;
 ``check_backward`` and ``check_forward`` call a user's implementation on a
 sweep of seeded random layers (the requested shape, the edge shapes and each
-requested dtype) and check every case.
+requested dtype) and check every case; ``assert_backward`` raises with the
+table of cases unless every case passes.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from .results import Report, json_text
 from .worker import DEFAULT_TIMEOUT, Worker, arithmetic, call, read_results
 
 
-def assert_gradients(X, W, B, dY, dX=None, dW=None, dB=None, Y=None, **options) -> Report:
+def assert_gradients(
+    X, W, B, dY, dX=None, dW=None, dB=None, Y=None, full: bool = False, **options
+) -> Report:
     """Check gradients like :func:`lincheck.check`; raise ``AssertionError`` if any check fails.
 
-    The message is the readable report: each tensor's verdict, its largest
-    error against its tolerance and where, the worst entries, and the hints
-    (what kind of mistake it looks like). Returns the report when all pass.
+    The message's first line names the failed checks; then what failed and
+    the hints (what kind of mistake it looks like), the failed tensors' rows
+    (largest error against its tolerance, and where) and their worst entries:
+    a screenful whatever the layer. ``full=True`` gives the whole report
+    instead (every table, the heatmaps). Returns the report when all pass.
 
     Examples
     --------
@@ -44,14 +49,53 @@ def assert_gradients(X, W, B, dY, dX=None, dW=None, dB=None, Y=None, **options) 
     AssertionError: lincheck: 1 of 4 checks failed: dW (supplied)
     ...
     """
-    from .report import to_text
+    from .report import brief_text, to_text
 
+    __tracebackhide__ = True  # pytest shows the caller's line, not this function's code
     report = check(X, W, B, dY, dX=dX, dW=dW, dB=dB, Y=Y, **options)
     if not report.passed:
         failed = ", ".join(f"{c.tensor} ({c.subject})" for c in report.failed)
         head = f"lincheck: {len(report.failed)} of {len(report.checks)} checks failed: {failed}"
-        raise AssertionError(head + "\n" + to_text(report))
+        if full:
+            raise AssertionError(head + "\n" + to_text(report))
+        more = "(the whole report: assert_gradients(..., full=True))"
+        raise AssertionError(f"{head}\n{brief_text(report)}\n{more}")
     return report
+
+
+BRIEF_CASES = 3
+"""Failed cases whose problems and hints :func:`assert_backward`'s message shows (the
+table names every case; a mistake usually fails many cases alike)."""
+
+
+def assert_backward(fn: Callable, **options) -> Sweep:
+    """:func:`check_backward` that raises ``AssertionError`` unless every case passes.
+
+    The message's first line is the verdict (how many cases failed, and which); then
+    a table of the cases, and the problems and hints of the first
+    :data:`BRIEF_CASES` failed cases that fail differently (``print(sweep)`` of
+    :func:`check_backward`'s result shows them all). Returns the sweep
+    when every case passes. Options are :func:`check_backward`'s.
+
+    Examples
+    --------
+    >>> def backward(X, W, B, dY):
+    ...     return dY @ W, dY.T @ X, None if B is None else dY.mean(0)
+    >>> assert_backward(backward, N=8, D_in=5, D_out=3, cases="main")
+    Traceback (most recent call last):
+    ...
+    AssertionError: FAIL  2 of 2 cases failed: float64 N=8 D_in=5 D_out=3, ...
+    ...
+    """
+    from .report import sweep_text, verdict_cases
+
+    __tracebackhide__ = True  # pytest shows the caller's line, not this function's code
+    sweep = check_backward(fn, **options)
+    if not sweep.passed:
+        head = verdict_cases(sweep.results, sweep.skipped).plain
+        text = sweep_text(sweep.results, sweep.skipped, most=BRIEF_CASES, last_line=False)
+        raise AssertionError(f"{head}\n{text}")
+    return sweep
 
 
 # ---------------------------------------------------------------------------
@@ -202,7 +246,11 @@ class CaseResult:
     ``name`` says what the case is (a sweep case, or the path of a dump);
     ``arrays`` holds its inputs and whatever the user's function returned, to
     save a failing case for ``verify``; ``bad_input`` marks an error in the
-    inputs themselves rather than in what is checked.
+    inputs themselves rather than in what is checked. ``unsupported`` marks a
+    case the user's function does not take (leading batch dimensions it
+    raises on, while the same rows as one 2-D batch pass): not a wrong
+    gradient, but not a pass either; ``error`` then says so and how to leave
+    the case out.
     """
 
     name: str
@@ -211,10 +259,21 @@ class CaseResult:
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
     case: Case | None = None
     bad_input: bool = False
+    unsupported: bool = False
 
     @property
     def passed(self) -> bool:
         return self.error is None and self.report is not None and self.report.passed
+
+    @property
+    def status(self) -> str:
+        """PASS, FAIL, ERROR (the user's function failed), UNSUPPORTED (it does not take
+        this kind of case; never a pass) or BAD (bad input)."""
+        if self.passed:
+            return "PASS"
+        if self.report is not None:
+            return "FAIL"
+        return "BAD" if self.bad_input else "UNSUPPORTED" if self.unsupported else "ERROR"
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -223,6 +282,7 @@ class CaseResult:
             "passed": self.passed,
             "error": self.error,
             "bad_input": self.bad_input,
+            "unsupported": self.unsupported,
         }
         if self.report is not None:
             out["report"] = self.report.as_dict()
@@ -245,10 +305,36 @@ class Sweep:
     def failed(self) -> tuple[CaseResult, ...]:
         return tuple(r for r in self.results if not r.passed)
 
+    def __repr__(self) -> str:
+        """One line, as pytest shows a value in a failed assertion: the verdict, how many
+        cases ended how, and why the first failure failed (``print(sweep)`` for more)."""
+        from collections import Counter
+
+        from .report import case_failures
+
+        statuses = Counter(r.status for r in self.results)
+        counts = ", ".join(f"{n} {status}" for status, n in statuses.items())
+        n = len(self.results)
+        text = f"Sweep({'PASS' if self.passed else 'FAIL'}: {n} case{'s' * (n != 1)}, {counts}"
+        text += f", {len(self.skipped)} skipped" if self.skipped else ""
+        if self.failed:  # pytest shows 240 characters of a repr: the first failure only
+            first = self.failed[0]
+            text += f"; {first.name}: {case_failures(first)}"
+            text += f"; {len(self.failed) - 1} more" if len(self.failed) > 1 else ""
+            text += "; print() it for the table"
+        return text + ")"
+
+    def __str__(self) -> str:
+        """The table of cases, each failure's problems and hints, and the verdict line."""
+        from .report import sweep_text
+
+        return sweep_text(self.results, self.skipped)
+
     def as_dict(self) -> dict[str, Any]:
         """The JSON report: ``passed``, every case's ``checks`` and ``hints`` (each naming
         its ``case``), ``counts`` of cases checked, failed, with bad input (both, so
-        neither hides the other) and skipped, ``cases`` with one report (or error) per
+        neither hides the other), unsupported (the user's function does not take them;
+        not counted as failed) and skipped, ``cases`` with one report (or error) per
         case, and ``skipped``: the cases not checked, by name and kind."""
         checks, hints = [], []
         for r in self.results:
@@ -256,7 +342,8 @@ class Sweep:
                 checks += [{"case": r.name, **c.as_dict()} for c in r.report.checks]
                 hints += [{"case": r.name, **h.as_dict()} for h in r.report.hints]
         bad = sum(r.bad_input for r in self.results)
-        failed = len(self.failed) - bad
+        unsupported = sum(r.unsupported for r in self.results)
+        failed = len(self.failed) - bad - unsupported
         return {
             "passed": self.passed,
             "checks": checks,
@@ -265,6 +352,7 @@ class Sweep:
                 "cases": len(self.results),
                 "failed": failed,
                 "bad_input": bad,
+                "unsupported": unsupported,
                 "skipped": len(self.skipped),
             },
             "cases": [r.as_dict() for r in self.results],
@@ -418,6 +506,10 @@ def run_case(
         savable = {k: v for k, v in subjects.items() if _savable(v, largest)}
     arrays = {**data, **savable}
     if errors:
+        if case.kind == "batched":
+            note = _without_leading_dims(case, data, errors, fn, forward, worker, options)
+            if note is not None:
+                return CaseResult(case.name, None, note, arrays, case, unsupported=True)
         return CaseResult(case.name, None, "; ".join(errors), arrays, case)
     if precision is not None and options.get("precision") is None:
         options = {**options, "precision": precision}  # the layer ran under autocast or TF32
@@ -426,6 +518,57 @@ def run_case(
     except LincheckError as exc:  # e.g. a subject that is not an array of numbers
         return CaseResult(case.name, None, str(exc), arrays, case)
     return CaseResult(case.name, report, None, arrays, case)
+
+
+UNSUPPORTED_ADVICE = (
+    "if your layer is for 2-D X only, leave this case out: --cases=-batched "
+    '(cases="-batched" from Python)'
+)
+
+
+def _without_leading_dims(case, data, errors, fn, forward, worker, options) -> str | None:
+    """Why a batched case failed, when the user's functions do not take leading batch
+    dimensions: they failed on X of shape (2, ⌈N/2⌉, D_in), and on the same rows as one
+    2-D batch they return results that pass every check. None when the 2-D call fails
+    too (then the failure is not about the leading dimensions)."""
+    flat = dict(data)
+    flat["X"] = data["X"].reshape(-1, data["X"].shape[-1])
+    flat["dY"] = data["dY"].reshape(-1, data["dY"].shape[-1])
+    if worker is not None:
+        if worker.process is None:
+            return None  # the call did not raise: its worker died or hung (not a shape)
+        returned = worker.run(flat)
+        if returned.errors:
+            return None
+        subjects, precision = dict(returned.subjects), returned.precision
+    else:
+        found, retry_errors = call(fn, forward, flat)
+        precision = arithmetic(fn, flat, found)
+        subjects = read_results(found, retry_errors)
+        if retry_errors:
+            return None
+    if precision is not None and options.get("precision") is None:
+        options = {**options, "precision": precision}
+    try:
+        report = check(
+            flat["X"],
+            flat["W"],
+            flat.get("B"),
+            flat["dY"],
+            **subjects,
+            layout=case.layout,
+            **options,
+        )
+    except LincheckError:
+        return None
+    if not report.passed:
+        return None
+    return (
+        f"does not accept leading batch dimensions: on X of shape {data['X'].shape}, "
+        f"{'; '.join(errors)}; on the same rows as X of shape {flat['X'].shape} its "
+        f"results pass every check. Not a wrong gradient, but torch.nn.Linear takes X of "
+        f"shape (*, D_in); {UNSUPPORTED_ADVICE}"
+    )
 
 
 def _savable(value, largest: int) -> bool:

@@ -120,7 +120,8 @@ def load(
         where = path if path is not None else "the files given"
         found = ", ".join(sorted(loaded.arrays)) or "no known array"
         needs = f"needs X, W and dY; found {found}"
-        raise InputError(f"{where}: missing {', '.join(missing)} ({needs})")
+        instead = _found_instead(Path(path), loaded.ignored) if path is not None else ""
+        raise InputError(f"{where}: missing {', '.join(missing)} ({needs}){instead}")
     return loaded
 
 
@@ -183,6 +184,46 @@ def _unreadable(path: Path) -> str:
             f"or the file as --{(_canonical(path.stem) or 'x').lower()} FILE)"
         )
     return "expected a folder of .npy files, an .npz or a .safetensors file"
+
+
+LISTED = 6
+"""Files a "missing" line names of those lincheck did not read (then how many more)."""
+
+
+def _found_instead(folder: Path, ignored: tuple[str, ...]) -> str:
+    """What a folder without X, W or dY holds instead, and, for PyTorch pickles or text
+    files named after the arrays (``X.pt``, ``W.csv``...), the one line converting them."""
+    if not ignored or not is_dir(folder):
+        return ""
+    files = [Path(p) for p in ignored]
+    names = ", ".join(p.name for p in files[:LISTED])
+    more = f" and {len(files) - LISTED} more" if len(files) > LISTED else ""
+    text = f"; the folder holds {names}{more}, which lincheck does not read"
+    kinds = {p.suffix.lower() for p in files}
+    named = {_canonical(p.stem): p for p in files if _canonical(p.stem)}
+    if kinds <= set(PICKLES) and named:
+        items = ", ".join(f"'{n}': '{_plain(p, f'{n}.pt')}'" for n, p in named.items())
+        dst = _plain(folder.with_name(folder.name + SAFETENSORS), "case.safetensors")
+        return (
+            f"{text}: PyTorch pickles, never unpickled. Save the tensors as one .safetensors "
+            'case: python -c "import torch; from safetensors.torch import save_file; '
+            "save_file({n: torch.load(p).detach().contiguous().clone() for n, p in "
+            f"{{{items}}}.items()}}, '{dst}')\" and verify {dst}"
+        )
+    if len(kinds) == 1 and kinds <= set(TEXTS) and named:
+        suffix = kinds.pop()
+        delimiter = {".csv": ", delimiter=','", ".tsv": ", delimiter='\\t'"}.get(suffix, "")
+        items = ", ".join(f"'{n}': '{_plain(p, f'{n}{suffix}')}'" for n, p in named.items())
+        dst = _plain(folder, "case")
+        return (
+            f'{text}: text files. Save each as .npy in the folder: python -c "import numpy as '
+            f"np; [np.save(f'{dst}/{{n}}.npy', np.loadtxt(p{delimiter})) for n, p in "
+            f'{{{items}}}.items()]"'
+        )
+    if kinds & set(PICKLES) or kinds & set(TEXTS):
+        first = next(p for p in files if p.suffix.lower() in (*PICKLES, *TEXTS))
+        return f"{text}; {first.name} is {_unreadable(first)}"
+    return text
 
 
 def _plain(path: Path, fallback: str) -> str:

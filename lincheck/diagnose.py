@@ -20,6 +20,7 @@ from .precision import (
     Format,
     Operand,
     growth,
+    model_operands,
     parse,
     reference_bound,
     representable,
@@ -27,7 +28,8 @@ from .precision import (
     subject_bound,
 )
 from .results import Hint
-from .tensors import AXES
+from .scaling import prepare
+from .tensors import AXES, OPERANDS
 from .tolerances import model_bound
 from .validate import is_float
 
@@ -253,7 +255,7 @@ def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
     # the size is the expected one).
     if tuple(s.shape) != tuple(case.expected_shape):
         hint = _shape_hint(case)
-        return [hint] if hint is not None else [_unexplained(tensor, "shape")]
+        return [hint] if hint is not None else [_unexplained(case, "shape")]
     if is_float(s.dtype) and not np.all(np.isfinite(s)):
         return [_non_finite(tensor, case.supplied)]
     swapped = _swapped_or_wrong_axis(case)  # shapes that coincide (N = D_out) hide these
@@ -280,7 +282,7 @@ def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
     scaled = next(
         _value_hints(case, values, reference, tol - ref_bound, ref_bound, baseline, True), None
     )
-    return [scaled] if scaled is not None else [_unexplained(tensor, "values")]
+    return [scaled] if scaled is not None else [_unexplained(case, "values")]
 
 
 def _how(ratio: float) -> str:
@@ -464,6 +466,36 @@ def _shape_hint(case: Failure) -> Hint | None:
                 f"({_how(ratio)}): {_transpose_advice(tensor, case.layout)}.",
                 {"shape": shape, "bound_ratio": ratio},
             )
+    return _shape_of_other(case)
+
+
+def _shape_of_other(case: Failure) -> Hint | None:
+    """A ``swapped`` question for a subject whose shape is another gradient's (or its
+    transpose's) and not its own, when its values are not that gradient's either (that is
+    tried first, :func:`_swapped_or_wrong_axis`): results returned in the wrong order, one
+    of them computed wrongly too. The shape alone is the evidence, so it is asked, not
+    claimed."""
+    s, tensor, L = case.supplied, case.tensor, case.layer
+    W_shape = (L.D_in, L.D_out) if case.layout == "in_out" else (L.D_out, L.D_in)
+    shapes = {"dX": tuple(case.batch_shape) + (L.D_in,), "dW": W_shape, "dB": (L.D_out,)}
+    own = shapes.pop(tensor, None)
+    got = tuple(s.shape)
+    if own is None or got == own:
+        return None
+    for other, shape in shapes.items():
+        for transposed, candidate in ((False, shape), (True, shape[::-1])):
+            if got != candidate or (transposed and len(shape) != 2):
+                continue
+            what = f"{other}'s shape" + (", transposed" if transposed else "")
+            return Hint(
+                "swapped",
+                tensor,
+                f"{tensor} has shape {got}, {what}, where {tensor} has shape {own}: were "
+                f"the gradients returned in the wrong order (it is dX, dW, dB)? Its values are not "
+                f"{other}'s either, so check both: {formula(tensor, case.layout)}; "
+                f"{formula(other, case.layout)}.",
+                {"shape": list(got), "shape_of": other, "transposed": transposed},
+            )
     return None
 
 
@@ -480,11 +512,23 @@ def _other(case: Failure, name: str, values) -> float | None:
         L,
         case.precision,
         case.storage,
-        case.operands,
+        _operands_of(case.precision, name, L),
         case.batch_shape,
         case.certain_only,
     )
     return _fit(values, L.reference(name), twin.bound(M, S, k))
+
+
+def _operands_of(precision: Arithmetic, tensor: str, L) -> tuple[Operand, ...]:
+    """The operands of ``tensor`` as ``precision``'s kernel saw them, from the layer (its
+    float64 arrays hold the given values exactly, so they tell what a conversion changes).
+    A subject of another tensor's shape has none of its own: its operands are not known."""
+    arrays = {"X": L.X, "W": L.W, "dY": L.G}
+    try:
+        seen = prepare(precision, {o: arrays[o] for o in OPERANDS[tensor] if o in arrays})
+    except Exception:  # a scaled model whose scales cannot be worked out here: no conversion
+        seen = {}
+    return model_operands(precision, tensor, seen)
 
 
 def _swapped_or_wrong_axis(case: Failure) -> Hint | None:
@@ -506,7 +550,8 @@ def _swapped_or_wrong_axis(case: Failure) -> Hint | None:
                 f"are swapped; {tensor} = {formula[tensor]}.",
                 {"holds": swap, "bound_ratio": ratio},
             )
-    if tensor == "dB" and s.size == L.N and (s.ndim == 1 or tuple(s.shape) == L.batch_shape):
+    per_row = s.ndim == 1 or tuple(s.shape) == tuple(case.batch_shape)
+    if tensor == "dB" and s.size == L.N and per_row:
         values = np.asarray(s, dtype=np.float64).reshape(-1)
         rows = L.G.sum(axis=1)
         tol = growth(L.D_out, max(case.precision.acc.c, case.storage.u)) * L.aG.sum(axis=1)
@@ -587,6 +632,8 @@ def _localized(case: Failure, err: np.ndarray, tol: np.ndarray) -> Hint | None:
         return None
     for axis, role in ((1, 0), (0, 1)):
         mass = excess.sum(axis=axis)
+        if mass.size < 2:
+            continue  # one row (or column) in all: nothing to localize among
         order = np.argsort(-mass, kind="stable")
         share = np.cumsum(mass[order]) / total
         count = int(np.searchsorted(share, 0.75) + 1)
@@ -613,13 +660,50 @@ def _localized(case: Failure, err: np.ndarray, tol: np.ndarray) -> Hint | None:
     return None
 
 
-def _unexplained(tensor: str, what: str) -> Hint:
+INDEXED = {
+    # Each gradient entry by entry, with W as the user stores it (i: output unit, j: input
+    # feature, n: batch row), for the hint that names no mistake.
+    "out_in": {
+        "dX": "dX[n, j] = Σ_i dY[n, i] W[i, j]",
+        "dW": "dW[i, j] = Σ_n dY[n, i] X[n, j]",
+        "dB": "dB[i] = Σ_n dY[n, i]",
+        "Y": "Y[n, i] = Σ_j X[n, j] W[i, j] + B[i]",
+    },
+    "in_out": {
+        "dX": "dX[n, j] = Σ_i dY[n, i] W[j, i]",
+        "dW": "dW[j, i] = Σ_n X[n, j] dY[n, i]",
+        "dB": "dB[i] = Σ_n dY[n, i]",
+        "Y": "Y[n, i] = Σ_j X[n, j] W[j, i] + B[i]",
+    },
+}
+
+
+def formula(tensor: str, layout: str = "out_in") -> str:
+    """The correct ``tensor`` as a product and entry by entry, W as ``layout`` stores it."""
+    whole = "dY.sum(0)" if tensor == "dB" else layouts.FORMULAS[layout][tensor]
+    return f"{tensor} = {whole}, {INDEXED[layout][tensor]}"
+
+
+def _unexplained(case: Failure, what: str) -> Hint:
+    tensor = case.tensor
+    shape = tuple(case.supplied.shape) if what == "shape" else None
+    expected = tuple(case.expected_shape)
+    if case.layout == "in_out" and tensor == "dW":
+        expected = expected[::-1]
+    tried = (
+        "the shape of its transpose, of another gradient, of dY"
+        if what == "shape"
+        else "a flipped sign, a mean for a sum, a transpose, a wrong operand, a constant "
+        "factor, a lower precision, errors in a few rows or columns"
+    )
+    has = f" {shape} (expected {expected})" if shape is not None else ""
     return Hint(
         "unexplained",
         tensor,
-        f"No common mistake explains {tensor}'s {what} (tried: a flipped sign, a mean for a sum, a "
-        "transpose, a wrong operand, a constant factor, a lower precision, errors in a few "
-        "rows or columns): compare your formula with the one above, index by index.",
+        f"No common mistake explains {tensor}'s {what}{has} (tried: {tried}). The correct "
+        f"gradient is {formula(tensor, case.layout)}: compare your code with it, index by "
+        "index.",
+        {"formula": formula(tensor, case.layout)},
     )
 
 

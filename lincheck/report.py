@@ -373,7 +373,47 @@ def to_text(report: Report, header: RenderableType | None = None, width: int = 1
     return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
 
 
-def _case_failures(result) -> str:
+def _plain_text(renderable: RenderableType, width: int = 100) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+
+    buffer = StringIO()
+    console = Console(file=buffer, width=width, color_system=None, highlight=False)
+    console.print(renderable)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
+
+
+BRIEF_WORST = 3
+"""Worst entries a brief failure message lists per failed tensor."""
+
+
+def brief(report: Report) -> Group:
+    """A failed report in few lines, for an assertion message: what failed and the hints,
+    the failed tensors' rows, their worst entries (at most :data:`BRIEF_WORST` each). The
+    checks that passed, the heatmaps and the witness's tables are left to the full report."""
+    parts: list[RenderableType] = []
+    lines = problems(report)
+    if lines is not None:
+        parts += [lines, Text("")]
+    for table in summary_tables(report, only_failed=True):
+        parts += [table, Text("")]
+    worst = worst_entries_table(report, per_tensor=0, per_failed=BRIEF_WORST)
+    if worst is not None:
+        parts += [worst, Text("")]
+    return Group(*parts)
+
+
+def brief_text(report: Report, width: int = 100) -> str:
+    """:func:`brief` as plain text."""
+    return _plain_text(brief(report), width)
+
+
+def case_failures(result) -> str:
+    """What failed in a case, in a few words: its failed tensors with their hints' codes,
+    or the first line of its error."""
+    if result.unsupported:
+        return "takes no leading batch dimensions (--cases=-batched leaves this case out)"
     if result.error is not None:
         return result.error.splitlines()[0]
     parts = []
@@ -393,12 +433,12 @@ def cases_table(results) -> Table:
     for r in results:
         if r.report is None:
             checks = "—"
-            mark = Text("BAD" if r.bad_input else "ERROR", style="bold red")
+            mark = Text(r.status, style="bold yellow" if r.unsupported else "bold red")
         else:
             n = len(r.report.checks)
             checks = f"{n - len(r.report.failed)}/{n}"
             mark = Text("PASS", style="bold green") if r.passed else Text("FAIL", style="bold red")
-        table.add_row(r.name, checks, mark, _case_failures(r))
+        table.add_row(r.name, checks, mark, case_failures(r))
     return table
 
 
@@ -418,13 +458,25 @@ def verdict_cases(results, skipped=()) -> Text:
         )
         return Text.assemble(("PASS", "bold green"), f"  {counts}{skip}")
     bad = sum(r.bad_input for r in failed)
+    unsupported = sum(r.unsupported for r in failed)
+    wrong = len(failed) - bad - unsupported
     names = ", ".join(r.name for r in failed)
     if bad == len(failed):
         counts = f"{bad} of {len(results)} cases had bad input"
-    else:  # both counts: a failed check is never hidden behind the bad input (exit 1)
-        counts = f"{len(failed) - bad} of {len(results)} cases failed"
-        counts += f", {bad} had bad input" if bad else ""
-    return Text.assemble(("FAIL", "bold red"), f"  {counts}: {names}{skip}")
+    else:  # every count: a failed check is never hidden behind the bad input (exit 1)
+        parts = [f"{wrong} of {len(results)} cases failed"] if wrong else []
+        if unsupported and not (wrong or bad):  # not checked, so never a pass; but no
+            # gradient was found wrong, and the line says so
+            parts.append(
+                f"no gradient wrong, but {unsupported} of {len(results)} cases not supported "
+                "by your function (leading batch dimensions)"
+            )
+        elif unsupported:
+            parts.append(f"{unsupported} not supported")
+        parts += [f"{bad} had bad input"] if bad else []
+        counts = ", ".join(parts)
+    advice = "; --cases=-batched leaves them out" if unsupported else ""
+    return Text.assemble(("FAIL", "bold red"), f"  {counts}: {names}{advice}{skip}")
 
 
 def render_cases(
@@ -446,7 +498,7 @@ def render_cases(
             continue
         parts.append(Rule(r.name, align="left"))
         if r.report is None:
-            kind = "bad input" if r.bad_input else "error"
+            kind = "bad input" if r.bad_input else "unsupported" if r.unsupported else "error"
             parts.append(Text(f"{kind}: {r.error}", style="red"))
         elif not shown_in_full:
             parts.append(render(r.report, heatmap=heatmap))
@@ -464,6 +516,37 @@ def render_cases(
     parts += notes or []
     parts.append(verdict_cases(results, skipped))
     return Group(*parts)
+
+
+def sweep_text(
+    results, skipped=(), width: int = 100, most: int | None = None, last_line: bool = True
+) -> str:
+    """A sweep as plain text: the table of cases, the failures' problems and hints (a
+    case's error in full), and the verdict line (unless not ``last_line``); no tables of
+    numbers, no heatmaps. With ``most``, only that many failures are detailed, and a
+    failure whose tensors and hints are one's already detailed is left to the table."""
+    parts: list[RenderableType] = [cases_table(results), Text("")]
+    failed = [r for r in results if not r.passed]
+    shown: set[str] = set()
+    rest = 0
+    for r in failed:
+        alike = case_failures(r) if r.report is not None or r.unsupported else None
+        if most is not None and (len(shown) >= most or (alike is not None and alike in shown)):
+            rest += 1
+            continue
+        shown.add(alike or r.name)
+        if r.report is None:
+            kind = "bad input" if r.bad_input else "unsupported" if r.unsupported else "error"
+            parts.append(Text(f"{r.name}: {kind}: {r.error}"))
+        else:
+            lines = problems(r.report)
+            text = lines.plain if lines is not None else verdict(r.report).plain
+            parts.append(Text(f"{r.name}:\n{text}"))
+    if rest:
+        parts.append(Text(f"({rest} more failed cases, alike or not shown: see the table)"))
+    if last_line:
+        parts.append(verdict_cases(results, skipped))
+    return _plain_text(Group(*parts), width)
 
 
 def explain_page(sizes, lang: str = "en") -> RenderableType:

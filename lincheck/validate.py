@@ -183,12 +183,21 @@ def validate_inputs(X, W, B, dY, sources: Mapping[str, str], layout: str = "out_
             )
             raise InputError(
                 f"{label('W', sources)}: shape {W.shape} does not fit X {X.shape}: expected "
-                f"{expected}; it fits as {layouts.W_AXES[other]} = {W.shape}: "
+                f"{expected}; it fits as {layouts.W_AXES[other]} = {W.shape}: was W saved "
+                f"transposed? If your layer stores it so (Y = {layouts.FORMULAS[other]['Y']}), "
                 f"pass {layouts.advice(other)}"
             )
+        # W's other dimension fitting X names W as the likely culprit, though B or dY
+        # do not fit it transposed (so no layout fits the whole case).
+        turned = X.ndim >= 1 and X.shape[-1] == D_out and D_out != D_in
         raise InputError(
             f"{label('X', sources)}: shape {X.shape} does not fit W {W.shape}: expected "
             f"(..., {D_in}), the last dimension equal to W's D_in"
+            + (
+                f"; X's {X.shape[-1]} is W's other dimension: was W saved transposed?"
+                if turned
+                else ""
+            )
         )
     if B is not None and B.shape != (D_out,):
         raise InputError(

@@ -177,14 +177,16 @@ CATALOGUE = [
         "W stored as (D_in, D_out) without --layout in_out",
         lambda d: folder(d, W=good()["W"].T, dW=None),
         "W ({dir}/W.npy): shape (3, 2) does not fit X (4, 3): expected (D_out, 3); it fits as "
-        "(D_in, D_out) = (3, 2): pass --layout in_out",
+        "(D_in, D_out) = (3, 2): was W saved transposed? If your layer stores it so "
+        "(Y = X W + B), pass --layout in_out",
         2,
     ),
     (
         "W stored as (D_out, D_in) with --layout in_out",
         lambda d: [*folder(d, dW=None), "--layout", "in_out"],
         "W ({dir}/W.npy): shape (2, 3) does not fit X (4, 3): expected (3, D_out); it fits as "
-        "(D_out, D_in) = (2, 3): pass --layout out_in",
+        "(D_out, D_in) = (2, 3): was W saved transposed? If your layer stores it so "
+        "(Y = X Wᵀ + B), pass --layout out_in",
         2,
     ),
     (
@@ -969,3 +971,16 @@ def test_narrow_types_lincheck_does_not_read_are_named():
         lincheck.InputError, match="float8_e4m3fnuz is not supported; lincheck reads bfloat16"
     ):
         lincheck.check(X, np.ones((2, 3)), None, np.ones((4, 2)))
+
+
+def test_a_transposed_W_is_named_even_when_B_does_not_fit_it(rng):
+    """W saved as (D_in, D_out) with a B that fits neither layout: the X line names W's
+    other dimension as the likely culprit; an X that fits neither dimension does not."""
+    from lincheck import InputError, check
+
+    X, W, G = rng.standard_normal((8, 5)), rng.standard_normal((3, 5)), rng.standard_normal((8, 3))
+    with pytest.raises(InputError, match=r"W's other dimension: was W saved transposed\?$"):
+        check(X, W.T, np.ones(4), G)
+    with pytest.raises(InputError) as caught:
+        check(np.ones((8, 7)), W, np.ones(4), G)
+    assert "transposed" not in str(caught.value)

@@ -345,7 +345,13 @@ def test_verify_several_paths_and_bad_input_in_one(tmp_path, rng):
     assert "not a .npy file" in cases[str(tmp_path / "b")]["error"]
     assert cases[str(tmp_path / "b")]["bad_input"] is True
     report = json.loads(result.stdout)
-    assert report["counts"] == {"cases": 2, "failed": 0, "bad_input": 1, "skipped": 0}
+    assert report["counts"] == {
+        "cases": 2,
+        "failed": 0,
+        "bad_input": 1,
+        "unsupported": 0,
+        "skipped": 0,
+    }
     assert " ".join(result.stderr.split()).endswith(
         f"FAIL 1 of 2 cases had bad input: {tmp_path / 'b'}"
     )
@@ -363,7 +369,13 @@ def test_a_failed_check_is_never_hidden_behind_bad_input(tmp_path, rng, jobs):
     result = invoke("verify", tmp_path, "--jobs", jobs, "--json", "-", "--junit", junit)
     assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
-    assert report["counts"] == {"cases": 3, "failed": 1, "bad_input": 1, "skipped": 0}
+    assert report["counts"] == {
+        "cases": 3,
+        "failed": 1,
+        "bad_input": 1,
+        "unsupported": 0,
+        "skipped": 0,
+    }
     text = " ".join(result.stderr.split())
     assert text.endswith(
         f"FAIL 1 of 3 cases failed, 1 had bad input: {tmp_path / 'a'}, {tmp_path / 'b'}"

@@ -239,3 +239,67 @@ def test_bfloat16_operands_with_float32_results_are_named_not_tf32(rng):
     assert lincheck.check(
         X, W, B, G, dX=bf[2] @ bf[1], dW=bf[2].T @ bf[0], precision="fp32,x=bf16,w=bf16,dy=bf16"
     ).passed
+
+
+@pytest.mark.parametrize(
+    "layout, whole, entry",
+    [
+        ("out_in", "dW = dYᵀ X", "dW[i, j] = Σ_n dY[n, i] X[n, j]"),
+        ("in_out", "dW = Xᵀ dY", "dW[j, i] = Σ_n X[n, j] dY[n, i]"),
+    ],
+)
+def test_unexplained_prints_the_formula_to_compare_with(rng, layout, whole, entry):
+    """The hint that names no mistake says what the correct gradient is (it pointed at "the
+    formula above", and nothing was above), as the derivation writes it, W as stored."""
+    X, W, B, G = layer(rng, 8, 5, 3)
+    noise = rng.standard_normal((3, 5))
+    dW = G.T @ X + noise
+    W_given, dW_given = (W, dW) if layout == "out_in" else (W.T.copy(), dW.T.copy())
+    report = check(X, W_given, B, G, dW=dW_given, layout=layout)
+    (hint,) = report.hints
+    assert (hint.code, hint.tensor) == ("unexplained", "dW")
+    assert whole in hint.message and entry in hint.message
+    assert "above" not in hint.message
+
+
+def test_one_input_feature_is_not_where_errors_are_localized(rng):
+    """With D_in = 1 every error of dW sits in input feature 0: that locates nothing. Spread
+    over every output unit, the error is not localized; confined to one unit, it is."""
+    X, W, B, G = layer(rng, 8, 1, 16)
+    dW = G.T @ X + 1.0  # every entry off
+    report = check(X, W, B, G, dW=dW)
+    assert [h.code for h in report.hints] != ["localized"], report.hints[0].message
+    assert "input feature" not in report.hints[0].message
+    dW = G.T @ X
+    dW[3] += 1.0  # one output unit's row (a single entry here, as D_in = 1)
+    (hint,) = check(X, W, B, G, dW=dW).hints
+    assert hint.code == "localized" and "[3, 0]" in hint.message
+
+
+def test_swapped_results_are_named_in_float32_with_sums_of_one_term(rng):
+    """A backward returning (dW, dX, dB) on a batch of one, in float32: dX's values are dW's
+    (products of one term, each rounded once), named as swapped, not unexplained."""
+    X, W, B, G = (a.astype(np.float32) for a in layer(rng, 1, 5, 3))
+    report = check(X, W, B, G, dX=G.T @ X, dW=G @ W, dB=G.sum(0))
+    assert sorted(_hint_codes(report)) == [("swapped", "dW"), ("swapped", "dX")]
+
+
+def test_a_gradient_of_another_gradients_shape_asks_whether_they_were_swapped(rng):
+    """dX returned where dW belongs, its values wrong too: the shape alone says what
+    happened, so the hint asks (and shows both formulas) instead of naming nothing."""
+    X, W, B, G = layer(rng, 8, 5, 3)
+    report = check(X, W, B, G, dX=2.0 * (G.T @ X), dW=G.T @ X)
+    (hint,) = report.hints
+    assert (hint.code, hint.tensor) == ("swapped", "dX")
+    assert hint.evidence == {"shape": [3, 5], "shape_of": "dW", "transposed": False}
+    assert "(3, 5), dW's shape" in hint.message and "wrong order" in hint.message
+    assert "dX = dY W" in hint.message and "dW = dYᵀ X" in hint.message
+    report = check(X, W, B, G, dX=np.ones((5, 3)))
+    assert report.hints[0].evidence["shape_of"] == "dW" and report.hints[0].evidence["transposed"]
+
+
+def test_a_bias_summed_over_units_with_leading_batch_dims_is_named(rng):
+    """dB = dY.sum(-1) with X of shape (2, 4, D_in): the hint, not an exception."""
+    X, W, B, G = layer(rng, None, 5, 3, batch=(2, 4))
+    (hint,) = check(X, W, B, G, dB=G.sum(-1)).hints
+    assert (hint.code, hint.tensor) == ("bias_wrong_axis", "dB")

@@ -51,7 +51,8 @@ def test_a_flax_kernel_dump_without_in_out_is_bad_input_that_names_the_option(tm
     assert result.exit_code == 2, result.output
     assert result.stderr == (
         f"lincheck: error: W ({d}/W.npy): shape (4, 3) does not fit X (6, 4): expected "
-        "(D_out, 4); it fits as (D_in, D_out) = (4, 3): pass --layout in_out\n"
+        "(D_out, 4); it fits as (D_in, D_out) = (4, 3): was W saved transposed? If your "
+        "layer stores it so (Y = X W + B), pass --layout in_out\n"
     )
 
 

@@ -145,3 +145,57 @@ def test_several_cases_plot_the_failed_ones_in_a_folder_each(tmp_path, rng):
     assert folder.name.endswith("layer2")
     assert (folder / "dB-reference-heatmap.png").exists()
     assert len(list(folder.iterdir())) == 12
+
+
+def _failed(report, tensor):
+    return next(c for c in report.checks if c.tensor == tensor and c.subject == "supplied")
+
+
+def test_the_histogram_names_every_bar_in_its_legend_and_uses_one_notation(rng):
+    import re
+
+    import lincheck
+
+    X, W, B, G = layer(rng, 8, 5, 3)
+    report = lincheck.check(X, W, B, G, dB=G.mean(0))
+    ax = plots.histogram_figure(_failed(report, "dB")).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "exact, or under 9.1e-13" in labels and "over 1.5e20" in labels  # 2⁻⁴⁰, 2⁶⁷
+    assert "the bound (error = tolerance)" in labels and len(labels) == 4
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert all(re.fullmatch(r"[<>]?\d(\.\d)?e-?\d+", t) for t in ticks), ticks
+    assert ax.get_title(loc="left").startswith("dB: your gradient vs the float64 reference")
+
+
+def test_a_failed_bias_is_a_strip_of_bars_titled_with_its_hint(rng):
+    import lincheck
+
+    X, W, B, G = layer(rng, 8, 5, 3)
+    report = lincheck.check(X, W, B, G, dB=G.mean(0))
+    ax = plots.heatmap_figure(_failed(report, "dB"), ("mean_instead_of_sum",)).axes[0]
+    assert not ax.images and len(ax.patches) == 3  # a bar per output unit, no image
+    assert ax.get_yscale() == "log" and ax.get_xlabel().startswith("output unit")
+    assert ax.get_xlim() == (0.0, 3.0)
+    assert "hint: mean_instead_of_sum" in ax.get_title(loc="left")
+    files = plots.figures(report)  # the same from the report: its hints, in the title
+    title = files["dB-reference-heatmap.png"].axes[0].get_title(loc="left")
+    assert "mean_instead_of_sum" in title
+
+
+def test_a_failed_heatmap_circles_the_wrong_entry_and_the_step_study_gives_way(rng):
+    """One wrong entry of dX, at [1, 2, 4] with leading dimensions (2, 3): circled at
+    batch row 5 (= 1·3 + 2), input feature 4. A failed report's plots are about the
+    failure: no step study, which a passing one still gets."""
+    import lincheck
+
+    X, W, B, G = layer(rng, None, 6, 4, batch=(2, 3))
+    dX = G @ W
+    dX[1, 2, 4] += 1.0
+    report = lincheck.check(X, W, B, G, dX=dX)
+    ax = plots.heatmap_figure(_failed(report, "dX")).axes[0]
+    (circles,) = [line for line in ax.get_lines() if line.get_label() == "worst entries"]
+    assert list(circles.get_xdata()) == [4.5] and list(circles.get_ydata()) == [5.5]
+    study = witness.step_study(workspace.Workspace(*layer(rng, 8, 6, 4)))
+    assert "step-size.png" not in plots.figures(report, study)
+    passed = lincheck.check(X, W, B, G, dX=G @ W)
+    assert "step-size.png" in plots.figures(passed, study)

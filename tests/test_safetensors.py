@@ -544,6 +544,48 @@ def test_a_csv_is_refused_with_a_conversion_that_works(tmp_path, rng):
     assert runner.invoke(app, ["verify", str(d)]).exit_code == 0
 
 
+def test_a_folder_of_torch_pickles_is_listed_with_a_conversion_that_works(tmp_path):
+    """X.pt, W.pt, ... one tensor each (as torch.save writes them): the line names the
+    files lincheck did not read and converts them into one case; never unpickled."""
+    d = tmp_path / "dump"
+    d.mkdir()
+    for name, tensor in torch_bf16_dump().items():
+        torch.save(tensor, d / f"{name}.pt")
+    result = runner.invoke(app, ["verify", str(d)])
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"lincheck: error: {d}: missing X, W, dY (")
+    assert "the folder holds B.pt, W.pt, X.pt, dB.pt, dW.pt, dX.pt and 1 more" in line
+    code = re.fullmatch(r'python -c "(.*)"', _advice_command(line)).group(1)
+    assert not re.search(r'[\\$`"]', code)  # the shell passes it as it is: run it here, where
+    exec(code, {})  # torch is imported already (a fresh interpreter takes seconds)
+    result, report = _verify(tmp_path / "dump.safetensors")
+    assert result.exit_code == 0, result.output
+    assert report["layer"]["dtypes"]["W"] == "bfloat16"
+
+
+def test_a_folder_of_csv_files_is_listed_with_a_conversion_that_works(tmp_path, rng):
+    d = tmp_path / "dump"
+    d.mkdir()
+    data = layer(rng)
+    data["dW"] = data["dY"].T @ data["X"]
+    for name, a in data.items():
+        np.savetxt(d / f"{name}.csv", a, delimiter=",")
+    result = runner.invoke(app, ["verify", str(d)])
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert "the folder holds B.csv, W.csv, X.csv, dW.csv, dY.csv, which lincheck" in line
+    done = subprocess.run(
+        ["bash", "-c", _advice_command(line).replace("python", sys.executable, 1)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(d / "dW.npy"), data["dW"])  # savetxt's repr round-trips
+    assert runner.invoke(app, ["verify", str(d)]).exit_code == 0
+
+
 # --- fuzzing: whatever loads is what the reference reads -----------------------------------
 
 
