@@ -13,17 +13,25 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from . import layouts
 from .checks import check, random_inputs
 from .errors import LincheckError
 from .frameworks import classify, detect_framework
 from .layouts import check_layout, stored
 from .results import Report, json_text
-from .worker import DEFAULT_TIMEOUT, Worker, arithmetic, call, read_results
+from .worker import (
+    DEFAULT_TIMEOUT,
+    Worker,
+    arithmetic,
+    call,
+    module_layout_error,
+    read_results,
+)
 
 
 def assert_gradients(
@@ -428,15 +436,18 @@ def _run_sweep(
     framework=None,
     device="cpu",
 ) -> Sweep:
+    layout = cases[0].layout if cases else "out_in"
     if not isolate:
         if fn is not None and (framework or detect_framework(fn)) != "numpy":
             fn = classify(fn, _name(fn), framework, device)
+            if fn.role == "module" and layout == "in_out":
+                raise ValueError(module_layout_error(fn.name))
         return Sweep(tuple(run_case(case, fn, forward, **options) for case in cases), skipped)
     impl = None if fn is None else _importable(fn)
     spec = None if forward is None else _importable(forward)
     limit = DEFAULT_TIMEOUT if timeout is None else timeout
     paths = tuple(sys.path)
-    with Worker(impl, spec, limit, paths, framework, device) as worker:
+    with Worker(impl, spec, limit, paths, framework, device, layout) as worker:
         results = tuple(run_case(case, None, worker=worker, **options) for case in cases)
     return Sweep(results, skipped)
 
@@ -510,6 +521,9 @@ def run_case(
             note = _without_leading_dims(case, data, errors, fn, forward, worker, options)
             if note is not None:
                 return CaseResult(case.name, None, note, arrays, case, unsupported=True)
+        if case.layout == "out_in":
+            advice = _in_the_other_layout(case, fn, forward, worker, options)
+            errors = errors if advice is None else [*errors, advice]
         return CaseResult(case.name, None, "; ".join(errors), arrays, case)
     if precision is not None and options.get("precision") is None:
         options = {**options, "precision": precision}  # the layer ran under autocast or TF32
@@ -534,34 +548,7 @@ def _without_leading_dims(case, data, errors, fn, forward, worker, options) -> s
     flat = dict(data)
     flat["X"] = data["X"].reshape(-1, data["X"].shape[-1])
     flat["dY"] = data["dY"].reshape(-1, data["dY"].shape[-1])
-    if worker is not None:
-        if worker.process is None:
-            return None  # the call did not raise: its worker died or hung (not a shape)
-        returned = worker.run(flat)
-        if returned.errors:
-            return None
-        subjects, precision = dict(returned.subjects), returned.precision
-    else:
-        found, retry_errors = call(fn, forward, flat)
-        precision = arithmetic(fn, flat, found)
-        subjects = read_results(found, retry_errors)
-        if retry_errors:
-            return None
-    if precision is not None and options.get("precision") is None:
-        options = {**options, "precision": precision}
-    try:
-        report = check(
-            flat["X"],
-            flat["W"],
-            flat.get("B"),
-            flat["dY"],
-            **subjects,
-            layout=case.layout,
-            **options,
-        )
-    except LincheckError:
-        return None
-    if not report.passed:
+    if not _passes_on(flat, case.layout, fn, forward, worker, options):
         return None
     return (
         f"does not accept leading batch dimensions: on X of shape {data['X'].shape}, "
@@ -569,6 +556,48 @@ def _without_leading_dims(case, data, errors, fn, forward, worker, options) -> s
         f"results pass every check. Not a wrong gradient, but torch.nn.Linear takes X of "
         f"shape (*, D_in); {UNSUPPORTED_ADVICE}"
     )
+
+
+def _in_the_other_layout(case, fn, forward, worker, options) -> str | None:
+    """Advice when the user's functions failed on W of shape (D_out, D_in) but, handed the
+    same layer with W as (D_in, D_out) (``x @ w + b``), return results that pass every
+    check: they take the ``in_out`` layout. None otherwise, and for a square W (the call
+    cannot have failed on its shape)."""
+    other = replace(case, layout="in_out")
+    data = other.inputs()
+    if data["W"].shape[0] == data["W"].shape[1]:
+        return None
+    if not _passes_on(data, "in_out", fn, forward, worker, options):
+        return None
+    return (
+        f"with W as (D_in, D_out) = {data['W'].shape} instead (x @ w + b) its results pass "
+        f"every check: it takes W in the in_out layout; use {layouts.advice('in_out')}"
+    )
+
+
+def _passes_on(data, layout, fn, forward, worker, options) -> bool:
+    """Whether the user's functions, called again on ``data`` (its W in ``layout``), return
+    results that pass every check. False when the call fails, or its worker died or hung."""
+    if worker is not None:
+        if worker.process is None:
+            return False  # the call did not raise: its worker died or hung (not a shape)
+        returned = worker.run(data)
+        if returned.errors:
+            return False
+        subjects, precision = dict(returned.subjects), returned.precision
+    else:
+        found, errors = call(fn, forward, data)
+        precision = arithmetic(fn, data, found)
+        subjects = read_results(found, errors)
+        if errors:
+            return False
+    if precision is not None and options.get("precision") is None:
+        options = {**options, "precision": precision}
+    X, W, B, G = data["X"], data["W"], data.get("B"), data["dY"]
+    try:
+        return check(X, W, B, G, **subjects, layout=layout, **options).passed
+    except LincheckError:
+        return False
 
 
 def _savable(value, largest: int) -> bool:

@@ -299,7 +299,8 @@ def _run_yours(
     # Your functions run in a worker process: nothing they do can end, hang or
     # garble this one (lincheck/worker.py).
     with bad_input(), layouts.command_line_advice():
-        with Worker(impl, forward, timeout or None, (), *where) as worker:
+        framework, device = where
+        with Worker(impl, forward, timeout or None, (), framework, device, layout) as worker:
             results = [api.run_case(case, None, worker=worker, **options) for case in cases]
     if save_failures is not None:
         _save_failures(save_failures, results, out["force"], out["format"])

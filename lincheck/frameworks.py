@@ -667,8 +667,12 @@ def check_layer(
     failed check in the report.
     """
     from .checks import check, random_inputs
-    from .worker import unpack
+    from .layouts import advice, check_layout, stored
+    from .worker import module_layout_error, unpack
 
+    layout = check_layout(options.pop("layout", "out_in"))
+    if layout == "in_out" and impl.role == "module":
+        raise ValueError(module_layout_error(impl.name))
     shape = tuple(int(n) for n in batch_shape)
     rng = np.random.default_rng(seed)
     data = random_inputs(rng, int(np.prod(shape)), D_in, D_out, dtype, bias)
@@ -677,7 +681,33 @@ def check_layer(
     if params is not None:
         data.pop("B", None)
         data.update(params)
-    subjects = impl.run(data)
+    data = stored(data, layout)  # W as the user's function takes it
+    try:
+        subjects = impl.run(data)
+    except Exception as exc:
+        if layout == "in_out" or impl.role == "module" or D_in == D_out:
+            raise
+        try:  # the same layer with W as (D_in, D_out): does the function take x @ w + b?
+            other = check_layer(
+                impl,
+                batch_shape,
+                D_in,
+                D_out,
+                dtype,
+                seed,
+                bias,
+                {**options, "layout": "in_out"},
+                params,
+            )
+        except Exception:
+            raise exc from None
+        if not other.passed:
+            raise
+        raise ValueError(
+            f"{impl.name} raised {type(exc).__name__} on W of shape (D_out, D_in) = "
+            f"{(D_out, D_in)}: {exc}; with W as (D_in, D_out) its results pass every check: "
+            f"it takes W in the in_out layout (x @ w + b); use {advice('in_out')}"
+        ) from exc
     precision = impl.arithmetic(data, subjects)
     if impl.role == "backward":
         subjects, problem = unpack(subjects["returned"], "B" in data)
@@ -685,4 +715,4 @@ def check_layer(
             raise ValueError(f"{impl.name} {problem}")
     chosen = options.pop("precision", None) or precision
     X, W, B, G = data["X"], data["W"], data.get("B"), data["dY"]
-    return check(X, W, B, G, **subjects, precision=chosen, **options)
+    return check(X, W, B, G, **subjects, precision=chosen, layout=layout, **options)

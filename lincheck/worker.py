@@ -101,6 +101,14 @@ def unpack(out: Any, bias: bool) -> tuple[dict[str, Any], str]:
     return subjects, ""
 
 
+def module_layout_error(name: str) -> str:
+    """Why an ``nn.Module`` cannot be checked in the ``in_out`` layout."""
+    return (
+        f"{name} is a torch nn.Module, whose weight is (out_features, in_features): the "
+        "out_in layout; the in_out layout is for functions that compute x @ w + b"
+    )
+
+
 def call(
     fn: Callable | None, forward: Callable | None, inputs: Mapping[str, np.ndarray]
 ) -> tuple[dict[str, Any], list[str]]:
@@ -262,9 +270,10 @@ class Worker:
         paths: tuple[str, ...] = (),
         framework: str | None = None,
         device: str = "cpu",
+        layout: str = "out_in",
     ):
         self.specs = {"impl": impl, "forward": forward}
-        self.framework, self.device = framework, device
+        self.framework, self.device, self.layout = framework, device, layout
         self.gives_forward = False  # whether --impl is a forward (or module): it gives Y too
         self.paths = list(paths)  # where else the child looks for modules (the caller's sys.path)
         self.names = {k: v.partition(":")[2] for k, v in self.specs.items() if v}
@@ -298,6 +307,7 @@ class Worker:
                     "paths": self.paths,
                     "framework": self.framework,
                     "device": self.device,
+                    "layout": self.layout,
                 },
             )
             header, _ = _reply(process, self.timeout, f"importing {self._label()}")
@@ -501,6 +511,8 @@ def main() -> None:
             option = f"--impl {specs['impl']}"
             obj = _load(specs["impl"], "--impl")
             fn = classify(obj, option, header.get("framework"), header.get("device") or "cpu")
+            if fn.role == "module" and header.get("layout") == "in_out":
+                raise InputError(module_layout_error(option))
         forward = _load(specs["forward"], "--forward") if specs["forward"] else None
         if fn is not None and fn.gives_forward and forward is not None:
             raise InputError(

@@ -58,3 +58,27 @@ linear = make(None)
 linear_jit = jax.jit(linear)
 BUGGY = {bug: jax.jit(make(bug)) for bug in BUGS}
 scaled_linear = BUGGY["dW scaled"]
+
+
+def flax_style(x, w, b):
+    """``x @ w + b`` with w of shape (D_in, D_out): the in_out layout, as Flax stores it."""
+    return x @ w + b
+
+
+def flax_style_dw_doubled(x, w, b):
+    """The same forward, with a custom VJP whose dW is twice the right one."""
+
+    @jax.custom_vjp
+    def f(x, w, b):
+        return x @ w + b
+
+    def fwd(x, w, b):
+        return f(x, w, b), (x, w)
+
+    def bwd(res, g):
+        x, w = res
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        return g @ w.T, 2 * (x2.T @ g2), g2.sum(0)
+
+    f.defvjp(fwd, bwd)
+    return f(x, w, b)

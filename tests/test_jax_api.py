@@ -84,3 +84,18 @@ def test_missing_device_is_one_line():
     with pytest.raises(lincheck.InputError) as info:
         lincheck.jax.check_function(jl.linear, device="tpu:3")
     assert str(info.value).startswith("--device tpu:3: ") and "\n" not in str(info.value)
+
+
+def test_an_in_out_forward_is_checked_in_its_layout_and_named_without_it():
+    """``x @ w + b`` takes W as (D_in, D_out): layout="in_out" checks it (and catches a dW
+    doubled, indexed as supplied); without it, the function's own error is kept and the
+    message names the keyword, as the same layer in the other layout passes."""
+    shape = dict(batch_shape=(6,), D_in=5, D_out=3)
+    assert lincheck.jax.check_function(jl.flax_style, layout="in_out", **shape).passed
+    wrong = lincheck.jax.check_function(jl.flax_style_dw_doubled, layout="in_out", **shape)
+    failed = [c for c in wrong.failed if c.subject == "supplied"]
+    assert [c.tensor for c in failed] == ["dW"] and len(failed[0].worst_index) == 2
+    assert [h.code for h in wrong.hints] == ["scaled"]
+    with pytest.raises(ValueError, match=r'takes W in the in_out layout.*layout="in_out"') as e:
+        lincheck.jax.check_function(jl.flax_style, **shape)
+    assert "TypeError" in str(e.value) and "\n" not in str(e.value)

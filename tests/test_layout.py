@@ -284,3 +284,28 @@ def test_the_api_sweeps_in_out_and_reports_what_it_skipped():
     # A case keeps its data whichever others are chosen.
     one = api.sweep(5, 4, 3, ["float64"], cases="swapped")[0]
     assert one == next(c for c in api.sweep(5, 4, 3, ["float64"]) if c.kind == "swapped")
+
+
+def test_an_in_out_function_without_the_option_is_told_which_layout(in_tests):
+    """CS231n's forward (x @ w + b) handed W as (D_out, D_in) raises on its shape; the same
+    layer with W as (D_in, D_out) passes, so the case's error names --layout in_out."""
+    report = runner.invoke(
+        app,
+        ["run", "--forward", "cs231n_layers:forward", *SIZES, "--cases", "main", "--json", "-"],
+    )
+    assert report.exit_code == 1, report.output
+    [case] = json.loads(report.stdout)["cases"]
+    assert "takes W in the in_out layout; use --layout in_out" in case["error"], case
+    # A correct function in its own layout gets no such advice: its failure is elsewhere.
+    wrong = runner.invoke(
+        app, ["run", "--impl", "cs231n_layers:backward_db_not_summed", *SIZES, "--json", "-"]
+    )
+    assert "in_out layout" not in wrong.stdout
+
+
+def test_an_nn_module_in_the_in_out_layout_is_refused_in_one_line(in_tests):
+    pytest.importorskip("torch")
+    result = runner.invoke(app, ["run", "--impl", "torch_layers:Linear", "--layout", "in_out"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "nn.Module" in result.stderr
+    assert "(out_features, in_features)" in result.stderr
