@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from . import __version__, output
 from .errors import LincheckError
@@ -47,6 +48,7 @@ from .options import (
     MethodOption,
     Mode,
     ModeOption,
+    NoColor,
     PlotOption,
     PrecisionOption,
     Quiet,
@@ -74,8 +76,41 @@ from .output import (
     require_plotting,
 )
 
+
+class _Commands(TyperGroup):
+    """lincheck's commands, with usage errors as one line on stderr (exit 2), not a box."""
+
+    def main(  # type: ignore[override]
+        self,
+        args=None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra,
+    ):
+        import sys
+
+        from typer._click import exceptions as click_errors
+
+        call = (args, prog_name, complete_var)
+        if not standalone_mode:
+            return super().main(*call, standalone_mode=False, **extra)
+        try:
+            code = super().main(*call, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:  # bare `lincheck`: the help, exit 2
+            output.stdout.print(exc.ctx.get_help(), markup=False, highlight=False)
+            sys.exit(2)
+        except click_errors.ClickException as exc:
+            sys.exit(output.usage_error(exc))
+        except typer.Abort:
+            output.stderr.print("lincheck: aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="lincheck",
+    cls=_Commands,
     help=(
         "Check the gradients of a fully connected layer Y = X Wᵀ + B, every entry, "
         "against rigorous floating-point error bounds.\n\n"
@@ -103,11 +138,7 @@ def _main(
     ] = False,
     no_color: Annotated[
         bool,
-        typer.Option(
-            "--no-color",
-            help="Plain text, no colours or styles (as NO_COLOR=1 does); the characters carry "
-            "the meaning anyway.",
-        ),
+        typer.Option("--no-color", help="Plain text: no colours or styles (as NO_COLOR=1 does)."),
     ] = False,
 ) -> None:
     if no_color or os.environ.get("NO_COLOR"):
@@ -214,6 +245,7 @@ def run(
     force: Force = False,
     framework: FrameworkOption = None,
     device: DeviceOption = "cpu",
+    no_color: NoColor = False,
 ) -> None:
     """lincheck run (the help text is in the decorator: one line per paragraph)."""
     if cases == "list":
@@ -483,6 +515,7 @@ def verify(
     heatmap: HeatmapOption = None,
     plot: PlotOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing plot files.")] = False,
+    no_color: NoColor = False,
 ) -> None:
     """lincheck verify (the help text is in the decorator)."""
     from . import arrays
@@ -708,6 +741,7 @@ def generate(
     layout: LayoutOption = Layout.out_in,
     save_format: FormatOption = SaveFormat.npy,
     force: Force = False,
+    no_color: NoColor = False,
 ) -> None:
     """lincheck generate (the help text is in the decorator)."""
     import numpy as np
@@ -758,6 +792,7 @@ def explain(
     lang: Annotated[
         Language, typer.Option("--lang", help="en, or zh: the derivation's own language.")
     ] = Language.en,
+    no_color: NoColor = False,
 ) -> None:
     """lincheck explain (the help text is in the decorator)."""
     from .explain import Sizes

@@ -315,6 +315,27 @@ HeatmapOption = Annotated[
 ]
 
 
+def _no_color(value: bool) -> bool:
+    if value:
+        from . import output
+
+        output.plain_consoles()
+    return value
+
+
+NoColor = Annotated[
+    bool,
+    typer.Option(
+        "--no-color",
+        callback=_no_color,
+        is_eager=True,
+        help="Plain text: no colours or styles (as NO_COLOR=1 does).",
+        rich_help_panel="Output",
+    ),
+]
+"""Accepted before the command (``lincheck --no-color run``) and after it."""
+
+
 def check_options(method, mode, samples, directions, seed, budget, atol, rtol) -> dict:
     """The options run and verify share, as keyword arguments of ``checks.check``."""
     return dict(

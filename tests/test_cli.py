@@ -503,15 +503,16 @@ def test_every_hint_code_through_the_cli(tmp_path, rng, bug):
 
 
 @pytest.mark.parametrize(
-    "env, args, coloured",
+    "env, args, after, coloured",
     [
-        ({"FORCE_COLOR": "1"}, [], True),
-        ({"FORCE_COLOR": "1"}, ["--no-color"], False),
-        ({"FORCE_COLOR": "1", "NO_COLOR": "1"}, [], False),
-        ({}, [], False),  # not a terminal: plain text
+        ({"FORCE_COLOR": "1"}, [], [], True),
+        ({"FORCE_COLOR": "1"}, ["--no-color"], [], False),
+        ({"FORCE_COLOR": "1"}, [], ["--no-color"], False),  # after the command too
+        ({"FORCE_COLOR": "1", "NO_COLOR": "1"}, [], [], False),
+        ({}, [], [], False),  # not a terminal: plain text
     ],
 )
-def test_colour_only_when_wanted(env, args, coloured):
+def test_colour_only_when_wanted(env, args, after, coloured):
     import os
     import subprocess
     import sys
@@ -519,7 +520,7 @@ def test_colour_only_when_wanted(env, args, coloured):
     clean = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
     command = [sys.executable, "-m", "lincheck", *args, "run", "--n", "4", "--din", "3"]
     done = subprocess.run(
-        [*command, "--dout", "2", "--heatmap"],
+        [*command, "--dout", "2", "--heatmap", *after],
         capture_output=True,
         text=True,
         env={**clean, **env, "COLUMNS": "80"},
@@ -641,3 +642,66 @@ def test_the_command_lines_choices_are_the_librarys():
     assert [m.value for m in options.Method] == list(witness.METHODS)
     assert [d.value for d in options.DType] == list(checks.DTYPES)
     assert options.PRESET_NAMES == tuple(precision.PRESETS)
+
+
+# --- the terminal: one-line usage errors, the verdict last, no trailing blanks -------------
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["run", "--n", "0"], "lincheck run: error: --n: 0 is not in the range x>=1"),
+        (["run", "--dtype", "int8"], "lincheck run: error: --dtype: 'int8' is not one of"),
+        (["verify", "--bogus"], "lincheck verify: error: no such option --bogus; see lincheck"),
+        (["run", "--samles", "3"], "no such option --samles (did you mean --samples?)"),
+        (["generate"], "lincheck generate: error: DIR: missing"),
+        (["explain", "a", "b"], "lincheck explain: error: Got unexpected extra argument"),
+    ],
+)
+def test_usage_errors_are_one_line_on_stderr(args, said):
+    """Click's errors, which Typer draws as a box of 5-6 lines, are one line like lincheck's
+    own; an unknown option suggests only a close name (Click's list offered --dout for
+    --bogus)."""
+    result = runner.invoke(app, args, env={"COLUMNS": "40"})
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert said in result.stderr and "Possible options" not in result.stderr
+
+
+def _many_failing_cases(folder: Path, rng, count: int = 6) -> None:
+    for i in range(count):
+        case(folder / f"layer{i}", rng, dB=np.zeros(3) if i else None)  # layer0 has no dB
+
+
+@pytest.mark.parametrize("width", [40, 80, 200])
+@pytest.mark.parametrize("github", [False, True])
+def test_the_verdict_is_the_last_line_and_one_line(tmp_path, rng, width, github):
+    """At any width, with or without GitHub annotations (which come before it), the last
+    line is the whole verdict; --quiet prints that line alone (and the annotations asked
+    for)."""
+    _many_failing_cases(tmp_path / "model", rng)
+    args = ["verify", str(tmp_path / "model"), "--jobs", "1"] + (["--github"] if github else [])
+    env = {"COLUMNS": str(width), "GITHUB_ACTIONS": "false"}
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    assert lines[-1].startswith("FAIL  5 of 6 cases failed: ")
+    assert lines[-1].endswith(" and 2 more")  # 5 failed: 3 named, the rest counted
+    assert sum(line.startswith("::error") for line in lines) == (5 if github else 0)
+    if github:
+        assert lines[-2].startswith("::error")
+    quiet = runner.invoke(app, [*args, "--quiet"], env=env).stdout.splitlines()
+    assert [line for line in quiet if not line.startswith("::error")] == [lines[-1]]
+    assert quiet[-1] == lines[-1]
+
+
+def test_piped_output_has_no_trailing_blanks(tmp_path, rng):
+    case(tmp_path / "c", rng, dW=np.zeros((3, 5)))
+    for args in (
+        ["run", "--n", "6", "--din", "4", "--dout", "3"],
+        ["verify", str(tmp_path / "c"), "--heatmap"],
+        ["explain"],
+    ):
+        result = runner.invoke(app, args, env={"COLUMNS": "80"})
+        lines = result.stdout.splitlines()
+        assert len(lines) > 5 and not [line for line in lines if line != line.rstrip()], args
