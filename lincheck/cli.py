@@ -394,7 +394,8 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out, layout="out_in
         if save is not None:
             with bad_input():
                 writing.save_case(save, given, format=out["format"], force=out["force"])
-        bar = ProgressBar(not out["quiet"])
+        bar = ProgressBar(not out["quiet"], f"lincheck run N={n} D_in={din} D_out={dout}, {value}")
+        bar.expect(checks.nominal_seconds(n, din, dout, **_cost_options(options)))
         try:
             report = checks.check(
                 *(given.get(k) for k in ("X", "W", "B", "dY")),
@@ -428,6 +429,11 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out, layout="out_in
             study = witness.step_study(layer)
         emit(results[0].report, header, results[0].name, out, context, study)
     emit_many(results, header, out, {"command": "run", "seed": seed, "dtypes": dtypes})
+
+
+def _cost_options(options: dict) -> dict:
+    names = ("mode", "method", "budget", "directions", "samples")
+    return {name: options[name] for name in names}
 
 
 def _save_failures(folder: Path, results, force: bool, save_format: str = "npy") -> None:
@@ -569,6 +575,8 @@ def verify(
 
 def _check_dump(path, files, options, max_memory, quiet, progress=None):
     """Load one dump (a folder, an .npz, and/or single files) and check it: (loaded, report)."""
+    import numpy as np
+
     from . import arrays, checks, layouts, tensors
 
     loaded = arrays.load(path, files)
@@ -577,6 +585,10 @@ def _check_dump(path, files, options, max_memory, quiet, progress=None):
         stored = arrays.stored_precision(loaded, path if path is not None else "files")
         options = {**options, "precision": stored} if stored else options
     memory_guard(a, options, max_memory, quiet)
+    if progress is not None and a["X"].ndim >= 1 and a["dY"].ndim >= 1:
+        N = int(np.prod(a["X"].shape[:-1], dtype=np.int64))
+        D_in, D_out = a["X"].shape[-1], a["dY"].shape[-1]
+        progress.expect(checks.nominal_seconds(N, D_in, D_out, **_cost_options(options)))
     with layouts.command_line_advice():
         report = _check_loaded(checks, tensors, a, loaded, options, progress)
     return loaded, report
@@ -676,7 +688,7 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
     """One dump (a folder, an .npz, and/or single files): its full tables."""
     from . import tensors
 
-    bar = ProgressBar(not out["quiet"])
+    bar = ProgressBar(not out["quiet"], f"lincheck verify {path if path is not None else 'files'}")
     try:
         with bad_input():
             loaded, report = _check_dump(path, files, options, out["max_memory"], out["quiet"], bar)

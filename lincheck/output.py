@@ -131,40 +131,62 @@ def bad_input() -> Iterator[None]:
 class ProgressBar:
     """A progress bar on stderr for checks that take more than about a second.
 
-    Only on a terminal and never with --quiet. It appears once a check has
-    run for a quarter of a second and is projected to take over a second,
-    and vanishes when done, so quick checks print nothing extra.
+    Only on a terminal and never with --quiet. It appears at once, naming
+    what is checked, when the check's nominal cost (:meth:`expect`) says it
+    will take over about a second; otherwise once a check has run for a
+    quarter of a second and is projected to take over a second. It vanishes
+    when done, so quick checks print nothing extra.
     """
 
-    def __init__(self, enabled: bool):
+    SHOW_AT = 0.2
+    """Nominal seconds (``checks.NOMINAL_RATE``) past which the bar shows at once: about a
+    second of a shared laptop core."""
+
+    def __init__(self, enabled: bool, label: str = "witness"):
         import time
 
         self.enabled = enabled and stderr.is_terminal
+        self.label = label
         self.clock = time.monotonic
         self.start = self.clock()
         self.bar: Any = None  # a rich.progress.Progress, imported when first shown
 
-    def __call__(self, done: int, total: int) -> None:
+    def expect(self, nominal_seconds: float) -> None:
+        """The check ahead is this long at the nominal rate: show the bar now if long."""
+        if self.enabled and self.bar is None and nominal_seconds > self.SHOW_AT:
+            self._show(None)
+
+    def _show(self, total: float | None) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            "forward passes",
+            TimeRemainingColumn(),
+            console=stderr,
+            transient=True,
+            refresh_per_second=8,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(self.label, total=total)
+
+    def __call__(self, done: float, total: float) -> None:
         if not self.enabled or total == 0:
             return
         if self.bar is None:
             elapsed = self.clock() - self.start
             if elapsed < 0.25 or elapsed * total / max(done, 1) < 1.0:
                 return
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-            self.bar = Progress(
-                "witness",
-                BarColumn(),
-                MofNCompleteColumn(),
-                "forward passes",
-                TimeRemainingColumn(),
-                console=stderr,
-                transient=True,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("witness", total=total)
-        self.bar.update(self.task, completed=done)
+            self._show(total)
+        self.bar.update(self.task, completed=done, total=total)
 
     def close(self) -> None:
         if self.bar is not None:

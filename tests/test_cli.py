@@ -404,6 +404,98 @@ def test_console_script_bad_input_has_no_traceback(tmp_path, rng):
     assert done.stderr.startswith("lincheck: error: dY (") and done.stderr.count("\n") == 1
 
 
+def _read_until(fd: int, done, seconds: float) -> bytes:
+    """Read a terminal's (or a pipe's) output until ``done(text)`` or ``seconds`` pass."""
+    import select
+    import time
+
+    seen, deadline = b"", time.monotonic() + seconds
+    while not done(seen) and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:  # the terminal closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a pseudo-terminal")
+def test_a_long_check_shows_progress_at_once_and_ctrl_c_is_one_line():
+    """On a terminal, a check of many seconds shows what it checks and a bar from its first
+    forward passes on, advancing a few passes at a time (it showed nothing for the first
+    quarter of the work); Ctrl-C mid-check is one line and exit 130."""
+    import pty
+    import re
+    import signal
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [_script(), "run", "--n", "512", "--din", "1024", "--dout", "512", "--mode", "full"],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env={**os.environ, "COLUMNS": "120", "OPENBLAS_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    os.close(slave)
+    try:
+
+        def counts(text: bytes) -> list[tuple[bytes, bytes]]:
+            plain = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", text)
+            return re.findall(rb"(\d+)/(\d+) forward passes", plain)
+
+        seen = _read_until(master, lambda text: len(set(counts(text))) >= 3, 120)
+        found = counts(seen)
+        assert len(set(found)) >= 3, seen
+        total = int(found[0][1])
+        assert total == 2 * (2 * 1024 + 1)  # every column of X and W, and B, twice
+        assert int(found[0][0]) < total // 50  # from the start, not after a long first block
+        assert b"lincheck run N=512 D_in=1024 D_out=512, float64" in seen
+        os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C
+        process.wait(timeout=60)
+        rest = _read_until(master, lambda text: False, 2)
+        assert process.stdout is not None
+        out = process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+        process.communicate()
+    assert process.returncode == 130 and out == b""
+    text = rest.decode(errors="replace")
+    assert "lincheck: interrupted" in text and "Traceback" not in text
+
+
+def test_ctrl_c_while_the_program_starts_is_one_line():
+    """A Ctrl-C while the command's modules import (Typer, Rich) is the same one line and
+    exit 130, not a KeyboardInterrupt traceback."""
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "lincheck", "run", "--n", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        started = _read_until(process.stderr.fileno(), lambda text: b"| typer" in text, 60)
+        assert b"| typer" in started
+        process.send_signal(signal.SIGINT)  # Typer's first modules are in, the rest not yet
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    lines = [
+        line for line in (started + err).decode().splitlines() if not line.startswith("import ")
+    ]
+    assert process.returncode == 130, lines
+    assert lines == ["lincheck: interrupted"] and out == b""
+
+
 # --- precisions, witnesses and overrides -----------------------------------------
 
 
