@@ -103,7 +103,8 @@ class _Commands(TyperGroup):
         if not standalone_mode:
             return super().main(*call, standalone_mode=False, **extra)
         try:
-            code = super().main(*call, standalone_mode=False, **extra)
+            with output.trimmed_streams():
+                code = super().main(*call, standalone_mode=False, **extra)
         except click_errors.NoArgsIsHelpError as exc:  # bare `lincheck`: the help, exit 2
             output.stdout.print(exc.ctx.get_help(), markup=False, highlight=False)
             sys.exit(2)

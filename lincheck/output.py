@@ -29,15 +29,16 @@ class _Trimmed:
     or a pipe gets no trailing blanks. A terminal gets everything as written (a live
     progress bar erases with spaces)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, stream=None):
         self.name = name
+        self.fixed = stream  # a stream of its own, or None: sys.<name> at each write
         self.pending = ""  # blanks at the end of the last write, kept until the next one
 
     @property
     def stream(self):
         import sys
 
-        return getattr(sys, self.name)
+        return self.fixed if self.fixed is not None else getattr(sys, self.name)
 
     def write(self, text: str) -> int:
         stream = self.stream
@@ -62,6 +63,21 @@ class _Trimmed:
 
     def __getattr__(self, name: str):
         return getattr(self.stream, name)
+
+
+@contextmanager
+def trimmed_streams() -> Iterator[None]:
+    """sys.stdout and sys.stderr without trailing blanks for the length of the block (when
+    they are not terminals): Typer draws its help on consoles of its own."""
+    import sys
+
+    saved = sys.stdout, sys.stderr
+    sys.stdout = _Trimmed("stdout", saved[0])
+    sys.stderr = _Trimmed("stderr", saved[1])
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 def _console(err: bool, **options: Any) -> Console:

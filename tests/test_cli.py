@@ -848,7 +848,10 @@ def test_piped_output_has_no_trailing_blanks(tmp_path, rng):
         ["run", "--n", "6", "--din", "4", "--dout", "3"],
         ["verify", str(tmp_path / "c"), "--heatmap"],
         ["explain"],
+        ["run", "--help"],
+        ["--bogus"],
     ):
         result = runner.invoke(app, args, env={"COLUMNS": "80"})
-        lines = result.stdout.splitlines()
-        assert len(lines) > 5 and not [line for line in lines if line != line.rstrip()], args
+        lines = (result.stdout + result.stderr).splitlines()
+        assert lines and not [line for line in lines if line != line.rstrip()], args
+    assert len(runner.invoke(app, ["run", "--help"]).stdout.splitlines()) > 20
