@@ -133,7 +133,8 @@ def transcript(session: Session) -> list[str]:
 def _ranges(keep: str, lines: list[str]) -> list[tuple[int, int]]:
     """``keep`` as slices of ``lines``: comma-separated ``start:end`` ranges, 1-based and
     inclusive. An endpoint is a line number (negative: from the end, -1 the last line),
-    ``/regex/`` (the first line from the range's start that matches), or for ``end``,
+    ``/regex/`` (the first line that matches after the range before, or for ``end``
+    from the range's start), or for ``end``,
     ``+N`` (N lines after the start); an empty start is the first line, an empty end the
     last. ``1:21,-3:`` keeps lines 1 to 21 and the last three. (No comma or space in a
     regex: ``.`` stands for either.)"""
@@ -156,7 +157,7 @@ def _ranges(keep: str, lines: list[str]) -> list[tuple[int, int]]:
     chosen: list[tuple[int, int]] = []
     for part in keep.split(","):
         first, _, last = part.partition(":")
-        start = line(first, 0)
+        start = line(first, 0, chosen[-1][1] if chosen else 0)  # a regex: after the last
         end = start + int(last) if last.startswith("+") else line(last, count - 1, start)
         if chosen and start < chosen[-1][1]:
             raise ValueError(f"keep: {part} starts before the range ahead of it ends")
