@@ -102,17 +102,17 @@ class _Commands(TyperGroup):
         call = (args, prog_name, complete_var)
         if not standalone_mode:
             return super().main(*call, standalone_mode=False, **extra)
-        try:
-            with output.trimmed_streams():
+        with output.trimmed_streams():
+            try:
                 code = super().main(*call, standalone_mode=False, **extra)
-        except click_errors.NoArgsIsHelpError as exc:  # bare `lincheck`: the help, exit 2
-            output.stdout.print(exc.ctx.get_help(), markup=False, highlight=False)
-            sys.exit(2)
-        except click_errors.ClickException as exc:
-            sys.exit(output.usage_error(exc))
-        except typer.Abort:
-            output.stderr.print("lincheck: aborted", highlight=False)
-            sys.exit(1)
+            except click_errors.NoArgsIsHelpError as exc:  # bare `lincheck`: the help, exit 2
+                output.stdout.print(exc.ctx.get_help(), markup=False, highlight=False)
+                sys.exit(2)
+            except click_errors.ClickException as exc:
+                sys.exit(output.usage_error(exc))
+            except typer.Abort:
+                output.stderr.print("lincheck: aborted", highlight=False)
+                sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 
