@@ -290,6 +290,17 @@ def test_the_readme_comparison_tells_drift_from_rounding_noise():
     assert not _same_line(line, line.replace("  PASS", "   PASS"))  # the layout
 
 
+def test_the_readme_keep_ranges():
+    from readme import GAP, Session, shown
+
+    lines = [f"line {i}" for i in range(1, 11)]
+    session = Session(0, 0, "1:2,/^line.5/:+1,-2:", [], [], "")
+    assert shown(session, lines).splitlines() == [
+        "line 1", "line 2", GAP, "line 5", "line 6", GAP, "line 9", "line 10"
+    ]  # fmt: skip
+    assert shown(Session(0, 0, "", [], [], ""), lines).splitlines() == lines
+
+
 def test_the_json_example_names_only_fields_the_report_has(tmp_path):
     """Each key of the README's JSON example is in the report `verify --json` writes for
     the same case (the example elides with "..." keys and values)."""
