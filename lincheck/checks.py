@@ -432,6 +432,28 @@ model (the same inputs always get the same mode), about right for a 2-core
 machine with OpenBLAS in float64."""
 
 
+def nominal_seconds(
+    N: int,
+    D_in: int,
+    D_out: int,
+    mode: str = "auto",
+    method: str = "central",
+    budget: float = 10.0,
+    directions: int = 16,
+    samples: int = 64,
+) -> float:
+    """About how long a check's witness takes at :data:`NOMINAL_RATE` (an upper estimate
+    of its forward passes, before any array is read): what the command line decides by
+    whether to show a progress bar at once."""
+    per_pass = N * D_in * D_out / NOMINAL_RATE
+    full = sum(workspace.full_passes(N, D_in, D_out, t, method) for t in ("dX", "dW", "dB"))
+    if mode == "full" or (mode == "auto" and full * per_pass <= budget):
+        return full * per_pass
+    if mode == "sample":
+        return min(full, 4 * samples) * per_pass
+    return 4 * directions * per_pass
+
+
 def _choose_mode(mode, layer, plans, method, budget) -> tuple[str, str]:
     """The mode to run and, if chosen automatically against the budget, why."""
     if mode != "auto":

@@ -14,11 +14,19 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from . import __version__, output
 from .errors import LincheckError
 from .options import (
     EXIT_CODES,
+    LAYER,
+    METHOD,
+    MORE_HELP,
+    OUTPUT,
+    PRINT_EXIT_CODES,
+    WRITE_EXIT_CODES,
+    YOURS,
     Atol,
     BFile,
     Budget,
@@ -47,6 +55,7 @@ from .options import (
     MethodOption,
     Mode,
     ModeOption,
+    NoColor,
     PlotOption,
     PrecisionOption,
     Quiet,
@@ -74,14 +83,48 @@ from .output import (
     require_plotting,
 )
 
+
+class _Commands(TyperGroup):
+    """lincheck's commands, with usage errors as one line on stderr (exit 2), not a box."""
+
+    def main(  # type: ignore[override]
+        self,
+        args=None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra,
+    ):
+        import sys
+
+        from typer._click import exceptions as click_errors
+
+        call = (args, prog_name, complete_var)
+        if not standalone_mode:
+            return super().main(*call, standalone_mode=False, **extra)
+        with output.trimmed_streams():
+            try:
+                code = super().main(*call, standalone_mode=False, **extra)
+            except click_errors.NoArgsIsHelpError as exc:  # bare `lincheck`: the help, exit 2
+                output.stdout.print(exc.ctx.get_help(), markup=False, highlight=False)
+                sys.exit(2)
+            except click_errors.ClickException as exc:
+                sys.exit(output.usage_error(exc))
+            except typer.Abort:
+                output.stderr.print("lincheck: aborted", highlight=False)
+                sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="lincheck",
+    cls=_Commands,
     help=(
         "Check the gradients of a fully connected layer Y = X Wᵀ + B, every entry, "
         "against rigorous floating-point error bounds.\n\n"
         "dX = G W,  dW = Gᵀ X,  dB = Σₙ G  with G = dL/dY."
     ),
-    epilog=EXIT_CODES + "\nExample: lincheck run --n 32 --din 64 --dout 16",
+    epilog=EXIT_CODES + "\nExample: lincheck run --n 32 --din 64 --dout 16\n" + MORE_HELP,
     no_args_is_help=True,
     add_completion=True,
     rich_markup_mode="rich",
@@ -103,11 +146,7 @@ def _main(
     ] = False,
     no_color: Annotated[
         bool,
-        typer.Option(
-            "--no-color",
-            help="Plain text, no colours or styles (as NO_COLOR=1 does); the characters carry "
-            "the meaning anyway.",
-        ),
+        typer.Option("--no-color", help="Plain text: no colours or styles (as NO_COLOR=1 does)."),
     ] = False,
 ) -> None:
     if no_color or os.environ.get("NO_COLOR"):
@@ -117,13 +156,14 @@ def _main(
 @app.command(
     short_help="Check a random layer's gradients (or your backward: --impl).",
     help=(
-        "Generate a random layer, compute its gradients analytically in --dtype, and check "
-        "every entry against a numerical witness from L = Σ G ⊙ Y (float64), within "
-        "rounding-error bounds derived for --dtype. With --impl, check your own backward."
+        "Generate a random layer, compute its gradients in --dtype, and check every entry "
+        "against a float64 numerical witness, within rounding-error bounds derived for "
+        "--dtype. With --impl, check your own backward on a sweep of shapes."
     ),
     epilog=EXIT_CODES
     + "\nExample: lincheck run --n 32 --din 64 --dout 16 --dtype float32"
-    + "\nExample: lincheck run --impl mypkg.layers:linear_backward --junit report.xml",
+    + "\nExample: lincheck run --impl mypkg.layers:linear_backward --junit report.xml\n"
+    + MORE_HELP,
 )
 def run(
     n: SizeN = 32,
@@ -132,28 +172,28 @@ def run(
     seed: Seed = 0,
     dtype: DTypesOption = None,
     no_bias: Annotated[
-        bool, typer.Option("--no-bias", help="A layer without bias (no B, no dB).")
+        bool,
+        typer.Option(
+            "--no-bias", help="A layer without bias (no B, no dB).", rich_help_panel=LAYER
+        ),
     ] = False,
     impl: Annotated[
         str | None,
         typer.Option(
             "--impl",
-            help="Check your backward instead: package.module:function, called as "
-            "fn(X, W, B, dY) -> (dX, dW, dB) (B and dB None without bias), on the requested "
-            "shape, N=1, D_in=1, D_out=1, swapped sizes, leading batch dimensions and no bias, "
-            "in each --dtype. Also a torch or JAX forward fn(X, W, B) -> Y (differentiated by "
-            "torch.autograd or jax.vjp; Y is checked too), a torch.autograd.Function, or an "
-            "nn.Module class or factory with nn.Linear's (in_features, out_features, bias=) "
-            "and a weight and bias parameter.",
+            help="Check yours instead: a backward fn(X, W, B, dY) -> (dX, dW, dB), a torch "
+            "or JAX forward, an autograd.Function or an nn.Module class.",
             metavar="MODULE:OBJECT",
+            rich_help_panel=YOURS,
         ),
     ] = None,
     forward: Annotated[
         str | None,
         typer.Option(
             "--forward",
-            help="Also check your forward, fn(X, W, B) -> Y, against X Wᵀ + B on the same cases.",
+            help="Also check your forward fn(X, W, B) -> Y.",
             metavar="MODULE:FUNCTION",
+            rich_help_panel=YOURS,
         ),
     ] = None,
     layout: LayoutOption = Layout.out_in,
@@ -161,12 +201,10 @@ def run(
         str | None,
         typer.Option(
             "--cases",
-            help="With --impl/--forward: check only these cases of the sweep, by name "
-            "(main, n1, din1, dout1, swapped, batched, no-bias), or all but some: "
-            "--cases=-batched. The others are reported as skipped. 'list' prints the "
-            "cases and what each tests.",
+            help="Only these cases of the sweep (--cases=-NAME: all but one; list: print them).",
             metavar="NAME[,NAME...]",
             show_default=False,
+            rich_help_panel=YOURS,
         ),
     ] = None,
     json_path: JsonOption = None,
@@ -186,8 +224,9 @@ def run(
         Path | None,
         typer.Option(
             "--save",
-            help="Also write the generated arrays to this folder, as 'generate --with-grads' does.",
+            help="Also write the arrays, as generate --with-grads does.",
             metavar="DIR",
+            rich_help_panel=OUTPUT,
         ),
     ] = None,
     timeout: Annotated[
@@ -195,25 +234,25 @@ def run(
         typer.Option(
             "--timeout",
             min=0.0,
-            help="With --impl/--forward: seconds your functions may take on one case (and to "
-            "import) before the case is stopped and failed; 0: no limit.",
+            help="Seconds your functions may take on one case (0: no limit).",
             metavar="SECONDS",
+            rich_help_panel=YOURS,
         ),
     ] = 60.0,  # worker.DEFAULT_TIMEOUT (not imported: --help imports no NumPy); tested equal
     save_failures: Annotated[
         Path | None,
         typer.Option(
             "--save-failures",
-            help="With --impl/--forward: write each failing case to DIR/<case>/ as .npy files "
-            "(DIR/<case>.safetensors with --format safetensors) that 'lincheck verify' "
-            "reproduces.",
+            help="Write each failing case to DIR, for lincheck verify.",
             metavar="DIR",
+            rich_help_panel=YOURS,
         ),
     ] = None,
     save_format: FormatOption = SaveFormat.npy,
     force: Force = False,
     framework: FrameworkOption = None,
     device: DeviceOption = "cpu",
+    no_color: NoColor = False,
 ) -> None:
     """lincheck run (the help text is in the decorator: one line per paragraph)."""
     if cases == "list":
@@ -357,7 +396,8 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out, layout="out_in
         if save is not None:
             with bad_input():
                 writing.save_case(save, given, format=out["format"], force=out["force"])
-        bar = ProgressBar(not out["quiet"])
+        bar = ProgressBar(not out["quiet"], f"lincheck run N={n} D_in={din} D_out={dout}, {value}")
+        bar.expect(checks.nominal_seconds(n, din, dout, **_cost_options(options)))
         try:
             report = checks.check(
                 *(given.get(k) for k in ("X", "W", "B", "dY")),
@@ -393,6 +433,11 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out, layout="out_in
     emit_many(results, header, out, {"command": "run", "seed": seed, "dtypes": dtypes})
 
 
+def _cost_options(options: dict) -> dict:
+    names = ("mode", "method", "budget", "directions", "samples")
+    return {name: options[name] for name in names}
+
+
 def _save_failures(folder: Path, results, force: bool, save_format: str = "npy") -> None:
     """Write each failing case's inputs and the user's outputs to folder/<case>/ (or
     folder/<case>.safetensors); a case the user's function does not take has no outputs
@@ -420,25 +465,22 @@ def _check_case_file(save: Path, force: bool) -> None:
     short_help="Check gradients your code saved (.npy folder, .npz or .safetensors).",
     help=(
         "Check gradients your code produced (dX, dW, dB, Y) against the float64 analytic "
-        "reference, which is itself checked against a numerical witness; with no gradients "
-        "given, check the analytic formulas on your X, W, B, dY. Each entry's tolerance is "
-        "derived from the arithmetic (--precision), not set by hand. Several cases (one per "
-        "layer of a model, say) are checked in parallel and summarized in one table."
+        "reference, itself checked against a numerical witness; with no gradients given, "
+        "check the formulas on your X, W, B, dY. Each entry's tolerance is derived from the "
+        "arithmetic (--precision). Several cases are checked in parallel, in one table."
     ),
     epilog=EXIT_CODES
     + "\nExample: lincheck verify dump/ --json report.json"
-    + "   (dump/ holds X.npy W.npy B.npy dY.npy dW.npy …)"
-    + "\nExample: lincheck verify model_dump/ --junit report.xml   (one folder per layer)",
+    + "\nExample: lincheck verify model_dump/ --junit report.xml   (a case per layer)\n"
+    + MORE_HELP,
 )
 def verify(
     paths: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Folders of .npy files, .npz or .safetensors files, one case each; a folder "
-            "that holds only case folders (or .npz, .safetensors files) stands for all of "
-            "them. Names "
-            "(case-insensitive): X, W, dY required; B optional; dX, dW, dB, Y are the "
-            "gradients (and forward output) to check.",
+            help="Folders of .npy files, .npz or .safetensors files, one case each (a "
+            "folder of cases: all of them). X, W, dY required; B, and dX, dW, dB, Y to "
+            "check, optional.",
             show_default=False,
             metavar="PATH...",
         ),
@@ -462,13 +504,23 @@ def verify(
     samples: Samples = 64,
     directions: DirectionsOption = 16,
     seed: Annotated[
-        int, typer.Option("--seed", min=0, help="Seed of the sample or directions.")
+        int,
+        typer.Option(
+            "--seed",
+            min=0,
+            help="Seed of the sample or directions.",
+            metavar="N",
+            rich_help_panel=METHOD,
+        ),
     ] = 0,
     budget: Budget = 10.0,
     atol: Atol = None,
     rtol: Rtol = None,
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Also list the files that were ignored.")
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Also list the files that were ignored.", rich_help_panel=OUTPUT
+        ),
     ] = False,
     max_memory: MaxMemory = None,
     jobs: Annotated[
@@ -479,12 +531,17 @@ def verify(
             min=1,
             help="Worker processes for several cases (default: the number of cores).",
             show_default=False,
+            metavar="N",
+            rich_help_panel=METHOD,
         ),
     ] = None,
     quiet: Quiet = False,
     heatmap: HeatmapOption = None,
     plot: PlotOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace existing plot files.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace existing plot files.", rich_help_panel=OUTPUT)
+    ] = False,
+    no_color: NoColor = False,
 ) -> None:
     """lincheck verify (the help text is in the decorator)."""
     from . import arrays
@@ -521,6 +578,8 @@ def verify(
 
 def _check_dump(path, files, options, max_memory, quiet, progress=None):
     """Load one dump (a folder, an .npz, and/or single files) and check it: (loaded, report)."""
+    import numpy as np
+
     from . import arrays, checks, layouts, tensors
 
     loaded = arrays.load(path, files)
@@ -529,6 +588,10 @@ def _check_dump(path, files, options, max_memory, quiet, progress=None):
         stored = arrays.stored_precision(loaded, path if path is not None else "files")
         options = {**options, "precision": stored} if stored else options
     memory_guard(a, options, max_memory, quiet)
+    if progress is not None and a["X"].ndim >= 1 and a["dY"].ndim >= 1:
+        N = int(np.prod(a["X"].shape[:-1], dtype=np.int64))
+        D_in, D_out = a["X"].shape[-1], a["dY"].shape[-1]
+        progress.expect(checks.nominal_seconds(N, D_in, D_out, **_cost_options(options)))
     with layouts.command_line_advice():
         report = _check_loaded(checks, tensors, a, loaded, options, progress)
     return loaded, report
@@ -628,7 +691,7 @@ def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -
     """One dump (a folder, an .npz, and/or single files): its full tables."""
     from . import tensors
 
-    bar = ProgressBar(not out["quiet"])
+    bar = ProgressBar(not out["quiet"], f"lincheck verify {path if path is not None else 'files'}")
     try:
         with bad_input():
             loaded, report = _check_dump(path, files, options, out["max_memory"], out["quiet"], bar)
@@ -681,19 +744,19 @@ def _arithmetic(options: dict, loaded) -> dict | None:
 @app.command(
     short_help="Write random inputs (and gradients) as .npy files (or .safetensors).",
     help=(
-        "Write seeded random X.npy, W.npy, B.npy, dY.npy (the inputs of 'verify'), and with "
-        "--with-grads dX.npy, dW.npy, dB.npy (with --format safetensors, one file DIR.safetensors "
-        "holding them all). Each file is written atomically; an existing file is never "
-        "replaced without --force."
+        "Write seeded random X.npy, W.npy, B.npy, dY.npy (the inputs of verify), and with "
+        "--with-grads dX.npy, dW.npy, dB.npy (--format safetensors: one file). Files are "
+        "written atomically, and never replaced without --force."
     ),
-    epilog=EXIT_CODES + "\nExample: lincheck generate case/ --n 8 --din 4 --dout 3 --with-grads",
+    epilog=WRITE_EXIT_CODES
+    + "\nExample: lincheck generate case/ --n 8 --din 4 --dout 3 --with-grads\n"
+    + MORE_HELP,
 )
 def generate(
     directory: Annotated[
         Path,
         typer.Argument(
-            help="Folder to write into (created if needed); with --format safetensors, the "
-            "file (.safetensors appended unless the name ends so).",
+            help="Folder to write into (created if needed); with --format safetensors, the file.",
             show_default=False,
             metavar="DIR",
         ),
@@ -703,13 +766,21 @@ def generate(
     dout: SizeOut = 16,
     seed: Seed = 0,
     dtype: DTypeOption = DType.float64,
-    no_bias: Annotated[bool, typer.Option("--no-bias", help="Write no B (and no dB).")] = False,
+    no_bias: Annotated[
+        bool, typer.Option("--no-bias", help="Write no B (and no dB).", rich_help_panel=LAYER)
+    ] = False,
     with_grads: Annotated[
-        bool, typer.Option("--with-grads", help="Also write dX, dW, dB computed in --dtype.")
+        bool,
+        typer.Option(
+            "--with-grads",
+            help="Also write dX, dW, dB computed in --dtype.",
+            rich_help_panel=OUTPUT,
+        ),
     ] = False,
     layout: LayoutOption = Layout.out_in,
     save_format: FormatOption = SaveFormat.npy,
     force: Force = False,
+    no_color: NoColor = False,
 ) -> None:
     """lincheck generate (the help text is in the decorator)."""
     import numpy as np
@@ -739,27 +810,39 @@ def generate(
         "these sizes, and the error bounds: the original derivation, corrected. Shapes come "
         "from --n/--din/--dout or from a dump PATH (as for verify)."
     ),
-    epilog="Example: lincheck explain --n 128 --din 512 --dout 256 --lang zh"
-    + "\nExample: lincheck explain dump/",
+    epilog=PRINT_EXIT_CODES
+    + "\nExample: lincheck explain --n 128 --din 512 --dout 256 --lang zh"
+    + "\nExample: lincheck explain dump/\n"
+    + MORE_HELP,
 )
 def explain(
     path: Annotated[
         Path | None,
         typer.Argument(
             help="A dump (folder of .npy files, .npz or .safetensors) whose shapes and dtypes "
-            "(and stored arithmetic) to use.",
+            "to use.",
             show_default=False,
+            metavar="PATH",
         ),
     ] = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="Batch size N.")] = 32,
-    din: Annotated[int, typer.Option("--din", min=1, help="Input features D_in.")] = 64,
-    dout: Annotated[int, typer.Option("--dout", min=1, help="Output features D_out.")] = 16,
+    n: SizeN = 32,
+    din: SizeIn = 64,
+    dout: SizeOut = 16,
     precision: PrecisionOption = None,
-    no_bias: Annotated[bool, typer.Option("--no-bias", help="A layer without bias.")] = False,
+    no_bias: Annotated[
+        bool, typer.Option("--no-bias", help="A layer without bias.", rich_help_panel=LAYER)
+    ] = False,
     layout: LayoutOption = Layout.out_in,
     lang: Annotated[
-        Language, typer.Option("--lang", help="en, or zh: the derivation's own language.")
+        Language,
+        typer.Option(
+            "--lang",
+            help="en, or zh: the derivation's own language.",
+            metavar="LANG",
+            rich_help_panel=OUTPUT,
+        ),
     ] = Language.en,
+    no_color: NoColor = False,
 ) -> None:
     """lincheck explain (the help text is in the decorator)."""
     from .explain import Sizes

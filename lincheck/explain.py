@@ -75,7 +75,7 @@ def _numbers(s: Sizes) -> dict[str, str]:
         "dirs": f"{s.directions_passes:,}",
         "jacobian": _bytes(8 * s.entries * s.N * s.D_out),
         "prec": s.precision,
-        "spec": p.spec,
+        "spec": p.spec.replace(",", ", "),  # wraps between keys, never inside one
         "u": f"{p.acc.c:.1e}",
         "lam": f"{LAMBDA:g}",
         "g_dX": dX[0],

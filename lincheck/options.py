@@ -22,6 +22,20 @@ Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input
 (with several cases, 1 if any check failed, even where others had bad input) ·
 130 interrupted (Ctrl-C).
 """
+WRITE_EXIT_CODES = """\
+Exit codes: 0 written · 2 bad usage or bad input (nothing written) ·
+130 interrupted (Ctrl-C).
+"""
+PRINT_EXIT_CODES = """\
+Exit codes: 0 printed · 2 bad usage or bad input · 130 interrupted (Ctrl-C).
+"""
+MORE_HELP = "Every option in detail: docs/cli.md."
+
+LAYER = "Layer"
+YOURS = "Your implementation"
+ARITHMETIC = "Arithmetic"
+METHOD = "Check method"
+OUTPUT = "Output"
 
 
 class DType(str, Enum):
@@ -51,19 +65,20 @@ FrameworkOption = Annotated[
     Framework | None,
     typer.Option(
         "--framework",
-        help="With --impl: whose arrays your function takes, when the detection (the "
-        "framework its code names, else what its module imports; NumPy if none) would guess "
-        "wrong or cannot tell (a module using both torch and JAX).",
+        help="numpy, torch or jax: whose arrays your --impl takes, when the detection "
+        "guesses wrong.",
+        metavar="NAME",
         show_default=False,
+        rich_help_panel=YOURS,
     ),
 ]
 DeviceOption = Annotated[
     str,
     typer.Option(
         "--device",
-        help="With a torch or JAX --impl: the device its layer runs on (cpu, cuda, cuda:1, "
-        "mps; JAX: cpu, gpu, tpu, with :INDEX).",
+        help="Device of a torch or JAX --impl: cpu, cuda, cuda:1, mps; JAX: gpu, tpu:0.",
         metavar="DEVICE",
+        rich_help_panel=YOURS,
     ),
 ]
 
@@ -92,12 +107,11 @@ PrecisionOption = Annotated[
         "--precision",
         metavar="SPEC",
         callback=_precision,
-        help="The arithmetic the gradients were computed in; sets their error bounds. A preset "
-        f"({', '.join(PRESET_NAMES)}) or key=value pairs, e.g. 'bf16,bias=fused' or "
-        "'x=e4m3,w=e4m3,dy=e5m2,scale=tensor,acc=fp32,out=bf16' (keys x, w, dy, convert, "
-        "scale, products, acc, out, bias; see lincheck explain --precision SPEC). Default: "
-        "from each file's dtype.",
+        help="The arithmetic your gradients were computed in: a preset "
+        f"({', '.join(PRESET_NAMES)}) or key=value pairs ('bf16,bias=fused'). "
+        "Default: from the dtypes.",
         show_default=False,
+        rich_help_panel=ARITHMETIC,
     ),
 ]
 
@@ -105,8 +119,8 @@ CertainOnly = Annotated[
     bool,
     typer.Option(
         "--certain-only",
-        help="Fail only beyond the rigorous worst-case bound (the certain tier), not beyond "
-        "what rounding plausibly produces (the statistical tier).",
+        help="Fail only beyond the rigorous bound, not beyond plausible rounding.",
+        rich_help_panel=ARITHMETIC,
     ),
 ]
 
@@ -133,9 +147,10 @@ LayoutOption = Annotated[
     Layout,
     typer.Option(
         "--layout",
-        help="How W (and dW) are stored: out_in, (D_out, D_in) as torch.nn.Linear, Y = X Wᵀ + B; "
-        "or in_out, (D_in, D_out) as JAX/Flax, Keras, TensorFlow and CS231n, Y = X W + B, "
-        "with dW of W's shape. Reports index dW as stored.",
+        help="W (and dW) stored as out_in, (D_out, D_in) as torch, or in_out, (D_in, D_out) "
+        "as JAX/Keras.",
+        metavar="LAYOUT",
+        rich_help_panel=LAYER,
     ),
 ]
 
@@ -149,8 +164,9 @@ FormatOption = Annotated[
     SaveFormat,
     typer.Option(
         "--format",
-        help="How to write each case: npy, a folder of NAME.npy files; safetensors, one "
-        "file (.safetensors appended to the name), which also carries bfloat16 and fp8.",
+        help="npy, a folder of .npy files, or safetensors, one file (bfloat16 and fp8 too).",
+        metavar="FORMAT",
+        rich_help_panel=OUTPUT,
     ),
 ]
 
@@ -164,58 +180,80 @@ JsonOption = Annotated[
     Path | None,
     typer.Option(
         "--json",
-        help="Also write the machine-readable report to this file (replaced if it exists); "
-        "'-' writes it to stdout and moves the tables to stderr.",
+        help="Write the JSON report here ('-': stdout, tables to stderr).",
         metavar="PATH",
+        rich_help_panel=OUTPUT,
     ),
 ]
 
 
-SizeN = Annotated[int, typer.Option("--n", min=1, help="Batch size N.")]
-SizeIn = Annotated[int, typer.Option("--din", min=1, help="Input features D_in.")]
-SizeOut = Annotated[int, typer.Option("--dout", min=1, help="Output features D_out.")]
-Seed = Annotated[int, typer.Option("--seed", min=0, help="Seed of the random arrays.")]
+SizeN = Annotated[
+    int, typer.Option("--n", min=1, help="Batch size N.", metavar="N", rich_help_panel=LAYER)
+]
+SizeIn = Annotated[
+    int,
+    typer.Option("--din", min=1, help="Input features D_in.", metavar="N", rich_help_panel=LAYER),
+]
+SizeOut = Annotated[
+    int,
+    typer.Option(
+        "--dout", min=1, help="Output features D_out.", metavar="N", rich_help_panel=LAYER
+    ),
+]
+Seed = Annotated[
+    int,
+    typer.Option(
+        "--seed", min=0, help="Seed of the random arrays.", metavar="N", rich_help_panel=LAYER
+    ),
+]
 DTypeOption = Annotated[
-    DType, typer.Option("--dtype", help="dtype of the arrays and of the analytic computation.")
+    DType,
+    typer.Option(
+        "--dtype",
+        help="dtype of the arrays and of the gradients.",
+        metavar="float64|float32|float16",
+        rich_help_panel=LAYER,
+    ),
 ]
 DTypesOption = Annotated[
     list[RunDType] | None,
     typer.Option(
         "--dtype",
-        help="dtype of the arrays and of the computed gradients (repeat for several; "
-        "default float64, with --impl float64 and float32). bfloat16, float8_e4m3fn and "
-        "float8_e5m2 are ml_dtypes arrays (torch and JAX tensors for their layers); "
-        "without --impl, fp8 is refused: lincheck computes no fp8 gradients of its own.",
+        help="float64, float32, float16, bfloat16, float8_e4m3fn or float8_e5m2 (fp8: "
+        "--impl only); repeat for several. Default float64 (--impl: and float32).",
+        metavar="DTYPE",
         show_default=False,
+        rich_help_panel=LAYER,
     ),
 ]
 JunitOption = Annotated[
     Path | None,
     typer.Option(
         "--junit",
-        help="Also write a JUnit XML report (one test case per tensor per case) to this file.",
+        help="Write a JUnit XML report here.",
         metavar="PATH",
+        rich_help_panel=OUTPUT,
     ),
 ]
 GithubOption = Annotated[
     bool,
     typer.Option(
         "--github",
-        help="Print GitHub Actions error annotations for failures (on by default when "
-        "GITHUB_ACTIONS=true).",
+        help="GitHub Actions annotations for failures (on when GITHUB_ACTIONS is true).",
+        rich_help_panel=OUTPUT,
     ),
 ]
 Force = Annotated[
-    bool, typer.Option("--force", help="Replace existing files (.npy, .safetensors, plots).")
+    bool, typer.Option("--force", help="Replace existing files.", rich_help_panel=OUTPUT)
 ]
 MethodOption = Annotated[
     Method,
     typer.Option(
         "--method",
-        help="How the numerical witness differentiates: central differences perturbing a "
-        "whole column per forward pass; 'dense', one entry at a time (the textbook check, "
-        "2 passes per entry); or the complex step Im L(θ + ih)/h (no cancellation; about "
-        "twice the cost of central).",
+        help="The witness: central differences (a column per pass), dense (an entry per "
+        "pass), or complex-step.",
+        metavar="METHOD",
+        rich_help_panel=METHOD,
     ),
 ]
 Atol = Annotated[
@@ -223,35 +261,53 @@ Atol = Annotated[
     typer.Option(
         "--atol",
         min=0.0,
-        help="Override the rounding-error bounds with numpy.allclose's rule "
-        "|a − b| ≤ atol + rtol·|b| (the other defaults to 0).",
+        help="Use numpy.allclose's |a − b| ≤ atol + rtol·|b| instead of the bounds.",
+        metavar="A",
+        rich_help_panel=ARITHMETIC,
     ),
 ]
-Rtol = Annotated[float | None, typer.Option("--rtol", min=0.0, help="See --atol.")]
+Rtol = Annotated[
+    float | None,
+    typer.Option("--rtol", min=0.0, help="See --atol.", metavar="R", rich_help_panel=ARITHMETIC),
+]
 ModeOption = Annotated[
     Mode,
     typer.Option(
         "--mode",
-        help="How much of the numerical witness to compute: every entry (full), --samples "
-        "random entries of dX and dW (sample), or --directions random ±1 directions "
-        "(directions). Your gradients are always compared with the float64 reference at "
-        "every entry. auto: full if it fits --budget, else directions (and says why).",
+        help="How much the witness confirms: every entry (full), some (sample), random "
+        "directions; auto: full if it fits --budget.",
+        metavar="MODE",
+        rich_help_panel=METHOD,
     ),
 ]
 Samples = Annotated[
-    int, typer.Option("--samples", min=1, help="Entries per tensor in sample mode.")
+    int,
+    typer.Option(
+        "--samples",
+        min=1,
+        help="Entries per tensor in sample mode.",
+        metavar="N",
+        rich_help_panel=METHOD,
+    ),
 ]
 DirectionsOption = Annotated[
     int,
-    typer.Option("--directions", min=1, help="Random directions per tensor in directions mode."),
+    typer.Option(
+        "--directions",
+        min=1,
+        help="Directions per tensor in directions mode.",
+        metavar="N",
+        rich_help_panel=METHOD,
+    ),
 ]
 Budget = Annotated[
     float,
     typer.Option(
         "--budget",
         min=0.0,
-        help="Seconds of work (at a nominal 5·10¹⁰ multiply-adds/s) that --mode auto allows "
-        "a full witness.",
+        help="Seconds (at a nominal 5·10¹⁰ multiply-adds/s) --mode auto allows a full witness.",
+        metavar="SECONDS",
+        rich_help_panel=METHOD,
     ),
 ]
 
@@ -260,10 +316,10 @@ MaxMemory = Annotated[
     str | None,
     typer.Option(
         "--max-memory",
-        help="Refuse checks that would need more memory than this (like 4G or 512M); "
-        "default: half of the memory available when lincheck starts.",
+        help="Refuse checks needing more memory (4G, 512M; default: half the available).",
         metavar="SIZE",
         show_default=False,
+        rich_help_panel=METHOD,
     ),
 ]
 
@@ -272,9 +328,10 @@ def _array_file(name: str):
     """A ``--x FILE``-style option giving one array's ``.npy`` file."""
     return typer.Option(
         f"--{name.lower()}",
-        help=f"{name} from this .npy file (with or instead of PATH).",
+        help=f"{name} from this .npy file.",
         metavar="FILE",
         show_default=False,
+        rich_help_panel="Arrays one file at a time (with or instead of PATH)",
     )
 
 
@@ -290,18 +347,20 @@ YFile = Annotated[Path | None, _array_file("Y")]
 
 Quiet = Annotated[
     bool,
-    typer.Option("--quiet", "-q", help="Print only the verdict line; no tables, no progress bar."),
+    typer.Option(
+        "--quiet", "-q", help="Print only the verdict line, no progress.", rich_help_panel=OUTPUT
+    ),
 ]
 
 PlotOption = Annotated[
     Path | None,
     typer.Option(
         "--plot",
-        help="Write PNG plots to DIR: per tensor an error / tolerance heatmap and a "
-        "histogram (and for run the witness error against the step); with several cases, "
-        "a subfolder per failed case. Needs matplotlib: pip install 'lincheck[plot]'.",
+        help="Write PNG heatmaps and histograms to DIR (needs matplotlib: the "
+        "lincheck\\[plot] extra).",
         metavar="DIR",
         show_default=False,
+        rich_help_panel=OUTPUT,
     ),
 ]
 
@@ -309,10 +368,32 @@ HeatmapOption = Annotated[
     bool | None,
     typer.Option(
         "--heatmap/--no-heatmap",
-        help="Draw the error / tolerance map of every tensor (default: of the failed ones).",
+        help="Error maps of every tensor, or none (default: the failed).",
         show_default=False,
+        rich_help_panel=OUTPUT,
     ),
 ]
+
+
+def _no_color(value: bool) -> bool:
+    if value:
+        from . import output
+
+        output.plain_consoles()
+    return value
+
+
+NoColor = Annotated[
+    bool,
+    typer.Option(
+        "--no-color",
+        callback=_no_color,
+        is_eager=True,
+        help="Plain text: no colours or styles (as NO_COLOR=1 does).",
+        rich_help_panel="Output",
+    ),
+]
+"""Accepted before the command (``lincheck --no-color run``) and after it."""
 
 
 def check_options(method, mode, samples, directions, seed, budget, atol, rtol) -> dict:

@@ -22,14 +22,76 @@ from rich.console import Console
 from .errors import LincheckError
 from .options import parse_size
 
-stdout = Console()
-stderr = Console(stderr=True)
+
+class _Trimmed:
+    """sys.stdout or sys.stderr (looked up at each write, as Rich does), with the spaces
+    Rich pads lines with removed from line ends when the stream is not a terminal: a log
+    or a pipe gets no trailing blanks. A terminal gets everything as written (a live
+    progress bar erases with spaces)."""
+
+    def __init__(self, name: str, stream=None):
+        self.name = name
+        self.fixed = stream  # a stream of its own, or None: sys.<name> at each write
+        self.pending = ""  # blanks at the end of the last write, kept until the next one
+
+    @property
+    def stream(self):
+        import sys
+
+        return self.fixed if self.fixed is not None else getattr(sys, self.name)
+
+    def write(self, text: str) -> int:
+        stream = self.stream
+        if stream.isatty():
+            return stream.write(self.pending + text)
+        import re
+
+        text = self.pending + text
+        body = text.rstrip(" ")
+        self.pending = text[len(body) :]
+        stream.write(re.sub(r" +(?=(?:\x1b\[[0-9;]*m)*\n)", "", body))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def trimmed_streams() -> Iterator[None]:
+    """sys.stdout and sys.stderr without trailing blanks for the length of the block (when
+    they are not terminals): Typer draws its help on consoles of its own."""
+    import sys
+
+    saved = sys.stdout, sys.stderr
+    sys.stdout = _Trimmed("stdout", saved[0])
+    sys.stderr = _Trimmed("stderr", saved[1])
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _console(err: bool, **options: Any) -> Console:
+    return Console(file=_Trimmed("stderr" if err else "stdout"), stderr=err, **options)  # type: ignore[arg-type]
+
+
+stdout = _console(False)
+stderr = _console(True)
 
 
 def plain_consoles() -> None:
     """No escape codes at all, not only no colours: bold and dim go too (NO_COLOR)."""
     global stdout, stderr
-    stdout, stderr = Console(color_system=None), Console(stderr=True, color_system=None)
+    stdout, stderr = _console(False, color_system=None), _console(True, color_system=None)
 
 
 def fail(message: str) -> NoReturn:
@@ -38,6 +100,39 @@ def fail(message: str) -> NoReturn:
         f"lincheck: error: {message}", markup=False, highlight=False, emoji=False, soft_wrap=True
     )
     raise typer.Exit(code=2)
+
+
+def usage_error(exc) -> int:
+    """A Click usage error (bad option value, unknown option, missing argument) as one
+    line on stderr, like :func:`fail`'s: ``lincheck run: error: --n: 0 is not in the
+    range x>=1.`` Returns its exit code (2)."""
+    from difflib import get_close_matches
+
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "lincheck"
+    param = getattr(exc, "param", None)
+    if type(exc).__name__ == "NoSuchOption":
+        # Click suggests whatever shares a few letters (--bogus: "--dout"): only close names.
+        names = [name.lstrip("-") for name in exc.possibilities or ()]
+        close = get_close_matches(exc.option_name.lstrip("-"), names, n=1, cutoff=0.75)
+        message = f"no such option {exc.option_name}"
+        message += f" (did you mean --{close[0]}?)" if close else ""
+    elif param is not None and type(exc).__name__ in ("BadParameter", "MissingParameter"):
+        hint = exc.param_hint or param.get_error_hint(ctx)
+        hint = (hint if isinstance(hint, str) else " / ".join(hint)).replace("'", "")
+        missing = type(exc).__name__ == "MissingParameter"
+        message = f"{hint}: {'missing' if missing else exc.message}"
+    else:
+        message = exc.format_message()
+    help_hint = f"; see {where} --help" if where and ctx is not None else ""
+    stderr.print(
+        f"{where}: error: {message.rstrip('.')}{help_hint}",
+        markup=False,
+        highlight=False,
+        emoji=False,
+        soft_wrap=True,
+    )
+    return int(getattr(exc, "exit_code", 2))
 
 
 @contextmanager
@@ -52,40 +147,62 @@ def bad_input() -> Iterator[None]:
 class ProgressBar:
     """A progress bar on stderr for checks that take more than about a second.
 
-    Only on a terminal and never with --quiet. It appears once a check has
-    run for a quarter of a second and is projected to take over a second,
-    and vanishes when done, so quick checks print nothing extra.
+    Only on a terminal and never with --quiet. It appears at once, naming
+    what is checked, when the check's nominal cost (:meth:`expect`) says it
+    will take over about a second; otherwise once a check has run for a
+    quarter of a second and is projected to take over a second. It vanishes
+    when done, so quick checks print nothing extra.
     """
 
-    def __init__(self, enabled: bool):
+    SHOW_AT = 0.2
+    """Nominal seconds (``checks.NOMINAL_RATE``) past which the bar shows at once: about a
+    second of a shared laptop core."""
+
+    def __init__(self, enabled: bool, label: str = "witness"):
         import time
 
         self.enabled = enabled and stderr.is_terminal
+        self.label = label
         self.clock = time.monotonic
         self.start = self.clock()
         self.bar: Any = None  # a rich.progress.Progress, imported when first shown
 
-    def __call__(self, done: int, total: int) -> None:
+    def expect(self, nominal_seconds: float) -> None:
+        """The check ahead is this long at the nominal rate: show the bar now if long."""
+        if self.enabled and self.bar is None and nominal_seconds > self.SHOW_AT:
+            self._show(None)
+
+    def _show(self, total: float | None) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            "forward passes",
+            TimeRemainingColumn(),
+            console=stderr,
+            transient=True,
+            refresh_per_second=8,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(self.label, total=total)
+
+    def __call__(self, done: float, total: float) -> None:
         if not self.enabled or total == 0:
             return
         if self.bar is None:
             elapsed = self.clock() - self.start
             if elapsed < 0.25 or elapsed * total / max(done, 1) < 1.0:
                 return
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-            self.bar = Progress(
-                "witness",
-                BarColumn(),
-                MofNCompleteColumn(),
-                "forward passes",
-                TimeRemainingColumn(),
-                console=stderr,
-                transient=True,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("witness", total=total)
-        self.bar.update(self.task, completed=done)
+            self._show(total)
+        self.bar.update(self.task, completed=done, total=total)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -149,8 +266,11 @@ def _write_report(path: Path, text: str) -> None:
         writing.write_text(path, text)
 
 
-def _finish(results, json_text, json_path, junit_path, github, to_stdout, skipped=()) -> NoReturn:
-    """Write the JSON and JUnit reports, print GitHub annotations; then exit 0, 1 or 2."""
+def _finish(
+    results, json_text, json_path, junit_path, github, to_stdout, last, skipped=()
+) -> NoReturn:
+    """Write the JSON and JUnit reports, print GitHub annotations, then the verdict
+    (``last``) as the last line, never wrapped; then exit 0, 1 or 2."""
     outcomes = [(r.name, r.report, r.error, r.bad_input) for r in results]
     if json_path is not None:
         if to_stdout:
@@ -161,12 +281,20 @@ def _finish(results, json_text, json_path, junit_path, github, to_stdout, skippe
         from .ci import junit_xml
 
         _write_report(junit_path, junit_xml(outcomes, skipped=skipped))
+    console = stderr if to_stdout else stdout
     if github or os.environ.get("GITHUB_ACTIONS") == "true":
         from .ci import github_annotations
 
+        console.file.flush()
         for line in github_annotations(outcomes):
             typer.echo(line, err=to_stdout)
+    print_verdict(console, last)
     raise typer.Exit(code=exit_code(results))
+
+
+def print_verdict(console: Console, line) -> None:
+    """The verdict, one line at any width (``tail -1`` of a log is the verdict)."""
+    console.print(line, soft_wrap=True, overflow="ignore", crop=False)
 
 
 def exit_code(results) -> int:
@@ -238,14 +366,12 @@ def emit(report, header, name: str, out: dict, context: dict, study=None) -> NoR
     console = stderr if to_stdout else stdout
     maps = _heatmaps(out)
     notes = _plots(out, {name: report}, study)
-    if out["quiet"]:
-        for note in [*notes, verdict(report)]:
-            console.print(note)
-    else:
-        console.print(render(report, header, maps, notes))
+    if not out["quiet"]:  # --quiet: only the verdict
+        console.print(render(report, header, maps, notes, with_verdict=False))
     json_text = report.to_json(**context) if out["json_path"] is not None else ""
     results = [CaseResult(name, report, None)]
-    _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout)
+    where = (out["json_path"], out["junit"], out["github"], to_stdout)
+    _finish(results, json_text, *where, verdict(report))
 
 
 def emit_many(results, header, out: dict, context: dict, skipped=()) -> NoReturn:
@@ -258,14 +384,12 @@ def emit_many(results, header, out: dict, context: dict, skipped=()) -> NoReturn
     console = stderr if to_stdout else stdout
     maps = _heatmaps(out)
     notes = _plots(out, {r.name: r.report for r in results if r.report is not None})
-    if out["quiet"]:
-        for note in [*notes, verdict_cases(results, skipped)]:
-            console.print(note)
-    else:
-        console.print(render_cases(results, header, maps, notes, skipped))
+    if not out["quiet"]:  # --quiet: only the verdict
+        console.print(render_cases(results, header, maps, notes, skipped, with_verdict=False))
     sweep = Sweep(tuple(results), tuple(skipped))
     json_text = sweep.to_json(**context) if out["json_path"] is not None else ""
-    _finish(results, json_text, out["json_path"], out["junit"], out["github"], to_stdout, skipped)
+    where = (out["json_path"], out["junit"], out["github"], to_stdout)
+    _finish(results, json_text, *where, verdict_cases(results, skipped), skipped)
 
 
 def _available_memory() -> int | None:

@@ -331,11 +331,14 @@ def render(
     header: RenderableType | None = None,
     heatmap: str = "failed",
     notes: list[RenderableType] | None = None,
+    with_verdict: bool = True,
 ) -> Group:
     """Everything a terminal shows for one report, in order, the verdict last.
 
     ``heatmap``: draw the error maps of the failed checks ("failed"), of all
-    ("all"), or none ("none"). ``notes`` go just before the verdict.
+    ("all"), or none ("none"). ``notes`` go just before the verdict. Without
+    ``with_verdict`` the caller prints the verdict itself (after the CI
+    annotations, on one line: :func:`lincheck.output.emit`).
     """
     parts: list[RenderableType] = [] if header is None else [header]
     if "reason" in report.witness:
@@ -352,7 +355,8 @@ def render(
     if extra is not None:
         parts.append(extra)
     parts += notes or []
-    parts.append(verdict(report))
+    if with_verdict:
+        parts.append(verdict(report))
     return Group(*parts)
 
 
@@ -460,7 +464,7 @@ def verdict_cases(results, skipped=()) -> Text:
     bad = sum(r.bad_input for r in failed)
     unsupported = sum(r.unsupported for r in failed)
     wrong = len(failed) - bad - unsupported
-    names = ", ".join(r.name for r in failed)
+    names = _first_names([r.name for r in failed])
     if bad == len(failed):
         counts = f"{bad} of {len(results)} cases had bad input"
     else:  # every count: a failed check is never hidden behind the bad input (exit 1)
@@ -479,12 +483,23 @@ def verdict_cases(results, skipped=()) -> Text:
     return Text.assemble(("FAIL", "bold red"), f"  {counts}: {names}{advice}{skip}")
 
 
+VERDICT_NAMES = 3
+"""Failed cases the verdict names; the rest are counted (the table lists them all)."""
+
+
+def _first_names(names: list[str], most: int = VERDICT_NAMES) -> str:
+    """The first ``most`` names, then how many more: the verdict stays one short line."""
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def render_cases(
     results,
     header: RenderableType | None = None,
     heatmap: str = "failed",
     notes: list[RenderableType] | None = None,
     skipped=(),
+    with_verdict: bool = True,
 ) -> Group:
     """A summary table of all cases, then each failure: the first in full, the rest with
     only their failed rows, problems and hints."""
@@ -514,7 +529,8 @@ def render_cases(
         listed = "\n".join(f"  {c.name}  [{c.kind}]" for c in skipped)
         parts.append(Text(f"Skipped (not checked: --cases or --no-bias): {len(skipped)}\n{listed}"))
     parts += notes or []
-    parts.append(verdict_cases(results, skipped))
+    if with_verdict:
+        parts.append(verdict_cases(results, skipped))
     return Group(*parts)
 
 

@@ -317,17 +317,55 @@ def test_bad_usage_exits_2(args):
 def test_help_lists_exit_codes_and_an_example():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("run", "verify", "generate"):
+    checks = (
+        "Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input "
+        "(with several cases, 1 if any check failed, even where others had bad input) · "
+        "130 interrupted (Ctrl-C)."
+    )
+    for command in ("run", "verify", "generate", "explain"):
         assert command in result.stdout
         sub = runner.invoke(app, [command, "--help"])
         assert sub.exit_code == 0
         text = " ".join(sub.stdout.split())
-        assert (
-            "Exit codes: 0 every check passed · 1 a check failed · 2 bad usage or bad input "
-            "(with several cases, 1 if any check failed, even where others had bad input) · "
-            "130 interrupted (Ctrl-C)." in text
-        )
+        # Only the codes a command can give: generate and explain check nothing (no 1).
+        assert (checks in text) is (command in ("run", "verify"))
+        assert "Exit codes: 0 " in text and "130 interrupted (Ctrl-C)." in text
+        assert ("1 a check failed" in text) is (command in ("run", "verify"))
         assert f"Example: lincheck {command}" in text
+
+
+def _help_words(command) -> list[str]:
+    """Every word of a command's help texts, metavars and option names, as written."""
+    import typer.main
+
+    from lincheck.cli import app as typer_app
+
+    group = typer.main.get_command(typer_app)
+    cmd = group if command is None else group.commands[command]
+    words = (cmd.help or "").split()
+    for param in cmd.params:
+        words += (getattr(param, "help", None) or "").replace("\\[", "[").split()
+        if param.param_type_name == "option":
+            words += [*param.opts, *param.secondary_opts]
+        words += [param.metavar] if param.metavar else []
+    return words
+
+
+@pytest.mark.parametrize("command", [None, "run", "verify", "generate", "explain"])
+def test_help_fits_80_columns_without_cut_words(command):
+    """At 80 columns: no line wider, nothing cropped ("…"), every word of every help text
+    whole on some line (Rich folds a word too long for its column), and short enough to
+    read (the detail is in docs/cli.md)."""
+    args = ["--help"] if command is None else [command, "--help"]
+    result = runner.invoke(app, args, env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in result.stdout
+    shown = set(result.stdout.replace("│", " ").split())
+    cut = [word for word in _help_words(command) if word not in shown]
+    assert cut == [], cut
+    assert len(lines) <= 110, len(lines)
+    assert "lincheck[plot]" in result.stdout or command not in ("run", "verify")
 
 
 # --- the installed program ---------------------------------------------------
@@ -364,6 +402,115 @@ def test_console_script_bad_input_has_no_traceback(tmp_path, rng):
     assert done.returncode == 2
     assert done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.startswith("lincheck: error: dY (") and done.stderr.count("\n") == 1
+
+
+def _read_until(fd: int, done, seconds: float) -> bytes:
+    """Read a terminal's (or a pipe's) output until ``done(text)`` or ``seconds`` pass."""
+    import select
+    import time
+
+    seen, deadline = b"", time.monotonic() + seconds
+    while not done(seen) and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:  # the terminal closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a pseudo-terminal")
+def test_a_long_check_shows_progress_at_once_and_ctrl_c_is_one_line():
+    """On a terminal, a check of many seconds shows what it checks and a bar from its first
+    forward passes on, advancing a few passes at a time (it showed nothing for the first
+    quarter of the work); Ctrl-C mid-check is one line and exit 130."""
+    import pty
+    import re
+    import signal
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [_script(), "run", "--n", "512", "--din", "1024", "--dout", "512", "--mode", "full"],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env={**os.environ, "COLUMNS": "120", "OPENBLAS_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    os.close(slave)
+    try:
+
+        def counts(text: bytes) -> list[tuple[bytes, bytes]]:
+            plain = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", text)
+            return re.findall(rb"(\d+)/(\d+) forward passes", plain)
+
+        seen = _read_until(master, lambda text: len(set(counts(text))) >= 3, 120)
+        found = counts(seen)
+        assert len(set(found)) >= 3, seen
+        total = int(found[0][1])
+        assert total == 2 * (2 * 1024 + 1)  # every column of X and W, and B, twice
+        assert int(found[0][0]) < total // 50  # from the start, not after a long first block
+        assert b"lincheck run N=512 D_in=1024 D_out=512, float64" in seen
+        os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C
+        process.wait(timeout=60)
+        rest = _read_until(master, lambda text: False, 2)
+        assert process.stdout is not None
+        out = process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+        process.communicate()
+    assert process.returncode == 130 and out == b""
+    text = rest.decode(errors="replace")
+    assert "lincheck: interrupted" in text and "Traceback" not in text
+
+
+SLOW_START = """
+import builtins, sys, time
+
+real_import = builtins.__import__
+
+
+def slow_import(name, *args, **kwargs):  # Typer's import made long, as on a cold disk
+    if name == "typer" and "typer" not in sys.modules:
+        sys.stderr.write("importing typer\\n")
+        sys.stderr.flush()
+        time.sleep(30)
+    return real_import(name, *args, **kwargs)
+
+
+builtins.__import__ = slow_import
+sys.argv = ["lincheck", "run", "--n", "4"]
+from lincheck.__main__ import main
+
+main()
+"""
+
+
+def test_ctrl_c_while_the_program_starts_is_one_line():
+    """A Ctrl-C while the command's modules import (here Typer, made slow) is the same one
+    line and exit 130, not a KeyboardInterrupt traceback."""
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_START], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stderr is not None
+    try:
+        started = _read_until(process.stderr.fileno(), lambda text: b"importing" in text, 60)
+        assert started == b"importing typer\n"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, err.decode()
+    assert err == b"lincheck: interrupted\n" and out == b""
 
 
 # --- precisions, witnesses and overrides -----------------------------------------
@@ -503,15 +650,16 @@ def test_every_hint_code_through_the_cli(tmp_path, rng, bug):
 
 
 @pytest.mark.parametrize(
-    "env, args, coloured",
+    "env, args, after, coloured",
     [
-        ({"FORCE_COLOR": "1"}, [], True),
-        ({"FORCE_COLOR": "1"}, ["--no-color"], False),
-        ({"FORCE_COLOR": "1", "NO_COLOR": "1"}, [], False),
-        ({}, [], False),  # not a terminal: plain text
+        ({"FORCE_COLOR": "1"}, [], [], True),
+        ({"FORCE_COLOR": "1"}, ["--no-color"], [], False),
+        ({"FORCE_COLOR": "1"}, [], ["--no-color"], False),  # after the command too
+        ({"FORCE_COLOR": "1", "NO_COLOR": "1"}, [], [], False),
+        ({}, [], [], False),  # not a terminal: plain text
     ],
 )
-def test_colour_only_when_wanted(env, args, coloured):
+def test_colour_only_when_wanted(env, args, after, coloured):
     import os
     import subprocess
     import sys
@@ -519,7 +667,7 @@ def test_colour_only_when_wanted(env, args, coloured):
     clean = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
     command = [sys.executable, "-m", "lincheck", *args, "run", "--n", "4", "--din", "3"]
     done = subprocess.run(
-        [*command, "--dout", "2", "--heatmap"],
+        [*command, "--dout", "2", "--heatmap", *after],
         capture_output=True,
         text=True,
         env={**clean, **env, "COLUMNS": "80"},
@@ -641,3 +789,69 @@ def test_the_command_lines_choices_are_the_librarys():
     assert [m.value for m in options.Method] == list(witness.METHODS)
     assert [d.value for d in options.DType] == list(checks.DTYPES)
     assert options.PRESET_NAMES == tuple(precision.PRESETS)
+
+
+# --- the terminal: one-line usage errors, the verdict last, no trailing blanks -------------
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["run", "--n", "0"], "lincheck run: error: --n: 0 is not in the range x>=1"),
+        (["run", "--dtype", "int8"], "lincheck run: error: --dtype: 'int8' is not one of"),
+        (["verify", "--bogus"], "lincheck verify: error: no such option --bogus; see lincheck"),
+        (["run", "--samles", "3"], "no such option --samles (did you mean --samples?)"),
+        (["generate"], "lincheck generate: error: DIR: missing"),
+        (["explain", "a", "b"], "lincheck explain: error: Got unexpected extra argument"),
+    ],
+)
+def test_usage_errors_are_one_line_on_stderr(args, said):
+    """Click's errors, which Typer draws as a box of 5-6 lines, are one line like lincheck's
+    own; an unknown option suggests only a close name (Click's list offered --dout for
+    --bogus)."""
+    result = runner.invoke(app, args, env={"COLUMNS": "40"})
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert said in result.stderr and "Possible options" not in result.stderr
+
+
+def _many_failing_cases(folder: Path, rng, count: int = 6) -> None:
+    for i in range(count):
+        case(folder / f"layer{i}", rng, dB=np.zeros(3) if i else None)  # layer0 has no dB
+
+
+@pytest.mark.parametrize("width", [40, 80, 200])
+@pytest.mark.parametrize("github", [False, True])
+def test_the_verdict_is_the_last_line_and_one_line(tmp_path, rng, width, github):
+    """At any width, with or without GitHub annotations (which come before it), the last
+    line is the whole verdict; --quiet prints that line alone (and the annotations asked
+    for)."""
+    _many_failing_cases(tmp_path / "model", rng)
+    args = ["verify", str(tmp_path / "model"), "--jobs", "1"] + (["--github"] if github else [])
+    env = {"COLUMNS": str(width), "GITHUB_ACTIONS": "false"}
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    assert lines[-1].startswith("FAIL  5 of 6 cases failed: ")
+    assert lines[-1].endswith(" and 2 more")  # 5 failed: 3 named, the rest counted
+    assert sum(line.startswith("::error") for line in lines) == (5 if github else 0)
+    if github:
+        assert lines[-2].startswith("::error")
+    quiet = runner.invoke(app, [*args, "--quiet"], env=env).stdout.splitlines()
+    assert [line for line in quiet if not line.startswith("::error")] == [lines[-1]]
+    assert quiet[-1] == lines[-1]
+
+
+def test_piped_output_has_no_trailing_blanks(tmp_path, rng):
+    case(tmp_path / "c", rng, dW=np.zeros((3, 5)))
+    for args in (
+        ["run", "--n", "6", "--din", "4", "--dout", "3"],
+        ["verify", str(tmp_path / "c"), "--heatmap"],
+        ["explain"],
+        ["run", "--help"],
+        ["--bogus"],
+    ):
+        result = runner.invoke(app, args, env={"COLUMNS": "80"})
+        lines = (result.stdout + result.stderr).splitlines()
+        assert lines and not [line for line in lines if line != line.rstrip()], args
+    assert len(runner.invoke(app, ["run", "--help"]).stdout.splitlines()) > 20

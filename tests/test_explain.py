@@ -87,7 +87,11 @@ def test_the_page_states_the_model_it_bounds():
     """explain --precision bf16 printed float32's u = 6.0e-08 as if that were bfloat16's:
     the page now spells out the model (operands, accumulator, result) its bounds are for."""
     page = " ".join(text(Sizes(N=32, D_in=64, D_out=16, precision="bf16")).split())
-    assert "x=bf16,w=bf16,dy=bf16" in page and "out=bf16" in page and "acc=fp32-rz" in page
+    assert "x=bf16, w=bf16, dy=bf16" in page and "out=bf16" in page and "acc=fp32-rz" in page
     assert "u = 6.0e-08" not in page
     custom = " ".join(text(Sizes(N=32, D_in=64, D_out=16, precision="fp8,acc=14bit/128")).split())
     assert "x=e4m3" in custom and "acc=14bit/128" in custom
+    from lincheck.precision import parse
+
+    spec = page.split("checked in bf16: ")[1].split(" (each addition")[0].strip("`")
+    assert parse(spec).spec == parse("bf16").spec  # as printed (wrapping between keys)

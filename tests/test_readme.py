@@ -1,4 +1,6 @@
-"""The README's "Use in CI" examples run as written (all but installing lincheck)."""
+"""The README's examples run as written: "Use in CI" (all but installing lincheck), the
+Python API's, and the terminal sessions (tests/readme.py), which must be what the program
+prints."""
 
 import os
 import re
@@ -92,7 +94,7 @@ def commands(block: str) -> list[str]:
 def test_the_three_lines(project):
     cwd, env = project
     first = blocks(section("Use in CI"))[0][1]
-    assert first.splitlines()[0] == "pip install lincheck" and len(first.splitlines()) == 3
+    assert first.splitlines()[0].startswith("pip install ") and len(first.splitlines()) == 3
     for command in commands(first):
         run_shell(command, cwd, env)
     assert (cwd / "lincheck.xml").exists()
@@ -250,3 +252,89 @@ def test_whole_model_capture(tmp_path, monkeypatch):
     shown = [line.rstrip() for line in result.output.splitlines()]
     for row in table[1].strip("\n").splitlines():
         assert row.rstrip() in shown, row
+
+
+# --- the terminal sessions (tests/readme.py) ------------------------------------------
+
+
+def test_the_readme_sessions_are_what_the_program_prints():
+    """Every README block marked ``<!-- output ... -->`` is what its commands print at 80
+    columns (figures that are rounding noise compared as numbers only: tests/readme.py).
+    After a change of the output: python -m tests.readme --update."""
+    import readme
+
+    if shutil.which("bash") is None:
+        pytest.fail("bash is needed to run the README's sessions")
+    found = readme.sessions(README.read_text())
+    titles = [session.title for session in found]
+    for expected in ("lincheck run --n 32", "lincheck verify demo", "lincheck explain"):
+        assert any(title.startswith(expected) for title in titles), titles
+    drift = {}
+    for session in found:
+        diff = readme.differences(session, readme.transcript(session))
+        if diff:
+            drift[session.title] = "\n".join(diff)
+    assert not drift, "run python -m tests.readme --update\n" + "\n\n".join(drift.values())
+
+
+def test_the_readme_comparison_tells_drift_from_rounding_noise():
+    """The comparison's own rules, against lines changed on purpose."""
+    from readme import _same_line
+
+    line = " dX      [15, 41]   0.316029966   0.316030047  8.16e-08   4.72e-07  PASS"
+    noise = " dX      [15, 41]   0.316029971   0.316030047  9.02e-08   4.70e-07  PASS"
+    assert _same_line(line, line) and _same_line(line, noise)
+    assert not _same_line(line, line.replace("[15, 41]", "[15, 42]"))  # an index: exact
+    assert not _same_line(line, line.replace("0.316029966", "0.318029966"))  # a value
+    assert not _same_line(line, line.replace("PASS", "FAIL"))  # a word
+    assert not _same_line(line, line.replace("  PASS", "   PASS"))  # the layout
+
+
+def test_the_readme_keep_ranges():
+    from readme import GAP, Session, shown
+
+    lines = [f"line {i}" for i in range(1, 11)]
+    session = Session(0, 0, "1:2,/^line.5/:+1,-2:", [], [], "")
+    assert shown(session, lines).splitlines() == [
+        "line 1", "line 2", GAP, "line 5", "line 6", GAP, "line 9", "line 10"
+    ]  # fmt: skip
+    assert shown(Session(0, 0, "", [], [], ""), lines).splitlines() == lines
+
+
+def test_the_json_example_names_only_fields_the_report_has(tmp_path):
+    """Each key of the README's JSON example is in the report `verify --json` writes for
+    the same case (the example elides with "..." keys and values)."""
+    import json
+
+    text = section("JSON report")
+    (example,) = [body for lang, body in blocks(text) if lang == "json"]
+    shown = json.loads(example)
+    demo = tmp_path / "demo"
+    assert (
+        CliRunner()
+        .invoke(
+            app, ["generate", str(demo), "--n", "8", "--din", "5", "--dout", "3", "--with-grads"]
+        )
+        .exit_code
+        == 0
+    )
+    import numpy as np
+
+    np.save(demo / "dB.npy", np.load(demo / "dY.npy").mean(0))
+    real = json.loads(CliRunner().invoke(app, ["verify", str(demo), "--json", "-"]).stdout)
+
+    real["checks"] = [
+        c for c in real["checks"] if (c["tensor"], c["subject"]) == ("dB", "supplied")
+    ]
+
+    def missing(shown, real, where="") -> list[str]:
+        if isinstance(shown, list) and shown and isinstance(real, list) and real:
+            return missing(shown[0], real[0], where)
+        if not isinstance(shown, dict):
+            return []
+        absent = [f"{where}.{key}" for key in shown if key != "..." and key not in real]
+        for key in [k for k in shown if k in real]:
+            absent += missing(shown[key], real[key], f"{where}.{key}")
+        return absent
+
+    assert missing(shown, real) == []
