@@ -198,10 +198,11 @@ def run(
     ] = None,
     layout: LayoutOption = Layout.out_in,
     cases: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--cases",
-            help="Only these cases of the sweep (--cases=-NAME: all but one; list: print them).",
+            help="Only these cases of the sweep (--cases=-NAME: all but one; list: print them). "
+            "Repeatable.",
             metavar="NAME[,NAME...]",
             show_default=False,
             rich_help_panel=YOURS,
@@ -255,9 +256,10 @@ def run(
     no_color: NoColor = False,
 ) -> None:
     """lincheck run (the help text is in the decorator: one line per paragraph)."""
-    if cases == "list":
+    chosen = ",".join(cases) if cases else None  # --cases a --cases b is --cases a,b
+    if chosen == "list":
         _list_cases((n, din, dout))
-    kinds = _chosen_cases(cases, impl or forward)
+    kinds = _chosen_cases(chosen, impl or forward)
     options = check_options(method, mode, samples, directions, seed, budget, atol, rtol)
     require_plotting(plot)
     out = output_options(json_path, junit, github, quiet, heatmap, plot, force)
@@ -275,6 +277,11 @@ def run(
         option = "--save" if save else "--save-failures"
         fail(f"{option}: .npy cannot carry {narrow[0]} arrays; add --format safetensors")
     if impl or forward:
+        if save is not None:
+            fail(
+                "--save writes the random layer of a plain run; with --impl or --forward, "
+                "--save-failures DIR writes the cases your functions failed"
+            )
         where = (None if framework is None else framework.value, device)
         yours = (impl, forward, layout.value, kinds, where)
         _run_yours(yours, sizes, dtypes, seed, no_bias, timeout, save_failures, options, out)

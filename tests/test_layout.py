@@ -248,6 +248,18 @@ def test_no_bias_reports_the_cases_with_a_bias_as_skipped(in_tests):
     assert "; 6 skipped, not checked (main, n1, din1, dout1, swapped, batched)" in last
 
 
+def test_repeated_cases_add_up(in_tests):
+    result = run_impl("backward", "--cases", "main", "--cases", "n1", "--json", "-", "-q")
+    assert result.exit_code == 0, result.output
+    assert [c["kind"] for c in json.loads(result.stdout)["cases"]] == ["main", "n1"]
+
+
+def test_save_with_impl_is_refused_before_any_case(in_tests, tmp_path):
+    result = run_impl("backward", "--save", str(tmp_path / "out"))
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "--save-failures DIR" in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_cases_list_and_bad_names():
     listed = runner.invoke(app, ["run", "--cases", "list"])
     assert listed.exit_code == 0
