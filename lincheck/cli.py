@@ -454,9 +454,21 @@ def _save_failures(folder: Path, results, force: bool, save_format: str = "npy")
     for result in results:
         if result.passed or result.unsupported:
             continue
+        metadata = None
+        report = result.report
+        held_to = (
+            {c.precision for c in report.checks if c.subject == "supplied"} if report else set()
+        )
+        if save_format == "safetensors" and len(held_to) == 1:
+            # The arithmetic the case was held to (autocast's, say), for verify to use again.
+            metadata = {"lincheck.precision": held_to.pop()}
         with bad_input():
             writing.save_case(
-                folder / result.case.slug, dict(result.arrays), format=save_format, force=force
+                folder / result.case.slug,
+                dict(result.arrays),
+                format=save_format,
+                force=force,
+                metadata=metadata,
             )
 
 

@@ -270,3 +270,45 @@ def test_run_impl_without_torch_names_the_extra(runs):
     assert returncode == 2
     (line,) = err.strip().splitlines()
     assert "No module named 'torch'" in line and "(pip install 'lincheck[torch]')" in line
+
+
+def test_saved_failures_keep_the_arithmetic_they_were_held_to(tmp_path, monkeypatch):
+    """A forward under autocast, Y doubled: its failing case, saved as .safetensors, records
+    bf16,reduce=fp32, and verify holds the file to it again (the same tensors fail)."""
+    pytest.importorskip("torch")
+    from lincheck import arrays
+
+    monkeypatch.chdir(TESTS)
+    runner = CliRunner()
+    run = runner.invoke(
+        app,
+        [
+            "run",
+            "--impl",
+            "torch_layers:autocast_doubled",
+            "--cases",
+            "main",
+            "--dtype",
+            "float32",
+            "--save-failures",
+            str(tmp_path),
+            "--format",
+            "safetensors",
+            "--json",
+            "-",
+        ],
+    )
+    assert run.exit_code == 1, run.output
+    [saved] = tmp_path.iterdir()
+    assert arrays.load(saved).metadata == {"lincheck.precision": "bf16,reduce=fp32"}
+    verify = runner.invoke(app, ["verify", str(saved), "--json", "-"])
+
+    def failed(report):
+        return sorted(c["tensor"] for c in report["checks"] if not c["passed"])
+
+    assert verify.exit_code == 1
+    ran = json.loads(run.stdout)["cases"][0]["report"]
+    assert failed(json.loads(verify.stdout)) == failed(ran) != []
+    assert {
+        c["precision"] for c in json.loads(verify.stdout)["checks"] if c["subject"] == "supplied"
+    } == {"bf16,reduce=fp32"}
