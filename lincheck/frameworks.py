@@ -38,7 +38,9 @@ import numpy as np
 from .errors import InputError
 
 FRAMEWORKS = ("numpy", "torch", "jax")
-EXTRA = {name: f"pip install 'lincheck[{name}]'" for name in ("torch", "jax")}
+# Package names that install from any index (lincheck's extras name them, but a checkout
+# is not on an index: ``pip install 'lincheck[torch]'`` works only where lincheck is).
+EXTRA = {name: f"pip install {name} (lincheck's [{name}] extra)" for name in ("torch", "jax")}
 NARROW = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 """The narrow float dtypes lincheck reads (``ml_dtypes``' names, also torch's and JAX's)."""
 

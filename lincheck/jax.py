@@ -1,7 +1,7 @@
 """Check a JAX layer's gradients in one line: ``lincheck.jax.check_function(linear)``.
 
 Importing this module imports JAX (``import lincheck`` does not); without JAX
-it raises ImportError naming the extra: ``pip install 'lincheck[jax]'``.
+it raises ImportError naming the package (lincheck's [jax] extra).
 
 >>> import jax.numpy as jnp, lincheck.jax
 >>> lincheck.jax.check_function(lambda X, W, B: X @ W.T + B, dtype="bfloat16").passed

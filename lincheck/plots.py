@@ -1,6 +1,6 @@
 """PNG plots of a report: error heatmaps, histograms of error / tolerance, the witness step.
 
-Needs matplotlib, an optional extra (``pip install 'lincheck[plot]'``); only
+Needs matplotlib, an optional extra (``pip install matplotlib``, lincheck's [plot]); only
 the CLI's ``--plot`` and callers who ask import this module. Figures are
 drawn with matplotlib's object API (no pyplot, no window, no global state)
 and returned as PNG bytes: writing them is :mod:`lincheck.arrays`' job.
@@ -36,7 +36,7 @@ DPI = 100
 HEATMAP_AXES = (0.09, 0.12, 0.72, 0.76)
 """Where a heatmap's image sits in its figure: (left, bottom, width, height), fractions."""
 
-INSTALL = "pip install 'lincheck[plot]'"
+INSTALL = "pip install matplotlib (lincheck's [plot] extra)"
 
 
 def require_matplotlib() -> None:

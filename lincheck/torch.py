@@ -1,7 +1,7 @@
 """Check a torch layer's gradients in one line: ``lincheck.torch.check_module(MyLinear)``.
 
 Importing this module imports torch (``import lincheck`` does not); without
-torch it raises ImportError naming the extra: ``pip install 'lincheck[torch]'``.
+torch it raises ImportError naming the package (lincheck's [torch] extra).
 
 >>> import torch, lincheck.torch
 >>> lincheck.torch.check_module(torch.nn.Linear, batch_shape=(4, 8), dtype="bfloat16").passed

@@ -128,7 +128,7 @@ def test_without_matplotlib_plot_says_how_to_install_it(tmp_path, rng, monkeypat
     assert result.exit_code == 2
     assert result.stderr == (
         "lincheck: error: --plot needs matplotlib, which is not installed: "
-        "pip install 'lincheck[plot]'\n"
+        "pip install matplotlib (lincheck's [plot] extra)\n"
     )
     assert not (tmp_path / "plots").exists()
 
