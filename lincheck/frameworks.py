@@ -125,7 +125,7 @@ def torch_tensor(a: np.ndarray, device: str = "cpu") -> Any:
 
 
 def default_precision(
-    dtype: str, device: str = "cpu", *, tf32: bool = False, autocast: str | None = None
+    dtype: str, device: str = "cpu", *, tf32: bool | str = False, autocast: str | None = None
 ) -> str:
     """The preset a framework's gradients of ``dtype`` were computed in.
 
@@ -139,12 +139,18 @@ def default_precision(
     device : str
         The device type the layer ran on: "cpu", "cuda" (also ROCm's), "mps",
         "gpu" (JAX), "tpu".
-    tf32 : bool
+    tf32 : bool or str
         Whether float32 matmuls on that device may use reduced-precision
         operands: ``torch.backends.cuda.matmul.allow_tf32`` (or
         ``torch.get_float32_matmul_precision() != "highest"``) for torch; for
         JAX, ``jax_default_matmul_precision`` not "highest"/"float32" (XLA's
-        default on GPUs is TF32, on TPUs one bfloat16 pass).
+        default on GPUs is TF32, on TPUs one bfloat16 pass). A string names the
+        format instead, "tf32" or "bf16", on any device: torch's oneDNN on a CPU
+        (``torch.backends.mkldnn.matmul.fp32_precision``, which
+        ``set_float32_matmul_precision("high")``/``("medium")`` set) runs float32
+        matmuls in TF32 or one bfloat16 pass where the processor has the units
+        (AMX); lincheck cannot see whether it did, and holds the gradients to the
+        looser arithmetic (a correct gradient never fails; the header says so).
     autocast : str, optional
         The dtype the layer was autocast to ("bfloat16", "float16"), if any.
 
@@ -154,8 +160,9 @@ def default_precision(
         * under autocast, float32 gradients → the autocast dtype's preset
           (``bf16``/``fp16``): the matmuls took the inputs rounded to it;
         * float32 on "cuda"/"gpu" with ``tf32`` → ``tf32``;
-        * float32 on "tpu" with ``tf32`` → bfloat16 operands with float32
-          accumulation and results (``bf16,out=fp32,reduce=fp32``);
+        * float32 on "tpu" with ``tf32``, or ``tf32="bf16"`` → bfloat16 operands
+          with float32 accumulation and results (``bf16,out=fp32,reduce=fp32``);
+        * float32 with ``tf32="tf32"`` → ``tf32``;
         * otherwise the dtype's own preset (:func:`lincheck.precision.precision_for`).
 
     Examples
@@ -166,24 +173,36 @@ def default_precision(
     'fp32'
     >>> default_precision("float32", "cpu", autocast="bfloat16")
     'bf16'
+    >>> default_precision("float32", "cpu", tf32="bf16")
+    'bf16,out=fp32,reduce=fp32'
     """
     from .precision import precision_for
 
     narrow = {"bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
     if dtype == "float32" and autocast in ("bfloat16", "float16"):
         return narrow[autocast]
-    if dtype == "float32" and tf32 and device in ("cuda", "gpu"):
+    reduced = tf32 if isinstance(tf32, str) else None
+    if tf32 is True:  # the device's own reduced format
+        reduced = {"cuda": "tf32", "gpu": "tf32", "tpu": "bf16"}.get(device)
+    if dtype == "float32" and reduced == "tf32":
         return "tf32"
-    if dtype == "float32" and tf32 and device == "tpu":
+    if dtype == "float32" and reduced == "bf16":
         return "bf16,out=fp32,reduce=fp32"
     return narrow.get(dtype) or precision_for(np.dtype(dtype)).name
 
 
-def torch_flags(device_type: str) -> tuple[bool, str | None]:
-    """(TF32 allowed for float32 matmuls on ``device_type``, the autocast dtype if autocast
-    is on there now), read from torch's global state."""
+def torch_flags(device_type: str) -> tuple[bool | str, str | None]:
+    """(TF32 allowed for float32 matmuls on ``device_type`` — on a CPU, the format oneDNN
+    may use for them, "tf32" or "bf16", else False —, the autocast dtype if autocast is on
+    there now), read from torch's global state."""
     torch = sys.modules["torch"]
-    tf32 = False
+    tf32: bool | str = False
+    if device_type == "cpu":
+        try:
+            chosen = getattr(torch.backends.mkldnn.matmul, "fp32_precision", "none")
+        except (AttributeError, RuntimeError):
+            chosen = "none"
+        tf32 = chosen if chosen in ("tf32", "bf16") else False
     if device_type == "cuda":
         # torch ≥ 2.9 keeps cuBLAS's choice in matmul.fp32_precision ("tf32", "ieee", or
         # "none": the legacy setting decides); the legacy allow_tf32 and

@@ -40,6 +40,9 @@ LINCHECK = [sys.executable, "-m", "lincheck"]
     [
         ("float32", "cpu", {}, "fp32"),
         ("float32", "cpu", {"tf32": True}, "fp32"),  # TF32 is a CUDA setting
+        ("float32", "cpu", {"tf32": "bf16"}, "bf16,out=fp32,reduce=fp32"),  # oneDNN, AMX
+        ("float32", "cpu", {"tf32": "tf32"}, "tf32"),
+        ("float64", "cpu", {"tf32": "bf16"}, "fp64"),  # float32 matmuls only
         ("float32", "cuda", {}, "fp32"),
         ("float32", "cuda", {"tf32": True}, "tf32"),
         ("float32", "gpu", {"tf32": True}, "tf32"),  # JAX's name for it

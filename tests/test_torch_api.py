@@ -205,16 +205,23 @@ def test_autocast_is_read_from_the_run():
 
 def test_tf32_flag_is_read():
     """torch keeps the CUDA matmul settings without a GPU: the TF32 choice is read (the rule
-    is default_precision's, tests/test_framework_run.py)."""
+    is default_precision's, tests/test_framework_run.py); so is oneDNN's on a CPU, which
+    "high" sets to TF32 and "medium" to one bfloat16 pass (used where the CPU has AMX)."""
     assert frameworks.torch_flags("cuda") == (False, None)
+    assert frameworks.torch_flags("cpu") == (False, None)
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
         assert frameworks.torch_flags("cuda") == (True, None)
-        assert frameworks.torch_flags("cpu")[0] is False
+        assert frameworks.torch_flags("cpu") == ("tf32", None)
+        torch.set_float32_matmul_precision("medium")
+        assert frameworks.torch_flags("cpu") == ("bf16", None)
+        assert frameworks.arithmetic_of(torch.ones(2)) == "bf16,out=fp32,reduce=fp32"
+        assert frameworks.arithmetic_of(torch.ones(2, dtype=torch.float64)) is None
     finally:
         torch.set_float32_matmul_precision(before)
     assert frameworks.torch_flags("cuda")[0] is False
+    assert frameworks.torch_flags("cpu")[0] is False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
