@@ -735,3 +735,90 @@ def _narrow_advice(descr: str, what: str) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# What a case costs and whether it changed, from headers and file metadata only
+
+
+def case_files(path: str | os.PathLike) -> list[Path]:
+    """The files a case reads: a ``.npz`` or ``.safetensors`` file itself, or a folder's
+    ``.npy`` files named like arrays (sorted). Nothing raises: an unreadable path is []."""
+    path = Path(path)
+    try:
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            return [path] if stat.S_ISREG(os.stat(path).st_mode) else []
+        entries = sorted(path.iterdir())
+    except (OSError, ValueError):
+        return []
+    return [e for e in entries if e.suffix.lower() == ".npy" and _canonical(e.stem)]
+
+
+IDENTITY_BYTES = 4096
+"""The bytes hashed at each end of a file for its identity (:func:`file_identity`): its
+headers (where shapes and dtypes are) and its last data, read without reading the rest."""
+
+
+def file_identity(path: Path) -> tuple[str, int, int, str] | None:
+    """(name, size, mtime_ns, blake2b of its first and last ``IDENTITY_BYTES``): a cheap
+    fingerprint that changes when a file is replaced, rewritten, resized or touched.
+    None for a path that is not a readable regular file (the check then says why)."""
+    import hashlib
+
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags)
+        try:
+            head = os.pread(fd, IDENTITY_BYTES, 0)
+            tail = os.pread(fd, IDENTITY_BYTES, max(info.st_size - IDENTITY_BYTES, 0))
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return None
+    digest = hashlib.blake2b(head + b"\0" + tail, digest_size=16).hexdigest()
+    return (path.name, info.st_size, info.st_mtime_ns, digest)
+
+
+def header_shapes(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Each array of a case, by canonical name: (shape, bytes of data), from the headers
+    alone (``.npy`` headers, ``.npz`` members' headers, the ``.safetensors`` header); no
+    data is read. An unreadable or malformed case gives what could be read (maybe {})."""
+    path = Path(path)
+    found: dict[str, tuple[tuple[int, ...], int]] = {}
+    try:
+        if is_dir(path):
+            for file in case_files(path):
+                with open(_open_regular(file, str(file)), "rb") as fp:
+                    _header_into(found, _canonical(file.stem), fp)
+        elif path.suffix.lower() == ".npz":
+            with open(_open_regular(path, str(path)), "rb") as raw, zipfile.ZipFile(raw) as archive:
+                for info in archive.infolist():
+                    key = info.filename[:-4] if info.filename.endswith(".npy") else ""
+                    if _canonical(key):
+                        with archive.open(info) as fp:
+                            _header_into(found, _canonical(key), fp)
+        elif path.suffix.lower() == SAFETENSORS:
+            with open(_open_regular(path, str(path)), "rb") as fp:
+                size = os.fstat(fp.fileno()).st_size
+                n = st.header_length(fp.read(st.N_LEN), size, str(path))
+                entries, _ = st.parse_header(fp.read(n), size - st.N_LEN - n, str(path))
+            for entry in entries:
+                name = _canonical(entry.name)
+                if name:
+                    found[name] = (tuple(entry.shape), entry.end - entry.begin)
+    except Exception:  # any malformed input: the check itself will say what is wrong
+        return found
+    return found
+
+
+def _header_into(found: dict, name: str | None, fp: IO[bytes]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        version = npy_format.read_magic(fp)
+        read = npy_format.read_array_header_1_0 if version == (1, 0) else None
+        shape, _, dtype = (read or npy_format.read_array_header_2_0)(fp)
+    if name and all(type(d) is int and d >= 0 for d in shape):
+        found[name] = (tuple(shape), int(np.prod(shape, dtype=object)) * dtype.itemsize)

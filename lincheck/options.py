@@ -349,3 +349,37 @@ def parse_size(text: str) -> int:
         raise InputError(f"--max-memory {text}: expected a size like 4G, 512M or 1000000")
     scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
     return int(float(match.group(1)) * scale)
+
+
+JsonlOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--jsonl",
+        help="Also write one JSON line per case as it finishes (its report, timing and "
+        "fingerprint), flushed line by line: follow it with tail -f, resume from it with "
+        "--resume. An existing file is not replaced without --force, unless it is the "
+        "--resume file (then appended to).",
+        metavar="PATH",
+        show_default=False,
+    ),
+]
+ResumeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--resume",
+        help="Skip the cases an earlier run's --jsonl file decided (pass or fail) with the "
+        "same files and options; the summary covers every case.",
+        metavar="PATH",
+        show_default=False,
+    ),
+]
+SchedulerOption = Annotated[
+    str,
+    typer.Option(
+        "--scheduler",
+        help="Where several cases run: 'local' (a process pool, --jobs), or a Dask "
+        "distributed scheduler's address (tcp://host:8786), whose workers read the dumps "
+        "at the same paths (needs lincheck[dask]).",
+        metavar="local|ADDRESS",
+    ),
+]
