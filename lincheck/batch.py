@@ -254,9 +254,10 @@ def _failed(task: Task, error: str, worker: str = "") -> Done:
 
 
 def run_serial(
-    tasks: list[Task], options: dict, max_memory: str | None = None, check: Check = check_case
+    tasks: list[Task], options: dict, max_memory: str | None = None, check: Check | None = None
 ) -> Iterator[Done]:
     """Each case in this process, in order."""
+    check = check or check_case
     for task in tasks:
         result, seconds, worker, note = check(task, options, max_memory, 1)
         yield Done(task, result, seconds, worker, note)
@@ -267,7 +268,7 @@ def run_local(
     options: dict,
     max_memory: str | None,
     workers: int,
-    check: Check = check_case,
+    check: Check | None = None,
 ) -> Generator[Done, None, None]:
     """Cases in ``workers`` fresh processes (spawn), largest first, yielded as they finish;
     a worker that dies fails the cases it leaves. Closing the generator (Ctrl-C) kills
@@ -276,6 +277,7 @@ def run_local(
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
+    check = check or check_case
     if workers <= 1:
         yield from run_serial(tasks, options, max_memory, check)
         return
@@ -351,7 +353,7 @@ def run_dask(
     options: dict,
     max_memory: str | None,
     address: str | Any,
-    check: Check = check_case,
+    check: Check | None = None,
     timeout: float = 30.0,
 ) -> Generator[Done, None, None]:
     """Cases as tasks on a Dask distributed cluster (its scheduler's ``address``, or a
@@ -365,6 +367,7 @@ def run_dask(
     """
     import distributed
 
+    check = check or check_case
     own = not isinstance(address, distributed.Client)
     client: Any = distributed.Client(address, timeout=timeout) if own else address
     try:

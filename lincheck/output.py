@@ -421,8 +421,8 @@ class CaseProgress:
 
 def failures_first(results) -> list:
     """Several cases' results for the summary: those that did not pass first, then the rest,
-    each in the order given."""
-    return [r for r in results if not r.passed] + [r for r in results if r.passed]
+    each by name (the same order however the cases were scheduled)."""
+    return sorted(results, key=lambda r: (r.passed, r.name))
 
 
 def show_interrupted(results, header, out: dict, total: int, where: str | None) -> None:

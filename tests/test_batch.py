@@ -1,0 +1,306 @@
+"""Many cases (lincheck/batch.py): cost and order from headers, fingerprints, JSON lines as
+cases finish, --resume, Ctrl-C, and the same records from the local pool and a Dask cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lincheck import batch, output
+from lincheck.checks import memory_needed
+from lincheck.cli import app
+
+runner = CliRunner()
+
+OPTIONS = dict(
+    precision=None,
+    certain_only=False,
+    layout="out_in",
+    method="central",
+    mode="auto",
+    samples=64,
+    directions=16,
+    seed=0,
+    budget=10.0,
+    atol=None,
+    rtol=None,
+)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _case(folder, rng, N=5, D_in=4, D_out=3, bug=None):
+    """A case folder of .npy files: correct float64 gradients, or one planted bug."""
+    folder.mkdir(parents=True)
+    X, W, B, G = (rng.standard_normal(s) for s in ((N, D_in), (D_out, D_in), (D_out,), (N, D_out)))
+    grads = {"dX": G @ W, "dW": G.T @ X, "dB": G.sum(0)}
+    if bug == "mean":
+        grads["dB"] = G.mean(0)
+    for name, a in {"X": X, "W": W, "B": B, "dY": G, **grads}.items():
+        np.save(folder / f"{name}.npy", a)
+
+
+def _model(root, rng):
+    """Four cases: two correct, one with dB a mean (must fail), one with a junk W (bad input)."""
+    _case(root / "a", rng, 6, 4, 3)
+    _case(root / "b", rng, 9, 5, 2)
+    _case(root / "planted", rng, 5, 4, 3, bug="mean")
+    _case(root / "junk", rng)
+    (root / "junk" / "W.npy").write_bytes(b"junk")
+    return root
+
+
+def _records(path, cut=0):
+    """The last record per case; ``cut``: how many lines are expected to be cut short."""
+    records, bad = {}, 0
+    for line in path.read_text().splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        records[item["case"]] = item
+    assert bad == cut
+    return records
+
+
+def _comparable(records):
+    """Records without what may differ from run to run: the timing and the worker."""
+    return {
+        k: {f: v for f, v in r.items() if f not in ("seconds", "worker")}
+        for k, r in records.items()
+    }
+
+
+def _check_verdicts(records, root):
+    assert records[str(root / "a")]["verdict"] == "pass"
+    assert records[str(root / "b")]["verdict"] == "pass"
+    planted = records[str(root / "planted")]
+    assert planted["verdict"] == "fail"
+    assert [h["code"] for h in planted["report"]["hints"]] == ["mean_instead_of_sum"]
+    junk = records[str(root / "junk")]
+    assert junk["verdict"] == "bad input" and "not a .npy file" in junk["error"]
+
+
+# --- the plan: pure functions of headers and metadata ----------------------------------
+
+
+def test_cost_and_order_come_from_headers_without_reading_data(tmp_path, rng):
+    _case(tmp_path / "small", rng, 3, 2, 2)
+    np.savez(tmp_path / "mid.npz", X=np.ones((10, 4)), W=np.ones((3, 4)), dY=np.ones((10, 3)))
+    # A case whose X declares (1000, 6) but holds one row: the header alone gives its cost.
+    big = tmp_path / "big"
+    big.mkdir()
+    np.save(big / "W.npy", np.ones((5, 6)))
+    np.save(big / "dY.npy", np.ones((1000, 5)))
+    whole = tmp_path / "whole.npy"
+    np.save(whole, np.ones((1000, 6)))
+    (big / "X.npy").write_bytes(whole.read_bytes()[:200])
+    whole.unlink()
+    tasks = batch.plan(sorted(tmp_path.iterdir()), OPTIONS)
+    assert [(t.name, t.work) for t in tasks] == [
+        (str(big), 1000 * 6 * 5),
+        (str(tmp_path / "mid.npz"), 10 * 4 * 3),
+        (str(tmp_path / "small"), 3 * 2 * 2),
+    ]
+    # bytes: the data the headers declare (X 1000×6, W 5×6, dY 1000×5, float64)
+    assert tasks[0].nbytes == 8 * (6000 + 30 + 5000)
+    # in_out: W is (D_in, D_out); equal work first ordered by bytes, then by name
+    assert batch.estimate({"X": ((2, 7, 4), 0), "W": ((4, 3), 0)}, "in_out") == (14 * 4 * 3, 0)
+    same = [batch.Task("b", "", 10, 5), batch.Task("a", "", 10, 5), batch.Task("c", "", 10, 9)]
+    assert [t.name for t in batch.order(same)] == ["c", "a", "b"]
+
+
+def test_fingerprint_follows_files_and_the_options_that_change_verdicts(tmp_path, rng):
+    _case(tmp_path / "c", rng)
+    first = batch.plan([tmp_path / "c"], OPTIONS)[0].fingerprint
+    assert first is not None and first == batch.plan([tmp_path / "c"], OPTIONS)[0].fingerprint
+    for option, value in (("samples", 65), ("precision", "fp32"), ("mode", "full")):
+        assert batch.plan([tmp_path / "c"], {**OPTIONS, option: value})[0].fingerprint != first
+    assert batch.plan([tmp_path / "c"], {**OPTIONS, "jobs": 3})[0].fingerprint == first
+    dB = tmp_path / "c" / "dB.npy"
+    os.utime(dB, ns=(dB.stat().st_atime_ns, dB.stat().st_mtime_ns + 1))  # only touched
+    assert batch.plan([tmp_path / "c"], OPTIONS)[0].fingerprint != first
+
+
+def test_a_case_too_large_for_its_worker_runs_along_directions_and_says_so():
+    shapes = {"X": (65536, 1024), "W": (1024, 1024), "dY": (65536, 1024)}
+    options = {**OPTIONS, "budget": 1e9}  # auto would check every entry
+    full = memory_needed(shapes, "full", "central", 1e9)
+    partial = memory_needed(shapes, "directions", "central", 1e9)
+    assert partial < full
+    chosen, note = batch.partial_mode(shapes, options, (full + partial) // 2)
+    assert chosen["mode"] == "directions" and "checked along directions" in note
+    assert batch.partial_mode(shapes, options, full) == (options, None)  # fits: unchanged
+    assert batch.partial_mode(shapes, options, partial - 1) == (options, None)  # guard refuses
+    fixed = {**options, "mode": "full"}  # a mode the user chose is never changed
+    assert batch.partial_mode(shapes, fixed, partial) == (fixed, None)
+
+
+# --- the local engine: JSON lines, resume, Ctrl-C -------------------------------------
+
+
+@pytest.fixture
+def model(tmp_path, rng):
+    return _model(tmp_path / "model", rng)
+
+
+def test_jsonl_has_one_record_per_case_and_jobs_give_the_same_records(tmp_path, model):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    result = invoke("verify", model, "--jobs", 1, "--jsonl", one, "--json", "-")
+    assert result.exit_code == 1, result.output
+    _check_verdicts(_records(one), model)
+    report = json.loads(result.stdout)  # the summary covers every case, failures first
+    names = [c["case"] for c in report["cases"]]
+    assert names == [str(model / n) for n in ("junk", "planted", "a", "b")]
+    by_case = {c["case"]: c for c in report["cases"]}
+    for name, item in _records(one).items():  # the per-case report, as the JSON report has it
+        assert {k: item[k] for k in by_case[name]} == by_case[name]
+    assert invoke("verify", model, "--jobs", 2, "--jsonl", two).exit_code == 1
+    assert _comparable(_records(two)) == _comparable(_records(one))
+    again = invoke("verify", model, "--jsonl", one)
+    assert again.exit_code == 2 and "already exists; not replaced (use --force)" in again.stderr
+    assert invoke("verify", model, "--jsonl", one, "--force").exit_code == 1
+    assert len(one.read_text().splitlines()) == 4  # replaced, not appended to
+
+
+def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monkeypatch):
+    log = tmp_path / "run.jsonl"
+    assert invoke("verify", model, "--jobs", 1, "--jsonl", log).exit_code == 1
+    lines = log.read_text().splitlines()
+    # A run killed mid-write leaves its last line cut short: that case is checked again.
+    cut = str(model / "a")
+    last = next(line for line in lines if json.loads(line)["case"] == cut)
+    log.write_text("".join(f"{line}\n" for line in lines if line != last) + last[:40])
+    changed = model / "b" / "dY.npy"
+    np.save(changed, np.load(changed))  # the same values, rewritten: b is checked again
+    checked = []
+    real = batch.check_case
+
+    def counting(task, *args):
+        checked.append(task.name)
+        return real(task, *args)
+
+    monkeypatch.setattr(batch, "check_case", counting)
+    result = invoke("verify", model, "--resume", log, "--jsonl", log, "--jobs", 1, "--json", "-")
+    assert result.exit_code == 1, result.output
+    # bad input is never a decided verdict: junk is checked again too
+    assert sorted(checked) == sorted({cut, str(model / "b"), str(model / "junk")})
+    assert json.loads(result.stdout)["counts"] == {
+        "cases": 4,
+        "failed": 1,
+        "bad_input": 1,
+        "skipped": 0,
+    }
+    records = _records(log, cut=1)  # appended to: every case has a whole record again
+    assert len(records) == 4
+    _check_verdicts(records, model)
+    assert log.read_text().count("\n") == len(lines) + 3  # one line each, after the cut one
+    checked.clear()
+    elsewhere = tmp_path / "next.jsonl"
+    args = ["verify", model, "--resume", log, "--jsonl", elsewhere, "--jobs", 1]
+    assert invoke(*args).exit_code == 1
+    assert checked == [str(model / "junk")]
+    assert _comparable(_records(elsewhere)) == _comparable(records)  # kept cases copied over
+    checked.clear()
+    assert invoke("verify", model, "--resume", log, "--samples", 8, "--jobs", 1).exit_code == 1
+    assert len(checked) == 4  # an option that changes verdicts: nothing is reused
+
+
+def test_ctrl_c_keeps_the_finished_records_and_shows_them(tmp_path, model, monkeypatch):
+    log = tmp_path / "run.jsonl"
+    real, calls = batch.check_case, []
+
+    def interrupted_at_the_third(task, *args):
+        calls.append(task.name)
+        if len(calls) == 3:
+            raise output.Interrupted
+        return real(task, *args)
+
+    monkeypatch.setattr(batch, "check_case", interrupted_at_the_third)
+    with pytest.raises(output.Interrupted):
+        runner.invoke(app, ["verify", str(model), "--jobs", "1", "--jsonl", str(log)])
+    assert sorted(_records(log)) == sorted(calls[:2])
+    monkeypatch.setattr(batch, "check_case", real)
+    result = invoke("verify", model, "--resume", log, "--jsonl", log, "--jobs", 1, "--json", "-")
+    assert result.exit_code == 1 and len(json.loads(result.stdout)["cases"]) == 4
+
+
+# --- Dask distributed ------------------------------------------------------------------
+
+try:
+    import distributed
+except ImportError:  # lincheck[dask] is optional; the test extra installs it
+    distributed = None
+
+needs_dask = pytest.mark.skipif(distributed is None, reason="Dask's distributed is not installed")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import dask
+
+    assert distributed is not None
+
+    # allowed-failures 0: the test that kills a worker sees its case reported at once,
+    # instead of retried on the restarted worker (Dask's default retries it 3 times).
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as local:
+            yield local
+
+
+@needs_dask
+def test_a_dask_cluster_gives_the_records_the_local_pool_gives(tmp_path, model, cluster):
+    local, dask = tmp_path / "local.jsonl", tmp_path / "dask.jsonl"
+    assert invoke("verify", model, "--jobs", 1, "--jsonl", local).exit_code == 1
+    address = cluster.scheduler_address
+    result = invoke("verify", model, "--scheduler", address, "--jsonl", dask, "--json", "-")
+    assert result.exit_code == 1, result.output
+    records = _records(dask)
+    _check_verdicts(records, model)
+    assert _comparable(records) == _comparable(_records(local))
+    workers = set(cluster.scheduler_info["workers"])
+    assert {r["worker"] for r in records.values()} <= workers
+
+
+@needs_dask
+def test_a_dask_worker_killed_mid_case_fails_that_case_only(tmp_path, model, cluster):
+    marker = tmp_path / "slow.pid"
+    slow = str(model / "a")
+
+    def check(task, *args):  # pickled by value: the workers run it
+        if task.name == slow:
+            marker.write_text(str(os.getpid()))
+            time.sleep(60)
+        return batch.check_case(task, *args)
+
+    def kill_when_started():
+        for _ in range(600):
+            if marker.exists() and marker.read_text():
+                os.kill(int(marker.read_text()), signal.SIGKILL)  # as the OOM killer would
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_started)
+    killer.start()
+    tasks = batch.plan(sorted(model.iterdir()), OPTIONS)
+    done = {
+        d.task.name: d
+        for d in batch.run_dask(tasks, OPTIONS, None, cluster.scheduler_address, check)
+    }
+    killer.join()
+    assert sorted(done) == sorted(str(p) for p in model.iterdir())
+    assert "its worker died while checking it" in done[slow].result.error
+    assert done[str(model / "b")].result.passed
+    assert not done[str(model / "planted")].result.passed
