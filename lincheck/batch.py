@@ -128,7 +128,7 @@ def plan(paths: Iterable[os.PathLike | str], options: Mapping[str, Any]) -> list
     for path in paths:
         work, nbytes = estimate(arrays.header_shapes(path), options.get("layout", "out_in"))
         files = [arrays.file_identity(f) for f in arrays.case_files(path)]
-        where = os.path.abspath(path)
+        where = str(path) if arrays.is_url(path) else os.path.abspath(path)
         tasks.append(Task(str(path), where, work, nbytes, fingerprint(files, options)))
     return order(tasks)
 

@@ -431,7 +431,7 @@ def _check_case_file(save: Path, force: bool) -> None:
 )
 def verify(
     paths: Annotated[
-        list[Path] | None,
+        list[str] | None,
         typer.Argument(
             help="Folders of .npy files, .npz or .safetensors files, one case each; a folder "
             "that holds only case folders (or .npz, .safetensors files) stands for all of "
@@ -517,7 +517,7 @@ def verify(
     _verify_many(cases, options, out, (jobs, scheduler), (jsonl, resume))
 
 
-def _verify_many(cases: list[Path], options: dict, out: dict, where, journal) -> NoReturn:
+def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoReturn:
     """Several cases (lincheck/batch.py): largest first, each case's JSON line written as it
     finishes, progress on the terminal, then one summary, failures first."""
     from . import batch
@@ -634,7 +634,7 @@ def _check_loaded(checks, tensors, a, loaded, options, progress):
     )
 
 
-def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -> None:
+def _verify_one_path(path: Path | str | None, options: dict, out: dict, files: dict) -> None:
     """One dump (a folder, an .npz, and/or single files): its full tables."""
     from . import tensors
 

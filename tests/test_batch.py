@@ -304,3 +304,43 @@ def test_a_dask_worker_killed_mid_case_fails_that_case_only(tmp_path, model, clu
     assert "its worker died while checking it" in done[slow].result.error
     assert done[str(model / "b")].result.passed
     assert not done[str(model / "planted")].result.passed
+
+
+# --- dumps at a URL (fsspec) -------------------------------------------------------------
+
+try:
+    import fsspec
+except ImportError:  # fsspec is optional (Dask brings it)
+    fsspec = None
+
+
+@pytest.mark.skipif(fsspec is None, reason="fsspec is not installed")
+def test_dumps_at_a_url_are_read_through_fsspec_like_files(tmp_path, model):
+    """The model's cases copied to fsspec's in-memory filesystem (this process's own, so
+    --jobs 1) give the records the files give; a truncated file there is bad input too."""
+    assert fsspec is not None
+    fs = fsspec.filesystem("memory")
+    root = f"/lincheck-{tmp_path.name}"
+    for path in model.rglob("*.npy"):
+        fs.pipe(f"{root}/{path.relative_to(model).as_posix()}", path.read_bytes())
+    url = f"memory://{root}"
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    assert invoke("verify", model, "--jobs", 1, "--jsonl", local).exit_code == 1
+    result = invoke("verify", url, "--jobs", 1, "--jsonl", remote)
+    assert result.exit_code == 1, result.output
+    records = _records(remote)
+    assert sorted(records) == [f"memory://{root}/{n}" for n in ("a", "b", "junk", "planted")]
+    mine = {k.rsplit("/", 1)[-1]: r for k, r in _comparable(_records(local)).items()}
+    theirs = {k.rsplit("/", 1)[-1]: r for k, r in _comparable(records).items()}
+    for name in mine:  # the same verdicts and reports (the sources name the URL)
+        for r in (mine[name], theirs[name]):
+            r.pop("case"), r.pop("fingerprint")
+        assert theirs[name]["verdict"] == mine[name]["verdict"]
+        assert theirs[name].get("report") == mine[name].get("report"), name
+    assert all(r["fingerprint"] for r in records.values() if r["verdict"] != "bad input")
+    tasks = batch.plan([f"{url}/{n}" for n in ("a", "b", "planted")], OPTIONS)
+    assert [t.work for t in tasks] == [9 * 5 * 2, 6 * 4 * 3, 5 * 4 * 3]  # from the headers
+    fs.pipe(f"{root}/a/X.npy", (model / "a" / "X.npy").read_bytes()[:150])
+    cut = invoke("verify", f"{url}/a")
+    assert cut.exit_code == 2 and "truncated" in cut.stderr and "Traceback" not in cut.output
+    fs.rm(root, recursive=True)
