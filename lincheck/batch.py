@@ -348,13 +348,38 @@ def dask_worker_died(attempts: str) -> str:
     )
 
 
+CONNECT_TIMEOUT = 10.0
+"""Seconds to reach a Dask scheduler before ``--scheduler ADDRESS`` is refused."""
+
+
+def connect(address: str, timeout: float | None = None):
+    """A ``distributed.Client`` of the scheduler at ``address``.
+
+    Raises
+    ------
+    InputError
+        ``--scheduler ADDRESS: cannot connect ...`` (no scheduler there, a bad address).
+    """
+    import distributed
+
+    from .errors import InputError
+
+    try:
+        return distributed.Client(address, timeout=timeout or CONNECT_TIMEOUT)
+    except Exception as exc:  # OSError, TimeoutError, ValueError of a malformed address
+        raise InputError(
+            f"--scheduler {address}: cannot connect to a Dask scheduler there "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+
+
 def run_dask(
     tasks: list[Task],
     options: dict,
     max_memory: str | None,
     address: str | Any,
     check: Check | None = None,
-    timeout: float = 30.0,
+    timeout: float | None = None,
 ) -> Generator[Done, None, None]:
     """Cases as tasks on a Dask distributed cluster (its scheduler's ``address``, or a
     ``distributed.Client``), largest first (by priority), yielded as they finish.
@@ -369,7 +394,7 @@ def run_dask(
 
     check = check or check_case
     own = not isinstance(address, distributed.Client)
-    client: Any = distributed.Client(address, timeout=timeout) if own else address
+    client: Any = connect(address, timeout) if own else address
     try:
         futures = {}
         for rank, task in enumerate(tasks):

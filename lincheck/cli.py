@@ -532,8 +532,11 @@ def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoRet
 
             what = "--jsonl"
             writing.check_output(jsonl, inputs=cases, what=what, force=out["force"] or appending)
+    client = None
     if scheduler != "local":
         _require_dask()
+        with bad_input():  # before anything is written
+            client = batch.connect(scheduler)
     tasks = batch.plan(cases, options)
     kept, rest = batch.resumable(tasks, records)
     workers = min(jobs or os.cpu_count() or 1, len(rest)) if scheduler == "local" else 1
@@ -548,10 +551,11 @@ def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoRet
         if not appending:
             for done in kept:
                 writer.write(records[done.task.name])
-    if scheduler == "local":
+    if client is None:
         engine = batch.run_local(rest, options, out["max_memory"], workers)
     else:
-        engine = batch.run_dask(rest, options, out["max_memory"], scheduler)
+        workers = max(1, len(client.scheduler_info().get("workers", ())))
+        engine = batch.run_dask(rest, options, out["max_memory"], client)
     results = [done.result for done in kept]
     header = f"[bold]lincheck verify[/] {len(cases)} cases"
     if kept:
@@ -572,6 +576,8 @@ def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoRet
         bar.close()
         if writer is not None:
             writer.close()
+        if client is not None:
+            client.close()
     context = {
         "command": "verify",
         "paths": [str(p) for p in cases],

@@ -306,6 +306,18 @@ def test_a_dask_worker_killed_mid_case_fails_that_case_only(tmp_path, model, clu
     assert not done[str(model / "planted")].result.passed
 
 
+@needs_dask
+def test_no_scheduler_at_the_address_is_one_line_and_nothing_written(tmp_path, model, monkeypatch):
+    monkeypatch.setattr(batch, "CONNECT_TIMEOUT", 0.5)
+    log = tmp_path / "run.jsonl"
+    result = invoke("verify", model, "--scheduler", "tcp://127.0.0.1:9", "--jsonl", log)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(
+        "lincheck: error: --scheduler tcp://127.0.0.1:9: cannot connect"
+    )
+    assert len(result.stderr.splitlines()) == 1 and not log.exists()
+
+
 # --- dumps at a URL (fsspec) -------------------------------------------------------------
 
 try:
