@@ -117,7 +117,7 @@ def main() -> None:
             from distributed import LocalCluster
 
             cluster = LocalCluster(
-                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
             )
         try:
             for _ in range(args.repeat):

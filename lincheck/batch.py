@@ -170,8 +170,9 @@ def worker_limit(max_memory: str | None, share: int) -> int | None:
     if max_memory is not None:
         return parse_size(max_memory)
     dask = _dask_worker()
-    if dask is not None and getattr(dask, "memory_limit", None):
-        return int(dask.memory_limit) // 2
+    own = getattr(getattr(dask, "memory_manager", None), "memory_limit", None)
+    if own:
+        return int(own) // 2
     from .output import _available_memory
 
     available = _available_memory()

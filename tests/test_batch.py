@@ -253,9 +253,10 @@ def cluster():
 
     # allowed-failures 0: the test that kills a worker sees its case reported at once,
     # instead of retried on the restarted worker (Dask's default retries it 3 times).
+    # The dashboard on any free port: 8787 may be taken by another cluster on this machine.
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         with distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as local:
             yield local
 
@@ -270,8 +271,12 @@ def test_a_dask_cluster_gives_the_records_the_local_pool_gives(tmp_path, model, 
     records = _records(dask)
     _check_verdicts(records, model)
     assert _comparable(records) == _comparable(_records(local))
-    workers = set(cluster.scheduler_info["workers"])
-    assert {r["worker"] for r in records.values()} <= workers
+    workers = cluster.scheduler_info["workers"]
+    assert {r["worker"] for r in records.values()} <= set(workers)
+    # each worker's memory budget for a case: half its own limit, not the machine's memory
+    with distributed.Client(cluster) as client:
+        limit = client.submit(batch.worker_limit, None, 1, pure=False).result()
+    assert limit in {w["memory_limit"] // 2 for w in workers.values()}
 
 
 @needs_dask
