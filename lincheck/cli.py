@@ -567,6 +567,8 @@ def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoRet
                 writer.write(batch.record(done))
             results.append(done.result)
             bar.update(done.result.passed)
+            if done.note and not out["quiet"]:  # a partial mode chosen for memory
+                output.stderr.print(f"lincheck: {done.task.name}: {done.note}", markup=False)
     except output.Interrupted:
         engine.close()
         bar.close()
