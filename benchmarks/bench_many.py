@@ -12,10 +12,12 @@ comparable.
 Also timed: lincheck's engine on every case in the benchmark's own process ("engine",
 no start-up), which separates the checks' own cost from the command's.
 
-Printed: the median seconds and cases per second of each, and the ratios the targets
-are about: each run's core-seconds over the floor's (target ≤ 1.25) and over the
-engine's (what running cases through the command and its workers adds to the checks),
-and the Dask run over ``--jobs 2`` on the same two cores (target ≤ 1.25).
+Printed: the median wall seconds and cases per second of each, and its CPU seconds (the
+command's and its workers', Dask's included), which a machine shared with other jobs
+does not inflate as it does wall time; then the ratios the targets are about: each
+run's CPU time over the floor's (target ≤ 1.25 per core) and over the engine's (what
+running the cases through the command and its workers adds to the checks), and the
+Dask run over ``--jobs 2`` on the same two cores (target ≤ 1.25).
 
     python benchmarks/bench_many.py                       # 40 cases up to (1024, 256, 256)
     python benchmarks/bench_many.py --cases 200 --largest 4096,1024,1024
@@ -30,6 +32,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -57,19 +60,19 @@ def generate(root: Path, count: int, largest: tuple[int, int, int], seed: int) -
             np.save(folder / f"{name}.npy", a)
 
 
-def floor(root: Path) -> float:
-    """Seconds to read every case and compute its three float64 products once."""
-    start = time.perf_counter()
+def floor(root: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds to read every case and compute its three float64 products once."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for folder in sorted(root.iterdir()):
         a = {n: np.load(folder / f"{n}.npy") for n in ("X", "W", "B", "dY", "dX", "dW", "dB")}
         X, W, G = (a[n].astype(np.float64) for n in ("X", "W", "dY"))
         _ = (X @ W.T, G @ W, G.T @ X)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def in_process(root: Path) -> float:
-    """Seconds lincheck's engine takes on every case in this process (no start-up): the
-    checks themselves, one after another."""
+def in_process(root: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds lincheck's engine takes on every case in this process (no
+    start-up): the checks themselves, one after another."""
     from lincheck import batch
 
     options = dict(
@@ -77,22 +80,41 @@ def in_process(root: Path) -> float:
         mode="directions", samples=64, directions=16, seed=0, budget=10.0, atol=None,
         rtol=None,
     )  # fmt: skip
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     tasks = batch.plan(sorted(root.iterdir()), options)
     for done in batch.run_serial(tasks, options):
         assert done.result.passed, done.result.error
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def verify(root: Path, *options: str) -> float:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _workers_cpu(client) -> float:
+    def cpu() -> float:
+        import psutil
+
+        times = psutil.Process().cpu_times()
+        return times.user + times.system
+
+    return sum(client.run(cpu).values()) if client is not None else 0.0
+
+
+def verify(root: Path, *options: str, client=None) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``lincheck verify``: the command and its workers' CPU time
+    (the pool's processes, or the Dask workers')."""
     exe = str(Path(sys.executable).with_name("lincheck"))
     command = [exe, "verify", str(root), "--mode", "directions", "--quiet", *options]
-    start = time.perf_counter()
+    cpu = _children_cpu() + _workers_cpu(client)
+    wall = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    wall = time.perf_counter() - wall
+    cpu = _children_cpu() + _workers_cpu(client) - cpu
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} exited {done.returncode}: {done.stderr}")
-    return seconds
+    return wall, cpu
 
 
 def main() -> None:
@@ -105,20 +127,21 @@ def main() -> None:
     args = parser.parse_args()
     largest = tuple(int(x) for x in args.largest.split(","))
     assert len(largest) == 3
+    runs: dict[str, list[tuple[float, float]]] = {
+        "floor": [], "engine": [], "jobs 1": [], "jobs 2": [], "dask 2": []
+    }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "cases"
         generate(root, args.cases, largest, args.seed)  # type: ignore[arg-type]
         floor(root)  # warm the page cache
-        runs: dict[str, list[float]] = {
-            "floor": [], "engine": [], "jobs 1": [], "jobs 2": [], "dask 2": []
-        }  # fmt: skip
-        cluster = None
+        cluster = client = None
         if not args.no_dask:
-            from distributed import LocalCluster
+            from distributed import Client, LocalCluster
 
             cluster = LocalCluster(
                 n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
             )
+            client = Client(cluster)
         try:
             for _ in range(args.repeat):
                 runs["floor"].append(floor(root))
@@ -126,25 +149,29 @@ def main() -> None:
                 runs["jobs 1"].append(verify(root, "--jobs", "1"))
                 runs["jobs 2"].append(verify(root, "--jobs", "2"))
                 if cluster is not None:
-                    runs["dask 2"].append(verify(root, "--scheduler", cluster.scheduler_address))
+                    address = cluster.scheduler_address
+                    runs["dask 2"].append(verify(root, "--scheduler", address, client=client))
         finally:
             if cluster is not None:
+                client.close()
                 cluster.close()
-    median = {name: statistics.median(times) for name, times in runs.items() if times}
-    cores = {"floor": 1, "engine": 1, "jobs 1": 1, "jobs 2": 2, "dask 2": 2}
+    wall = {name: statistics.median(w for w, _ in r) for name, r in runs.items() if r}
+    cpu = {name: statistics.median(c for _, c in r) for name, r in runs.items() if r}
     print(
         f"{args.cases} cases up to N,D_in,D_out = {args.largest}, --mode directions, "
         f"median of {args.repeat}, {os.cpu_count()} cores"
     )
-    for name, seconds in median.items():
-        core_seconds = seconds * cores[name]
+    print("          wall s   cases/s    CPU s  CPU/floor  CPU/engine")
+    for name in wall:
         print(
-            f"  {name:<7} {seconds:8.2f} s  {args.cases / seconds:8.1f} cases/s  "
-            f"core-seconds / floor: {core_seconds / median['floor']:6.2f}  "
-            f"/ engine: {core_seconds / median['engine']:5.2f}"
+            f"  {name:<7} {wall[name]:6.2f} {args.cases / wall[name]:9.1f} {cpu[name]:8.2f} "
+            f"{cpu[name] / cpu['floor']:10.2f} {cpu[name] / cpu['engine']:11.2f}"
         )
-    if "dask 2" in median:
-        print(f"  dask 2 / jobs 2: {median['dask 2'] / median['jobs 2']:.2f}")
+    if "dask 2" in wall:
+        print(
+            f"  dask 2 / jobs 2: wall {wall['dask 2'] / wall['jobs 2']:.2f}, "
+            f"CPU {cpu['dask 2'] / cpu['jobs 2']:.2f}"
+        )
 
 
 if __name__ == "__main__":
