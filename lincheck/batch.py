@@ -497,8 +497,9 @@ def resumable(tasks: list[Task], records: Mapping[str, dict]) -> tuple[list[Done
     from .results import report_from_dict
 
     kept, rest = [], []
+    by_place = {_place(name): item for name, item in records.items()}
     for task in tasks:
-        item = records.get(task.name)
+        item = records.get(task.name) or by_place.get(_place(task.name))
         reusable = (
             item is not None
             and task.fingerprint is not None
@@ -520,6 +521,13 @@ def resumable(tasks: list[Task], records: Mapping[str, dict]) -> tuple[list[Done
         else:
             rest.append(task)
     return kept, rest
+
+
+def _place(name: str) -> str:
+    """A case's name as a place (``dumps/a`` and ``./dumps/a`` are one case)."""
+    from .arrays import is_url
+
+    return name if is_url(name) else os.path.abspath(name)
 
 
 class JsonlWriter:

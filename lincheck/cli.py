@@ -550,7 +550,7 @@ def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoRet
         writer = batch.JsonlWriter(jsonl)
         if not appending:
             for done in kept:
-                writer.write(records[done.task.name])
+                writer.write(batch.record(done))  # as the earlier run wrote it
     if client is None:
         engine = batch.run_local(rest, options, out["max_memory"], workers)
     else:

@@ -174,6 +174,7 @@ def test_jsonl_has_one_record_per_case_and_jobs_give_the_same_records(tmp_path, 
 
 
 def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     log = tmp_path / "run.jsonl"
     assert invoke("verify", model, "--jobs", 1, "--jsonl", log).exit_code == 1
     lines = log.read_text().splitlines()
@@ -211,6 +212,10 @@ def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monke
     assert invoke(*args).exit_code == 1
     assert checked == [str(model / "junk")]
     assert _comparable(_records(elsewhere)) == _comparable(records)  # kept cases copied over
+    checked.clear()
+    monkeypatch.chdir(model.parent)  # the same cases named by relative paths are the same cases
+    assert invoke("verify", "model", "--resume", log, "--jobs", 1).exit_code == 1
+    assert checked == [os.path.join("model", "junk")]
     checked.clear()
     assert invoke("verify", model, "--resume", log, "--samples", 8, "--jobs", 1).exit_code == 1
     assert len(checked) == 4  # an option that changes verdicts: nothing is reused
