@@ -483,7 +483,9 @@ def verify(
     quiet: Quiet = False,
     heatmap: HeatmapOption = None,
     plot: PlotOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace existing plot files.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace existing plot files (and a --jsonl file).")
+    ] = False,
     jsonl: JsonlOption = None,
     resume: ResumeOption = None,
     scheduler: SchedulerOption = "local",

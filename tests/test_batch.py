@@ -3,6 +3,7 @@ cases finish, --resume, Ctrl-C, and the same records from the local pool and a D
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from lincheck import batch, output
@@ -232,9 +234,14 @@ def test_ctrl_c_keeps_the_finished_records_and_shows_them(tmp_path, model, monke
         return real(task, *args)
 
     monkeypatch.setattr(batch, "check_case", interrupted_at_the_third)
-    with pytest.raises(output.Interrupted):
+    shown = io.StringIO()
+    monkeypatch.setattr(output, "stdout", Console(file=shown, width=300, color_system=None))
+    with pytest.raises(output.Interrupted):  # main() turns it into one line and exit 130
         runner.invoke(app, ["verify", str(model), "--jobs", "1", "--jsonl", str(log)])
     assert sorted(_records(log)) == sorted(calls[:2])
+    text = shown.getvalue()
+    assert all(name in text for name in calls[:2]) and calls[2] not in text
+    assert f"Interrupted: 2 of 4 cases done, kept in {log}: --resume {log} goes on" in text
     monkeypatch.setattr(batch, "check_case", real)
     result = invoke("verify", model, "--resume", log, "--jsonl", log, "--jobs", 1, "--json", "-")
     assert result.exit_code == 1 and len(json.loads(result.stdout)["cases"]) == 4
