@@ -373,3 +373,21 @@ def test_dumps_at_a_url_are_read_through_fsspec_like_files(tmp_path, model):
     cut = invoke("verify", f"{url}/a")
     assert cut.exit_code == 2 and "truncated" in cut.stderr and "Traceback" not in cut.output
     fs.rm(root, recursive=True)
+
+
+def test_progress_shows_done_running_and_failed_on_a_terminal_only(monkeypatch):
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=120)
+    monkeypatch.setattr(output, "stderr", terminal)
+    bar = output.CaseProgress(total=5, done=1, workers=2)  # one case resumed
+    try:
+        bar.update(passed=False)
+        bar.update(passed=True)
+        bar.update(passed=True)  # 4 of 5 done: one left, so one running
+        shown = io.StringIO()
+        Console(file=shown, width=120, color_system=None).print(bar.bar.get_renderable())
+    finally:
+        bar.close()
+    assert "4/5" in shown.getvalue() and "running 1, failed 1" in shown.getvalue()
+    monkeypatch.setattr(output, "stderr", Console(file=io.StringIO()))  # not a terminal
+    assert output.CaseProgress(total=5).bar is None
+    assert output.CaseProgress(total=5, enabled=False).bar is None  # --quiet
