@@ -391,3 +391,33 @@ def test_progress_shows_done_running_and_failed_on_a_terminal_only(monkeypatch):
     monkeypatch.setattr(output, "stderr", Console(file=io.StringIO()))  # not a terminal
     assert output.CaseProgress(total=5).bar is None
     assert output.CaseProgress(total=5, enabled=False).bar is None  # --quiet
+
+
+@needs_dask
+def test_the_readme_commands_run_as_written(tmp_path, rng, monkeypatch, cluster):
+    """README's "Many cases" commands: local with --jsonl, --resume after it, a cluster
+    (its address for tcp://scheduler:8786); the resumed run checks nothing again."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = readme[readme.index("### Many cases") :]
+    block = re.search(r"```\n(.*?)```", text, re.S)
+    assert block is not None
+    commands = [shlex.split(line, comments=True) for line in block[1].splitlines()]
+    assert [c[:2] for c in commands] == [["lincheck", "verify"]] * 3
+    monkeypatch.chdir(tmp_path)
+    _case(tmp_path / "dumps" / "a", rng)
+    _case(tmp_path / "dumps" / "b", rng, bug="mean")
+    first = runner.invoke(app, commands[0][1:])
+    assert first.exit_code == 1, first.output
+    checked, real = [], batch.check_case
+    monkeypatch.setattr(batch, "check_case", lambda t, *a: checked.append(t) or real(t, *a))
+    again = runner.invoke(app, commands[1][1:])
+    assert again.exit_code == 1 and checked == [], again.output
+    (tmp_path / "results.jsonl").unlink()
+    address = [cluster.scheduler_address if a.startswith("tcp://") else a for a in commands[2]]
+    on_cluster = runner.invoke(app, address[1:])
+    assert on_cluster.exit_code == 1, on_cluster.output
+    assert len(_records(tmp_path / "results.jsonl")) == 2
