@@ -526,8 +526,10 @@ def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoRet
 
     jobs, scheduler = where
     jsonl, resume = journal
-    records = _resumed_records(resume)
     appending = jsonl is not None and resume is not None and _same_file(jsonl, resume)
+    # --resume F --jsonl F before F exists (a first run of a script that always resumes)
+    first = appending and not os.path.lexists(resume)
+    records = {} if first else _resumed_records(resume)
     if jsonl is not None:
         with bad_input():
             from . import writing

@@ -184,7 +184,11 @@ def test_jsonl_has_one_record_per_case_and_jobs_give_the_same_records(tmp_path, 
 def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     log = tmp_path / "run.jsonl"
-    assert invoke("verify", model, "--jobs", 1, "--jsonl", log).exit_code == 1
+    missing = invoke("verify", model, "--resume", tmp_path / "none.jsonl")
+    assert missing.exit_code == 2
+    assert missing.stderr.startswith(f"lincheck: error: --resume {tmp_path / 'none.jsonl'}: cannot")
+    # the same file for both before it exists: a first run (a script that always resumes)
+    assert invoke("verify", model, "--jobs", 1, "--resume", log, "--jsonl", log).exit_code == 1
     lines = log.read_text().splitlines()
     # A run killed mid-write leaves its last line cut short: that case is checked again.
     cut = str(model / "a")
