@@ -281,10 +281,15 @@ def cluster():
         "distributed.scheduler.allowed-failures": 0,
         "distributed.scheduler.worker-saturation": 1.0,
     }
+    saved = dict(os.environ)
     with dask.config.set(settings):
         with distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as local:
+            # A Nanny sets its workers' variables (MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS...)
+            # in the process that starts them: the other tests' subprocesses must not get them.
+            os.environ.clear()
+            os.environ.update(saved)
             yield local
 
 
