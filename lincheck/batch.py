@@ -161,22 +161,44 @@ def partial_mode(shapes, options: Mapping[str, Any], limit: int | None):
     return {**options, "mode": "directions"}, note
 
 
-def worker_limit(max_memory: str | None, share: int) -> int | None:
-    """Bytes one worker may use: ``--max-memory`` (per worker), else half the memory
-    available (as one check would take), shared among the ``share`` workers of this
-    machine; on a Dask worker, half its own memory limit."""
+def worker_limit(max_memory: str | None, share: int) -> tuple[int | None, str]:
+    """Bytes one worker may use, and where that comes from: ``--max-memory`` (per worker),
+    else half the memory available (as one check would take), shared among the ``share``
+    workers of this machine; on a Dask worker, half its own memory limit."""
     from .options import parse_size
 
     if max_memory is not None:
-        return parse_size(max_memory)
+        return parse_size(max_memory), "--max-memory"
     dask = _dask_worker()
     own = getattr(getattr(dask, "memory_manager", None), "memory_limit", None)
     if own:
-        return int(own) // 2
+        return int(own) // 2, "half this Dask worker's memory limit"
     from .output import _available_memory
 
     available = _available_memory()
-    return None if available is None else available // 2 // max(share, 1)
+    if available is None:
+        return None, ""
+    if share > 1:
+        return available // 2 // share, f"half the available memory, shared by {share} workers"
+    return available // 2, "half the available memory"
+
+
+def memory_guard(shapes, options: Mapping[str, Any], limit: int | None, why: str) -> None:
+    """Refuse a case whose check needs more memory than its worker's ``limit`` (bad input:
+    that case fails, the others go on)."""
+    from .checks import memory_needed
+    from .errors import InputError
+    from .output import _size
+
+    if limit is None:
+        return
+    method, budget = options.get("method", "central"), options.get("budget", 10.0)
+    need = memory_needed(shapes, options["mode"], method, budget)
+    if need > limit:
+        raise InputError(
+            f"this check needs about {_size(need)} of memory beyond its inputs, over "
+            f"{_size(limit)} ({why}); free memory, raise --max-memory or use fewer --jobs"
+        )
 
 
 def _dask_worker():
@@ -204,7 +226,6 @@ def check_case(task: Task, options: dict, max_memory: str | None = None, share: 
     from . import api, arrays, checks, layouts, tensors
     from .errors import LincheckError
     from .layouts import internal_shapes
-    from .output import memory_guard
 
     start = time.perf_counter()
     note = None
@@ -214,13 +235,13 @@ def check_case(task: Task, options: dict, max_memory: str | None = None, share: 
         if options.get("precision") is None:  # --precision wins over the file's metadata
             stored = arrays.stored_precision(loaded, task.name)
             options = {**options, "precision": stored} if stored else options
-        limit = worker_limit(max_memory, share)
+        limit, why = worker_limit(max_memory, share)
         shapes = internal_shapes(
             {n: tuple(x.shape) for n, x in a.items()}, options.get("layout", "out_in")
         )
         if all(n in shapes for n in ("X", "W", "dY")) and len(shapes["W"]) == 2:
             options, note = partial_mode(shapes, options, limit)
-        memory_guard(a, options, None if limit is None else str(limit), quiet=True)
+            memory_guard(shapes, options, limit, why)  # else the check says what is wrong
         subjects = (*tensors.SUBJECT_NAMES, *tensors.SCALE_NAMES)
         with layouts.command_line_advice():
             report = checks.check(

@@ -154,6 +154,22 @@ def test_a_case_too_large_for_its_worker_runs_along_directions_and_says_so():
     assert batch.partial_mode(shapes, fixed, partial) == (fixed, None)
 
 
+def test_max_memory_is_per_worker_and_refuses_only_the_cases_over_it(tmp_path, rng):
+    _case(tmp_path / "m" / "a", rng)
+    _case(tmp_path / "m" / "b", rng)
+    (tmp_path / "m" / "b" / "W.npy").write_bytes(b"junk")
+    log = tmp_path / "run.jsonl"
+    result = invoke("verify", tmp_path / "m", "--max-memory", "1M", "--jobs", 1, "--jsonl", log)
+    assert result.exit_code == 2, result.output
+    records = _records(log)
+    a, b = records[str(tmp_path / "m" / "a")], records[str(tmp_path / "m" / "b")]
+    # a full check holds two blocks of BLOCK_BYTES at least: over 1 MiB, and no partial
+    # mode fits either (a row block alone is ROW_BLOCK_BYTES)
+    assert a["verdict"] == "bad input" and a["error"].startswith("this check needs about")
+    assert "over 1 MiB (--max-memory)" in a["error"]
+    assert b["verdict"] == "bad input" and "not a .npy file" in b["error"]  # unchanged
+
+
 # --- the local engine: JSON lines, resume, Ctrl-C -------------------------------------
 
 
@@ -307,8 +323,9 @@ def test_a_dask_cluster_gives_the_records_the_local_pool_gives(tmp_path, model, 
     assert {r["worker"] for r in records.values()} <= set(workers)
     # each worker's memory budget for a case: half its own limit, not the machine's memory
     with distributed.Client(cluster) as client:
-        limit = client.submit(batch.worker_limit, None, 1, pure=False).result()
+        limit, why = client.submit(batch.worker_limit, None, 1, pure=False).result()
     assert limit in {w["memory_limit"] // 2 for w in workers.values()}
+    assert why == "half this Dask worker's memory limit"
 
 
 @needs_dask
