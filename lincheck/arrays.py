@@ -94,6 +94,8 @@ def load(
     """
     if path is None:
         loaded = Loaded({}, {}, ())
+    elif is_url(path):
+        loaded = _load_url(str(path))
     else:
         path = Path(path)
         mode = _stat(path, str(path), missing="no such file or folder").st_mode
@@ -125,7 +127,7 @@ def load(
     return loaded
 
 
-def cases(path: str | os.PathLike) -> list[Path]:
+def cases(path: str | os.PathLike) -> list[Path | str]:
     """The dumps a path stands for: itself, or each case inside it.
 
     A folder that holds no array of its own but holds folders, ``.npz`` or
@@ -135,6 +137,8 @@ def cases(path: str | os.PathLike) -> list[Path]:
     :func:`load` then refuses), and nothing raises: a path that cannot be
     listed is one case, for :func:`load` to report.
     """
+    if is_url(path):
+        return _url_cases(str(path))
     path = Path(path)
     try:
         if not stat.S_ISDIR(os.stat(path).st_mode):
@@ -144,7 +148,7 @@ def cases(path: str | os.PathLike) -> list[Path]:
         return [path]
     own = [e for e in entries if e.suffix.lower() == ".npy" and _canonical(e.stem)]
     inner = [e for e in entries if e.suffix.lower() in (".npz", SAFETENSORS) or is_dir(e)]
-    return inner if inner and not own else [path]
+    return list(inner) if inner and not own else [path]
 
 
 SAFETENSORS = ".safetensors"
@@ -352,6 +356,10 @@ class _SharedFile:
         READ_INPUTS[(st.st_dev, st.st_ino)] = self.stamp
         self._close = weakref.finalize(self, os.close, fd)
 
+    def stream(self) -> IO[bytes]:
+        """The file as a stream from its start (the descriptor stays open)."""
+        return open(self.fd, "rb", closefd=False)
+
     def read(self, offset: int, nbytes: int, label: str) -> np.ndarray:
         """``nbytes`` bytes at ``offset``, as a uint8 array."""
         out = np.empty(nbytes, dtype=np.uint8)
@@ -496,11 +504,12 @@ class FileArray(FileBacked):
 # .safetensors
 
 
-def _load_safetensors(path: Path) -> Loaded:
+def _load_safetensors(path: Path | str, shared: _SharedFile | None = None) -> Loaded:
     """One ``.safetensors`` file: its header checked whole (:mod:`lincheck.safetensors_format`)
-    before any data is read; arrays over ``MEMMAP_BYTES`` read as used (:class:`FileArray`)."""
+    before any data is read; arrays over ``MEMMAP_BYTES`` read as used (:class:`FileArray`).
+    ``shared``: the file's bytes already read (from a URL)."""
     where = str(path)
-    shared = _SharedFile(_open_regular(path, where))
+    shared = shared or _SharedFile(_open_regular(Path(path), where))
     lead = shared.read(0, min(st.N_LEN, shared.size), where).tobytes()
     n = st.header_length(lead, shared.size, where)
     header = shared.read(st.N_LEN, n, where).tobytes()
@@ -579,9 +588,9 @@ DEFLATE_RATIO = 1032
 """Deflate's largest expansion: a 258-byte match costs at least 2 bits."""
 
 
-def _load_npz(path: Path) -> Loaded:
-    shared = _SharedFile(_open_regular(path, str(path)))
-    with open(shared.fd, "rb", closefd=False) as raw:
+def _load_npz(path: Path | str, shared: _SharedFile | None = None) -> Loaded:
+    shared = shared or _SharedFile(_open_regular(Path(path), str(path)))
+    with shared.stream() as raw:
         try:
             archive = zipfile.ZipFile(raw)
         except Exception as exc:  # BadZipFile, an unsupported zip version or feature, ...
@@ -776,3 +785,262 @@ def _narrow_advice(descr: str, what: str) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# What a case costs and whether it changed, from headers and file metadata only
+
+
+def case_files(path: str | os.PathLike) -> list[Path | str]:
+    """The files a case reads: a ``.npz`` or ``.safetensors`` file itself, or a folder's
+    ``.npy`` files named like arrays (sorted). Nothing raises: an unreadable path is []."""
+    if is_url(path):
+        return _url_case_files(str(path))
+    path = Path(path)
+    try:
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            return [path] if stat.S_ISREG(os.stat(path).st_mode) else []
+        entries = sorted(path.iterdir())
+    except (OSError, ValueError):
+        return []
+    return [e for e in entries if e.suffix.lower() == ".npy" and _canonical(e.stem)]
+
+
+IDENTITY_BYTES = 4096
+"""The bytes hashed at each end of a file for its identity (:func:`file_identity`): its
+headers (where shapes and dtypes are) and its last data, read without reading the rest."""
+
+
+def file_identity(path: Path | str) -> tuple[str, int, int, str] | None:
+    """(name, size, mtime_ns, blake2b of its first and last ``IDENTITY_BYTES``): a cheap
+    fingerprint that changes when a file is replaced, rewritten, resized or touched.
+    None for a path that is not a readable regular file (the check then says why)."""
+    import hashlib
+
+    if is_url(path):
+        return _url_identity(str(path))
+    path = Path(path)
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags)
+        try:
+            head = os.pread(fd, IDENTITY_BYTES, 0)
+            tail = os.pread(fd, IDENTITY_BYTES, max(info.st_size - IDENTITY_BYTES, 0))
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return None
+    digest = hashlib.blake2b(head + b"\0" + tail, digest_size=16).hexdigest()
+    return (path.name, info.st_size, info.st_mtime_ns, digest)
+
+
+def header_shapes(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Each array of a case, by canonical name: (shape, bytes of data), from the headers
+    alone (``.npy`` headers, ``.npz`` members' headers, the ``.safetensors`` header); no
+    data is read. An unreadable or malformed case gives what could be read (maybe {})."""
+    if is_url(path):
+        return _url_header_shapes(str(path))
+    path = Path(path)
+    found: dict[str, tuple[tuple[int, ...], int]] = {}
+    try:
+        if is_dir(path):
+            for found_file in case_files(path):
+                file = Path(found_file)
+                with open(_open_regular(file, str(file)), "rb") as fp:
+                    _header_into(found, _canonical(file.stem), fp)
+        elif path.suffix.lower() == ".npz":
+            with open(_open_regular(path, str(path)), "rb") as raw, zipfile.ZipFile(raw) as archive:
+                for info in archive.infolist():
+                    key = info.filename[:-4] if info.filename.endswith(".npy") else ""
+                    if _canonical(key):
+                        with archive.open(info) as fp:
+                            _header_into(found, _canonical(key), fp)
+        elif path.suffix.lower() == SAFETENSORS:
+            with open(_open_regular(path, str(path)), "rb") as fp:
+                size = os.fstat(fp.fileno()).st_size
+                n = st.header_length(fp.read(st.N_LEN), size, str(path))
+                entries, _ = st.parse_header(fp.read(n), size - st.N_LEN - n, str(path))
+            for entry in entries:
+                name = _canonical(entry.name)
+                if name:
+                    found[name] = (tuple(entry.shape), entry.end - entry.begin)
+    except Exception:  # any malformed input: the check itself will say what is wrong
+        return found
+    return found
+
+
+def _header_into(found: dict, name: str | None, fp: IO[bytes]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        version = npy_format.read_magic(fp)
+        read = npy_format.read_array_header_1_0 if version == (1, 0) else None
+        shape, _, dtype = (read or npy_format.read_array_header_2_0)(fp)
+    if name and all(type(d) is int and d >= 0 for d in shape):
+        found[name] = (tuple(shape), int(np.prod(shape, dtype=object)) * dtype.itemsize)
+
+
+# ---------------------------------------------------------------------------
+# Dumps at a URL (fsspec): read whole into memory, then parsed as files are
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: object) -> bool:
+    """Whether a case is named by a URL (``s3://bucket/dumps/``, ``memory://...``): read
+    through fsspec, never as a local path."""
+    return isinstance(path, str) and _URL.match(path) is not None
+
+
+class _Bytes(_SharedFile):
+    """A file's bytes read whole from a URL, read as :class:`_SharedFile` reads a file."""
+
+    def __init__(self, data: bytes):  # no descriptor: nothing to close or confirm
+        self.data, self.size = data, len(data)
+
+    def stream(self) -> IO[bytes]:
+        import io
+
+        return io.BytesIO(self.data)
+
+    def read(self, offset: int, nbytes: int, label: str) -> np.ndarray:
+        if offset + nbytes > self.size:
+            raise InputError(f"{label}: truncated: {nbytes:,} bytes at {offset:,} past the end")
+        return np.frombuffer(self.data, dtype=np.uint8, count=nbytes, offset=offset)
+
+    def confirm(self, label: str, short: bool = False) -> None:
+        return None
+
+
+def _filesystem(url: str):
+    try:
+        import fsspec  # type: ignore[import-untyped]
+    except ImportError:
+        raise InputError(
+            f"{url}: reading a URL needs fsspec and its backend (s3fs for s3://): "
+            "pip install fsspec"
+        ) from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except Exception as exc:  # an unknown protocol, a backend not installed
+        raise InputError(f"{url}: cannot be read: {_first_line(exc)}") from None
+
+
+def _listing(fs, root: str) -> list[tuple[str, str, bool]]:
+    """(url, base name, is a folder) of each entry of a folder at a URL, sorted by name."""
+    entries = fs.ls(root, detail=True)
+    out = []
+    for e in entries:
+        name = str(e["name"]).rstrip("/")
+        out.append((fs.unstrip_protocol(name), name.rsplit("/", 1)[-1], e["type"] == "directory"))
+    return sorted(out, key=lambda e: e[1])
+
+
+def _url_cases(url: str) -> list[Path | str]:
+    try:
+        fs, root = _filesystem(url)
+        if not fs.isdir(root):
+            return [url]
+        entries = _listing(fs, root)
+    except Exception:  # load() says what is wrong
+        return [url]
+    own = [e for e in entries if e[1].lower().endswith(".npy") and _canonical(e[1][:-4])]
+    inner = [e[0] for e in entries if e[2] or e[1].lower().endswith((".npz", SAFETENSORS))]
+    return list(inner) if inner and not own else [url]
+
+
+def _load_url(url: str) -> Loaded:
+    """A case at a URL: a folder of ``.npy`` files, an ``.npz`` or a ``.safetensors`` file,
+    each file's bytes read whole, then parsed by the same code as a local file's."""
+    fs, root = _filesystem(url)
+    try:
+        if fs.isdir(root):
+            files: dict[str, str] = {}
+            ignored = []
+            for entry, base, folder in _listing(fs, root):
+                stem = base[:-4] if base.lower().endswith(".npy") and not folder else ""
+                name = _canonical(stem)
+                if name is None:
+                    ignored.append(entry)
+                else:
+                    _claim(files, name, entry)
+            arrays = {}
+            for name, source in files.items():
+                data = _Bytes(fs.cat_file(fs._strip_protocol(source)))
+                arrays[name] = _read_npy(data.stream(), data.size, f"{name} ({source})", (data, 0))
+            return Loaded(arrays, files, tuple(ignored))
+        if not fs.exists(root):
+            raise InputError(f"{url}: no such file or folder")
+        suffix = "." + root.rsplit(".", 1)[-1].lower() if "." in root else ""
+        if suffix not in (".npz", SAFETENSORS):
+            raise InputError(
+                f"{url}: expected a folder of .npy files, an .npz or a .safetensors file"
+            )
+        data = _Bytes(fs.cat_file(root))
+    except InputError:
+        raise
+    except Exception as exc:  # the backend's errors: permissions, network, ...
+        raise InputError(f"{url}: cannot read: {_first_line(exc)}") from None
+    return _load_npz(url, data) if suffix == ".npz" else _load_safetensors(url, data)
+
+
+def _url_case_files(url: str) -> list[Path | str]:
+    try:
+        fs, root = _filesystem(url)
+        if not fs.isdir(root):
+            return [url] if fs.isfile(root) else []
+        entries = _listing(fs, root)
+    except Exception:
+        return []
+    return [u for u, base, folder in entries if not folder and _npy_name(base)]
+
+
+def _npy_name(base: str) -> str | None:
+    return _canonical(base[:-4]) if base.lower().endswith(".npy") else None
+
+
+def _url_identity(url: str) -> tuple[str, int, int, str] | None:
+    """:func:`file_identity` of a file at a URL: its size, modification time as the backend
+    gives it (0 if none), and its first and last bytes, read by range."""
+    import hashlib
+
+    try:
+        fs, root = _filesystem(url)
+        info = fs.info(root)
+        size = int(info["size"])
+        head = fs.cat_file(root, 0, min(IDENTITY_BYTES, size))
+        tail = fs.cat_file(root, max(size - IDENTITY_BYTES, 0), size)
+    except Exception:
+        return None
+    stamp = info.get("mtime", info.get("LastModified", info.get("created", 0)))
+    mtime = int(stamp.timestamp() * 1e9) if hasattr(stamp, "timestamp") else int(stamp or 0)
+    digest = hashlib.blake2b(head + b"\0" + tail, digest_size=16).hexdigest()
+    return (root.rsplit("/", 1)[-1], size, mtime, digest)
+
+
+def _url_header_shapes(url: str) -> dict[str, tuple[tuple[int, ...], int]]:
+    """:func:`header_shapes` of a case at a URL: the headers read by range (an ``.npz``
+    is not read here: its cost is unknown, 0)."""
+    import io
+
+    found: dict[str, tuple[tuple[int, ...], int]] = {}
+    try:
+        fs, root = _filesystem(url)
+        if fs.isdir(root):
+            for entry in _url_case_files(url):
+                head = fs.cat_file(fs._strip_protocol(entry), 0, IDENTITY_BYTES)
+                _header_into(found, _npy_name(str(entry).rsplit("/", 1)[-1]), io.BytesIO(head))
+        elif root.lower().endswith(SAFETENSORS):
+            size = int(fs.info(root)["size"])
+            n = st.header_length(fs.cat_file(root, 0, st.N_LEN), size, url)
+            header = fs.cat_file(root, st.N_LEN, st.N_LEN + n)
+            entries, _ = st.parse_header(header, size - st.N_LEN - n, url)
+            for e in entries:
+                if _canonical(e.name):
+                    found[str(_canonical(e.name))] = (tuple(e.shape), e.end - e.begin)
+    except Exception:
+        return found
+    return found

@@ -9,7 +9,6 @@ cases, 2 when every failing case had bad input, and the reports name each);
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -17,10 +16,10 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__, output
-from .errors import LincheckError
 from .options import (
     EXIT_CODES,
     LAYER,
+    MANY,
     METHOD,
     MORE_HELP,
     OUTPUT,
@@ -45,6 +44,7 @@ from .options import (
     FrameworkOption,
     GithubOption,
     HeatmapOption,
+    JsonlOption,
     JsonOption,
     JunitOption,
     Language,
@@ -59,9 +59,11 @@ from .options import (
     PlotOption,
     PrecisionOption,
     Quiet,
+    ResumeOption,
     Rtol,
     Samples,
     SaveFormat,
+    SchedulerOption,
     Seed,
     SizeIn,
     SizeN,
@@ -495,7 +497,7 @@ def _check_case_file(save: Path, force: bool) -> None:
 )
 def verify(
     paths: Annotated[
-        list[Path] | None,
+        list[str] | None,
         typer.Argument(
             help="Folders of .npy files, .npz or .safetensors files, one case each (a "
             "folder of cases: all of them). X, W, dY required; B, and dX, dW, dB, Y to "
@@ -551,15 +553,23 @@ def verify(
             help="Worker processes for several cases (default: the number of cores).",
             show_default=False,
             metavar="N",
-            rich_help_panel=METHOD,
+            rich_help_panel=MANY,
         ),
     ] = None,
     quiet: Quiet = False,
     heatmap: HeatmapOption = None,
     plot: PlotOption = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace existing plot files.", rich_help_panel=OUTPUT)
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace existing plot files (and a --jsonl file).",
+            rich_help_panel=OUTPUT,
+        ),
     ] = False,
+    jsonl: JsonlOption = None,
+    resume: ResumeOption = None,
+    scheduler: SchedulerOption = "local",
     no_color: NoColor = False,
 ) -> None:
     """lincheck verify (the help text is in the decorator)."""
@@ -583,16 +593,111 @@ def verify(
     cases = [case for path in paths for case in arrays.cases(path)]
     if files and len(cases) > 1:
         fail("--x, --w, --dy and the like add to one case; got several PATHs")
-    if len(cases) <= 1:
+    many = (jsonl, resume, scheduler != "local")
+    if files and any(many):
+        fail("--jsonl, --resume and --scheduler take case PATHs, not --x, --w, --dy and the like")
+    if len(cases) <= 1 and not any(many):
         _verify_one_path(cases[0] if cases else None, options, out, files)
-    workers = min(jobs or os.cpu_count() or 1, len(cases))
-    if workers > 1:
-        results = _verify_in_parallel(cases, options, max_memory, workers)
+    _verify_many(cases, options, out, (jobs, scheduler), (jsonl, resume))
+
+
+def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoReturn:
+    """Several cases (lincheck/batch.py): largest first, each case's JSON line written as it
+    finishes, progress on the terminal, then one summary, failures first."""
+    from . import batch
+
+    jobs, scheduler = where
+    jsonl, resume = journal
+    appending = jsonl is not None and resume is not None and _same_file(jsonl, resume)
+    # --resume F --jsonl F before F exists (a first run of a script that always resumes)
+    first = appending and not os.path.lexists(resume)
+    records = {} if first else _resumed_records(resume)
+    if jsonl is not None:
+        with bad_input():
+            from . import writing
+
+            what = "--jsonl"
+            writing.check_output(jsonl, inputs=cases, what=what, force=out["force"] or appending)
+    client = None
+    if scheduler != "local":
+        _require_dask()
+        with bad_input():  # before anything is written
+            client = batch.connect(scheduler)
+    tasks = batch.plan(cases, options)
+    kept, rest = batch.resumable(tasks, records)
+    workers = min(jobs or os.cpu_count() or 1, len(rest)) if scheduler == "local" else 1
+    writer = None
+    if jsonl is not None:
+        if not appending and os.path.lexists(jsonl):
+            with bad_input():
+                from . import writing
+
+                writing.write_text(jsonl, "")  # --force: replaced, then appended to
+        writer = batch.JsonlWriter(jsonl)
+        if not appending:
+            for done in kept:
+                writer.write(batch.record(done))  # as the earlier run wrote it
+    if client is None:
+        engine = batch.run_local(rest, options, out["max_memory"], workers)
     else:
-        results = [_verify_case(case, options, max_memory) for case in cases]
+        workers = max(1, len(client.scheduler_info().get("workers", ())))
+        engine = batch.run_dask(rest, options, out["max_memory"], client)
+    results = [done.result for done in kept]
     header = f"[bold]lincheck verify[/] {len(cases)} cases"
-    context = {"command": "verify", "paths": [str(p) for p in cases], "layout": layout.value}
-    emit_many(results, header, out, context)
+    if kept:
+        header += f" ({len(kept)} decided by {resume}, not checked again)"
+    bar = output.CaseProgress(len(tasks), len(kept), workers, enabled=not out["quiet"])
+    try:
+        for done in engine:
+            if writer is not None:
+                writer.write(batch.record(done))
+            results.append(done.result)
+            bar.update(done.result.passed)
+            if done.note and not out["quiet"]:  # a partial mode chosen for memory
+                output.stderr.print(f"lincheck: {done.task.name}: {done.note}", markup=False)
+    except output.Interrupted:
+        engine.close()
+        bar.close()
+        output.show_interrupted(results, header, out, len(tasks), jsonl and str(jsonl))
+        raise
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if client is not None:
+            client.close()
+    context = {
+        "command": "verify",
+        "paths": [str(p) for p in cases],
+        "layout": options["layout"],
+    }
+    emit_many(output.failures_first(results), header, out, context)
+
+
+def _resumed_records(resume: Path | None) -> dict:
+    """--resume FILE: its last record per case (lines cut short by a kill are left out:
+    their cases are checked again); bad usage if it cannot be read."""
+    if resume is None:
+        return {}
+    from . import batch
+
+    try:
+        records, _ = batch.read_records(resume)
+    except OSError as exc:
+        fail(f"--resume {resume}: cannot read: {exc.strerror or exc}")
+    return records
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _require_dask() -> None:
+    """--scheduler ADDRESS without Dask's distributed: say how to install it, before any work."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        fail("--scheduler ADDRESS runs the cases on a Dask cluster: pip install 'lincheck[dask]'")
 
 
 def _check_dump(path, files, options, max_memory, quiet, progress=None):
@@ -629,84 +734,7 @@ def _check_loaded(checks, tensors, a, loaded, options, progress):
     )
 
 
-def _verify_case(path: Path, options: dict, max_memory: str | None = None):
-    """Check one dump (in a worker process): its result, or the bad input that stopped it."""
-    from . import api
-
-    try:
-        _, report = _check_dump(path, None, options, max_memory, quiet=True)
-    except LincheckError as exc:
-        return api.CaseResult(str(path), None, str(exc), bad_input=True)
-    return api.CaseResult(str(path), report, None)
-
-
-def _verify_in_parallel(cases: list[Path], options: dict, max_memory, workers: int) -> list:
-    """Check cases in ``workers`` processes; a worker that dies fails the cases it leaves.
-
-    Ctrl-C is lincheck's alone (the workers ignore it): :func:`main` stops them all.
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    from . import api
-
-    # Fresh interpreters (spawn), each told to use its share of the cores for BLAS: forked
-    # workers would inherit the parent's BLAS threads, one per core each, and OpenBLAS's
-    # spinning threads, oversubscribed, made 4 cases on 2 cores take 72 s instead of 11.
-    context = multiprocessing.get_context("spawn")
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    pool = ProcessPoolExecutor(workers, context, initializer=_ignore_interrupts)
-    try:
-        with _environment({name: threads for name in BLAS_THREADS}):  # while workers start
-            futures = [pool.submit(_verify_case, case, options, max_memory) for case in cases]
-        results = []
-        for case, future in zip(cases, futures):
-            try:
-                results.append(future.result())
-            except BrokenProcessPool:
-                error = "its worker process died (killed by a signal, or out of memory)"
-                results.append(api.CaseResult(str(case), None, error))
-    except BaseException:
-        _stop_workers(pool)
-        raise
-    pool.shutdown()
-    return results
-
-
-BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-"""The variables BLAS libraries read for their thread count when NumPy is first imported."""
-
-
-@contextmanager
-def _environment(defaults: dict[str, str]):
-    """Set the variables the user has not set, for the processes started in the block."""
-    added = [name for name in defaults if name not in os.environ]
-    os.environ.update({name: defaults[name] for name in added})
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
-
-
-def _ignore_interrupts() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _stop_workers(pool) -> None:
-    """Kill a process pool's workers now, not after their current case (about a minute)."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())  # public in 3.14 only
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.kill()
-    for process in processes:
-        process.join(timeout=1)
-
-
-def _verify_one_path(path: Path | None, options: dict, out: dict, files: dict) -> None:
+def _verify_one_path(path: Path | str | None, options: dict, out: dict, files: dict) -> None:
     """One dump (a folder, an .npz, and/or single files): its full tables."""
     from . import tensors
 

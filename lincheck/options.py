@@ -430,3 +430,36 @@ def parse_size(text: str) -> int:
         raise InputError(f"--max-memory {text}: expected a size like 4G, 512M or 1000000")
     scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
     return int(float(match.group(1)) * scale)
+
+
+MANY = "Many cases"
+
+JsonlOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--jsonl",
+        help="Also write a JSON line per case as it finishes (tail -f it; --resume from it).",
+        metavar="PATH",
+        show_default=False,
+        rich_help_panel=MANY,
+    ),
+]
+ResumeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--resume",
+        help="Skip the cases this --jsonl file decided with the same files and options.",
+        metavar="PATH",
+        show_default=False,
+        rich_help_panel=MANY,
+    ),
+]
+SchedulerOption = Annotated[
+    str,
+    typer.Option(
+        "--scheduler",
+        help="local (a process pool, --jobs) or a Dask scheduler, tcp://host:8786.",
+        metavar="local|ADDRESS",
+        rich_help_panel=MANY,
+    ),
+]

@@ -499,3 +499,72 @@ def catch_interrupts() -> None:
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     signal.signal(signal.SIGINT, interrupt)
+
+
+class CaseProgress:
+    """Progress of many cases on stderr: done of total, running, failed so far, elapsed.
+
+    Only on a terminal and never with --quiet; shown from the start (refreshed several
+    times a second) and gone when done, so the summary follows on a clean screen.
+    """
+
+    def __init__(self, total: int, done: int = 0, workers: int = 1, enabled: bool = True):
+        self.total, self.done, self.failed, self.workers = total, done, 0, workers
+        self.bar: Any = None
+        if not (enabled and stderr.is_terminal) or total == done:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self.bar = Progress(
+            "cases",
+            BarColumn(),
+            MofNCompleteColumn(),
+            "{task.fields[status]}",
+            TimeElapsedColumn(),
+            console=stderr,
+            transient=True,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("cases", total=total, completed=done, status=self._status())
+
+    def _status(self) -> str:
+        running = min(self.workers, self.total - self.done)
+        return f"running {running}, failed {self.failed}"
+
+    def update(self, passed: bool) -> None:
+        self.done += 1
+        self.failed += not passed
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, status=self._status())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def failures_first(results) -> list:
+    """Several cases' results for the summary: those that did not pass first, then the rest,
+    each by name (the same order however the cases were scheduled)."""
+    return sorted(results, key=lambda r: (r.passed, r.name))
+
+
+def show_interrupted(results, header, out: dict, total: int, where: str | None) -> None:
+    """Ctrl-C during many cases: the cases finished so far (a table and the failures'
+    errors), and how to go on; nothing if none had finished. :func:`lincheck.cli.main`
+    then prints its one line and exits 130."""
+    if not results:
+        return
+    from rich.console import Group
+    from rich.text import Text
+
+    from .report import cases_table
+
+    to_stdout = out["json_path"] is not None and str(out["json_path"]) == "-"
+    console = stderr if to_stdout else stdout
+    parts: list = [header, cases_table(failures_first(results))]
+    left = f"{len(results)} of {total} cases done"
+    if where is not None:
+        left += f", kept in {where}: --resume {where} goes on"
+    parts.append(Text(f"Interrupted: {left}"))
+    console.print(Group(*parts))

@@ -422,3 +422,36 @@ def _valid_text(value: Any) -> Any:
 def _json_float(x: float | None) -> float | None:
     """Strict JSON has no NaN or infinity: those become null."""
     return x if x is not None and np.isfinite(x) else None
+
+
+def report_from_dict(data: Mapping[str, Any]) -> Report:
+    """A report read back from its JSON form (:meth:`Report.as_dict`), as ``verify --resume``
+    reads a case decided by an earlier run. What the JSON form leaves out stays out: the
+    error maps and histograms (no heatmaps), and non-finite numbers (null in JSON).
+
+    Raises KeyError, TypeError or ValueError on a dict that is not such a report.
+    """
+
+    def tup(value):
+        return None if value is None else tuple(value)
+
+    checks = []
+    for c in data["checks"]:
+        entries = tuple(
+            Entry(tuple(e["index"]), e["subject"], e["oracle"], e["abs_error"], e["tolerance"])
+            for e in c["worst_entries"]
+        )
+        plain = {k: v for k, v in c.items() if k not in ("worst_entries",)}
+        plain.update(
+            shape=tuple(c["shape"]),
+            expected_shape=tuple(c["expected_shape"]),
+            worst_index=tup(c["worst_index"]),
+            worst_entries=entries,
+        )
+        checks.append(TensorCheck(**plain))
+    hints = tuple(Hint(**h) for h in data["hints"])
+    layer = dict(data["layer"])
+    layer["batch_shape"] = tuple(layer["batch_shape"])
+    return Report(
+        Layer(**layer), tuple(checks), dict(data["witness"]), hints, data.get("layout", "out_in")
+    )

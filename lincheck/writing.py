@@ -164,7 +164,10 @@ def _same_input(st: os.stat_result, inputs: Iterable[str | os.PathLike]) -> str 
     """The input file (given, or inside a given folder or case) that is the file ``st``."""
     key = (st.st_dev, st.st_ino)
     for given in inputs:
-        for case in cases(given):
+        for found in cases(given):
+            if not isinstance(found, Path):
+                continue  # a URL: not a local file
+            case = found
             files = [case]
             if is_dir(case):
                 with contextlib.suppress(OSError):

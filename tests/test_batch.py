@@ -1,0 +1,465 @@
+"""Many cases (lincheck/batch.py): cost and order from headers, fingerprints, JSON lines as
+cases finish, --resume, Ctrl-C, and the same records from the local pool and a Dask cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from lincheck import batch, output
+from lincheck.checks import memory_needed
+from lincheck.cli import app
+
+runner = CliRunner()
+
+OPTIONS = dict(
+    precision=None,
+    certain_only=False,
+    layout="out_in",
+    method="central",
+    mode="auto",
+    samples=64,
+    directions=16,
+    seed=0,
+    budget=10.0,
+    atol=None,
+    rtol=None,
+)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _case(folder, rng, N=5, D_in=4, D_out=3, bug=None):
+    """A case folder of .npy files: correct float64 gradients, or one planted bug."""
+    folder.mkdir(parents=True)
+    X, W, B, G = (rng.standard_normal(s) for s in ((N, D_in), (D_out, D_in), (D_out,), (N, D_out)))
+    grads = {"dX": G @ W, "dW": G.T @ X, "dB": G.sum(0)}
+    if bug == "mean":
+        grads["dB"] = G.mean(0)
+    for name, a in {"X": X, "W": W, "B": B, "dY": G, **grads}.items():
+        np.save(folder / f"{name}.npy", a)
+
+
+def _model(root, rng):
+    """Four cases: two correct, one with dB a mean (must fail), one with a junk W (bad input)."""
+    _case(root / "a", rng, 6, 4, 3)
+    _case(root / "b", rng, 9, 5, 2)
+    _case(root / "planted", rng, 5, 4, 3, bug="mean")
+    _case(root / "junk", rng)
+    (root / "junk" / "W.npy").write_bytes(b"junk")
+    return root
+
+
+def _records(path, cut=0):
+    """The last record per case; ``cut``: how many lines are expected to be cut short."""
+    records, bad = {}, 0
+    for line in path.read_text().splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        records[item["case"]] = item
+    assert bad == cut
+    return records
+
+
+def _comparable(records):
+    """Records without what may differ from run to run: the timing and the worker."""
+    return {
+        k: {f: v for f, v in r.items() if f not in ("seconds", "worker")}
+        for k, r in records.items()
+    }
+
+
+def _check_verdicts(records, root, but=None):
+    """The verdicts _model planted, for every case (``but`` one, whose worker was killed)."""
+    expected = {
+        "a": "pass",
+        "b": "pass",
+        "planted": "fail",
+        "junk": "bad input",
+    }
+    expected = {str(root / k): v for k, v in expected.items() if str(root / k) != but}
+    assert {name: r["verdict"] for name, r in records.items()} == expected
+    planted = records[str(root / "planted")]
+    assert [h["code"] for h in planted["report"]["hints"]] == ["mean_instead_of_sum"]
+    if str(root / "junk") != but:
+        assert "not a .npy file" in records[str(root / "junk")]["error"]
+
+
+# --- the plan: pure functions of headers and metadata ----------------------------------
+
+
+def test_cost_and_order_come_from_headers_without_reading_data(tmp_path, rng):
+    _case(tmp_path / "small", rng, 3, 2, 2)
+    np.savez(tmp_path / "mid.npz", X=np.ones((10, 4)), W=np.ones((3, 4)), dY=np.ones((10, 3)))
+    # A case whose X declares (1000, 6) but holds one row: the header alone gives its cost.
+    big = tmp_path / "big"
+    big.mkdir()
+    np.save(big / "W.npy", np.ones((5, 6)))
+    np.save(big / "dY.npy", np.ones((1000, 5)))
+    whole = tmp_path / "whole.npy"
+    np.save(whole, np.ones((1000, 6)))
+    (big / "X.npy").write_bytes(whole.read_bytes()[:200])
+    whole.unlink()
+    tasks = batch.plan(sorted(tmp_path.iterdir()), OPTIONS)
+    assert [(t.name, t.work) for t in tasks] == [
+        (str(big), 1000 * 6 * 5),
+        (str(tmp_path / "mid.npz"), 10 * 4 * 3),
+        (str(tmp_path / "small"), 3 * 2 * 2),
+    ]
+    # bytes: the data the headers declare (X 1000×6, W 5×6, dY 1000×5, float64)
+    assert tasks[0].nbytes == 8 * (6000 + 30 + 5000)
+    # in_out: W is (D_in, D_out); equal work first ordered by bytes, then by name
+    assert batch.estimate({"X": ((2, 7, 4), 0), "W": ((4, 3), 0)}, "in_out") == (14 * 4 * 3, 0)
+    same = [batch.Task("b", "", 10, 5), batch.Task("a", "", 10, 5), batch.Task("c", "", 10, 9)]
+    assert [t.name for t in batch.order(same)] == ["c", "a", "b"]
+
+
+def test_fingerprint_follows_files_and_the_options_that_change_verdicts(tmp_path, rng):
+    _case(tmp_path / "c", rng)
+    first = batch.plan([tmp_path / "c"], OPTIONS)[0].fingerprint
+    assert first is not None and first == batch.plan([tmp_path / "c"], OPTIONS)[0].fingerprint
+    for option, value in (("samples", 65), ("precision", "fp32"), ("mode", "full")):
+        assert batch.plan([tmp_path / "c"], {**OPTIONS, option: value})[0].fingerprint != first
+    assert batch.plan([tmp_path / "c"], {**OPTIONS, "jobs": 3})[0].fingerprint == first
+    dB = tmp_path / "c" / "dB.npy"
+    os.utime(dB, ns=(dB.stat().st_atime_ns, dB.stat().st_mtime_ns + 1))  # only touched
+    assert batch.plan([tmp_path / "c"], OPTIONS)[0].fingerprint != first
+
+
+def test_a_case_too_large_for_its_worker_runs_along_directions_and_says_so():
+    shapes = {"X": (65536, 1024), "W": (1024, 1024), "dY": (65536, 1024)}
+    options = {**OPTIONS, "budget": 1e9}  # auto would check every entry
+    full = memory_needed(shapes, "full", "central", 1e9)
+    partial = memory_needed(shapes, "directions", "central", 1e9)
+    assert partial < full
+    chosen, note = batch.partial_mode(shapes, options, (full + partial) // 2)
+    assert chosen["mode"] == "directions" and "checked along directions" in note
+    assert batch.partial_mode(shapes, options, full) == (options, None)  # fits: unchanged
+    assert batch.partial_mode(shapes, options, partial - 1) == (options, None)  # guard refuses
+    fixed = {**options, "mode": "full"}  # a mode the user chose is never changed
+    assert batch.partial_mode(shapes, fixed, partial) == (fixed, None)
+
+
+def test_max_memory_is_per_worker_and_refuses_only_the_cases_over_it(tmp_path, rng):
+    _case(tmp_path / "m" / "a", rng)
+    _case(tmp_path / "m" / "b", rng)
+    (tmp_path / "m" / "b" / "W.npy").write_bytes(b"junk")
+    log = tmp_path / "run.jsonl"
+    result = invoke("verify", tmp_path / "m", "--max-memory", "1M", "--jobs", 1, "--jsonl", log)
+    assert result.exit_code == 2, result.output
+    records = _records(log)
+    a, b = records[str(tmp_path / "m" / "a")], records[str(tmp_path / "m" / "b")]
+    # a full check holds two blocks of BLOCK_BYTES at least: over 1 MiB, and no partial
+    # mode fits either (a row block alone is ROW_BLOCK_BYTES)
+    assert a["verdict"] == "bad input" and a["error"].startswith("this check needs about")
+    assert "over 1 MiB (--max-memory)" in a["error"]
+    assert b["verdict"] == "bad input" and "not a .npy file" in b["error"]  # unchanged
+
+
+# --- the local engine: JSON lines, resume, Ctrl-C -------------------------------------
+
+
+@pytest.fixture
+def model(tmp_path, rng):
+    return _model(tmp_path / "model", rng)
+
+
+def test_jsonl_has_one_record_per_case_and_jobs_give_the_same_records(tmp_path, model):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    result = invoke("verify", model, "--jobs", 1, "--jsonl", one, "--json", "-")
+    assert result.exit_code == 1, result.output
+    _check_verdicts(_records(one), model)
+    report = json.loads(result.stdout)  # the summary covers every case, failures first
+    names = [c["case"] for c in report["cases"]]
+    assert names == [str(model / n) for n in ("junk", "planted", "a", "b")]
+    by_case = {c["case"]: c for c in report["cases"]}
+    for name, item in _records(one).items():  # the per-case report, as the JSON report has it
+        assert {k: item[k] for k in by_case[name]} == by_case[name]
+    assert invoke("verify", model, "--jobs", 2, "--jsonl", two).exit_code == 1
+    assert _comparable(_records(two)) == _comparable(_records(one))
+    again = invoke("verify", model, "--jsonl", one)
+    assert again.exit_code == 2 and "already exists; not replaced (use --force)" in again.stderr
+    assert invoke("verify", model, "--jsonl", one, "--force").exit_code == 1
+    assert len(one.read_text().splitlines()) == 4  # replaced, not appended to
+
+
+def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "run.jsonl"
+    missing = invoke("verify", model, "--resume", tmp_path / "none.jsonl")
+    assert missing.exit_code == 2
+    assert missing.stderr.startswith(f"lincheck: error: --resume {tmp_path / 'none.jsonl'}: cannot")
+    # the same file for both before it exists: a first run (a script that always resumes)
+    assert invoke("verify", model, "--jobs", 1, "--resume", log, "--jsonl", log).exit_code == 1
+    lines = log.read_text().splitlines()
+    # A run killed mid-write leaves its last line cut short: that case is checked again.
+    cut = str(model / "a")
+    last = next(line for line in lines if json.loads(line)["case"] == cut)
+    log.write_text("".join(f"{line}\n" for line in lines if line != last) + last[:40])
+    changed = model / "b" / "dY.npy"
+    np.save(changed, np.load(changed))  # the same values, rewritten: b is checked again
+    checked = []
+    real = batch.check_case
+
+    def counting(task, *args):
+        checked.append(task.name)
+        return real(task, *args)
+
+    monkeypatch.setattr(batch, "check_case", counting)
+    result = invoke("verify", model, "--resume", log, "--jsonl", log, "--jobs", 1, "--json", "-")
+    assert result.exit_code == 1, result.output
+    # bad input is never a decided verdict: junk is checked again too
+    assert sorted(checked) == sorted({cut, str(model / "b"), str(model / "junk")})
+    assert json.loads(result.stdout)["counts"] == {
+        "cases": 4,
+        "failed": 1,
+        "bad_input": 1,
+        "skipped": 0,
+    }
+    records = _records(log, cut=1)  # appended to: every case has a whole record again
+    assert len(records) == 4
+    _check_verdicts(records, model)
+    assert log.read_text().count("\n") == len(lines) + 3  # one line each, after the cut one
+    checked.clear()
+    elsewhere = tmp_path / "next.jsonl"
+    args = ["verify", model, "--resume", log, "--jsonl", elsewhere, "--jobs", 1]
+    assert invoke(*args).exit_code == 1
+    assert checked == [str(model / "junk")]
+    assert _comparable(_records(elsewhere)) == _comparable(records)  # kept cases copied over
+    checked.clear()
+    monkeypatch.chdir(model.parent)  # the same cases named by relative paths are the same cases
+    assert invoke("verify", "model", "--resume", log, "--jobs", 1).exit_code == 1
+    assert checked == [os.path.join("model", "junk")]
+    checked.clear()
+    assert invoke("verify", model, "--resume", log, "--samples", 8, "--jobs", 1).exit_code == 1
+    assert len(checked) == 4  # an option that changes verdicts: nothing is reused
+
+
+def test_ctrl_c_keeps_the_finished_records_and_shows_them(tmp_path, model, monkeypatch):
+    log = tmp_path / "run.jsonl"
+    real, calls = batch.check_case, []
+
+    def interrupted_at_the_third(task, *args):
+        calls.append(task.name)
+        if len(calls) == 3:
+            raise output.Interrupted
+        return real(task, *args)
+
+    monkeypatch.setattr(batch, "check_case", interrupted_at_the_third)
+    shown = io.StringIO()
+    monkeypatch.setattr(output, "stdout", Console(file=shown, width=300, color_system=None))
+    with pytest.raises(output.Interrupted):  # main() turns it into one line and exit 130
+        runner.invoke(app, ["verify", str(model), "--jobs", "1", "--jsonl", str(log)])
+    assert sorted(_records(log)) == sorted(calls[:2])
+    text = shown.getvalue()
+    assert all(name in text for name in calls[:2]) and calls[2] not in text
+    assert f"Interrupted: 2 of 4 cases done, kept in {log}: --resume {log} goes on" in text
+    monkeypatch.setattr(batch, "check_case", real)
+    result = invoke("verify", model, "--resume", log, "--jsonl", log, "--jobs", 1, "--json", "-")
+    assert result.exit_code == 1 and len(json.loads(result.stdout)["cases"]) == 4
+
+
+# --- Dask distributed ------------------------------------------------------------------
+
+try:
+    import distributed
+except ImportError:  # lincheck[dask] is optional; the test extra installs it
+    distributed = None
+
+needs_dask = pytest.mark.skipif(distributed is None, reason="Dask's distributed is not installed")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import dask
+
+    assert distributed is not None
+
+    # allowed-failures 0: the test that kills a worker sees its case reported at once,
+    # instead of retried on the restarted worker (Dask's default retries it 3 times).
+    # worker-saturation 1: a worker holds only the case it runs, so the killed one takes no
+    # queued case down with it. The dashboard on any free port: 8787 may be taken.
+    settings = {
+        "distributed.scheduler.allowed-failures": 0,
+        "distributed.scheduler.worker-saturation": 1.0,
+    }
+    saved = dict(os.environ)
+    with dask.config.set(settings):
+        with distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as local:
+            # A Nanny sets its workers' variables (MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS...)
+            # in the process that starts them: the other tests' subprocesses must not get them.
+            os.environ.clear()
+            os.environ.update(saved)
+            yield local
+
+
+@needs_dask
+def test_a_dask_cluster_gives_the_records_the_local_pool_gives(tmp_path, model, cluster):
+    local, dask = tmp_path / "local.jsonl", tmp_path / "dask.jsonl"
+    assert invoke("verify", model, "--jobs", 1, "--jsonl", local).exit_code == 1
+    address = cluster.scheduler_address
+    result = invoke("verify", model, "--scheduler", address, "--jsonl", dask, "--json", "-")
+    assert result.exit_code == 1, result.output
+    records = _records(dask)
+    _check_verdicts(records, model)
+    assert _comparable(records) == _comparable(_records(local))
+    workers = cluster.scheduler_info["workers"]
+    assert {r["worker"] for r in records.values()} <= set(workers)
+    # each worker's memory budget for a case: half its own limit, not the machine's memory
+    with distributed.Client(cluster) as client:
+        limit, why = client.submit(batch.worker_limit, None, 1, pure=False).result()
+    assert limit in {w["memory_limit"] // 2 for w in workers.values()}
+    assert why == "half this Dask worker's memory limit"
+
+
+@needs_dask
+def test_a_dask_worker_killed_mid_case_fails_that_case_only(tmp_path, model, cluster):
+    marker = tmp_path / "slow.pid"
+    # The slow case is the one planned last (the cheapest: junk's W has no header), so its
+    # worker runs it with no other case waiting there: Dask hands a few cases to each
+    # worker at once, and a worker that dies takes those down too (retried by the
+    # scheduler up to allowed-failures, which is 0 here).
+    tasks = batch.plan(sorted(model.iterdir()), OPTIONS)
+    slow = tasks[-1].name
+    assert slow == str(model / "junk")
+
+    def check(task, *args):  # pickled by value: the workers run it
+        if task.name == slow:
+            marker.write_text(str(os.getpid()))
+            time.sleep(60)
+        return batch.check_case(task, *args)
+
+    def kill_when_started():
+        for _ in range(600):
+            if marker.exists() and marker.read_text():
+                os.kill(int(marker.read_text()), signal.SIGKILL)  # as the OOM killer would
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_started)
+    killer.start()
+    done = {
+        d.task.name: d
+        for d in batch.run_dask(tasks, OPTIONS, None, cluster.scheduler_address, check)
+    }
+    killer.join()
+    assert sorted(done) == sorted(str(p) for p in model.iterdir())
+    assert "its worker died while checking it" in done[slow].result.error
+    others = {name: batch.record(d) for name, d in done.items() if name != slow}
+    _check_verdicts(others, model, but=slow)
+
+
+@needs_dask
+def test_no_scheduler_at_the_address_is_one_line_and_nothing_written(tmp_path, model, monkeypatch):
+    monkeypatch.setattr(batch, "CONNECT_TIMEOUT", 0.5)
+    log = tmp_path / "run.jsonl"
+    result = invoke("verify", model, "--scheduler", "tcp://127.0.0.1:9", "--jsonl", log)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(
+        "lincheck: error: --scheduler tcp://127.0.0.1:9: cannot connect"
+    )
+    assert len(result.stderr.splitlines()) == 1 and not log.exists()
+
+
+# --- dumps at a URL (fsspec) -------------------------------------------------------------
+
+try:
+    import fsspec
+except ImportError:  # fsspec is optional (Dask brings it)
+    fsspec = None
+
+
+@pytest.mark.skipif(fsspec is None, reason="fsspec is not installed")
+def test_dumps_at_a_url_are_read_through_fsspec_like_files(tmp_path, model):
+    """The model's cases copied to fsspec's in-memory filesystem (this process's own, so
+    --jobs 1) give the records the files give; a truncated file there is bad input too."""
+    assert fsspec is not None
+    fs = fsspec.filesystem("memory")
+    root = f"/lincheck-{tmp_path.name}"
+    for path in model.rglob("*.npy"):
+        fs.pipe(f"{root}/{path.relative_to(model).as_posix()}", path.read_bytes())
+    url = f"memory://{root}"
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    assert invoke("verify", model, "--jobs", 1, "--jsonl", local).exit_code == 1
+    result = invoke("verify", url, "--jobs", 1, "--jsonl", remote)
+    assert result.exit_code == 1, result.output
+    records = _records(remote)
+    assert sorted(records) == [f"memory://{root}/{n}" for n in ("a", "b", "junk", "planted")]
+    mine = {k.rsplit("/", 1)[-1]: r for k, r in _comparable(_records(local)).items()}
+    theirs = {k.rsplit("/", 1)[-1]: r for k, r in _comparable(records).items()}
+    for name in mine:  # the same verdicts and reports (the sources name the URL)
+        for r in (mine[name], theirs[name]):
+            r.pop("case"), r.pop("fingerprint")
+        assert theirs[name]["verdict"] == mine[name]["verdict"]
+        assert theirs[name].get("report") == mine[name].get("report"), name
+    assert all(r["fingerprint"] for r in records.values() if r["verdict"] != "bad input")
+    tasks = batch.plan([f"{url}/{n}" for n in ("a", "b", "planted")], OPTIONS)
+    assert [t.work for t in tasks] == [9 * 5 * 2, 6 * 4 * 3, 5 * 4 * 3]  # from the headers
+    fs.pipe(f"{root}/a/X.npy", (model / "a" / "X.npy").read_bytes()[:150])
+    cut = invoke("verify", f"{url}/a")
+    assert cut.exit_code == 2 and "truncated" in cut.stderr and "Traceback" not in cut.output
+    fs.rm(root, recursive=True)
+
+
+def test_progress_shows_done_running_and_failed_on_a_terminal_only(monkeypatch):
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=120)
+    monkeypatch.setattr(output, "stderr", terminal)
+    bar = output.CaseProgress(total=5, done=1, workers=2)  # one case resumed
+    try:
+        bar.update(passed=False)
+        bar.update(passed=True)
+        bar.update(passed=True)  # 4 of 5 done: one left, so one running
+        shown = io.StringIO()
+        Console(file=shown, width=120, color_system=None).print(bar.bar.get_renderable())
+    finally:
+        bar.close()
+    assert "4/5" in shown.getvalue() and "running 1, failed 1" in shown.getvalue()
+    monkeypatch.setattr(output, "stderr", Console(file=io.StringIO()))  # not a terminal
+    assert output.CaseProgress(total=5).bar is None
+    assert output.CaseProgress(total=5, enabled=False).bar is None  # --quiet
+
+
+@needs_dask
+def test_the_readme_commands_run_as_written(tmp_path, rng, monkeypatch, cluster):
+    """README's "Many cases" commands: local with --jsonl, --resume after it, a cluster
+    (its address for tcp://scheduler:8786); the resumed run checks nothing again."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = readme[readme.index("### Many cases") :]
+    block = re.search(r"```\n(.*?)```", text, re.S)
+    assert block is not None
+    commands = [shlex.split(line, comments=True) for line in block[1].splitlines()]
+    assert [c[:2] for c in commands] == [["lincheck", "verify"]] * 3
+    monkeypatch.chdir(tmp_path)
+    _case(tmp_path / "dumps" / "a", rng)
+    _case(tmp_path / "dumps" / "b", rng, bug="mean")
+    first = runner.invoke(app, commands[0][1:])
+    assert first.exit_code == 1, first.output
+    checked, real = [], batch.check_case
+    monkeypatch.setattr(batch, "check_case", lambda t, *a: checked.append(t) or real(t, *a))
+    again = runner.invoke(app, commands[1][1:])
+    assert again.exit_code == 1 and checked == [], again.output
+    (tmp_path / "results.jsonl").unlink()
+    address = [cluster.scheduler_address if a.startswith("tcp://") else a for a in commands[2]]
+    on_cluster = runner.invoke(app, address[1:])
+    assert on_cluster.exit_code == 1, on_cluster.output
+    assert len(_records(tmp_path / "results.jsonl")) == 2
