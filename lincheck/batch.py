@@ -285,6 +285,24 @@ def run_serial(
         yield Done(task, result, seconds, worker, note)
 
 
+TRACKER_WARNING = "ignore::UserWarning:multiprocessing.resource_tracker"
+
+
+def _quiet_resource_tracker() -> None:
+    """Keep multiprocessing's resource tracker from warning about the pool's semaphores.
+
+    Ctrl-C ends lincheck at once (``os._exit``, :func:`lincheck.cli.main`: the interpreter's
+    exit handlers could wait forever on a pool whose worker was killed mid-reply), so the
+    pool's named semaphores are left to the tracker, a process of its own, which unlinks
+    them and prints a UserWarning after lincheck's one line. It takes its warning options
+    from this process's (``-W``, when it starts with the pool's first semaphore).
+    """
+    import sys
+
+    if TRACKER_WARNING not in sys.warnoptions:
+        sys.warnoptions.append(TRACKER_WARNING)
+
+
 def run_local(
     tasks: list[Task],
     options: dict,
@@ -308,6 +326,7 @@ def run_local(
     # spinning threads, oversubscribed, made 4 cases on 2 cores take 72 s instead of 11.
     context = multiprocessing.get_context("spawn")
     threads = str(max(1, (os.cpu_count() or 1) // workers))
+    _quiet_resource_tracker()
     pool = ProcessPoolExecutor(workers, context, initializer=ignore_interrupts)
     rank = {task.name: i for i, task in enumerate(tasks)}
     try:

@@ -229,6 +229,7 @@ def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monke
         "failed": 1,
         "bad_input": 1,
         "skipped": 0,
+        "unsupported": 0,
     }
     records = _records(log, cut=1)  # appended to: every case has a whole record again
     assert len(records) == 4
