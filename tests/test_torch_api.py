@@ -82,6 +82,22 @@ def test_planted_bugs_are_named(kind, dtype, bug, code, tensor):
     assert [h.code for h in report.hints if h.tensor == tensor] == [code]
 
 
+def test_float16_layer_with_small_values_is_decided():
+    """|X|, |dY| ~ 1e-3 in float16: many products lie below float16's normal range. torch
+    forms them exactly in float32, and so does the fp16 preset (rounding them to float16
+    would allow 2⁻²⁵ each, which made this correct layer inconclusive); dW 1% short fails."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32).half()
+    X = (torch.randn(4096, 64) * 1e-3).half().requires_grad_()
+    dY = (torch.randn(4096, 32) * 1e-3).half()
+    layer(X).backward(dY)
+    W, B, dW = layer.weight, layer.bias, layer.weight.grad
+    report = lincheck.check(X, W, B, dY, dX=X.grad, dW=dW, dB=B.grad)
+    assert report.passed, describe(report)
+    short = lincheck.check(X, W, B, dY, dX=X.grad, dW=dW * 0.99, dB=B.grad)
+    assert {c.tensor for c in short.failed} == {"dW"}, describe(short)
+
+
 def test_float16_bias_one_percent_short_fails():
     """torch sums a float16 dB in float32 and rounds once: a dB 1% short is far beyond that
     over N = 512 (and is named a scaling), though within the fp16 preset's float16 windows;
