@@ -12,6 +12,7 @@ where each bound is a rigorous worst-case rounding-error bound (see
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -180,6 +181,9 @@ def check(
         raise ValueError(f"method must be one of {witness.METHODS}, not {method!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number ≥ 0, not {value}")
     allclose = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
     sources = sources or {}
     layouts.check_layout(layout)

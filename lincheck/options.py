@@ -8,6 +8,7 @@ NumPy). The choices mirror the library's (``checks.MODES``,
 
 from __future__ import annotations
 
+import math
 import re
 from enum import Enum
 from pathlib import Path
@@ -256,11 +257,20 @@ MethodOption = Annotated[
         rich_help_panel=METHOD,
     ),
 ]
+def _finite(value: float | None) -> float | None:
+    """A tolerance must be a number: nan passes ``min=0`` (every comparison with it is
+    false) and would fail every entry; inf would pass every one."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 Atol = Annotated[
     float | None,
     typer.Option(
         "--atol",
         min=0.0,
+        callback=_finite,
         help="Use numpy.allclose's |a − b| ≤ atol + rtol·|b| instead of the bounds.",
         metavar="A",
         rich_help_panel=ARITHMETIC,
@@ -268,7 +278,14 @@ Atol = Annotated[
 ]
 Rtol = Annotated[
     float | None,
-    typer.Option("--rtol", min=0.0, help="See --atol.", metavar="R", rich_help_panel=ARITHMETIC),
+    typer.Option(
+        "--rtol",
+        min=0.0,
+        callback=_finite,
+        help="See --atol.",
+        metavar="R",
+        rich_help_panel=ARITHMETIC,
+    ),
 ]
 ModeOption = Annotated[
     Mode,

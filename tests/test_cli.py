@@ -803,6 +803,9 @@ def test_the_command_lines_choices_are_the_librarys():
         (["run", "--samles", "3"], "no such option --samles (did you mean --samples?)"),
         (["generate"], "lincheck generate: error: DIR: missing"),
         (["explain", "a", "b"], "lincheck explain: error: Got unexpected extra argument"),
+        # nan passes min=0 (every comparison with it is false) and would fail every entry
+        (["run", "--atol", "nan"], "lincheck run: error: --atol: nan is not a finite number"),
+        (["verify", "d", "--rtol", "inf"], "error: --rtol: inf is not a finite number"),
     ],
 )
 def test_usage_errors_are_one_line_on_stderr(args, said):
