@@ -159,6 +159,12 @@ PICKLES = (".pt", ".pth", ".bin", ".ckpt")
 TEXTS = (".csv", ".txt", ".tsv")
 
 
+def _ndim(name: str) -> int:
+    """The dimensions a text file's array needs: 1 for B and dB, 2 for the others (loadtxt
+    drops a dimension of length one: a W of one row would come back 1-D)."""
+    return 1 if name in ("B", "dB") else 2
+
+
 def _unreadable(path: Path) -> str:
     """Why lincheck does not read ``path`` (a file of another kind), and how to convert it."""
     suffix = path.suffix.lower()
@@ -180,12 +186,12 @@ def _unreadable(path: Path) -> str:
         return (
             f"a text file ({suffix}); lincheck reads binary arrays. Save each as .npy in one "
             f"folder: python -c \"import numpy as np; np.save('{dst}', "
-            f"np.loadtxt('{src}'{delimiter}))\""
+            f"np.loadtxt('{src}'{delimiter}, ndmin={_ndim(name)}))\""
         )
     if suffix == ".npy":
         return (
-            "expected a folder of .npy files, an .npz or a .safetensors file (give the folder, "
-            f"or the file as --{(_canonical(path.stem) or 'x').lower()} FILE)"
+            "expected a folder of .npy files, an .npz or a .safetensors file (give the folder; "
+            f"verify also takes the file as --{(_canonical(path.stem) or 'x').lower()} FILE)"
         )
     return "expected a folder of .npy files, an .npz or a .safetensors file"
 
@@ -221,7 +227,8 @@ def _found_instead(folder: Path, ignored: tuple[str, ...]) -> str:
         dst = _plain(folder, "case")
         return (
             f'{text}: text files. Save each as .npy in the folder: python -c "import numpy as '
-            f"np; [np.save(f'{dst}/{{n}}.npy', np.loadtxt(p{delimiter})) for n, p in "
+            f"np; [np.save(f'{dst}/{{n}}.npy', np.loadtxt(p{delimiter}, ndmin=1 + (n[-1] != "
+            "'B'))) for n, p in "
             f'{{{items}}}.items()]"'
         )
     if kinds & set(PICKLES) or kinds & set(TEXTS):

@@ -257,6 +257,8 @@ MethodOption = Annotated[
         rich_help_panel=METHOD,
     ),
 ]
+
+
 def _finite(value: float | None) -> float | None:
     """A tolerance must be a number: nan passes ``min=0`` (every comparison with it is
     false) and would fail every entry; inf would pass every one."""

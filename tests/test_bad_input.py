@@ -206,7 +206,7 @@ CATALOGUE = [
         "not a folder or .npz",
         lambda d: folder(d) and [str(d / "X.npy")],
         "{dir}/X.npy: expected a folder of .npy files, an .npz or a .safetensors file (give the "
-        "folder, or the file as --x FILE)",
+        "folder; verify also takes the file as --x FILE)",
         2,
     ),
     (
@@ -796,7 +796,7 @@ CATALOGUE = [
         lambda d: put(d, "X.csv", b"1,2,3\n"),
         "{dir}/X.csv: a text file (.csv); lincheck reads binary arrays. Save each as .npy in one "
         "folder: python -c \"import numpy as np; np.save('{dir}/X.npy', np.loadtxt('{dir}/X.csv', "
-        "delimiter=','))\"",
+        "delimiter=',', ndmin=2))\"",
         2,
     ),
     (

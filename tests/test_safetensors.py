@@ -565,9 +565,10 @@ def test_a_folder_of_torch_pickles_is_listed_with_a_conversion_that_works(tmp_pa
 
 
 def test_a_folder_of_csv_files_is_listed_with_a_conversion_that_works(tmp_path, rng):
+    """D_out = 1: W is one row and B one number, which loadtxt would squeeze (ndmin)."""
     d = tmp_path / "dump"
     d.mkdir()
-    data = layer(rng)
+    data = layer(rng, D_out=1)
     data["dW"] = data["dY"].T @ data["X"]
     for name, a in data.items():
         np.savetxt(d / f"{name}.csv", a, delimiter=",")
