@@ -199,6 +199,7 @@ def run(
         ),
     ] = None,
     layout: LayoutOption = Layout.out_in,
+    precision: PrecisionOption = None,
     cases: Annotated[
         list[str] | None,
         typer.Option(
@@ -263,6 +264,13 @@ def run(
         _list_cases((n, din, dout))
     kinds = _chosen_cases(chosen, impl or forward)
     options = check_options(method, mode, samples, directions, seed, budget, atol, rtol)
+    if precision is not None:
+        if not (impl or forward):
+            fail(
+                "--precision needs --impl or --forward: lincheck's own gradients are "
+                "computed in --dtype, and held to its arithmetic"
+            )
+        options["precision"] = precision  # your functions' arithmetic, not the dtype's
     require_plotting(plot)
     out = output_options(json_path, junit, github, quiet, heatmap, plot, force)
     out["format"] = save_format.value

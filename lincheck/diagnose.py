@@ -167,7 +167,7 @@ def lower_precision(
                 tensor,
                 f"{tensor} exceeds the tolerance of {declared.description} but every entry "
                 f"fits {what} (at most {ratio:.2g} of its tolerance){why}: "
-                f"{question} If so, check with --precision {name}.",
+                f"{question} If so, check with {layouts.option('precision', name)}.",
                 {"precision": name, "bound_ratio": ratio, "result_format_holds_values": bool(why)},
             )
     return None

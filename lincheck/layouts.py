@@ -44,12 +44,18 @@ def check_layout(layout: str) -> str:
 def advice(layout: str) -> str:
     """How to ask for ``layout``: ``--layout in_out`` on the command line, ``layout="in_out"``
     from Python (the default)."""
-    return f"--layout {layout}" if _STYLE.get() == "cli" else f'layout="{layout}"'
+    return option("layout", layout)
+
+
+def option(name: str, value: str) -> str:
+    """How to give an option: ``--precision fp16`` on the command line, ``precision="fp16"``
+    from Python (the default)."""
+    return f"--{name} {value}" if _STYLE.get() == "cli" else f'{name}="{value}"'
 
 
 @contextmanager
 def command_line_advice() -> Iterator[None]:
-    """Within this block, messages name the ``--layout`` option (the CLI's commands)."""
+    """Within this block, messages name options as the CLI spells them (``--layout``)."""
     token = _STYLE.set("cli")
     try:
         yield

@@ -108,9 +108,7 @@ PrecisionOption = Annotated[
         "--precision",
         metavar="SPEC",
         callback=_precision,
-        help="The arithmetic your gradients were computed in: a preset "
-        f"({', '.join(PRESET_NAMES)}) or key=value pairs ('bf16,bias=fused'). "
-        "Default: from the dtypes.",
+        help="Your gradients' arithmetic: a preset (bf16, fp16, tf32...) or key=value pairs.",
         show_default=False,
         rich_help_panel=ARITHMETIC,
     ),

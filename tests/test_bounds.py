@@ -5,7 +5,7 @@ import pytest
 from conftest import compute_in, layer
 
 import lincheck
-from lincheck import check
+from lincheck import check, layouts
 from lincheck.precision import TF32, round_to
 
 ALL = ["fp64", "fp32", "tf32", "bf16", "fp16"]  # the kernels conftest.compute_in simulates;
@@ -96,7 +96,9 @@ def test_tf32_rounded_float32_fails_fp32_passes_tf32_and_is_hinted(rng):
         ("lower_precision", "dW"),
     ]
     assert "fits TF32 tensor cores" in as_fp32.hints[0].message
-    assert "check with --precision tf32" in as_fp32.hints[0].message
+    assert 'check with precision="tf32"' in as_fp32.hints[0].message  # Python's spelling
+    with layouts.command_line_advice():  # the CLI's
+        assert "check with --precision tf32" in check(X, W, B, G, **tf32).hints[0].message
     assert check(X, W, B, G, **tf32, precision="tf32").passed
 
 
@@ -107,7 +109,7 @@ def test_bfloat16_subject_is_hinted_as_bf16(rng):
     assert not report.passed
     assert {h.tensor for h in report.hints} == {"dX", "dW", "dB"}
     assert all("fits bfloat16 operands" in h.message for h in report.hints)
-    assert all("--precision bf16" in h.message for h in report.hints)
+    assert all('precision="bf16"' in h.message for h in report.hints)
 
 
 def test_real_bugs_get_no_lower_precision_hint(rng):

@@ -254,6 +254,14 @@ def test_repeated_cases_add_up(in_tests):
     assert [c["kind"] for c in json.loads(result.stdout)["cases"]] == ["main", "n1"]
 
 
+def test_run_precision_holds_your_functions_to_it(in_tests):
+    result = run_impl("backward", "--cases", "main", "--precision", "bf16", "--json", "-")
+    checks = json.loads(result.stdout)["cases"][0]["report"]["checks"]
+    assert {c["precision"] for c in checks if c["subject"] == "supplied"} == {"bf16"}
+    alone = runner.invoke(app, ["run", "--precision", "bf16"])
+    assert alone.exit_code == 2 and "--precision needs --impl or --forward" in alone.stderr
+
+
 def test_save_with_impl_is_refused_before_any_case(in_tests, tmp_path):
     result = run_impl("backward", "--save", str(tmp_path / "out"))
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
