@@ -91,13 +91,14 @@ def _title(check: TensorCheck, report: Report) -> str:
 
 
 def _caption(checks: list[TensorCheck]) -> str:
-    """Which rule set the tolerances, and the smallest single-entry change each check catches."""
+    """Which rule set the tolerances, and the smallest single-entry change each passed check
+    catches (a failed check has caught one already: its figure would be its own error)."""
     rule = checks[0].rule
     how = "rounding-error bounds" if rule == "bound" else checks[0].tolerance_rule
     caught = " · ".join(
         f"{c.tensor} {_short(c.min_detectable_error)}"
         for c in checks
-        if c.min_detectable_error is not None
+        if c.min_detectable_error is not None and c.passed
     )
     text = f"Tolerance: {how}."
     if caught:
