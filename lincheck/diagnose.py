@@ -242,11 +242,11 @@ def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
     Tried in order: a shape that is the transpose of the expected one, or
     dY's shape for dB; NaN/Inf; then, for values, a flipped sign, a mean over
     the batch, the transpose, one row of dY for dB, a wrong operand; then
-    errors confined to a few rows, columns or entries (before any arithmetic
-    is blamed: a lower precision spreads its errors everywhere); then
-    ``lower`` (a lower-precision hint, if the caller found one); then a
-    constant factor. Every alternative is measured by the tolerance that
-    failed the check (:meth:`Failure.tolerance`) and must fit clearly better
+    a constant factor, then errors confined to a few rows, columns or entries
+    (both before any arithmetic is blamed: a lower precision spreads its errors
+    everywhere); then ``lower`` (a lower-precision hint, if the caller found
+    one). Every alternative is measured by the tolerance that failed the check
+    (:meth:`Failure.tolerance`) and must fit clearly better
     than the correct gradient: at most half its largest error (:func:`_fit`).
     """
     s, tensor, L = case.subject, case.tensor, case.layer
@@ -274,15 +274,21 @@ def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
     gross = next((h for h in hints if h.code != "scaled"), None)
     if gross is not None:
         return [gross]
-    hint = _weight_decay(case, values, reference, tol, baseline) or _localized(case, err, tol)
+    hint = _weight_decay(case, values, reference, tol, baseline)
+    if hint is not None:
+        return [hint]
+    scaled = next(
+        _value_hints(case, values, reference, tol - ref_bound, ref_bound, baseline, True), None
+    )
+    # One factor that fits every entry explains the error everywhere: a few entries beyond
+    # their tolerance are then only where a uniform error first shows (dB 1% short over a
+    # long batch), not a localized bug. (A wrong entry or row leaves no common factor.)
+    hint = scaled or _localized(case, err, tol)
     if hint is not None:
         return [hint]
     if lower is not None:
         return [lower]
-    scaled = next(
-        _value_hints(case, values, reference, tol - ref_bound, ref_bound, baseline, True), None
-    )
-    return [scaled] if scaled is not None else [_unexplained(case, "values")]
+    return [_unexplained(case, "values")]
 
 
 def _how(ratio: float) -> str:

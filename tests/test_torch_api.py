@@ -82,6 +82,23 @@ def test_planted_bugs_are_named(kind, dtype, bug, code, tensor):
     assert [h.code for h in report.hints if h.tensor == tensor] == [code]
 
 
+def test_a_uniform_error_that_shows_in_few_entries_is_scaled_not_localized():
+    """dB 1% short in float16 over N = 65536: only the entries with the largest sums cross
+    their tolerance, but one factor fits them all; an indexing bug would leave none."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8).half()
+    X = torch.randn(65536, 16).half().requires_grad_()
+    dY = torch.randn(65536, 8).half()
+    layer(X).backward(dY)
+    W, B = layer.weight, layer.bias
+    report = lincheck.check(X, W, B, dY, dX=X.grad, dW=W.grad, dB=B.grad * 0.99)
+    assert [(h.code, h.tensor) for h in report.hints] == [("scaled", "dB")], describe(report)
+    dB = B.grad.clone()
+    dB[3] *= 0.9  # one entry wrong: localized, as before
+    report = lincheck.check(X, W, B, dY, dX=X.grad, dW=W.grad, dB=dB)
+    assert [(h.code, h.tensor) for h in report.hints] == [("localized", "dB")], describe(report)
+
+
 def test_float16_layer_with_small_values_is_decided():
     """|X|, |dY| ~ 1e-3 in float16: many products lie below float16's normal range. torch
     forms them exactly in float32, and so does the fp16 preset (rounding them to float16
