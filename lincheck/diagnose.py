@@ -219,6 +219,11 @@ class Failure:
         """The gradients' formulas with W as the user stores it."""
         return layouts.FORMULAS[self.layout]
 
+    def over_batch(self, reduction: str = "sum") -> str:
+        """dY summed (or averaged) over the batch, as the user's dY is shaped: ``dY.sum(0)``,
+        or ``dY.sum((0, 1))`` with a leading batch dimension."""
+        return f"dY.{reduction}({batch_axes(self.batch_shape)})"
+
     def tolerance(self, M, S, k: int, reference) -> np.ndarray:
         """The tolerance the verdict used: the statistical tier's (or, with ``certain_only``,
         the rigorous bound) plus the reference's bound."""
@@ -338,8 +343,8 @@ def _value_hints(case: Failure, values, reference, own, ref_bound, baseline, sca
         # dY reaches where the sum did not.
         eta = max(case.storage.eta, case.precision.out.eta)
         ratio = _fit(values, mean, tol / L.N + 2 * u * np.abs(mean) + 2 * eta, baseline)
-        formula = "dY.mean(0)" if tensor == "dB" else f"{case.formulas['dW']} / N"
-        right = "dY.sum(0)" if tensor == "dB" else case.formulas["dW"]
+        formula = case.over_batch("mean") if tensor == "dB" else f"{case.formulas['dW']} / N"
+        right = case.over_batch() if tensor == "dB" else case.formulas["dW"]
         if ratio is not None:
             yield Hint(
                 "mean_instead_of_sum",
@@ -372,7 +377,7 @@ def _value_hints(case: Failure, values, reference, own, ref_bound, baseline, sca
                 "bias_not_summed",
                 tensor,
                 f"dB equals row {where} of dY: the sum over the batch is missing "
-                "(dB = dY.sum(0), one term per sample).",
+                f"(dB = {case.over_batch()}, one term per sample).",
                 {"row": [int(i) for i in np.unravel_index(n, case.batch_shape or (L.N,))]},
             )
 
@@ -452,8 +457,30 @@ def _shape_hint(case: Failure) -> Hint | None:
             "bias_not_summed",
             tensor,
             f"dB has shape {tuple(s.shape)}, the shape of dY{' and equals dY' if same else ''}: "
-            f"the sum over the batch is missing; dB = dY.sum(0) has shape ({L.D_out},).",
+            f"the sum over the batch is missing; dB = {case.over_batch()} has shape "
+            f"({L.D_out},).",
             {"shape": list(s.shape), "equals_dY": bool(same)},
+        )
+    batch = tuple(case.batch_shape)
+    if (
+        tensor == "dB"
+        and len(batch) > 1
+        and tuple(s.shape[:-1]) == batch[1:]
+        and s.shape[-1] == L.D_out
+    ):
+        # dY.sum(0) on a dY of shape (B, T, D_out): one batch dimension summed of several
+        partial = L.G.reshape(*batch, L.D_out).sum(axis=0)
+        # within the rounding of a sum of batch[0] terms, stored in the subject's dtype
+        u = max(case.precision.acc.c, case.storage.u)
+        tol = growth(batch[0], u) * L.aG.reshape(*batch, L.D_out).sum(axis=0) + case.storage.eta
+        first_only = bool(np.all(np.abs(np.asarray(s, dtype=np.float64) - partial) <= tol))
+        return Hint(
+            "bias_not_summed",
+            tensor,
+            f"dB has shape {tuple(s.shape)}{', and equals dY.sum(0)' if first_only else ''}: dY "
+            f"has the leading batch dimensions {batch}, and dB sums over all of them: "
+            f"dB = {case.over_batch()} has shape ({L.D_out},).",
+            {"shape": list(s.shape), "equals_dY": False, "first_axis_only": first_only},
         )
     hint = _swapped_or_wrong_axis(case)
     if hint is not None:
@@ -498,8 +525,9 @@ def _shape_of_other(case: Failure) -> Hint | None:
                 tensor,
                 f"{tensor} has shape {got}, {what}, where {tensor} has shape {own}: were "
                 f"the gradients returned in the wrong order (it is dX, dW, dB)? Its values are not "
-                f"{other}'s either, so check both: {formula(tensor, case.layout)}; "
-                f"{formula(other, case.layout)}.",
+                f"{other}'s either, so check both: "
+                f"{formula(tensor, case.layout, case.batch_shape)}; "
+                f"{formula(other, case.layout, case.batch_shape)}.",
                 {"shape": list(got), "shape_of": other, "transposed": transposed},
             )
     return None
@@ -566,9 +594,9 @@ def _swapped_or_wrong_axis(case: Failure) -> Hint | None:
             return Hint(
                 "bias_wrong_axis",
                 tensor,
-                f"dB has shape {tuple(s.shape)} and equals dY.sum(1) ({_how(ratio)}): it was "
-                f"summed over the output units instead of the batch; dB = dY.sum(0) has shape "
-                f"({L.D_out},).",
+                f"dB has shape {tuple(s.shape)} and equals dY.sum(-1) ({_how(ratio)}): it was "
+                f"summed over the output units instead of the batch; dB = {case.over_batch()} "
+                f"has shape ({L.D_out},).",
                 {"shape": list(s.shape), "bound_ratio": ratio},
             )
     return None
@@ -684,9 +712,21 @@ INDEXED = {
 }
 
 
-def formula(tensor: str, layout: str = "out_in") -> str:
-    """The correct ``tensor`` as a product and entry by entry, W as ``layout`` stores it."""
-    whole = "dY.sum(0)" if tensor == "dB" else layouts.FORMULAS[layout][tensor]
+def batch_axes(batch_shape: tuple[int, ...]) -> str:
+    """The axes of dY that dB sums over: ``0``, or ``(0, 1)`` with a leading batch dimension."""
+    if len(batch_shape) <= 1:
+        return "0"
+    return f"({', '.join(str(i) for i in range(len(batch_shape)))})"
+
+
+def formula(tensor: str, layout: str = "out_in", batch_shape: tuple[int, ...] = ()) -> str:
+    """The correct ``tensor`` as a product and entry by entry, W as ``layout`` stores it
+    (with leading batch dimensions, n runs over all of them)."""
+    whole = (
+        f"dY.sum({batch_axes(batch_shape)})" if tensor == "dB" else layouts.FORMULAS[layout][tensor]
+    )
+    if tensor == "dW" and len(batch_shape) > 1:
+        whole += " (X and dY flattened to their N rows)"
     return f"{tensor} = {whole}, {INDEXED[layout][tensor]}"
 
 
@@ -707,9 +747,9 @@ def _unexplained(case: Failure, what: str) -> Hint:
         "unexplained",
         tensor,
         f"No common mistake explains {tensor}'s {what}{has} (tried: {tried}). The correct "
-        f"gradient is {formula(tensor, case.layout)}: compare your code with it, index by "
-        "index.",
-        {"formula": formula(tensor, case.layout)},
+        f"gradient is {formula(tensor, case.layout, case.batch_shape)}: compare your code "
+        "with it, index by index.",
+        {"formula": formula(tensor, case.layout, case.batch_shape)},
     )
 
 

@@ -303,3 +303,18 @@ def test_a_bias_summed_over_units_with_leading_batch_dims_is_named(rng):
     X, W, B, G = layer(rng, None, 5, 3, batch=(2, 4))
     (hint,) = check(X, W, B, G, dB=G.sum(-1)).hints
     assert (hint.code, hint.tensor) == ("bias_wrong_axis", "dB")
+    assert "dB = dY.sum((0, 1))" in hint.message and "dY.sum(0)" not in hint.message
+
+
+def test_leading_batch_dims_name_the_sum_over_all_of_them(rng):
+    """dY of shape (2, 4, D_out): dY.sum(0) sums one batch dimension of two (a dB of shape
+    (4, D_out)); the hint says so and gives dY.sum((0, 1)), not the dY.sum(0) the user
+    wrote. A dB a mean over the batch is dY.mean((0, 1)); an unexplained dB's formula too."""
+    X, W, B, G = layer(rng, None, 5, 3, batch=(2, 4))
+    (hint,) = check(X, W, B, G, dB=G.sum(0)).hints
+    assert (hint.code, hint.evidence["first_axis_only"]) == ("bias_not_summed", True)
+    assert "equals dY.sum(0)" in hint.message and "dB = dY.sum((0, 1))" in hint.message
+    (hint,) = check(X, W, B, G, dB=G.mean((0, 1))).hints
+    assert hint.code == "mean_instead_of_sum" and "dY.mean((0, 1))" in hint.message
+    (hint,) = check(X, W, B, G, dB=G.sum((0, 1)) + rng.standard_normal(3)).hints
+    assert hint.code == "unexplained" and "dB = dY.sum((0, 1))" in hint.message
