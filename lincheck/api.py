@@ -524,6 +524,8 @@ def run_case(
         if case.layout == "out_in":
             advice = _in_the_other_layout(case, fn, forward, worker, options)
             errors = errors if advice is None else [*errors, advice]
+        if case.kind == "no-bias" and any(" raised " in e for e in errors):
+            errors = [*errors, NO_BIAS_ADVICE]
         return CaseResult(case.name, None, "; ".join(errors), arrays, case)
     if precision is not None and options.get("precision") is None:
         options = {**options, "precision": precision}  # the layer ran under autocast or TF32
@@ -533,6 +535,11 @@ def run_case(
         return CaseResult(case.name, None, str(exc), arrays, case)
     return CaseResult(case.name, report, None, arrays, case)
 
+
+NO_BIAS_ADVICE = (
+    "B is None in this case (a layer without bias; dB must be None too); if your layer "
+    'always has a bias, leave the case out: --cases=-no-bias (cases="-no-bias" from Python)'
+)
 
 UNSUPPORTED_ADVICE = (
     "if your layer is for 2-D X only, leave this case out: --cases=-batched "

@@ -363,7 +363,12 @@ def _write(captured: Captured, format: str, force: bool) -> None:
         raise InputError(
             f"{existing[0]}: already exists; nothing was written (force=True replaces)"
         )
-    captured.folder.mkdir(parents=True, exist_ok=True)
+    try:
+        captured.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a parent folder should be, no permission, ...
+        raise InputError(
+            f"{captured.folder}: cannot create the folder ({exc.strerror}); nothing was written"
+        ) from None
     for name, (c, metadata) in cases.items():
         writing.save_case(targets[name], c.arrays, format=format, force=force, metadata=metadata)
         captured.paths.append(targets[name])

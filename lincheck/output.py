@@ -217,6 +217,8 @@ def check_outputs(out: dict, inputs=(), folders: dict | None = None) -> None:
     from . import writing
     from .tensors import INPUT_NAMES, SUBJECT_NAMES
 
+    if out["junit"] is not None and str(out["junit"]) == "-":
+        fail("--junit -: the JUnit XML goes to a file, which CI reads; only --json takes -")
     reports = {
         what: Path(path)
         for what, path in (("--json", out["json_path"]), ("--junit", out["junit"]))

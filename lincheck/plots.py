@@ -189,6 +189,7 @@ def strip_figure(check: TensorCheck, hints: tuple[str, ...] = ()):
     ax.set_yscale("log")
     ax.set_ylim(FLOOR / 2, max(float(heights.max()), 10.0) * 20)  # room for the circles
     ax.set_xlim(0, n)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # entries: no 0.5 ticks
     ax.set_xlabel(f"{AXES[check.tensor][1]} (entry of {check.tensor})")
     ax.set_ylabel(f"error / tolerance (floor {FLOOR:.0e})")
     ax.set_title(_plot_title(check, hints), fontsize=10, loc="left")

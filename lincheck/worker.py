@@ -470,6 +470,12 @@ def _load(spec: str, option: str) -> Callable:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise InputError(f"{option} {spec}: expected package.module:function")
+    if module_name.endswith(".py"):  # a file name: modules are named without it
+        dotted = module_name.removesuffix(".py").replace("/", ".").replace(os.sep, ".")
+        raise InputError(
+            f"{option} {spec}: a module name, not a file: {option} {dotted}:{attribute} "
+            "(from the folder that holds it)"
+        )
     try:
         module = importlib.import_module(module_name)
     except BaseException as exc:  # the user's module failed to import (or exited): one line

@@ -398,3 +398,6 @@ def test_a_file_where_the_folder_should_be_is_refused(tmp_path):
         with capture(model, tmp_path / "dumps"):
             model(torch.randn(2, 3)).sum().backward()
     assert (tmp_path / "dumps").read_text() == "notes"
+    with pytest.raises(InputError, match="cannot create the folder"):  # a parent is a file
+        with capture(model, tmp_path / "dumps" / "run1"):
+            model(torch.randn(2, 3)).sum().backward()

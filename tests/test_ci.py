@@ -389,6 +389,13 @@ def test_a_failed_check_is_never_hidden_behind_bad_input(tmp_path, rng, jobs):
 # --- JUnit and GitHub ------------------------------------------------------------
 
 
+def test_junit_to_a_dash_is_refused_not_written_as_a_file_named_dash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["run", "--n", "4", "--din", "3", "--dout", "2", "--junit", "-"])
+    assert result.exit_code == 2 and "only --json takes -" in result.stderr
+    assert not (tmp_path / "-").exists()
+
+
 def test_junit_counts_and_github_annotations(tmp_path, rng):
     _dump(tmp_path / "c", rng, bug="mean")
     junit = tmp_path / "report.xml"

@@ -805,6 +805,7 @@ def test_the_command_lines_choices_are_the_librarys():
         (["explain", "a", "b"], "lincheck explain: error: Got unexpected extra argument"),
         # nan passes min=0 (every comparison with it is false) and would fail every entry
         (["run", "--atol", "nan"], "lincheck run: error: --atol: nan is not a finite number"),
+        (["run", "--impl", "pkg/layers.py:backward"], "not a file: --impl pkg.layers:backward"),
         (["verify", "d", "--rtol", "inf"], "error: --rtol: inf is not a finite number"),
     ],
 )

@@ -248,6 +248,12 @@ def test_no_bias_reports_the_cases_with_a_bias_as_skipped(in_tests):
     assert "; 6 skipped, not checked (main, n1, din1, dout1, swapped, batched)" in last
 
 
+def test_a_function_that_cannot_take_no_bias_is_told_how_to_leave_the_case_out(in_tests):
+    result = run_impl("backward", "--cases", "no-bias", "--json", "-")
+    [case] = json.loads(result.stdout)["cases"]
+    assert "raised TypeError" in case["error"] and "--cases=-no-bias" in case["error"]
+
+
 def test_repeated_cases_add_up(in_tests):
     result = run_impl("backward", "--cases", "main", "--cases", "n1", "--json", "-", "-q")
     assert result.exit_code == 0, result.output

@@ -176,6 +176,8 @@ def test_a_failed_bias_is_a_strip_of_bars_titled_with_its_hint(rng):
     assert not ax.images and len(ax.patches) == 3  # a bar per output unit, no image
     assert ax.get_yscale() == "log" and ax.get_xlabel().startswith("output unit")
     assert ax.get_xlim() == (0.0, 3.0)
+    ax.figure.canvas.draw()  # ticks are placed when drawn: entries are whole numbers
+    assert all(float(t).is_integer() for t in ax.get_xticks() if 0 <= t <= 3)
     assert "hint: mean_instead_of_sum" in ax.get_title(loc="left")
     files = plots.figures(report)  # the same from the report: its hints, in the title
     title = files["dB-reference-heatmap.png"].axes[0].get_title(loc="left")
