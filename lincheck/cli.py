@@ -413,7 +413,7 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out, layout="out_in
         if save is not None:
             with bad_input():
                 writing.save_case(save, given, format=out["format"], force=out["force"])
-        bar = ProgressBar(not out["quiet"], f"lincheck run N={n} D_in={din} D_out={dout}, {value}")
+        bar = ProgressBar(not out["quiet"], f"N={n} D_in={din} D_out={dout}, {value}")
         bar.expect(checks.nominal_seconds(n, din, dout, **_cost_options(options)))
         try:
             report = checks.check(

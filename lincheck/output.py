@@ -180,12 +180,20 @@ class ProgressBar:
             TextColumn,
             TimeRemainingColumn,
         )
+        from rich.table import Column
 
+        # At 80 columns the count and the time left must show whole: the bar keeps 12
+        # cells, the count of passes and the time their width (about 30 in all), and the
+        # label what is left (cut with an ellipsis).
+        room = max(stderr.width - 42, 8)
         self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
+            TextColumn(
+                "{task.description}",
+                table_column=Column(max_width=room, no_wrap=True, overflow="ellipsis"),
+            ),
+            BarColumn(bar_width=12),
             MofNCompleteColumn(),
-            "forward passes",
+            "passes",
             TimeRemainingColumn(),
             console=stderr,
             transient=True,
