@@ -524,8 +524,8 @@ def run_case(
         if case.layout == "out_in":
             advice = _in_the_other_layout(case, fn, forward, worker, options)
             errors = errors if advice is None else [*errors, advice]
-        if case.kind == "no-bias" and any(" raised " in e for e in errors):
-            errors = [*errors, NO_BIAS_ADVICE]
+        if case.kind == "no-bias" and any(" raised " in e and "NoneType" in e for e in errors):
+            errors = [*errors, NO_BIAS_ADVICE]  # it used B (or dB) as an array: B is None
         return CaseResult(case.name, None, "; ".join(errors), arrays, case)
     if precision is not None and options.get("precision") is None:
         options = {**options, "precision": precision}  # the layer ran under autocast or TF32

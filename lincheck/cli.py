@@ -705,7 +705,10 @@ def _require_dask() -> None:
     try:
         import distributed  # noqa: F401
     except ImportError:
-        fail("--scheduler ADDRESS runs the cases on a Dask cluster: pip install 'lincheck[dask]'")
+        fail(
+            "--scheduler ADDRESS runs the cases on a Dask cluster: pip install distributed "
+            "(lincheck's [dask] extra)"
+        )
 
 
 def _check_dump(path, files, options, max_memory, quiet, progress=None):
