@@ -105,3 +105,32 @@ def compute_in(precision, X, W, G):
         "dW": matmul_in(precision, G2.T, X2),
         "dB": matmul_in(precision, ones, G2)[0],
     }
+
+
+def case(folder, rng, N=8, D_in=5, D_out=3, **overrides):
+    """A verify folder with correct float64 gradients, then ``overrides`` (None deletes; a
+    callable ``fn`` gets the arrays and returns the overrides)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    X, W, B, G = (rng.standard_normal(s) for s in ((N, D_in), (D_out, D_in), (D_out,), (N, D_out)))
+    data = {"X": X, "W": W, "B": B, "dY": G, "dX": G @ W, "dW": G.T @ X, "dB": G.sum(0)}
+    data.update(overrides if not callable(overrides.get("fn")) else overrides.pop("fn")(data))
+    for name, a in data.items():
+        if a is not None:
+            np.save(folder / f"{name}.npy", a)
+    return data
+
+
+def mean_bias(data) -> dict:
+    """The planted bug of many tests: dB averaged over the batch instead of summed."""
+    return {"dB": data["dY"].mean(0)}
+
+
+# (bug, the hint code that names it, the tensor it is in), planted in tests/torch_layers.py
+# and tests/jax_layers.py alike. Square layers, so that a transposed dW keeps its shape
+# (torch refuses a gradient of the wrong shape itself).
+NAMED_BUGS = [
+    ("dB mean", "mean_instead_of_sum", "dB"),
+    ("dW transposed", "transposed", "dW"),
+    ("dW scaled", "scaled", "dW"),
+    ("dX with W transposed", "wrong_operand", "dX"),
+]

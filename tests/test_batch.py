@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import case, mean_bias
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -41,14 +42,8 @@ def invoke(*args):
 
 
 def _case(folder, rng, N=5, D_in=4, D_out=3, bug=None):
-    """A case folder of .npy files: correct float64 gradients, or one planted bug."""
-    folder.mkdir(parents=True)
-    X, W, B, G = (rng.standard_normal(s) for s in ((N, D_in), (D_out, D_in), (D_out,), (N, D_out)))
-    grads = {"dX": G @ W, "dW": G.T @ X, "dB": G.sum(0)}
-    if bug == "mean":
-        grads["dB"] = G.mean(0)
-    for name, a in {"X": X, "W": W, "B": B, "dY": G, **grads}.items():
-        np.save(folder / f"{name}.npy", a)
+    """A case folder of .npy files: correct float64 gradients, or dB a mean (bug="mean")."""
+    case(folder, rng, N, D_in, D_out, **({"fn": mean_bias} if bug == "mean" else {}))
 
 
 def _model(root, rng):

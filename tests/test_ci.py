@@ -13,6 +13,7 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 import pytest
+from conftest import case, mean_bias
 from oracles import reference_backward
 from typer.testing import CliRunner
 
@@ -302,13 +303,7 @@ def test_bad_impl_spec_exits_2(impl, spec):
 
 
 def _dump(folder, rng, bug=None):
-    folder.mkdir(parents=True)
-    X, W, B, G = (rng.standard_normal(s) for s in ((5, 4), (3, 4), (3,), (5, 3)))
-    grads = {"dX": G @ W, "dW": G.T @ X, "dB": G.sum(0)}
-    if bug == "mean":
-        grads["dB"] = G.mean(0)
-    for name, a in {"X": X, "W": W, "B": B, "dY": G, **grads}.items():
-        np.save(folder / f"{name}.npy", a)
+    case(folder, rng, 5, 4, 3, **({"fn": mean_bias} if bug == "mean" else {}))
 
 
 def test_verify_a_model_dump_of_many_layers_in_parallel(tmp_path, rng):

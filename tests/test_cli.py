@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import case
 from typer.testing import CliRunner
 
 from lincheck.cli import app
@@ -17,18 +18,6 @@ runner = CliRunner()
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def case(folder, rng, N=8, D_in=5, D_out=3, **overrides):
-    """A verify folder with correct float64 gradients, then ``overrides`` (None deletes)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    X, W, B, G = (rng.standard_normal(s) for s in ((N, D_in), (D_out, D_in), (D_out,), (N, D_out)))
-    data = {"X": X, "W": W, "B": B, "dY": G, "dX": G @ W, "dW": G.T @ X, "dB": G.sum(0)}
-    data.update(overrides if not callable(overrides.get("fn")) else overrides.pop("fn")(data))
-    for name, a in data.items():
-        if a is not None:
-            np.save(folder / f"{name}.npy", a)
-    return data
 
 
 def report_json(result):

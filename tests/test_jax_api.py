@@ -6,6 +6,7 @@ planted bug fails and is named."""
 from __future__ import annotations
 
 import pytest
+from conftest import NAMED_BUGS
 
 import lincheck
 
@@ -42,15 +43,7 @@ def test_eager_and_float64():
     assert {c.precision for c in report.checks if c.subject == "supplied"} == {"fp64"}
 
 
-NAMED = [
-    ("dB mean", "mean_instead_of_sum", "dB"),
-    ("dW transposed", "transposed", "dW"),
-    ("dW scaled", "scaled", "dW"),
-    ("dX with W transposed", "wrong_operand", "dX"),
-]
-
-
-@pytest.mark.parametrize(("bug", "code", "tensor"), NAMED, ids=[b for b, _, _ in NAMED])
+@pytest.mark.parametrize(("bug", "code", "tensor"), NAMED_BUGS, ids=[b for b, _, _ in NAMED_BUGS])
 def test_planted_bugs_are_named(bug, code, tensor):
     """In bfloat16 (float32 is tested on torch's layers, and each JAX case compiles)."""
     report = lincheck.jax.check_function(

@@ -461,6 +461,13 @@ def _advice_command(message: str) -> str:
     return re.search(r"(python -c \".*\")", message).group(1)
 
 
+def _run_advice(message: str) -> None:
+    """Run the ``python -c`` command an error line advises, as a user pastes it."""
+    command = _advice_command(message).replace("python", sys.executable, 1)
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_a_bf16_npy_gets_advice_that_works(tmp_path, rng):
     d = tmp_path / "dump"
     d.mkdir()
@@ -509,13 +516,7 @@ def test_a_torch_pickle_is_refused_unopened_with_a_conversion_that_works(tmp_pat
     assert result.exit_code == 2
     line = result.stderr.removeprefix("lincheck: error: ").strip()
     assert line.startswith(f"{path}: a PyTorch pickle (.pt); lincheck never unpickles.")
-    done = subprocess.run(
-        ["bash", "-c", _advice_command(line).replace("python", sys.executable, 1)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    _run_advice(line)
     result, report = _verify(tmp_path / "case.safetensors")
     assert result.exit_code == 0, result.output
     assert report["layer"]["dtypes"]["W"] == "bfloat16"
@@ -533,13 +534,7 @@ def test_a_csv_is_refused_with_a_conversion_that_works(tmp_path, rng):
     assert result.exit_code == 2
     line = result.stderr.removeprefix("lincheck: error: ").strip()
     assert line.startswith(f"{d}/X.csv: a text file (.csv); lincheck reads binary arrays.")
-    done = subprocess.run(
-        ["bash", "-c", _advice_command(line).replace("python", sys.executable, 1)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    _run_advice(line)
     assert np.array_equal(np.load(d / "X.npy"), data["X"])  # savetxt's repr round-trips
     assert runner.invoke(app, ["verify", str(d)]).exit_code == 0
 
@@ -576,13 +571,7 @@ def test_a_folder_of_csv_files_is_listed_with_a_conversion_that_works(tmp_path, 
     assert result.exit_code == 2
     (line,) = result.stderr.splitlines()
     assert "the folder holds B.csv, W.csv, X.csv, dW.csv, dY.csv, which lincheck" in line
-    done = subprocess.run(
-        ["bash", "-c", _advice_command(line).replace("python", sys.executable, 1)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    _run_advice(line)
     assert np.array_equal(np.load(d / "dW.npy"), data["dW"])  # savetxt's repr round-trips
     assert runner.invoke(app, ["verify", str(d)]).exit_code == 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import NAMED_BUGS
 
 import lincheck
 from lincheck import frameworks
@@ -58,17 +59,7 @@ def test_correct_layers_pass(kind, dtype, shape):
     assert report.layer.dtypes["X"] == dtype
 
 
-# (bug, the hint code that names it, the tensor it is in). Square layers, so that a
-# transposed dW keeps its shape (torch refuses a gradient of the wrong shape itself).
-NAMED = [
-    ("dB mean", "mean_instead_of_sum", "dB"),
-    ("dW transposed", "transposed", "dW"),
-    ("dW scaled", "scaled", "dW"),
-    ("dX with W transposed", "wrong_operand", "dX"),
-]
-
-
-@pytest.mark.parametrize(("bug", "code", "tensor"), NAMED, ids=[b for b, _, _ in NAMED])
+@pytest.mark.parametrize(("bug", "code", "tensor"), NAMED_BUGS, ids=[b for b, _, _ in NAMED_BUGS])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", ["autograd.Function", "nn.Module"])
 def test_planted_bugs_are_named(kind, dtype, bug, code, tensor):
