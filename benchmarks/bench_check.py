@@ -11,7 +11,7 @@ after one warm-up call (see ``median_time``):
 - lincheck full: ``lincheck.check(X, W, B, G, mode="full")``: validation, the
   float64 reference, every entry of the witness with its bounds, the
   comparison; its peak traced memory against 3× the input bytes + 64 MiB;
-- lincheck directions: ``mode="directions"`` with 16 directions per tensor;
+- lincheck directions: ``mode="directions"`` with 40 directions per tensor;
 - dense loop: one entry at a time, two forward passes each (run where it
   takes under a minute, otherwise estimated from its pass count);
 - torch.autograd.gradcheck on F.linear, float64, slow mode (the full
@@ -100,7 +100,7 @@ def bench_size(N, D_in, D_out, repeats: int, have_torch: bool) -> None:
     reps = 1 if big else repeats
     t_floor = median_time(reps, floor, X, W, B, passes)
     t_full = median_time(reps, lincheck.check, X, W, B, G, mode="full")
-    t_dirs = median_time(repeats, lincheck.check, X, W, B, G, mode="directions", directions=16)
+    t_dirs = median_time(repeats, lincheck.check, X, W, B, G, mode="directions", directions=40)
     inputs = sum(a.nbytes for a in (X, W, B, G))
     peak = peak_memory(lincheck.check, X, W, B, G, mode="full") if not big else None
     P = N * D_in + D_out * D_in + D_out

@@ -78,7 +78,7 @@ def in_process(root: Path) -> tuple[float, float]:
 
     options = dict(
         precision=None, certain_only=False, layout="out_in", method="central",
-        mode="directions", samples=64, directions=16, seed=0, budget=10.0, atol=None,
+        mode="directions", samples=64, directions=40, seed=0, budget=10.0, atol=None,
         rtol=None,
     )  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()

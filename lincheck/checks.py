@@ -75,7 +75,7 @@ def check(
     method: str = "central",
     mode: str = "auto",
     samples: int = 64,
-    directions: int = 16,
+    directions: int = 40,
     seed: int = 0,
     budget: float = 10.0,
     atol: float | None = None,
@@ -127,11 +127,13 @@ def check(
     mode : {"auto", "full", "sample", "directions"}
         How much of the witness to compute. "full": every entry. "sample":
         ``samples`` random entries of dX and of dW. "directions":
-        ``directions`` random ±1 directions of dX and of dW (an error whose
-        largest entry exceeds the reported ``min_detectable_error`` is caught
-        with probability ≥ 1 − 2^-directions). In both partial modes the
+        ``directions`` random rank-one ±1 directions of dX and of dW (an error
+        whose largest entry exceeds the reported ``min_detectable_error`` is
+        caught with probability ≥ 1 − (3/4)^directions; see
+        :class:`lincheck.streaming.DirectionsWitness`). In both partial modes the
         subjects are still compared with the reference at every entry, and
-        dB's witness is whole (two forward passes); X, dY and the dX and Y
+        dB's witness is every entry (:class:`lincheck.streaming.BiasWitness`);
+        X, dY and the dX and Y
         subjects are read a block of rows at a time, so memory-mapped arrays
         larger than memory can be checked (:class:`streaming.Rows`). "auto" (default): "full"
         if its cost, at a nominal 5·10¹⁰ multiply-adds per second, fits
@@ -353,66 +355,61 @@ def _run_streamed(
 ):
     """The partial modes, reading X and dY a block of rows at a time (:class:`streaming.Rows`).
 
-    A first pass compares the subjects of dX and Y row block by row block,
-    runs the witnesses that take each block's own steps (sampled entries,
-    dB whole) and sums what dW, dB and the directions need
-    (:class:`streaming.Totals`); dW and dB are then compared whole. Random
-    directions need one step for a whole tensor, set by those sums: they
-    take a second pass. Memory is about W's size a few times over plus one
-    block, whatever N is, so inputs larger than memory can be checked.
-    Returns the forward passes done and the witness steps used.
+    One pass over the row blocks compares the subjects of dX and Y row block
+    by row block, runs the witnesses (sampled entries, random directions,
+    dB's slopes) and sums what dW and dB need (:class:`streaming.Totals`);
+    dW and dB are then compared whole. Memory is about W's size a few times
+    over plus one block, whatever N is, so inputs larger than memory can be
+    checked. Returns the forward passes done and the witness steps used.
     """
     rows = streaming.Rows(inputs.X, inputs.W, inputs.B, inputs.G)
     by_tensor = {t.plan.tensor: t for t in tallies}
     usable = {name for name, t in by_tensor.items() if t.plan.usable}
     totals = _totals(rows, {n: t.plan.subject for n, t in by_tensor.items() if n in usable})
     rng = np.random.default_rng(seed)
-    witnessed = [t for t in tallies if t.plan.witnessed]
-    later = [t for t in witnessed if mode == "directions" and t.plan.tensor != "dB"]
-    now = {
+    found = {
         t.plan.tensor: t.partial_witness(totals, rows, mode, samples, directions, seed, rng)
-        for t in witnessed
-        if t not in later
+        for t in tallies
+        if t.plan.witnessed
     }
-    total = sum(w.passes for w in now.values()) + 2 * directions * len(later)
+    total = sum(w.passes for w in found.values())
     done = 0.0
-
-    def step(r: slice, witnesses) -> None:
-        nonlocal done
-        done += sum(w.passes for w in witnesses) * (r.stop - r.start) / rows.N
-        if progress is not None and witnesses:
-            progress(done, total)
-
     for r, block in rows:
-        check_no_overflow([block.MY, block.A_rows, block.A_cols], sources)
+        _check_block_overflow(block, sources)
         totals.add(block, r)
         for tensor in ("dX", "Y"):
             if tensor in usable:
                 M, S = block.magnitude(tensor)
                 by_tensor[tensor].add(block, None, M, S, None, rows=r)
-        for w in now.values():
+        for w in found.values():
             w.add(r, block)
-        step(r, now.values())
+        done += total * (r.stop - r.start) / rows.N
+        if progress is not None and found:
+            progress(done, total)
     for tensor in ("dW", "dB"):
         if tensor in usable:
             M, S = totals.magnitude(tensor)
             by_tensor[tensor].add(totals, None, M, S, None)
-    found = dict(now)
-    if later:
-        second = {
-            t.plan.tensor: t.partial_witness(totals, rows, mode, samples, directions, seed, rng)
-            for t in later
-        }
-        for r, block in rows:  # only X and dY as float64: the block's magnitudes are not needed
-            for w in second.values():
-                w.add(r, block)
-            step(r, second.values())
-        found.update(second)
     steps: dict[str, list[float]] = {}
     for tensor, t in by_tensor.items():  # in the plans' order
         if tensor in found:
             t.finish_partial_witness(found[tensor], totals, steps)
     return total, steps
+
+
+def _check_block_overflow(block: workspace.Workspace, sources) -> None:
+    """:func:`check_no_overflow` of a row block's MY = |X||W|ᵀ + |B| and its loss shares,
+    without the product MY when a bound from row sums shows they are far from overflow:
+    MY[n, i] ≤ ρₙ max|W| + max|B| with ρₙ = Σⱼ|X[n, j]|, so every share is at most
+    Σₙ σₙ (ρₙ max|W| + max|B|), σₙ = Σᵢ|G[n, i]|; below 2⁹⁰⁰ that leaves room for any
+    rounding of the sums."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        w = float(block.aW.max(initial=0.0))
+        b = 0.0 if block.B is None else float(np.abs(block.B).max(initial=0.0))
+        top = float(np.sum(block.sum_G_rows * (block.sum_X_rows * w + b)))
+    if np.isfinite(top) and top < 2.0**900 and np.all(np.isfinite(block.sum_G_rows)):
+        return
+    check_no_overflow([block.MY, block.A_rows, block.A_cols], sources)
 
 
 def _diagnosable(L: Layer) -> bool:
@@ -443,7 +440,7 @@ def nominal_seconds(
     mode: str = "auto",
     method: str = "central",
     budget: float = 10.0,
-    directions: int = 16,
+    directions: int = 40,
     samples: int = 64,
 ) -> float:
     """About how long a check's witness takes at :data:`NOMINAL_RATE` (an upper estimate

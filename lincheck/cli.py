@@ -217,7 +217,7 @@ def run(
     method: MethodOption = Method.central,
     mode: ModeOption = Mode.auto,
     samples: Samples = 64,
-    directions: DirectionsOption = 16,
+    directions: DirectionsOption = 40,
     budget: Budget = 10.0,
     atol: Atol = None,
     rtol: Rtol = None,
@@ -531,7 +531,7 @@ def verify(
     method: MethodOption = Method.central,
     mode: ModeOption = Mode.auto,
     samples: Samples = 64,
-    directions: DirectionsOption = 16,
+    directions: DirectionsOption = 40,
     seed: Annotated[
         int,
         typer.Option(

@@ -25,7 +25,7 @@ class Sizes:
     D_out: int
     bias: bool = True
     precision: str = "fp64"
-    directions: int = 16
+    directions: int = 40
     layout: str = "out_in"
 
     @property
@@ -39,8 +39,10 @@ class Sizes:
         return 2 * (2 * self.D_in + self.bias)
 
     @property
-    def directions_passes(self) -> int:
-        return 2 * self.directions * 2 + 2 * self.bias
+    def directions_passes(self) -> float:
+        """Forward passes' worth of the directions: K rows through the layer for X, K units
+        of the batch for W, two passes of one row for B's slopes."""
+        return self.directions / self.N + self.directions / self.D_out + 2 * self.bias / self.N
 
     def bound(self, tensor: str, k: int) -> tuple[str, str]:
         """(certain, statistical) tolerance over Σ|terms| for a sum of k terms, operands
@@ -72,7 +74,7 @@ def _numbers(s: Sizes) -> dict[str, str]:
         "full": f"{s.full_passes:,}",
         "ratio": f"{2 * s.entries / s.full_passes:,.0f}",
         "K": str(s.directions),
-        "dirs": f"{s.directions_passes:,}",
+        "dirs": f"{s.directions_passes:.2g}",
         "jacobian": _bytes(8 * s.entries * s.N * s.D_out),
         "prec": s.precision,
         "spec": p.spec.replace(",", ", "),  # wraps between keys, never inside one
@@ -178,9 +180,10 @@ forward pass and read each row's share of L: {full} forward passes in all, \
 instead of {dense} one entry at a time ({ratio}× fewer), with each estimate \
 still a true central difference. A Jacobian, as torch.autograd.gradcheck \
 builds, would take {jacobian}.
-- **directions** K = {K}: compare L(θ + h v) − L(θ − h v) with ⟨∇L, Δ⟩ along \
-random ±1 directions v: {dirs} forward passes; any error above the reported \
-sensitivity is caught with probability at least 1 − 2⁻ᴷ.
+- **directions** K = {K}: compare the derivative of L along random rank-one \
+±1 directions V = a bᵀ, read from the forward pass of K rows (for X) or K \
+units (for W), with ⟨∇L, V⟩: the work of {dirs} forward passes; any error above the \
+reported sensitivity is caught with probability at least 1 − (3/4)ᴷ.
 - **sample** K: K random entries per tensor, each from its own row or output \
 unit.
 
@@ -268,8 +271,9 @@ L(X, W, B) = Σ_n Σ_i G[n, i] · y[n, i]
 - **full**(每个元素):一次正向传播扰动 X(或 W)的一整列,读取每一行对 L 的贡献:\
 共 {full} 次正向传播,而逐元素需要 {dense} 次(少 {ratio} 倍),每个估计仍是真正的\
 中心差分。像 torch.autograd.gradcheck 那样构造雅可比矩阵需要 {jacobian}。
-- **directions** K = {K}:沿随机 ±1 方向 v 比较 L(θ + h v) − L(θ − h v) 与 ⟨∇L, Δ⟩:\
-{dirs} 次正向传播;超过报告灵敏度的任何误差被发现的概率至少为 1 − 2⁻ᴷ。
+- **directions** K = {K}:沿随机秩一 ±1 方向 V = a bᵀ 比较 L 的方向导数(由 K 行(X)\
+或 K 个输出单元(W)的正向传播读出)与 ⟨∇L, V⟩:工作量相当于 {dirs} 次正向传播;超过报告\
+灵敏度的任何误差被发现的概率至少为 1 − (3/4)ᴷ。
 - **sample** K:每个张量随机取 K 个元素,各自用所在的行或输出单元估计。
 
 你的梯度总是在每个元素上与 float64 参考值比较(约一次正向传播)。

@@ -180,8 +180,8 @@ def plans(
     gradient's reference against the witness. Only a full witness compares
     every entry; in the partial modes the subjects go against the reference
     (every entry, at the cost of one forward pass) and the reference against
-    the witness by sample or direction, and dB's witness is whole (it costs
-    two forward passes).
+    the witness by sample or direction, and dB's witness is every entry (the
+    bias's slopes from one row, :class:`lincheck.streaming.BiasWitness`).
     """
     out = []
     for tensor, (shape, shape2d) in shapes.items():
@@ -285,8 +285,9 @@ class Tallies:
         if tensor == "dB":
             return streaming.BiasWitness(rows.N)
         if mode == "directions":
-            reference = totals.reference("dW") if tensor == "dW" else None
-            return streaming.DirectionsWitness(tensor, totals, rows.W, directions, seed, reference)
+            return streaming.DirectionsWitness(
+                tensor, rows, directions, seed, totals.sum_M, lambda: totals.reference("dW")
+            )
         shape2d = totals.shape(tensor)
         size = int(np.prod(shape2d))
         self.sampled = np.sort(rng.choice(size, size=min(samples, size), replace=False))

@@ -80,7 +80,7 @@ def _title(check: TensorCheck, report: Report) -> str:
     if check.oracle == "witness":
         method = _METHOD.get(report.witness["method"], report.witness["method"])
         if check.mode == "directions":
-            title += f" ({method} along {check.checked} random directions of dX and dW)"
+            title += f" (the forward pass along {check.checked} random rank-one directions)"
         elif check.mode == "sample":
             title += f" ({method} at {check.checked} sampled entries)"
         elif report.witness.get("mode") != "full":

@@ -22,14 +22,13 @@ from typing import cast
 import numpy as np
 
 from . import tensors
-from .bounds import block_sum_bound, directions_tolerance, upper_sum
+from .bounds import ETA64, U64, block_sum_bound, upper_sum
 from .core import forward
+from .precision import gamma
 from .witness import (
-    DEFAULT_REL_STEP,
     Block,
     Directions,
     entry_values,
-    step_sizes,
     witness_block,
     witness_entries,
 )
@@ -129,10 +128,8 @@ class Totals(tensors.Sizes):
         self.weights = weights
         self.dW_w, self.dB_w = np.zeros((D_out, D_in)), np.zeros(D_out)
         self.dB, self.sum_G_cols = np.zeros(D_out), np.zeros(D_out)
-        self.sum_X_cols, self.A_cols = np.zeros(D_in), np.zeros(D_out)
-        self.A_all = self.sum_M_dX = self.sum_M_dW = 0.0
-        self.scale = {"dX": 0.0, "dW": float(np.abs(rows.W).max(initial=0.0))}
-        self.most_rows = 0
+        self.sum_X_cols = np.zeros(D_in)
+        self.sum_M_dX = self.sum_M_dW = 0.0
         self.max_G_cols, self.max_X_cols = np.zeros(D_out), np.zeros(D_in)
         self.squares_G_cols = np.zeros(D_out)
 
@@ -150,7 +147,6 @@ class Totals(tensors.Sizes):
         np.maximum(self.max_G_cols, block.aG.max(axis=0, initial=0.0), out=self.max_G_cols)
         np.maximum(self.max_X_cols, block.aX.max(axis=0, initial=0.0), out=self.max_X_cols)
         self.squares_G_cols += block.squares("dB")
-        self.most_rows = max(self.most_rows, block.N)
         self.dW += block.G.T @ block.X
         if self.M_dW is not None:
             self.M_dW += upper_sum(block.aG.T @ block.aX, block.N)
@@ -159,11 +155,8 @@ class Totals(tensors.Sizes):
         self.dB += block.G.sum(axis=0)
         self.sum_G_cols += block.sum_G_cols
         self.sum_X_cols += block.sum_X_cols
-        self.A_cols += block.A_cols
-        self.A_all += block.A_all
         self.sum_M_dX += float(block.sum_G_cols @ block.sum_W_rows)  # Σₙⱼ Σᵢ |G||W|
         self.sum_M_dW += float(block.sum_G_rows @ block.sum_X_rows)  # Σᵢⱼ Σₙ |G||X|
-        self.scale["dX"] = max(self.scale["dX"], block.scale["dX"])
 
     def _outer(self, x):
         """An upper bound on an exact sum over the blocks of upper bounds summed in float64."""
@@ -277,20 +270,43 @@ class BlockSum:
 
 
 class BiasWitness:
-    """dB's whole witness, all of B perturbed at once (:func:`witness_block`), summed over
-    row blocks (:class:`BlockSum`): two forward passes."""
+    """dB's witness in the partial modes: the forward pass's slope in each bias entry,
+    times the batch's sums of dY.
 
-    passes = 2
+    Y[n, i] depends on B[i] alone and in the same way for every row, so
+    ∂L/∂B[i] = sᵢ Σₙ G[n, i] with sᵢ = ∂Y[n, i]/∂B[i] for any row. sᵢ is measured
+    by central differences of the first row alone, all of B perturbed at once
+    (:func:`witness_block` of that row with dY = 1: two passes of one row),
+    within its bound βᵢ of the exact slope. With Ĉᵢ the float64 sum of
+    G[:, i] (within γ_N Sᵢ of the exact one, Sᵢ = Σₙ|G[n, i]|), the estimate
+    fl(ŝᵢ Ĉᵢ) is within βᵢ|Ĉᵢ| + γ_N Sᵢ + 2u|estimate| + η of ∂L/∂B[i]. (The
+    whole batch through the layer at B ± h, two full forward passes, would
+    measure the same slope N times over.)
+    """
 
     def __init__(self, N: int):
-        self.sum = BlockSum(N)
+        self.N = N
+        self.slope: Block | None = None
+        self.passes = 0.0
+        self.C: np.ndarray | float = 0.0
+        self.S: np.ndarray | float = 0.0
 
     def add(self, rows: slice, block: Workspace) -> None:
-        M, _ = block.magnitude("dB")
-        self.sum.add(witness_block(block, "dB", None, M), block.N)
+        if self.slope is None:
+            one = Workspace(block.X[:1], block.W, block.B, np.ones((1, block.D_out)))
+            self.slope = witness_block(one, "dB", None, one.magnitude("dB")[0])
+            self.passes = 2.0 / self.N
+        self.C = self.C + block.G.sum(axis=0)
+        self.S = self.S + block.sum_G_cols
 
     def result(self) -> Block:
-        return self.sum.block()
+        slope = cast(Block, self.slope)
+        C, S = np.asarray(self.C), upper_sum(np.asarray(self.S), self.N)
+        estimate = slope.estimate * C
+        bound = slope.bound * np.abs(C) + gamma(self.N, U64) * S
+        bound = (bound + 2 * U64 * np.abs(estimate) + ETA64) * (1.0 + 2.0**-50)
+        typical = slope.typical * np.abs(C) + np.sqrt(self.N) * U64 * S
+        return Block(estimate, bound, typical, self.passes, slope.steps)
 
 
 class SampleWitness:
@@ -343,146 +359,134 @@ class SampleWitness:
         return values, joined
 
 
-def _sign_words(generator: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    """Random bits for ``shape[0]`` rows of ``shape[1]`` signs: whole 64-bit words per row,
-    so rows drawn in blocks get the same bits as rows drawn at once."""
-    words = generator.bit_generator.random_raw((shape[0], -(-shape[1] // 64)))
-    return words.astype("<u8", copy=False)
+def _signs(generator: np.random.Generator, rows: int, count: int) -> np.ndarray:
+    """``rows`` rows of ``count`` random ±1 values, from whole 64-bit words of random bits
+    per row, so rows drawn in blocks get the same signs as rows drawn at once."""
+    words = generator.bit_generator.random_raw((rows, -(-count // 64))).astype("<u8", copy=False)
+    bits = np.unpackbits(words.view(np.uint8), axis=1, count=count, bitorder="little")
+    return np.where(bits.view(bool), 1.0, -1.0)
 
 
 class DirectionsWitness:
-    """``count`` random ±1 directions of dX or dW, streamed over row blocks.
+    """``count`` random rank-one ±1 directions of dX or dW, streamed over row blocks.
 
-    For a direction v with entries ±1 (Rademacher), θ± = fl(θ ± h v) and
-    Δ = θ⁺ − θ⁻, L is linear in θ (the other arrays held fixed), so
-    L(θ⁺) − L(θ⁻) = ⟨∇L, Δ⟩ exactly: no truncation error, as for one entry.
-    The loss difference is summed from m *share* differences, each share
-    differenced first (d̂ the share differences), so its rounding scales
-    with one share's terms, not the whole loss's: for X the row shares
-    ℓₙ = Σᵢ G[n,i] Y[n,i] (m = N, c = D_in + 1 + D_out terms each); for W
-    the shares of output unit i within a row block b, Σ_{n∈b} G[n,i] Y[n,i]
-    (m = D_out × blocks, c = D_in + 1 + rows per block). With A the sum of
-    absolute terms of the whole loss, M_k the entries' magnitudes, E_k the
-    reference's bound and P the number of entries,
+    A direction of dX is V = a bᵀ (a: N signs, b: D_in signs); of dW,
+    V = u vᵀ (u: D_out signs, v: D_in signs). Every entry of V is ±1, and
+    the witness is the derivative of L = Σ G ⊙ Y along V read from the forward
+    pass, compared with ⟨r, V⟩ from the reference r.
 
-        |L̂(θ⁺) − L̂(θ⁻) − ⟨r, Δ̂⟩| ≤ (1 + u) γ_c (2A + 2 max|θ± − θ| ΣM)
-                                   + (2u + γ_m)(1 + u) Σ|d̂|
-                                   + max|Δ̂|(1 + u) (ΣE + (u + 2γ_P) Σ|r|) + underflow
+    The forward pass is linear in X and in W and works row by row and unit by
+    unit: Y[n] depends on X[n] alone, Y[:, i] on W[i] and B[i] alone. So
+    F(X + hV) − F(X − hV) = 2h · a F₀(b) for X, F₀ the forward pass without a
+    bias applied to the single row b; and F(W + hV) − F(W − hV) =
+    2h · F₀(X; v) uᵀ for W, F₀(X; v) = X v the forward pass of a layer of one
+    unit with weights v and no bias. Both are exact identities, so the central
+    difference needs no step: the derivative along V is
 
-    h is one step for the whole tensor, chosen as for single entries with A
-    and ΣM in place of A and M (:func:`step_sizes`), from the
-    :class:`Totals` of a first pass over the rows.
+        dX: ⟨∇L, a bᵀ⟩ = (Gᵀ a) · F₀(b)          one forward pass of ``count`` rows
+        dW: ⟨∇L, u vᵀ⟩ = (G u) · F₀(X; v)        one forward pass of ``count`` units
 
-    Sensitivity: for any error vector e in r, a ±1 direction gives
-    |⟨e, v⟩| ≥ max |e_k| with probability at least 1/2 (flipping the sign of
-    v at the largest entry moves ⟨e, v⟩ by 2 max |e_k|, so at most one of the
-    two values lies within max |e_k| of zero). So an error whose largest
-    entry exceeds (tolerance + current distance) / step is caught by each
-    direction with probability ≥ 1/2, and by at least one of K directions
-    with probability ≥ 1 − 2⁻ᴷ.
+    at a cost of about ``count`` of the N rows (D_out units) of one forward
+    pass, instead of the two whole passes per direction that perturbing every
+    entry at once takes. Computed in float64 with any order of the sums, each
+    product of a value with a sign is exact and, with c_i = Σₙ|G[n, i]|,
+    m_i = Σⱼ|W[i, j]|, σₙ = Σᵢ|G[n, i]|, ρₙ = Σⱼ|X[n, j]| [Higham 2002, §3.1]:
 
-    Direction d is drawn from its own generator, seeded by (seed, tensor,
-    d), as raw random bits, whole 64-bit words per row: a block of rows
-    takes the next words of each generator, so the directions do not depend
-    on the blocks. W's directions are drawn once and kept as bits
-    (count·D_out·D_in/8 bytes), since every block needs all of them.
+        dX: |ŵ − ⟨∇L, V⟩| ≤ γ_N Σᵢ cᵢ|f̂ᵢ| + γ_{D_in} Σᵢ (|ĝᵢ| + γ_N cᵢ) mᵢ
+                             + γ_{D_out} Σᵢ |ĝᵢ f̂ᵢ| + D_out η
+        dW: |ŵ − ⟨∇L, V⟩| ≤ γ_{D_out} Σₙ σₙ|p̂ₙ| + γ_{D_in} Σₙ (|q̂ₙ| + γ_{D_out} σₙ) ρₙ
+                             + γ_N Σₙ |q̂ₙ p̂ₙ| + N η
+
+    (ĝ = fl(Gᵀa), f̂ = fl(F₀(b)); q̂ = fl(G u), p̂ = fl(F₀(X; v))), and the
+    reference's side, aᵀ r b or uᵀ r v summed in float64, is within
+    γ_{P₁ + P₂} Σ|r| ≤ γ_{P₁ + P₂} ΣM of its exact value, plus the reference's
+    own bound ΣE = γ_k ΣM + 2kηP along V (P₁ × P₂ the tensor's shape, ΣM the
+    sum of its magnitudes, :meth:`Totals.sum_M`). The tolerance is the sum of
+    the two, each sum bounded up for its own rounding (:func:`upper_sum`).
+
+    Sensitivity: for an error matrix E in r with its largest entry at (n*, j*),
+    a fixed b, and the other signs of a fixed, flipping a at n* moves aᵀ(E b)
+    by 2|(E b)ₙ*|, so |aᵀ E b| ≥ |(E b)ₙ*| with probability ≥ 1/2; likewise
+    |(E b)ₙ*| ≥ |E[n*, j*]| with probability ≥ 1/2 over b. So each direction
+    sees |⟨E, V⟩| ≥ max|E| with probability at least 1/4, and one of K
+    directions with probability at least 1 − (3/4)ᴷ; a single wrong entry e
+    always gives |⟨E, V⟩| = |e|.
+
+    The signs come from generators seeded by (seed, tensor): a and the rows'
+    signs as whole 64-bit words per row, so the directions do not depend on
+    the blocks.
     """
 
-    def __init__(
-        self,
-        tensor: str,
-        totals: Totals,
-        W,
-        count: int,
-        seed: int,
-        reference=None,
-        rel_step: float = DEFAULT_REL_STEP,
-    ):
-        self.tensor, self.count, self.seed = tensor, count, seed
-        self.passes = 2 * count
-        self.totals, self.W = totals, W
-        self.reference = reference  # whole (dW's from the totals); dX's otherwise block by block
-        self.sum_M = totals.sum_M(tensor)
-        self.h = float(
-            step_sizes(
-                totals.scale[tensor],
-                totals.A_all,
-                np.array(self.sum_M),
-                rel_step,
-                totals.scale["dW" if tensor == "dX" else "dX"],
-            )
-        )
-        self.generators = [np.random.default_rng([seed, 0, d]) for d in range(count)]
-        if tensor == "dW":  # every block needs all of each direction: kept as bits
-            self.words = [
-                _sign_words(np.random.default_rng([seed, 1, d]), W.shape) for d in range(count)
-            ]
-        self.difference = np.zeros(count)
+    def __init__(self, tensor: str, rows: Rows, count: int, seed: int, sum_M, reference=None):
+        self.tensor, self.count = tensor, count
+        self.N, self.D_in, self.D_out = rows.N, rows.D_in, rows.D_out
+        self.sum_M = sum_M  # (tensor) -> an upper bound on Σ M over the entries, once summed
+        self.reference = reference  # dW's, whole, once the rows are summed (a callable)
+        code = 0 if tensor == "dX" else 1
+        self.row_signs = np.random.default_rng([seed, 2, code])  # a, block by block (dX)
+        self.b = _signs(np.random.default_rng([seed, 3, code]), count, self.D_in)
+        self.estimate = np.zeros(count)
         self.predicted = np.zeros(count)
-        self.share_magnitude = np.zeros(count)  # Σ|d̂|
-        self.sum_r = 0.0  # Σ|r| (dX, block by block)
-
-    def _steps(self, d: int, shape) -> np.ndarray:
-        """h·v for direction d: X's next rows from its generator; all of W, the same each time."""
-        words = self.words[d] if self.tensor == "dW" else _sign_words(self.generators[d], shape)
-        bits = np.unpackbits(words.view(np.uint8), axis=1, count=shape[1], bitorder="little")
-        return np.where(bits.view(bool), self.h, -self.h)
+        self.terms = np.zeros((3, count))  # the witness bound's three sums, as named above
+        self.typical = np.zeros((3, count))  # the same with √k u for γ_k (typical errors)
+        if tensor == "dX":
+            self.passes = count / self.N
+            self.f = forward(self.b, rows.W, None)  # F₀(b): count × D_out
+            self.m = np.abs(rows.W).sum(axis=1)
+            self.g = np.zeros((count, self.D_out))  # Gᵀ a, summed over the blocks
+            self.c = np.zeros(self.D_out)  # Σₙ |G[n, i]|
+        else:
+            self.passes = count / self.D_out
+            self.u = _signs(np.random.default_rng([seed, 4, code]), count, self.D_out)
 
     def add(self, rows: slice, block: Workspace) -> None:
         if self.tensor == "dX":
-            ref = block.reference("dX") if self.reference is None else self.reference[rows]
-            self.sum_r += float(np.sum(np.abs(ref)))
-            for d in range(self.count):
-                hv = self._steps(d, block.X.shape)
-                plus, minus = block.X + hv, block.X - hv
-                diffs = np.einsum("ni,ni->n", forward(plus, block.W, block.B), block.G)
-                diffs -= np.einsum("ni,ni->n", forward(minus, block.W, block.B), block.G)
-                plus -= minus  # Δ, in place
-                # einsum's own loop, not a BLAS dot product, whose order depends on the threads.
-                self.predicted[d] += float(np.einsum("ij,ij->", ref, plus))
-                self._add_shares(d, diffs)
+            a = _signs(self.row_signs, block.N, self.count)  # block.N × count
+            self.g += a.T @ block.G
+            self.c += block.sum_G_cols
+            # einsum's own loop, not a BLAS dot product, whose order depends on the threads.
+            self.predicted += np.einsum("nk,nk->k", a, block.reference("dX") @ self.b.T)
             return
-        for d in range(self.count):
-            hv = self._steps(d, self.W.shape)
-            plus, minus = self.W + hv, self.W - hv
-            diffs = np.einsum("ni,ni->i", forward(block.X, plus, block.B), block.G)
-            diffs -= np.einsum("ni,ni->i", forward(block.X, minus, block.B), block.G)
-            self._add_shares(d, diffs)
-            if rows.start == 0:  # Δ is the same for every block
-                plus -= minus
-                self.predicted[d] = float(np.einsum("ij,ij->", self.reference, plus))
-
-    def _add_shares(self, d: int, diffs: np.ndarray) -> None:
-        self.difference[d] += float(np.sum(diffs))
-        self.share_magnitude[d] += float(np.sum(np.abs(diffs)))
+        g_D_out = gamma(self.D_out, U64)
+        p = forward(block.X, self.b, None)  # F₀(X; v): block.N × count
+        q = block.G @ self.u.T
+        sigma, rho = block.sum_G_rows, block.sum_X_rows
+        self.estimate += np.einsum("nk,nk->k", q, p)
+        ap, aq = np.abs(p), np.abs(q)
+        self.terms[0] += sigma @ ap
+        self.terms[1] += rho @ aq + g_D_out * float(sigma @ rho)
+        self.terms[2] += np.einsum("nk,nk->k", aq, ap)
 
     def result(self) -> Directions:
-        T = self.totals
-        if self.tensor == "dW":
-            self.sum_r = float(np.sum(np.abs(self.reference)))
-            n_ops, parts = T.D_in + 1 + T.most_rows, T.D_out * T.blocks
+        g, N, D_in, D_out = gamma, self.N, self.D_in, self.D_out
+        if self.tensor == "dX":
+            c = upper_sum(self.c, N)
+            self.estimate = np.einsum("ki,ki->k", self.g, self.f)
+            af, ag = np.abs(self.f), np.abs(self.g)
+            m = upper_sum(self.m, D_in)
+            sums = (af @ c, (ag + g(N, U64) * c) @ m, np.einsum("ki,ki->k", ag, af))
+            sums = tuple(upper_sum(s, D_out) for s in sums)  # each a float64 sum of D_out
+            ks = (N, D_in, D_out)
+            count, P, k = D_out, N * D_in, D_out
         else:
-            n_ops, parts = T.D_in + 1 + T.D_out, T.N
-        tolerance, typical, small = directions_tolerance(
-            h=self.h,
-            scale=T.scale[self.tensor],
-            A_all=T.A_all,
-            sum_M=self.sum_M,
-            sum_r=self.sum_r,
-            share_magnitude=self.share_magnitude,
-            n_ops=n_ops,
-            parts=parts,
-            P=T.D_in * (T.N if self.tensor == "dX" else T.D_out),
-            k=T.terms(self.tensor),
-            blocks=T.blocks,
-            G_mass=float(upper_sum(np.array(float(T.sum_G_cols.sum())), T.D_out * T.blocks)),
-            k_Y=T.D_in + 1,
-        )
+            reference = self.reference()
+            self.predicted = np.einsum("ki,ik->k", self.u, reference @ self.b.T)
+            sums = tuple(upper_sum(t, N) for t in self.terms)
+            ks = (D_out, D_in, N)
+            count, P, k = N, D_out * D_in, N
+        worst = sum(g(kk, U64) * s for kk, s in zip(ks, sums)) + count * ETA64
+        typical = sum(np.sqrt(kk) * U64 * s for kk, s in zip(ks, sums))
+        sum_M = self.sum_M(self.tensor)
+        shape_sum = N + D_in if self.tensor == "dX" else D_out + D_in
+        # aᵀ r̂ b within γ Σ|r̂| ≤ γ (1 + γ_k) ΣM, and r̂ within ΣE of the exact along V
+        along = g(shape_sum, U64) * (1.0 + g(k, U64)) * sum_M
+        reference = along + g(k, U64) * sum_M + 2 * k * ETA64 * P
+        tolerance = (worst + reference) * (1.0 + 2.0**-50)
         return Directions(
-            difference=self.difference.copy(),
+            difference=self.estimate.copy(),
             predicted=self.predicted.copy(),
             tolerance=tolerance,
-            typical=np.full(self.count, typical),
-            step=np.full(self.count, small),
-            passes=2 * self.count,
+            typical=typical + np.sqrt(k) * U64 * sum_M,
+            step=np.ones(self.count),
+            passes=self.passes,
         )

@@ -231,6 +231,10 @@ class Workspace(tensors.Sizes):
     def reference(self, tensor: str, cols: np.ndarray | None = None) -> np.ndarray:
         """The analytic values of a block, in float64: G W, Gᵀ X, Σₙ G or X Wᵀ + B."""
         sel: slice | np.ndarray = slice(None) if cols is None else cols
+        if tensor == "dX" and cols is None:  # a row block's: its check and witness share it
+            if "_dX" not in self.__dict__:
+                self.__dict__["_dX"] = self.G @ self.W
+            return self.__dict__["_dX"]
         if tensor == "dX":
             return self.G @ self.W[:, sel]
         if tensor == "dW":

@@ -133,10 +133,10 @@ def witness_directions(
     """:class:`DirectionsWitness` of an in-memory layer (``reference`` whole, dX or dW)."""
     rows = streaming.Rows(layer.X, layer.W, layer.B, layer.G)
     totals = streaming.Totals(rows)
-    blocks = list(rows)
-    for _, block in blocks:
+    found = streaming.DirectionsWitness(tensor, rows, count, seed, totals.sum_M, lambda: reference)
+    for r, block in rows:
         totals.add(block)
-    found = streaming.DirectionsWitness(tensor, totals, rows.W, count, seed, reference)
-    for r, block in blocks:
+        if tensor == "dX":  # the witness reads the block's reference: make it the one given
+            block.__dict__["_dX"] = reference[r]
         found.add(r, block)
     return found.result()

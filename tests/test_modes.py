@@ -73,7 +73,9 @@ def test_directions_mode_report(rng):
     assert report.passed
     assert by["dX"].mode == "directions" and by["dX"].checked == 5
     assert by["dX"].worst_index is None and by["dX"].min_detectable_error > 0
-    assert report.witness["forward_passes"] == 2 * 5 * 2 + 2
+    # 5 rows through the layer for dX's directions, 5 units for dW's, two passes of one
+    # row for dB's slopes: about 0.4 of one forward pass of the 40 rows, counted whole.
+    assert report.witness["forward_passes"] == np.ceil(5 / 40 + 5 / 20 + 2 / 40) == 1
     assert report.as_dict()["checks"][0]["mode"] == "directions"
 
 
@@ -208,3 +210,75 @@ def test_memory_mapped_inputs_are_checked_a_block_at_a_time(tmp_path, monkeypatc
     assert [h.code for h in report.hints] == ["not_diagnosed"]  # a diagnosis holds it all
     float64_X = 8 * N * D_in
     assert peak < float64_X / 4, (peak, float64_X)
+
+
+@pytest.mark.parametrize("tensor", ["dX", "dW"])
+def test_rank_one_directions_are_within_their_bound_of_the_exact_derivative(rng, tensor):
+    """Each direction's witness against ⟨∇L, a bᵀ⟩ summed exactly (fractions), on inputs
+    spread over 40 orders of magnitude, whose sums cancel: the bound must hold there too,
+    and stay far below the sizes involved (a vacuous bound would hold anywhere)."""
+    from fractions import Fraction
+
+    N, D_in, D_out, K, seed = 7, 5, 4, 6, 3
+    spread = lambda *shape: rng.standard_normal(shape) * 10.0 ** rng.integers(-20, 20, shape)  # noqa: E731
+    X, W, B, G = spread(N, D_in), spread(D_out, D_in), spread(D_out), spread(N, D_out)
+    L = workspace.Workspace(X, W, B, G)
+    found = oracles.witness_directions(L, tensor, L.reference(tensor), K, seed)
+    code = 0 if tensor == "dX" else 1
+    b = streaming._signs(np.random.default_rng([seed, 3, code]), K, D_in)
+    if tensor == "dX":
+        a = streaming._signs(np.random.default_rng([seed, 2, code]), N, K).T  # K × N
+    else:
+        a = streaming._signs(np.random.default_rng([seed, 4, code]), K, D_out)  # u: K × D_out
+    x, w, g = ([[Fraction(v) for v in row] for row in M] for M in (X, W, G))
+    for k in range(K):
+        if tensor == "dX":  # Σₙⱼ a[n] b[j] Σᵢ G[n, i] W[i, j]
+            exact = sum(
+                int(a[k, n]) * int(b[k, j]) * g[n][i] * w[i][j]
+                for n in range(N) for j in range(D_in) for i in range(D_out)
+            )  # fmt: skip
+            terms = ((n, i, j) for n in range(N) for i in range(D_out) for j in range(D_in))
+            size = sum(abs(g[n][i] * w[i][j]) for n, i, j in terms)
+        else:  # Σᵢⱼ u[i] v[j] Σₙ G[n, i] X[n, j]
+            exact = sum(
+                int(a[k, i]) * int(b[k, j]) * g[n][i] * x[n][j]
+                for i in range(D_out) for j in range(D_in) for n in range(N)
+            )  # fmt: skip
+            terms = ((n, i, j) for n in range(N) for i in range(D_out) for j in range(D_in))
+            size = sum(abs(g[n][i] * x[n][j]) for n, i, j in terms)
+        assert abs(Fraction(found.difference[k]) - exact) <= Fraction(found.tolerance[k])
+        assert abs(Fraction(found.predicted[k]) - exact) <= Fraction(found.tolerance[k])
+        assert found.tolerance[k] < 1e-12 * float(size)
+
+
+def test_the_partial_witnesses_catch_a_wrong_reference(rng, monkeypatch):
+    """A planted bug in the reference itself (one entry of dX and of dW, one of dB) fails the
+    reference's check against the witness, in both partial modes, and nothing else."""
+    X, W, B, G = layer(rng, 30, 9, 6)
+    plants = {"dX": (17, 4), "dW": (5, 2), "dB": (3,)}
+    true_reference = workspace.Workspace.reference
+    true_totals = streaming.Totals.reference
+
+    def planted(tensor, ref):
+        ref = np.array(ref, copy=True)
+        if tensor in plants:
+            index = plants[tensor]
+            if tensor == "dX" and ref.shape[0] != 30:  # a row block: the plant's row only
+                return ref
+            ref[index] += 1e-3 * (1 + abs(ref[index]))
+        return ref
+
+    def workspace_reference(self, t, cols=None):
+        return planted(t, true_reference(self, t, cols))
+
+    def totals_reference(self, t, cols=None):
+        return planted(t, true_totals(self, t, cols))
+
+    monkeypatch.setattr(workspace.Workspace, "reference", workspace_reference)
+    monkeypatch.setattr(streaming.Totals, "reference", totals_reference)
+    for mode in ("directions", "sample"):
+        report = check(X, W, B, G, mode=mode, samples=54 * 9, seed=1)
+        failed = sorted((c.tensor, c.oracle) for c in report.failed)
+        assert ("dB", "witness") in failed
+        if mode == "directions":
+            assert failed == [("dB", "witness"), ("dW", "witness"), ("dX", "witness")]
