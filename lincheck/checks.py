@@ -380,7 +380,12 @@ def _run_streamed(
         for tensor in ("dX", "Y"):
             if tensor in usable:
                 M, S = block.magnitude(tensor)
-                by_tensor[tensor].add(block, None, M, S, None, rows=r)
+                if tensor == "dX":  # whole, once: its chunks and dX's witness share it
+                    block.reference("dX")
+                for sub, chunk in block.row_chunks():
+                    part = (M[sub], tuple(x[sub] if x.shape[0] == block.N else x for x in S))
+                    span = slice(r.start + sub.start, r.start + sub.stop)
+                    by_tensor[tensor].add(chunk, None, *part, None, rows=span)
         for w in found.values():
             w.add(r, block)
         done += total * (r.stop - r.start) / rows.N

@@ -22,7 +22,7 @@ from typing import cast
 import numpy as np
 
 from . import tensors
-from .bounds import ETA64, U64, block_sum_bound, upper_sum
+from .bounds import ETA64, U64, abs_product, block_sum_bound, upper_product, upper_sum
 from .core import forward
 from .precision import gamma
 from .witness import (
@@ -118,6 +118,7 @@ class Totals(tensors.Sizes):
         self.dW = np.zeros((D_out, D_in))
         # |G|ᵀ|X|, a product as costly as a forward pass: only for checking a dW subject.
         self.M_dW = np.zeros((D_out, D_in)) if dW_magnitudes else None
+        self.M_dW_in32, self.most_rows = False, 0  # (abs_product, the rows of its sums)
         self.Q_dW = np.zeros((D_out, D_in)) if dW_squares else None  # Σₙ G² X², if asked
         # dW and dB from the inputs as a model's kernel converted them ("dY", "X": 2-D
         # arrays), for the conversions' exact shift (plan.conversion_shift).
@@ -148,8 +149,11 @@ class Totals(tensors.Sizes):
         np.maximum(self.max_X_cols, block.aX.max(axis=0, initial=0.0), out=self.max_X_cols)
         self.squares_G_cols += block.squares("dB")
         self.dW += block.G.T @ block.X
-        if self.M_dW is not None:
-            self.M_dW += upper_sum(block.aG.T @ block.aX, block.N)
+        if self.M_dW is not None:  # bounded up once summed (magnitude)
+            M, in32 = abs_product(block.aG.T, block.aX)
+            self.M_dW += M
+            self.M_dW_in32 = self.M_dW_in32 or in32
+            self.most_rows = max(self.most_rows, block.N)
         if self.Q_dW is not None:
             self.Q_dW += block.squares("dW")
         self.dB += block.G.sum(axis=0)
@@ -210,8 +214,18 @@ class Totals(tensors.Sizes):
         k = max(self.N, self.D_in, self.D_out) + 1
         if tensor == "dW":
             S = (self._outer(self.sum_X_cols)[None, sel], self._outer(self.sum_G_cols)[:, None])
+            S = tuple(upper_sum(x, k) for x in S)
             M_dW = cast(np.ndarray, self.M_dW)  # kept whenever a dW subject is checked
-            return self._outer(M_dW[:, sel]), tuple(upper_sum(x, k) for x in S)
+            # The blocks' products, each of its own rows, summed in float64 (one order of
+            # the N terms, like dW's own sum): one bound for all, γ over a block's rows.
+            M = upper_product(
+                upper_sum(M_dW[:, sel], self.blocks),
+                self.N,
+                self.M_dW_in32,
+                S[0] + S[1] if self.M_dW_in32 else None,
+                k_gamma=self.most_rows,
+            )
+            return M, S
         return upper_sum(self._outer(self.sum_G_cols), self.N), (float(self.N),)
 
     def sum_M(self, tensor: str) -> float:

@@ -8,6 +8,7 @@ entries, an error map pooled by maximum and a histogram of error / tolerance.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -203,11 +204,16 @@ class Tally:
         rows_all, cols_all = self.shape or (R, C)  # set whenever there is a map
         whole = (R, C) == (rows_all, cols_all)  # a cell per entry: no pooling to do
         bins = len(RATIO_BINS) - 1
+        first = flat.first  # set when the block's entries are contiguous
+        rows_only = first is not None and first % cols_all == 0 and ratio.size % cols_all == 0
+        if not whole and rows_only:  # whole rows: pooled at once
+            self._pool_rows(ratio.reshape(-1, cols_all), first // cols_all)
         for start in range(0, ratio.size, CHUNK):
             r = ratio[start : start + CHUNK]
             cells = self.map.reshape(-1)  # a view: the map is contiguous
-            first = flat.first  # set when the block's entries are contiguous
-            if whole and first is not None:
+            if not whole and rows_only:
+                pass  # pooled above
+            elif whole and first is not None:
                 run = cells[first + start : first + start + r.size]
                 np.maximum(run, r, out=run)
             elif whole:
@@ -223,6 +229,21 @@ class Tally:
             index[r == 0] = 0
             index[np.isinf(r)] = bins - 1
             self.histogram += np.bincount(index, minlength=bins)
+
+    def _pool_rows(self, ratio: np.ndarray, row: int) -> None:
+        """Pool whole rows (``ratio``, rows ``row`` on of the tensor) into the map: the
+        largest of each run of columns that shares a cell, then of each run of rows, in
+        two ``reduceat`` calls rather than an unbuffered ``maximum.at`` per entry."""
+        R, C = self.map.shape
+        rows_all, cols_all = cast(tuple[int, int], self.shape)
+        col_cells = np.arange(cols_all) * C // cols_all
+        col_starts = np.flatnonzero(np.diff(col_cells, prepend=-1))
+        by_cols = np.maximum.reduceat(ratio, col_starts, axis=1)  # rows × C
+        row_cells = (row + np.arange(ratio.shape[0])) * R // rows_all
+        row_starts = np.flatnonzero(np.diff(row_cells, prepend=-1))
+        pooled = np.maximum.reduceat(by_cols, row_starts, axis=0)
+        cells = row_cells[row_starts]
+        self.map[cells] = np.maximum(self.map[cells], pooled)
 
     @property
     def conclusive(self) -> bool:

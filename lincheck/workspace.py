@@ -15,7 +15,7 @@ from functools import cached_property
 import numpy as np
 
 from . import tensors
-from .bounds import upper_sum
+from .bounds import abs_product, upper_product, upper_sum
 from .core import forward
 
 BLOCK_BYTES = 32 * 2**20
@@ -55,6 +55,32 @@ class Workspace(tensors.Sizes):
         # copies of X runs slower than the passes one by one (measured at (256, 512, 256):
         # 27 ms against 17 ms for 20 passes), so dX's columns then go one at a time.
         self.column_at_a_time = self.N * self.D_in * self.D_out >= 2**20
+
+    def row_chunks(self, entries: int = 2**16) -> Iterator[tuple[slice, Workspace]]:
+        """The layer cut into blocks of whole rows of about ``entries`` values of dX each
+        (one block if it is no larger), each a Workspace of its rows that shares what this
+        one computed already: W's values and sums, and row slices of |X|, |G|, MY and dX's
+        reference. The per-entry work of a check (tolerances, comparisons) runs in
+        temporaries a few times the size of one row chunk, which stay in the processor's
+        cache: measured about three times faster than the same work on 2¹⁹ entries at once.
+        """
+        per = max(1, entries // max(self.D_in, self.D_out, 1))
+        if per >= self.N:
+            yield slice(0, self.N), self
+            return
+        for start in range(0, self.N, per):
+            rows = slice(start, min(start + per, self.N))
+            view = Workspace(self.X[rows], self.W, self.B, self.G[rows])
+            shared = view.__dict__
+            for name in ("aW", "sum_W_rows", "sum_W_cols"):
+                if name in self.__dict__:
+                    shared[name] = self.__dict__[name]
+            for name in ("aX", "aG", "MY", "_dX", "sum_G_rows", "sum_X_rows"):
+                if name in self.__dict__:
+                    shared[name] = self.__dict__[name][rows]
+            if "W" in self.__dict__.get("_squares", {}):
+                shared["_squares"] = {"W": self.__dict__["_squares"]["W"]}
+            yield rows, view
 
     # Everything below is computed on first use: a block of rows that only goes through
     # perturbed forward passes (random directions) needs none of it.
@@ -150,17 +176,18 @@ class Workspace(tensors.Sizes):
         sel: slice | np.ndarray = slice(None) if cols is None else cols
         k = max(self.N, self.D_in, self.D_out) + 1
         if tensor == "dX":  # operands G, W
-            M = self.aG @ self.aW[:, sel]
+            M, in32 = abs_product(self.aG, self.aW[:, sel])
             S = (self.sum_W_cols[None, sel], self.sum_G_rows[:, None])
         elif tensor == "dW":  # operands G, X
-            M = self.aG.T @ self.aX[:, sel]
+            M, in32 = abs_product(self.aG.T, self.aX[:, sel])
             S = (self.sum_X_cols[None, sel], self.sum_G_cols[:, None])
         elif tensor == "dB":
             return self.sum_G_cols, (float(self.N),)
         else:  # operands X, W
             S = (self.sum_W_rows[None, :], self.sum_X_rows[:, None])
             return self.MY, tuple(upper_sum(x, k) for x in S)
-        return upper_sum(M, self.terms(tensor)), tuple(upper_sum(x, k) for x in S)
+        S = tuple(upper_sum(x, k) for x in S)
+        return upper_product(M, self.terms(tensor), in32, S[0] + S[1] if in32 else None), S
 
     def largest(self, tensor: str, cols: np.ndarray | None = None):
         """An upper bound on each entry's largest |term|, from row and column maxima: for

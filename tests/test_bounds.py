@@ -258,3 +258,32 @@ def test_extreme_but_finite_scales_get_a_verdict_not_an_overflow_claim(scales, m
     report = lincheck.check(X, W, B, G, mode=mode, method=method)
     assert report.passed, [(c.tensor, c.bound_ratio, c.message) for c in report.checks]
     assert all(np.isfinite(c.bound_ratio) for c in report.checks)
+
+
+@pytest.mark.parametrize("spread", ["normal", "tiny"])
+def test_magnitudes_summed_in_float32_are_bounded_up(rng, monkeypatch, spread):
+    """A product of absolute values computed in float32 (as large layers' magnitudes are),
+    bounded up by ``upper_product``, is never below the exact product (summed in fractions),
+    values below float32's normal range included; and no more than 0.1% above it when the
+    values are in range (a bound that merely holds could be vacuous)."""
+    from fractions import Fraction
+
+    from lincheck import bounds
+
+    monkeypatch.setattr(bounds, "ABS32_WORK", 0)  # float32 at any size
+    if spread == "normal":
+        a = rng.exponential(size=(6, 40)) * 10.0 ** rng.integers(-8, 8, (6, 40))
+        b = rng.exponential(size=(40, 5)) * 10.0 ** rng.integers(-8, 8, (40, 5))
+    else:  # around and below 2⁻¹²⁶ ≈ 1.2e-38, where float32 loses digits or flushes to zero
+        a = rng.exponential(size=(6, 40)) * 10.0 ** rng.integers(-45, -38, (6, 40))
+        b = rng.exponential(size=(40, 5))
+    computed, in32 = bounds.abs_product(a, b)
+    assert in32
+    sums = a.sum(axis=1)[:, None] + b.sum(axis=0)[None, :]
+    upper = bounds.upper_product(computed, 40, in32, bounds.upper_sum(sums, 40))
+    for i in range(6):
+        for j in range(5):
+            exact = sum(Fraction(a[i, t]) * Fraction(b[t, j]) for t in range(40))
+            assert Fraction(upper[i, j]) >= exact
+            if spread == "normal":
+                assert upper[i, j] <= float(exact) * (1 + 1e-3)

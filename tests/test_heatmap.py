@@ -130,3 +130,32 @@ def test_error_map_pools_the_largest_ratio(rng):
     assert np.array_equal(tally.map, want)
     assert tally.histogram.sum() == 7000
     assert np.array_equal(tally.histogram, np.histogram(ratio, RATIO_BINS)[0])
+
+
+@pytest.mark.parametrize("blocks", ["rows", "columns"])
+def test_error_map_pools_cells_of_many_rows_and_columns(rng, blocks):
+    """A map smaller than the tensor both ways, filled by blocks of whole rows (pooled in two
+    reductions) or of columns (entry by entry): each cell is the largest ratio of its entries."""
+    from lincheck.tally import MAP_CELLS, Positions, Tally
+
+    shape = (1000, 700)
+    ratio = rng.exponential(size=shape)
+    tally = Tally(shape=shape)
+    zeros, ones = np.zeros(shape), np.ones(shape)
+    if blocks == "rows":
+        for start, stop in [(0, 3), (3, 300), (300, 301), (301, 1000)]:
+            rows = slice(start, stop)
+            where = Positions.of_block(shape, None, rows)
+            tally.add(ratio[rows], zeros[rows], ones[rows], 1.0, where)
+    else:
+        for cols in np.array_split(np.arange(700), 3):
+            where = Positions.of_block(shape, cols)
+            tally.add(ratio[:, cols], zeros[:, cols], ones[:, cols], 1.0, where)
+    R, C = MAP_CELLS
+    want = np.zeros((R, C))
+    for n in range(shape[0]):  # the cells by their definition, entry by entry
+        for j in range(shape[1]):
+            cell = (n * R // shape[0], j * C // shape[1])
+            want[cell] = max(want[cell], ratio[n, j])
+    assert np.array_equal(tally.map, want)
+    assert tally.histogram.sum() == ratio.size
