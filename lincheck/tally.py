@@ -206,7 +206,7 @@ class Tally:
         bins = len(RATIO_BINS) - 1
         first = flat.first  # set when the block's entries are contiguous
         rows_only = first is not None and first % cols_all == 0 and ratio.size % cols_all == 0
-        if not whole and rows_only:  # whole rows: pooled at once
+        if not whole and rows_only and first is not None:  # whole rows: pooled at once
             self._pool_rows(ratio.reshape(-1, cols_all), first // cols_all)
         for start in range(0, ratio.size, CHUNK):
             r = ratio[start : start + CHUNK]
