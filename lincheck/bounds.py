@@ -96,18 +96,22 @@ ABS32_TERMS = 2**12
 _U32, _TINY32, _MAX32 = 2.0**-24, 2.0**-126, float(np.finfo(np.float32).max)
 
 
-def abs_product(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, bool]:
+def abs_product(a: np.ndarray, b: np.ndarray, a32=None, b32=None) -> tuple[np.ndarray, bool]:
     """(a @ b, whether in float32) for non-negative a and b, to be bounded up by
-    :func:`upper_product`: in float32 when the product is large (ABS32_WORK multiply-adds),
-    its k ≤ ABS32_TERMS, its operands fit float32 and the result is finite; else float64."""
+    :func:`upper_product`: in float32 when the product is large (ABS32_WORK multiply-adds)
+    and its k ≤ ABS32_TERMS, unless a value or the result overflows float32; else in
+    float64. ``a32``, ``b32``: functions giving a and b converted to float32, if kept
+    elsewhere (a value too large for float32 becomes infinite there, and so does, or
+    NaN, every product it meets)."""
     k = a.shape[-1]
     work = a.shape[0] * k * b.shape[-1]
     if work >= ABS32_WORK and k <= ABS32_TERMS:
         with np.errstate(over="ignore", invalid="ignore"):
-            if a.max(initial=0.0) < _MAX32 and b.max(initial=0.0) < _MAX32:
-                product = a.astype(np.float32) @ b.astype(np.float32)
-                if np.isfinite(product).all():
-                    return product.astype(np.float64), True
+            product = (a.astype(np.float32) if a32 is None else a32()) @ (
+                b.astype(np.float32) if b32 is None else b32()
+            )
+            if np.isfinite(product.max(initial=0.0)):  # NaN and ∞ both show in the max
+                return product, True
     return a @ b, False
 
 
@@ -132,7 +136,7 @@ def upper_product(computed, k: int, in32: bool, sums, k_gamma: int | None = None
     kg = k if k_gamma is None else k_gamma
     grow = 1.0 / (1.0 - _U32) ** 2  # ≥ (1 + u)/(1 − u) as well
     scale = grow / (1.0 - kg * _U32 / (1.0 - kg * _U32))
-    out = computed + k * _TINY32
+    out = np.add(computed, k * _TINY32, dtype=np.float64)
     out *= scale
     out += (grow * _TINY32) * sums
     out += 3 * k * _TINY32 * _TINY32

@@ -258,7 +258,7 @@ class Tallies:
                 tol = certain if sub.certain_only else own.statistical + o_worst
                 tier = "rigorous bound" if sub.certain_only else "statistical tolerance"
                 self.rules["subject"] = f"{own.rule}; {tier} + {oracle} bound"
-                typical = np.sqrt(own.typical**2 + o_typ**2)
+                typical = np.hypot(own.typical, o_typ)
             else:
                 tol = sub.allclose[0] + sub.allclose[1] * np.abs(o)
                 self.rules["subject"] = _allclose_rule(sub.allclose, oracle)

@@ -703,15 +703,19 @@ def subject_bound(
                 stat += c_p * (1.0 + e_conv) * v
         if ordered is not None and acc.truncates:
             stat += (c * (1.0 + e) * (1.0 + F)) * np.abs(ordered)
-        stat += P * v
+        if P:
+            stat += P * v
         if tensor == "Y" and model.bias == "separate" and bias is not None:
             # X Wᵀ is rounded before B is added: that rounding sees |X Wᵀ| ≤ |v| + |b|.
             stat += model.out.u * np.abs(bias)
-        stat *= 1.0 + P
+        if P:
+            stat *= 1.0 + P
         stat += under
         stat *= SAFETY
         statistical = np.minimum(stat, worst, out=stat) if np.ndim(stat) else min(stat, worst)
-        typical = np.maximum(statistical - under, 0.0) / LAMBDA
+        typical = np.subtract(statistical, under)
+        typical = np.maximum(typical, 0.0, out=typical if np.ndim(typical) else None)
+        typical *= 1.0 / LAMBDA
     return ErrorBound(worst, statistical, typical, _rule(model, tensor, operands, c_p, outs))
 
 

@@ -57,6 +57,10 @@ def row_blocks(N: int, D_in: int, D_out: int) -> list[slice]:
     return [slice(start, min(start + size, N)) for start in range(0, N, size)]
 
 
+_OF_W = ("aW", "sum_W_rows", "sum_W_cols")
+"""A block's cached values that depend on W alone (:class:`Workspace`)."""
+
+
 class Rows:
     """A layer read a block of rows at a time.
 
@@ -83,8 +87,14 @@ class Rows:
         self.slices = row_blocks(self.N, self.D_in, self.D_out)
 
     def __iter__(self) -> Iterator[tuple[slice, Workspace]]:
+        shared: dict = {}  # what the blocks compute of W alone: computed once
         for rows in self.slices:
-            yield rows, Workspace(self.X[rows], self.W, self.B, self.G[rows])
+            block = Workspace(self.X[rows], self.W, self.B, self.G[rows])
+            block.__dict__.update(shared)
+            yield rows, block
+            shared = {k: v for k, v in block.__dict__.items() if k in _OF_W}
+            if "W" in block.__dict__.get("_abs32", {}):
+                shared["_abs32"] = {"W": block.__dict__["_abs32"]["W"]}
 
 
 class Totals(tensors.Sizes):
@@ -150,7 +160,9 @@ class Totals(tensors.Sizes):
         self.squares_G_cols += block.squares("dB")
         self.dW += block.G.T @ block.X
         if self.M_dW is not None:  # bounded up once summed (magnitude)
-            M, in32 = abs_product(block.aG.T, block.aX)
+            M, in32 = abs_product(
+                block.aG.T, block.aX, lambda: block.abs32("G").T, lambda: block.abs32("X")
+            )
             self.M_dW += M
             self.M_dW_in32 = self.M_dW_in32 or in32
             self.most_rows = max(self.most_rows, block.N)

@@ -152,26 +152,40 @@ class Tally:
         s, o = np.ravel(subject), np.ravel(oracle)
         tol, typ = (_flat_like(a, subject) for a in (tolerance, typical))
         cert = tol if certain is None else _flat_like(certain, subject)
-        err = np.abs(s - o)
-        exact = err == 0
+        # Ratios are 0 where the error is 0 (even against a zero tolerance), else err / x:
+        # a divide where the error is not 0 into zeros, or, where only the largest is
+        # wanted, a plain divide whose 0/0 (NaN) the NaN-ignoring maximum passes over.
+        # (Few passes over the block: this runs on every entry of every check.)
+        err = np.subtract(s, o)
+        np.abs(err, out=err)
         a_o = np.abs(o)
+        ratio = np.zeros_like(err)
+        np.divide(err, tol, out=ratio, where=err != 0)
+        scratch = np.empty_like(err)
+
+        def largest_of(values) -> float:
+            return float(np.fmax.reduce(values, initial=0.0)) if values.size else 0.0
+
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(exact, 0.0, err / tol)
-            rel = np.where(exact, 0.0, err / a_o)
-            typ_ratio = np.where(exact, 0.0, err / typ)
-            cert_ratio = ratio if certain is None else np.where(exact, 0.0, err / cert)
-            resolved = np.where(a_o == 0, 0.0, a_o / tol)
+            self.max_rel = max(self.max_rel, largest_of(np.divide(err, a_o, out=scratch)))
+            typical_max = largest_of(np.divide(err, typ, out=scratch))
+            self.max_typical_ratio = max(self.max_typical_ratio, typical_max)
+            by_cert = ratio if certain is None else np.divide(err, cert, out=scratch)
+            certain_max = largest_of(by_cert)
+            self.max_certain_ratio = max(self.max_certain_ratio, certain_max)
+            self.resolution = max(self.resolution, largest_of(np.divide(a_o, tol, out=scratch)))
         self.count += s.size
-        self.exceeded += s.size - int(np.count_nonzero(err <= tol))
-        self.certain_exceeded += s.size - int(np.count_nonzero(err <= cert))
-        self.max_certain_ratio = max(self.max_certain_ratio, float(cert_ratio.max(initial=0.0)))
-        self.resolution = max(self.resolution, float(resolved.max(initial=0.0)))
+        exceeded = s.size - int(np.count_nonzero(err <= tol))
+        self.exceeded += exceeded
+        if certain is not None:
+            exceeded = s.size - int(np.count_nonzero(err <= cert))
+        self.certain_exceeded += exceeded
         self.largest = max(self.largest, float(a_o.max(initial=0.0)))
-        self.unbounded += int(np.count_nonzero(np.isinf(tol)))
+        if tol.size and tol.max() == np.inf:
+            self.unbounded += int(np.count_nonzero(np.isinf(tol)))
         self.max_abs = max(self.max_abs, float(err.max(initial=0.0)))
-        self.max_rel = max(self.max_rel, float(rel.max(initial=0.0)))
-        self.max_typical_ratio = max(self.max_typical_ratio, float(typ_ratio.max(initial=0.0)))
-        self.detectable = max(self.detectable, float((tol + err).max(initial=0.0)))
+        detectable = float(np.add(tol, err, out=scratch).max(initial=0.0))
+        self.detectable = max(self.detectable, detectable)
         # The block's best few by rank (:func:`rank`), merged with those kept so far.
         k = min(self.top, ratio.size)
         if k:
@@ -223,11 +237,12 @@ class Tally:
                 rows, cols = np.divmod(flat(np.arange(start, start + r.size)), cols_all)
                 np.maximum.at(self.map, (rows * R // rows_all, cols * C // cols_all), r)
             # Bin i holds [RATIO_BINS[i], RATIO_BINS[i + 1]): r = m·2ᵉ with ½ ≤ m < 1 lies in
-            # [2ᵉ⁻¹, 2ᵉ), bin e − RATIO_OCTAVES[0]; zero joins the first bin, infinity the last.
-            index = np.frexp(r)[1] - RATIO_OCTAVES[0]
-            np.minimum(np.maximum(index, 0, out=index), bins - 1, out=index)
-            index[r == 0] = 0
-            index[np.isinf(r)] = bins - 1
+            # [2ᵉ⁻¹, 2ᵉ), bin e − RATIO_OCTAVES[0], and e is the stored exponent less 1022:
+            # read off the bits. Zero and subnormals (stored exponent 0) clip to the first
+            # bin, infinity (2047) to the last.
+            index = np.ascontiguousarray(r).view(np.int64) >> 52
+            index -= 1022 + RATIO_OCTAVES[0]
+            np.clip(index, 0, bins - 1, out=index)
             self.histogram += np.bincount(index, minlength=bins)
 
     def _pool_rows(self, ratio: np.ndarray, row: int) -> None:
@@ -236,9 +251,15 @@ class Tally:
         two ``reduceat`` calls rather than an unbuffered ``maximum.at`` per entry."""
         R, C = self.map.shape
         rows_all, cols_all = cast(tuple[int, int], self.shape)
-        col_cells = np.arange(cols_all) * C // cols_all
-        col_starts = np.flatnonzero(np.diff(col_cells, prepend=-1))
-        by_cols = np.maximum.reduceat(ratio, col_starts, axis=1)  # rows × C
+        if cols_all % C == 0:  # cells of equal width w: the maximum of w strided slices
+            w = cols_all // C
+            by_cols = ratio[:, ::w].copy()
+            for t in range(1, w):
+                np.maximum(by_cols, ratio[:, t::w], out=by_cols)
+        else:
+            col_cells = np.arange(cols_all) * C // cols_all
+            col_starts = np.flatnonzero(np.diff(col_cells, prepend=-1))
+            by_cols = np.maximum.reduceat(ratio, col_starts, axis=1)  # rows × C
         row_cells = (row + np.arange(ratio.shape[0])) * R // rows_all
         row_starts = np.flatnonzero(np.diff(row_cells, prepend=-1))
         pooled = np.maximum.reduceat(by_cols, row_starts, axis=0)

@@ -78,6 +78,8 @@ class Workspace(tensors.Sizes):
             for name in ("aX", "aG", "MY", "_dX", "sum_G_rows", "sum_X_rows"):
                 if name in self.__dict__:
                     shared[name] = self.__dict__[name][rows]
+            if "W" in self.__dict__.get("_abs32", {}):
+                shared["_abs32"] = {"W": self.__dict__["_abs32"]["W"]}
             if "W" in self.__dict__.get("_squares", {}):
                 shared["_squares"] = {"W": self.__dict__["_squares"]["W"]}
             yield rows, view
@@ -96,6 +98,14 @@ class Workspace(tensors.Sizes):
     @cached_property
     def aG(self) -> np.ndarray:
         return np.abs(self.G)
+
+    def abs32(self, name: str) -> np.ndarray:
+        """|X|, |W| or |G| in float32, kept once computed (for :func:`abs_product`)."""
+        cache = self.__dict__.setdefault("_abs32", {})
+        if name not in cache:
+            with np.errstate(over="ignore"):
+                cache[name] = getattr(self, "a" + name).astype(np.float32)
+        return cache[name]
 
     @cached_property
     def MY(self) -> np.ndarray:
@@ -175,11 +185,18 @@ class Workspace(tensors.Sizes):
         """
         sel: slice | np.ndarray = slice(None) if cols is None else cols
         k = max(self.N, self.D_in, self.D_out) + 1
+        whole = cols is None
+
+        def G32():
+            return self.abs32("G")
+
         if tensor == "dX":  # operands G, W
-            M, in32 = abs_product(self.aG, self.aW[:, sel])
+            W32 = (lambda: self.abs32("W")) if whole else None
+            M, in32 = abs_product(self.aG, self.aW[:, sel], G32, W32)
             S = (self.sum_W_cols[None, sel], self.sum_G_rows[:, None])
         elif tensor == "dW":  # operands G, X
-            M, in32 = abs_product(self.aG.T, self.aX[:, sel])
+            X32 = (lambda: self.abs32("X")) if whole else None
+            M, in32 = abs_product(self.aG.T, self.aX[:, sel], lambda: G32().T, X32)
             S = (self.sum_X_cols[None, sel], self.sum_G_cols[:, None])
         elif tensor == "dB":
             return self.sum_G_cols, (float(self.N),)

@@ -133,13 +133,15 @@ def test_error_map_pools_the_largest_ratio(rng):
 
 
 @pytest.mark.parametrize("blocks", ["rows", "columns"])
-def test_error_map_pools_cells_of_many_rows_and_columns(rng, blocks):
+@pytest.mark.parametrize("shape", [(1000, 700), (1000, 512)])
+def test_error_map_pools_cells_of_many_rows_and_columns(rng, blocks, shape):
     """A map smaller than the tensor both ways, filled by blocks of whole rows (pooled in two
-    reductions) or of columns (entry by entry): each cell is the largest ratio of its entries."""
-    from lincheck.tally import MAP_CELLS, Positions, Tally
+    reductions) or of columns (entry by entry): each cell is the largest ratio of its entries;
+    the histogram counts every entry in its octave, zeros, subnormals and infinities too."""
+    from lincheck.tally import MAP_CELLS, RATIO_BINS, Positions, Tally
 
-    shape = (1000, 700)
-    ratio = rng.exponential(size=shape)
+    ratio = rng.exponential(size=shape) * 2.0 ** rng.integers(-60, 80, size=shape)
+    ratio.flat[:6] = [0.0, 5e-324, 2.0**-40, 2.0**67, 1e300, np.inf]
     tally = Tally(shape=shape)
     zeros, ones = np.zeros(shape), np.ones(shape)
     if blocks == "rows":
@@ -148,14 +150,12 @@ def test_error_map_pools_cells_of_many_rows_and_columns(rng, blocks):
             where = Positions.of_block(shape, None, rows)
             tally.add(ratio[rows], zeros[rows], ones[rows], 1.0, where)
     else:
-        for cols in np.array_split(np.arange(700), 3):
+        for cols in np.array_split(np.arange(shape[1]), 3):
             where = Positions.of_block(shape, cols)
             tally.add(ratio[:, cols], zeros[:, cols], ones[:, cols], 1.0, where)
     R, C = MAP_CELLS
-    want = np.zeros((R, C))
-    for n in range(shape[0]):  # the cells by their definition, entry by entry
-        for j in range(shape[1]):
-            cell = (n * R // shape[0], j * C // shape[1])
-            want[cell] = max(want[cell], ratio[n, j])
+    want = np.zeros((R, C))  # the cells by their definition, entry by entry
+    cells = (np.arange(shape[0])[:, None] * R // shape[0], np.arange(shape[1]) * C // shape[1])
+    np.maximum.at(want, np.broadcast_arrays(*cells), ratio)
     assert np.array_equal(tally.map, want)
-    assert tally.histogram.sum() == ratio.size
+    assert np.array_equal(tally.histogram, np.histogram(ratio, RATIO_BINS)[0])
