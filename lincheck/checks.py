@@ -391,10 +391,13 @@ def _run_streamed(
         done += total * (r.stop - r.start) / rows.N
         if progress is not None and found:
             progress(done, total)
-    for tensor in ("dW", "dB"):
-        if tensor in usable:
-            M, S = totals.magnitude(tensor)
-            by_tensor[tensor].add(totals, None, M, S, None)
+    if "dW" in usable:
+        M, S = totals.magnitude("dW")
+        for units, part in totals.row_chunks():
+            by_tensor["dW"].add(part, None, M[units], (S[0], S[1][units]), None, rows=units)
+    if "dB" in usable:
+        M, S = totals.magnitude("dB")
+        by_tensor["dB"].add(totals, None, M, S, None)
     steps: dict[str, list[float]] = {}
     for tensor, t in by_tensor.items():  # in the plans' order
         if tensor in found:

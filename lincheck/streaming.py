@@ -16,6 +16,7 @@ Algorithms*, 2nd ed., SIAM 2002, §3.1 (Lemma 3.1, 3.3) and §3.5].
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import cast
 
@@ -57,7 +58,7 @@ def row_blocks(N: int, D_in: int, D_out: int) -> list[slice]:
     return [slice(start, min(start + size, N)) for start in range(0, N, size)]
 
 
-_OF_W = ("aW", "sum_W_rows", "sum_W_cols")
+_OF_W = ("aW", "sum_W_rows", "sum_W_cols", "max_W_cols")
 """A block's cached values that depend on W alone (:class:`Workspace`)."""
 
 
@@ -174,13 +175,28 @@ class Totals(tensors.Sizes):
         self.sum_M_dX += float(block.sum_G_cols @ block.sum_W_rows)  # Σₙⱼ Σᵢ |G||W|
         self.sum_M_dW += float(block.sum_G_rows @ block.sum_X_rows)  # Σᵢⱼ Σₙ |G||X|
 
+    units: slice = slice(None)
+    """The output units (rows of dW) that ``reference``, ``largest``, ``squares``,
+    ``conversion_shift`` and ``ordered`` give dW's values for (:meth:`row_chunks`)."""
+
+    def row_chunks(self, entries: int = 2**16) -> Iterator[tuple[slice, Totals]]:
+        """dW cut into blocks of whole rows (output units) of about ``entries`` values each,
+        each a view of these totals that gives those rows' values, so that checking dW
+        runs in temporaries that stay in the processor's cache (see
+        :meth:`lincheck.workspace.Workspace.row_chunks`)."""
+        per = max(1, entries // max(self.D_in, 1))
+        for start in range(0, self.D_out, per):
+            view = copy.copy(self)
+            view.units = slice(start, min(start + per, self.D_out))
+            yield view.units, view
+
     def _outer(self, x):
         """An upper bound on an exact sum over the blocks of upper bounds summed in float64."""
         return upper_sum(x, self.blocks)
 
     def reference(self, tensor: str, cols: np.ndarray | None = None) -> np.ndarray:
         sel: slice | np.ndarray = slice(None) if cols is None else cols
-        return self.dW[:, sel] if tensor == "dW" else self.dB
+        return self.dW[self.units, sel] if tensor == "dW" else self.dB
 
     def squares(self, tensor: str, cols: np.ndarray | None = None):
         """Σ terms² per entry of dW or dB, as :meth:`Workspace.squares` gives them (dW's only
@@ -190,7 +206,7 @@ class Totals(tensors.Sizes):
         if self.Q_dW is None:
             return None
         sel: slice | np.ndarray = slice(None) if cols is None else cols
-        return self._outer(self.Q_dW[:, sel])
+        return self._outer(self.Q_dW[self.units, sel])
 
     def conversion_shift(self, tensor: str, cols: np.ndarray | None = None):
         """dW or dB from the converted inputs less the reference (None if not kept)."""
@@ -198,7 +214,7 @@ class Totals(tensors.Sizes):
             return None
         sel: slice | np.ndarray = slice(None) if cols is None else cols
         if tensor == "dW":
-            return self.dW_conv[:, sel] - self.dW[:, sel]
+            return self.dW_conv[self.units, sel] - self.dW[self.units, sel]
         return self.dB_conv - self.dB
 
     def ordered(self, tensor: str, w: np.ndarray, cols: np.ndarray | None = None, offset: int = 0):
@@ -206,7 +222,7 @@ class Totals(tensors.Sizes):
         if self.weights is None or not np.array_equal(w, self.weights):
             return None
         sel: slice | np.ndarray = slice(None) if cols is None else cols
-        return self.dW_w[:, sel] if tensor == "dW" else self.dB_w
+        return self.dW_w[self.units, sel] if tensor == "dW" else self.dB_w
 
     def tree_squares(self, K: int):
         """None: a tree's partial sums need the rows in order, which the row blocks split
@@ -217,7 +233,7 @@ class Totals(tensors.Sizes):
         """Each entry's largest |term| at most, as :meth:`Workspace.largest` gives it."""
         sel: slice | np.ndarray = slice(None) if cols is None else cols
         if tensor == "dW":
-            return np.outer(self.max_G_cols, self.max_X_cols[sel])
+            return np.outer(self.max_G_cols[self.units], self.max_X_cols[sel])
         return self.max_G_cols
 
     def magnitude(self, tensor: str, cols: np.ndarray | None = None):

@@ -72,7 +72,7 @@ class Workspace(tensors.Sizes):
             rows = slice(start, min(start + per, self.N))
             view = Workspace(self.X[rows], self.W, self.B, self.G[rows])
             shared = view.__dict__
-            for name in ("aW", "sum_W_rows", "sum_W_cols"):
+            for name in ("aW", "sum_W_rows", "sum_W_cols", "max_W_cols"):
                 if name in self.__dict__:
                     shared[name] = self.__dict__[name]
             for name in ("aX", "aG", "MY", "_dX", "sum_G_rows", "sum_X_rows"):
@@ -160,6 +160,10 @@ class Workspace(tensors.Sizes):
         return self.aW.sum(axis=1)
 
     @cached_property
+    def max_W_cols(self) -> np.ndarray:
+        return self.aW.max(axis=0, initial=0.0)
+
+    @cached_property
     def scale(self) -> dict[str, float]:
         """The scale of the values each tensor's perturbation competes with (step_sizes)."""
         return {
@@ -212,7 +216,7 @@ class Workspace(tensors.Sizes):
         term too). It scales the statistical tier's bound (docs/numerics.md §2.3)."""
         sel: slice | np.ndarray = slice(None) if cols is None else cols
         if tensor == "dX":
-            return np.outer(self.aG.max(axis=1, initial=0.0), self.aW.max(axis=0, initial=0.0)[sel])
+            return np.outer(self.aG.max(axis=1, initial=0.0), self.max_W_cols[sel])
         if tensor == "dW":
             return np.outer(self.aG.max(axis=0, initial=0.0), self.aX.max(axis=0, initial=0.0)[sel])
         if tensor == "dB":
