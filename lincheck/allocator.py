@@ -10,8 +10,8 @@ same sizes over and over soon gets them from its heap. Setting any of ``M_TRIM_T
 setting their variables (``MALLOC_TRIM_THRESHOLD_``...) in a process's environment at
 startup. Dask's nanny gives every worker ``MALLOC_TRIM_THRESHOLD_=65536`` (its
 ``distributed.nanny.pre-spawn-environ``), which fixes the mmap threshold at 128 KiB: each
-of a check's temporaries over 128 KiB is then mapped, zeroed and unmapped again, and a
-check spends some five times its system time doing so.
+of a check's temporaries over 128 KiB is then mapped, zeroed and unmapped again (40
+small cases in one process: 3.8 s of system time instead of 0.9 s).
 
 :func:`arrays_reused` restores glibc's own behaviour for large arrays while lincheck checks
 a case in such a process, and puts the process's settings back afterwards:
@@ -26,17 +26,21 @@ a case in such a process, and puts the process's settings back afterwards:
   threshold at twice it (or the process's own, if larger), the state glibc's dynamic
   adjustment reaches once a block of that size has been freed. Arrays up to 32 MiB come
   from the heap and are reused from one product to the next; larger ones are mapped, as
-  glibc always maps them.
+  glibc always maps them. The freed arrays stay in the process while the case runs, as
+  they would with glibc's defaults (the benchmark's largest case: some 100 MB resident
+  instead of 45 MB).
 * After it (after the last of the cases that run at once in the process's threads): both
   thresholds back at their startup values, then ``malloc_trim(0)``, which returns the
   free memory of every arena to the system at once, as the startup trim threshold would
-  have returned it when each array was freed. glibc has no call that reads a threshold,
-  so a value that other code in the process set with ``mallopt`` itself is not restored:
-  the startup value is.
+  have returned it when each array was freed (measured: the resident size after a case
+  is the one without any of this, 42 MB; without the trim it stayed at 100 MB). glibc
+  has no call that reads a threshold, so a value that other code in the process set
+  with ``mallopt`` itself is not restored: the startup value is.
 
-glibc marks ``mallopt`` MT-unsafe only in that threads allocating meanwhile may see the
-old threshold or the new; each block records how it was allocated and is freed that way,
-so either is safe. Another task running in the same process meanwhile gets glibc's usual
+glibc's manual marks ``mallopt`` MT-Unsafe "const": it changes settings that other
+threads read without a lock, so a thread allocating meanwhile sees the old threshold or
+the new. Each block records whether it was mapped and is freed accordingly, so either
+is safe. Another task running in the same process meanwhile gets glibc's usual
 behaviour for its own large arrays too. Nothing here raises: a failed call leaves the
 settings as they were and the case is checked all the same.
 """
