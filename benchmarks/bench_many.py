@@ -5,10 +5,9 @@ float64 reference products (X Wᵀ, G W, Gᵀ X) once, in one process on one cor
 runs are ``lincheck verify DIR --mode directions --quiet`` as a user starts them (a new
 process each, its start-up included) with ``--jobs 1``, ``--jobs 2`` and
 ``--scheduler`` on a two-worker Dask ``LocalCluster`` started beforehand (one thread
-each; its start-up is not counted: a cluster is already up when a user points
-lincheck at it), as Dask sets workers up ("dask 2") and without the
-``MALLOC_TRIM_THRESHOLD_`` Dask gives them ("dask 2*"). BLAS runs one thread per
-process throughout, so "per core" is comparable.
+each, set up as Dask sets workers up, ``MALLOC_TRIM_THRESHOLD_`` included; its start-up
+is not counted: a cluster is already up when a user points lincheck at it). BLAS runs
+one thread per process throughout, so "per core" is comparable.
 
 Also timed: lincheck's engine on every case in the benchmark's own process ("engine",
 no start-up), which separates the checks' own cost from the command's.
@@ -132,23 +131,6 @@ def cluster():
     return local, Client(local)
 
 
-def lean_cluster():
-    """The same, with glibc's own malloc settings on the workers: Dask's
-    MALLOC_TRIM_THRESHOLD_=65536 also fixes glibc's mmap threshold at 128 KiB, so every
-    large temporary array is mapped, zeroed and unmapped again (measured: 5x the system
-    time of a lincheck check)."""
-    import dask
-    import distributed  # noqa: F401  (loads its configuration)
-
-    environ = dask.config.config["distributed"]["nanny"]["pre-spawn-environ"]
-    saved = environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    try:
-        return cluster()
-    finally:
-        if saved is not None:
-            environ["MALLOC_TRIM_THRESHOLD_"] = saved
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=40)
@@ -160,13 +142,13 @@ def main() -> None:
     largest = tuple(int(x) for x in args.largest.split(","))
     assert len(largest) == 3
     runs: dict[str, list[tuple[float, float]]] = {
-        "floor": [], "engine": [], "jobs 1": [], "jobs 2": [], "dask 2": [], "dask 2*": []
+        "floor": [], "engine": [], "jobs 1": [], "jobs 2": [], "dask 2": []
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "cases"
         generate(root, args.cases, largest, args.seed)  # type: ignore[arg-type]
         floor(root)  # warm the page cache
-        clusters = {} if args.no_dask else {"dask 2*": lean_cluster(), "dask 2": cluster()}
+        clusters = {} if args.no_dask else {"dask 2": cluster()}
         try:
             for _ in range(args.repeat):
                 runs["floor"].append(floor(root))
@@ -192,14 +174,11 @@ def main() -> None:
             f"  {name:<7} {wall[name]:6.2f} {args.cases / wall[name]:9.1f} {cpu[name]:8.2f} "
             f"{cpu[name] / cpu['floor']:10.2f} {cpu[name] / cpu['engine']:11.2f}"
         )
-    for name in ("dask 2", "dask 2*"):
-        if name in wall:
-            print(
-                f"  {name} / jobs 2: wall {wall[name] / wall['jobs 2']:.2f}, "
-                f"CPU {cpu[name] / cpu['jobs 2']:.2f}"
-            )
-    if "dask 2*" in wall:
-        print("  dask 2*: workers without Dask's MALLOC_TRIM_THRESHOLD_ (glibc's defaults)")
+    if "dask 2" in wall:
+        print(
+            f"  dask 2 / jobs 2: wall {wall['dask 2'] / wall['jobs 2']:.2f}, "
+            f"CPU {cpu['dask 2'] / cpu['jobs 2']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -222,12 +222,22 @@ def worker_name() -> str:
 
 def check_case(task: Task, options: dict, max_memory: str | None = None, share: int = 1):
     """Check one case (in whichever process runs it): (CaseResult, seconds, worker, note).
-    Bad input is the case's result (``bad_input``), never an exception."""
+    Bad input is the case's result (``bad_input``), never an exception. In a process
+    started with ``MALLOC_TRIM_THRESHOLD_`` (a Dask worker), glibc keeps the case's large
+    arrays for reuse while it runs (:func:`lincheck.allocator.arrays_reused`)."""
+    from .allocator import arrays_reused
+
+    start = time.perf_counter()
+    with arrays_reused():
+        result, note = _check(task, options, max_memory, share)
+    return result, time.perf_counter() - start, worker_name(), note
+
+
+def _check(task: Task, options: dict, max_memory: str | None, share: int):
     from . import api, arrays, checks, layouts, tensors
     from .errors import LincheckError
     from .layouts import internal_shapes
 
-    start = time.perf_counter()
     note = None
     try:
         loaded = arrays.load(task.where)
@@ -256,7 +266,7 @@ def check_case(task: Task, options: dict, max_memory: str | None = None, share: 
         result = api.CaseResult(task.name, report, None)
     except LincheckError as exc:
         result = api.CaseResult(task.name, None, str(exc), bad_input=True)
-    return result, time.perf_counter() - start, worker_name(), note
+    return result, note
 
 
 Check = Callable[..., tuple]

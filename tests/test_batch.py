@@ -373,6 +373,153 @@ def test_no_scheduler_at_the_address_is_one_line_and_nothing_written(tmp_path, m
     assert len(result.stderr.splitlines()) == 1 and not log.exists()
 
 
+# --- glibc's malloc in the workers (lincheck/allocator.py) -------------------------------
+
+MiB = 1 << 20
+
+
+class FakeLibc:
+    """mallopt and malloc_trim that record their calls; ``answer`` is what mallopt returns
+    (1 done, 0 refused) or an exception it raises."""
+
+    def __init__(self, answer=1):
+        self.calls, self.answer = [], answer
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+@pytest.mark.skipif(np.dtype(np.intp).itemsize != 8, reason="the 64-bit thresholds")
+def test_malloc_thresholds_change_only_where_the_trim_variable_fixed_them():
+    from lincheck.allocator import Settings, settings
+
+    # mallopt(3): the dynamic mmap threshold tops out at 4*1024*1024*sizeof(long) = 32 MiB,
+    # the trim threshold at twice it; glibc's fixed default mmap threshold is 128 KiB
+    dask = Settings(during=(32 * MiB, 64 * MiB), after=(128 * 1024, 65536))
+    assert settings({"MALLOC_TRIM_THRESHOLD_": "65536"}) == dask
+    assert settings({"MALLOC_TRIM_THRESHOLD_": "0x10000", "MALLOC_TOP_PAD_": "0"}) == dask
+    # a user's own larger trim threshold is kept while the case runs
+    assert settings({"MALLOC_TRIM_THRESHOLD_": str(100 * MiB)}).during == (32 * MiB, 100 * MiB)
+    for environ in (
+        {},  # glibc's dynamic threshold is on: nothing to do
+        {"MALLOC_TOP_PAD_": "0"},  # fixed by another variable: not ours to undo
+        {"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "131072"},  # a choice
+        {"MALLOC_TRIM_THRESHOLD_": "65536", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1"},
+        {"MALLOC_TRIM_THRESHOLD_": "65536", "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"},
+        {"MALLOC_TRIM_THRESHOLD_": "lots"},
+        {"MALLOC_TRIM_THRESHOLD_": "0100"},  # octal to glibc: left alone
+        {"MALLOC_TRIM_THRESHOLD_": "-1"},
+        {"MALLOC_TRIM_THRESHOLD_": str(2**31)},  # mallopt takes an int: cannot be put back
+    ):
+        assert settings(environ) is None, environ
+
+
+def test_malloc_setup_is_set_once_put_back_after_the_last_case_and_never_fails_one(
+    tmp_path, rng, monkeypatch
+):
+    from lincheck import allocator
+
+    _case(tmp_path / "c", rng, bug="mean")
+    task = batch.plan([tmp_path / "c"], OPTIONS)[0]
+    expected = batch.record(batch.Done(task, *batch.check_case(task, OPTIONS)))
+    plan = allocator.Settings(during=(32 * MiB, 64 * MiB), after=(128 * 1024, 65536))
+    dask = {"MALLOC_TRIM_THRESHOLD_": "65536"}
+
+    # not glibc, or glibc's own dynamic threshold: nothing is called, nothing applied
+    fake = FakeLibc()
+    monkeypatch.setattr(allocator, "startup_environment", lambda: dask)
+    monkeypatch.setattr(allocator, "glibc", lambda: None)
+    with allocator.arrays_reused():
+        assert not allocator.applied()
+    monkeypatch.setattr(allocator, "glibc", lambda: fake)
+    monkeypatch.setattr(allocator, "startup_environment", lambda: {})
+    with allocator.arrays_reused():
+        assert not allocator.applied()
+    assert fake.calls == []
+
+    # set by the first of two cases running at once, put back after the second, then trimmed
+    monkeypatch.setattr(allocator, "startup_environment", lambda: dask)
+    with allocator.arrays_reused():
+        with allocator.arrays_reused():
+            assert allocator.applied()
+        assert allocator.applied()
+        assert fake.calls == [("mallopt", -3, 32 * MiB), ("mallopt", -1, 64 * MiB)]
+    assert not allocator.applied()
+    assert fake.calls[2:] == [("mallopt", -3, 128 * 1024), ("mallopt", -1, 65536)] + [
+        ("malloc_trim", 0)
+    ]
+    assert plan == allocator.settings(dask)
+
+    # glibc refusing a value, or the call failing, changes nothing about the case
+    for answer in (0, OSError("no mallopt")):
+        fake = FakeLibc(answer)
+        monkeypatch.setattr(allocator, "glibc", lambda fake=fake: fake)
+        got = batch.record(batch.Done(task, *batch.check_case(task, OPTIONS)))
+        assert not allocator.applied() and fake.calls[0] == ("mallopt", -3, 32 * MiB)
+        assert ("malloc_trim", 0) not in fake.calls
+        assert _comparable({0: got}) == _comparable({0: expected})
+
+
+@needs_dask
+def test_a_dask_worker_reuses_a_case_s_large_arrays_and_is_put_back_after(model, cluster):
+    """Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which fixes glibc's mmap
+    threshold at 128 KiB: a block of 8 MiB is mapped afresh (glibc's IS_MMAPPED bit, in
+    the size word before the block). While a case is checked, one of 1 MiB comes from the
+    heap; after it, 8 MiB (more than the case left free in the heap, which glibc would
+    reuse first) is mapped again. The case's record is the one this process gives."""
+    from lincheck import allocator
+
+    if allocator.glibc() is None:
+        pytest.skip("glibc's malloc only")
+    planted = str(model / "planted")
+    task = next(t for t in batch.plan(sorted(model.iterdir()), OPTIONS) if t.name == planted)
+
+    def probe(task, options):  # pickled by value: a worker runs it
+        import ctypes
+
+        from lincheck import allocator, checks
+
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+
+        def mapped(size):
+            block = libc.malloc(size)
+            size = ctypes.c_size_t.from_address(block - ctypes.sizeof(ctypes.c_size_t)).value
+            libc.free(block)
+            return bool(size & 2)
+
+        seen, real = [], checks.check
+
+        def spy(*args, **kwargs):
+            seen.append((allocator.applied(), mapped(MiB)))
+            return real(*args, **kwargs)
+
+        before = mapped(8 * MiB)
+        checks.check = spy
+        try:
+            outcome = batch.check_case(task, options)
+        finally:
+            checks.check = real
+        return before, seen, (allocator.applied(), mapped(8 * MiB)), outcome
+
+    with distributed.Client(cluster) as client:
+        before, seen, after, outcome = client.submit(probe, task, OPTIONS, pure=False).result()
+    assert before, "Dask's workers no longer fix glibc's mmap threshold at 128 KiB"
+    assert seen == [(True, False)]
+    assert after == (False, True)
+    mine = batch.record(batch.Done(task, *batch.check_case(task, OPTIONS)))
+    theirs = batch.record(batch.Done(task, *outcome))
+    assert theirs["verdict"] == "fail" and _comparable({0: theirs}) == _comparable({0: mine})
+
+
 # --- dumps at a URL (fsspec) -------------------------------------------------------------
 
 try:
