@@ -383,9 +383,9 @@ def _run_streamed(
                 if tensor == "dX":  # whole, once: its chunks and dX's witness share it
                     block.reference("dX")
                 for sub, chunk in block.row_chunks():
-                    part = (M[sub], tuple(x[sub] if x.shape[0] == block.N else x for x in S))
+                    sliced = tuple(x[sub] if x.shape[0] == block.N else x for x in S)
                     span = slice(r.start + sub.start, r.start + sub.stop)
-                    by_tensor[tensor].add(chunk, None, *part, None, rows=span)
+                    by_tensor[tensor].add(chunk, None, M[sub], sliced, None, rows=span)
         for w in found.values():
             w.add(r, block)
         done += total * (r.stop - r.start) / rows.N
@@ -393,8 +393,8 @@ def _run_streamed(
             progress(done, total)
     if "dW" in usable:
         M, S = totals.magnitude("dW")
-        for units, part in totals.row_chunks():
-            by_tensor["dW"].add(part, None, M[units], (S[0], S[1][units]), None, rows=units)
+        for units, view in totals.row_chunks():
+            by_tensor["dW"].add(view, None, M[units], (S[0], S[1][units]), None, rows=units)
     if "dB" in usable:
         M, S = totals.magnitude("dB")
         by_tensor["dB"].add(totals, None, M, S, None)
