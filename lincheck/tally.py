@@ -160,7 +160,8 @@ class Tally:
         np.abs(err, out=err)
         a_o = np.abs(o)
         ratio = np.zeros_like(err)
-        np.divide(err, tol, out=ratio, where=err != 0)
+        with np.errstate(divide="ignore"):  # an error against a zero tolerance: infinite
+            np.divide(err, tol, out=ratio, where=err != 0)
         scratch = np.empty_like(err)
 
         def largest_of(values) -> float:

@@ -705,10 +705,13 @@ def test_shell_completion_completes_commands():
         check=False,
     )
     assert done.stdout.split() == ["verify"], done.stderr
+    # Without the variable typer reads the shell off the process tree (none, under a
+    # detached job) and takes "bash" for an argument; with it, --show-completion takes it.
     script = subprocess.run(
         [sys.executable, "-m", "lincheck", "--show-completion", "bash"],
         capture_output=True,
         text=True,
+        env={**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"},
         timeout=60,
         check=False,
     )
