@@ -255,6 +255,7 @@ class TensorCheck:
             rel = np.where(distance == 0, 0.0, distance / np.abs(d.predicted))
         worst = int(np.argmax(ratio))
         exceeded = int(np.count_nonzero(~(distance <= d.tolerance)))
+        bounded = bool(np.all(np.isfinite(d.tolerance)))  # an infinite one certifies nothing
         return cls(
             tensor=tensor,
             subject="reference",
@@ -262,7 +263,7 @@ class TensorCheck:
             oracle="witness",
             precision="fp64",
             rule="bound",
-            passed=exceeded == 0,
+            passed=exceeded == 0 and bounded,
             shape=tuple(shape),
             expected_shape=tuple(shape),
             max_abs_error=float(np.max(distance / d.step)),
@@ -273,11 +274,14 @@ class TensorCheck:
             tolerance=float(d.tolerance[worst] / d.step[worst]),
             min_detectable_error=float(np.max((d.tolerance + distance) / d.step)),
             tolerance_rule=rule_text,
-            message=""
-            if exceeded == 0
-            else f"{exceeded} of {len(distance)} directions exceed their tolerance",
+            message=f"{exceeded} of {len(distance)} directions exceed their tolerance"
+            if exceeded
+            else ""
+            if bounded
+            else "the bound along the directions is beyond float64's range: nothing certified",
             mode="directions",
             checked=len(distance),
+            verdict="fail" if exceeded else "pass" if bounded else "inconclusive",
         )
 
     def require_map(self) -> np.ndarray:

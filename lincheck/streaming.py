@@ -37,20 +37,21 @@ from .workspace import Workspace
 
 ROW_BLOCK_BYTES = 128 * 2**20
 """Memory for one block of rows in the partial modes (:func:`row_blocks`). Larger than a
-column block: each row block repeats W-sized work per direction (perturbing W), which
-fewer, taller blocks amortize (at (1024, 1024, 1024), 16 directions take 2.9 s in
-blocks of 32 MiB, 2.1 s in blocks of 128 MiB)."""
+column block: each row block adds W-sized products into W-sized totals (dW and its
+magnitudes, :class:`Totals`), which fewer, taller blocks amortize; the per-entry work of
+a block runs in smaller chunks of its rows (:meth:`Workspace.row_chunks`)."""
 
 
 def row_blocks(N: int, D_in: int, D_out: int) -> list[slice]:
     """Row blocks of about ROW_BLOCK_BYTES of float64 work each, fixed by the shapes alone.
 
-    Per row a block holds X and G as float64 with their absolute values,
-    MY and the loss shares (:class:`Workspace`), a subject's row and some
-    twenty-five per-entry arrays of its check (its certain and statistical
-    tolerances, and those of the arithmetics a failure is tested against),
-    and two perturbed copies with their outputs: about 30·D_in + 15·D_out
-    float64 values. The blocks
+    Per row a block holds X and G as float64 with their absolute values
+    (and these in float32), MY and the loss shares where a sampled witness
+    needs them (:class:`Workspace`), dX's reference and magnitudes, a
+    subject's row and some twenty-five per-entry arrays of its check (its
+    certain and statistical tolerances, and those of the arithmetics a
+    failure is tested against): at most about 30·D_in + 15·D_out float64
+    values. The blocks
     depend only on the shapes, so the same inputs always give the same
     blocks, and therefore the same report.
     """

@@ -282,3 +282,17 @@ def test_the_partial_witnesses_catch_a_wrong_reference(rng, monkeypatch):
         assert ("dB", "witness") in failed
         if mode == "directions":
             assert failed == [("dB", "witness"), ("dW", "witness"), ("dX", "witness")]
+
+
+def test_directions_with_an_infinite_bound_certify_nothing():
+    """Sums beyond float64's range give an infinite tolerance: every distance is 'within' it,
+    so the check is inconclusive (exit 1), never a pass."""
+    from lincheck.results import TensorCheck
+    from lincheck.witness import Directions
+
+    one = np.ones(3)
+    d = Directions(one, one, np.array([1.0, np.inf, 1.0]), one, one, passes=1)
+    c = TensorCheck.from_directions("dW", d, (4, 5), "rule")
+    assert not c.passed and c.verdict == "inconclusive" and "nothing certified" in c.message
+    fine = TensorCheck.from_directions("dW", Directions(one, one, one, one, one, 1), (4, 5), "r")
+    assert fine.passed and fine.verdict == "pass"
