@@ -469,7 +469,7 @@ def run_dask(
                     yield _failed(task, dask_worker_died(_attempts(exc)))
                     continue
                 except Exception as exc:  # a lost connection, a cancelled task, ...
-                    yield _failed(task, f"lost: {type(exc).__name__}: {_first_line(exc)}")
+                    yield _failed(task, _lost(exc))
                     continue
                 finally:
                     future.release()
@@ -479,6 +479,15 @@ def run_dask(
     finally:
         if own:
             client.close()
+
+
+def _lost(exc: BaseException) -> str:
+    """Why a case's result never came: Dask's reason for cancelling it (the scheduler's
+    connection lost, say), else the exception's first line."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason:
+        return f"lost: Dask cancelled it ({reason})"
+    return f"lost: {type(exc).__name__}: {_first_line(exc)}"
 
 
 def _attempts(exc: BaseException) -> str:

@@ -3,6 +3,7 @@ cases finish, --resume, Ctrl-C, and the same records from the local pool and a D
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -359,6 +360,48 @@ def test_a_dask_worker_killed_mid_case_fails_that_case_only(tmp_path, model, clu
     assert "its worker died while checking it" in done[slow].result.error
     others = {name: batch.record(d) for name, d in done.items() if name != slow}
     _check_verdicts(others, model, but=slow)
+
+
+@needs_dask
+def test_a_lost_scheduler_keeps_the_finished_cases_and_reports_the_rest(tmp_path, model):
+    """The scheduler goes away after two cases finished: those keep their records, every
+    other case is reported as lost (never a pass), and the run ends instead of waiting."""
+    tasks = batch.plan(sorted(model.iterdir()), OPTIONS)
+    quick = {t.name for t in tasks[:2]}  # the first two by priority run first
+    release = tmp_path / "release"
+
+    def check(task, *args):  # pickled by value: a path, not a lock
+        for _ in range(1200):
+            if task.name in quick or release.exists():
+                break
+            time.sleep(0.05)
+        return batch.check_case(task, *args)
+
+    local = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+    )
+    client = distributed.Client(local.scheduler_address, timeout=1)
+    try:
+        run = batch.run_dask(tasks, OPTIONS, None, client, check)
+        first = [next(run), next(run)]
+        local.sync(local.scheduler.close)
+        start = time.monotonic()
+        rest = list(run)
+        waited = time.monotonic() - start
+    finally:
+        release.touch()
+        # With its scheduler gone, closing the cluster waits out Dask's timeouts (30 s):
+        # the worker and its thread end anyway, once the waiting case is released.
+        with contextlib.suppress(TimeoutError):
+            client.close(timeout=1)
+            local.close(timeout=1)
+    assert {d.task.name for d in first} == quick
+    assert all(d.result.report is not None for d in first)
+    assert sorted(d.task.name for d in rest) == sorted(t.name for t in tasks if t.name not in quick)
+    assert all(d.result.error.startswith("lost: ") and not d.result.passed for d in rest)
+    assert all("connection" in d.result.error for d in rest), rest[0].result.error
+    assert all(batch.record(d)["verdict"] == "error" for d in rest)
+    assert waited < 30
 
 
 @needs_dask
