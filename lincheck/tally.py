@@ -66,8 +66,8 @@ RESOLVE = 2.0
 """A check is conclusive when some entry's |value| exceeds RESOLVE times its tolerance
 (:attr:`Tally.conclusive`)."""
 
-RANK_BITS = 22
-"""Significand bits of error / tolerance that order the worst entries (about 7 digits)."""
+RANK_BITS = 16
+"""Significand bits of error / tolerance that order the worst entries (about 5 digits)."""
 
 
 def rank(ratio: np.ndarray) -> np.ndarray:
@@ -76,10 +76,12 @@ def rank(ratio: np.ndarray) -> np.ndarray:
     Entries tied in exact arithmetic (a column of dW whose entries are all
     the same sum, say) have ratios that differ only in the last bits of the
     float64 reference and bound, and those bits follow the BLAS's summation
-    order, which changes with the CPU and the thread count. Cut to 22 bits,
-    such ratios are equal (unless they straddle one of the cut's steps, a
-    chance of about 2⁻³⁰ for last-bit noise), and the lowest index among them
-    is named the worst: the same entry on every machine. The ratios
+    order, which changes with the CPU and the thread count; the magnitudes
+    of large products are summed in float32 (:func:`lincheck.bounds.abs_product`),
+    whose last bits are 2⁻²⁴ of the value. Cut to 16 bits, such ratios are
+    equal (unless they straddle one of the cut's steps, a chance of about
+    2⁻⁸ for float32 noise, 2⁻³⁶ for float64's), and the lowest index among
+    them is named the worst: the same entry on every machine. The ratios
     reported are never cut.
     """
     bits = np.ascontiguousarray(ratio, dtype=np.float64).view(np.int64)
