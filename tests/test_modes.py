@@ -296,3 +296,14 @@ def test_directions_with_an_infinite_bound_certify_nothing():
     assert not c.passed and c.verdict == "inconclusive" and "nothing certified" in c.message
     fine = TensorCheck.from_directions("dW", Directions(one, one, one, one, one, 1), (4, 5), "r")
     assert fine.passed and fine.verdict == "pass"
+
+
+def test_directions_whose_sums_overflow_are_inconclusive_not_failed():
+    """A correct layer whose entries of dX are finite but whose witness along a direction,
+    (Gᵀa)·(W b), overflows: the distance is NaN there and the tolerance infinite, which
+    certifies nothing (inconclusive), but is no evidence of a wrong gradient either."""
+    X = np.full((2, 2), 1e-300)
+    W, G = np.full((1, 2), 1.2e154), np.full((2, 1), 1.2e154)  # dX = 1.44e308 per entry
+    assert check(X, W, None, G, mode="full").passed
+    by = {c.tensor: c for c in check(X, W, None, G, mode="directions", directions=40).checks}
+    assert by["dX"].verdict == "inconclusive" and by["dW"].passed
