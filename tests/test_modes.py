@@ -1,11 +1,14 @@
 """Partial witnesses for big layers: sampled entries, random directions, the automatic choice."""
 
+import math
+
 import numpy as np
 import oracles
 import pytest
 from conftest import ORACLE_RTOL, layer, loop_gradients
 
 from lincheck import check, checks, streaming, witness, workspace
+from lincheck.bounds import upper_sum
 from lincheck.errors import InputError
 
 
@@ -335,3 +338,18 @@ def test_inputs_whose_gradient_overflows_are_bad_input_in_every_mode(mode):
         check(X, W, None, G, mode="full")
     with pytest.raises(InputError):
         check(X, W, None, G, mode=mode)
+
+
+def test_the_directions_bound_of_dw_uses_row_sums_bounded_up():
+    """γ_{D_out} Σₙ σₙ|p̂ₙ| needs the exact σₙ = Σᵢ|G[n, i]|: a row of one 1 and 999 values
+    under half its spacing, which a float64 sum drops, must not shrink the bound's sum."""
+    D_out = 1000
+    G = np.full((1, D_out), 0.49 * 2.0**-52)
+    G[0, 0] = 1.0
+    X, W = np.ones((1, 1)), np.ones((D_out, 1))
+    rows = streaming.Rows(X, W, None, G)
+    d = streaming.DirectionsWitness("dW", rows, 4, 0, lambda t: 1.0, lambda: G.T @ X)
+    for r, block in rows:
+        d.add(r, block)
+    exact = math.fsum(G[0])  # σ of the one row; |p̂| = |X v| = 1 exactly
+    assert np.all(upper_sum(d.terms[0], 1) >= exact)
