@@ -254,8 +254,11 @@ class TensorCheck:
             typical = np.where(distance == 0, 0.0, distance / d.typical)
             rel = np.where(distance == 0, 0.0, distance / np.abs(d.predicted))
         worst = int(np.argmax(ratio))
-        exceeded = int(np.count_nonzero(~(distance <= d.tolerance)))
-        bounded = bool(np.all(np.isfinite(d.tolerance)))  # an infinite one certifies nothing
+        # An infinite tolerance certifies nothing, and its sums may have overflowed (the
+        # difference and ⟨r, V⟩ then infinite, their distance NaN): not counted as exceeded.
+        bounded = np.isfinite(d.tolerance)
+        exceeded = int(np.count_nonzero(bounded & ~(distance <= d.tolerance)))
+        bounded = bool(np.all(bounded))
         return cls(
             tensor=tensor,
             subject="reference",

@@ -493,7 +493,9 @@ class DirectionsWitness:
         g_D_out = gamma(self.D_out, U64)
         p = forward(block.X, self.b, None)  # F₀(X; v): block.N × count
         q = block.G @ self.u.T
-        sigma, rho = block.sum_G_rows, block.sum_X_rows
+        # σₙ and ρₙ bounded up: their float64 sums may fall short of the exact ones.
+        sigma = upper_sum(block.sum_G_rows, self.D_out)
+        rho = upper_sum(block.sum_X_rows, self.D_in)
         self.estimate += np.einsum("nk,nk->k", q, p)
         ap, aq = np.abs(p), np.abs(q)
         self.terms[0] += sigma @ ap
