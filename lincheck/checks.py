@@ -374,8 +374,10 @@ def _run_streamed(
     }
     total = sum(w.passes for w in found.values())
     done = 0.0
+    reach = 0.0
     for r, block in rows:
-        _check_block_overflow(block, sources)
+        with np.errstate(over="ignore"):
+            reach += _check_block_overflow(block, sources)
         totals.add(block, r)
         for tensor in ("dX", "Y"):
             if tensor in usable:
@@ -391,6 +393,7 @@ def _run_streamed(
         done += total * (r.stop - r.start) / rows.N
         if progress is not None and found:
             progress(done, total)
+    _check_dW_overflow(reach, rows, sources)
     if "dW" in usable:
         M, S = totals.magnitude("dW")
         for units, view in totals.row_chunks():
@@ -405,19 +408,45 @@ def _run_streamed(
     return total, steps
 
 
-def _check_block_overflow(block: workspace.Workspace, sources) -> None:
-    """:func:`check_no_overflow` of a row block's MY = |X||W|ᵀ + |B| and its loss shares,
-    without the product MY when a bound from row sums shows they are far from overflow:
-    MY[n, i] ≤ ρₙ max|W| + max|B| with ρₙ = Σⱼ|X[n, j]|, so every share is at most
-    Σₙ σₙ (ρₙ max|W| + max|B|), σₙ = Σᵢ|G[n, i]|; below 2⁹⁰⁰ that leaves room for any
-    rounding of the sums."""
+_ROOM = 2.0**900
+"""Far enough below float64's largest value (2¹⁰²⁴) for any rounding of a bound's sums."""
+
+
+def _check_block_overflow(block: workspace.Workspace, sources) -> float:
+    """:func:`check_no_overflow` of a row block's products of absolute values, as the full
+    mode's witness bounds check them, without computing them when bounds from row sums
+    show they are far from overflow (σₙ = Σᵢ|G[n, i]|, ρₙ = Σⱼ|X[n, j]|):
+
+    - MY[n, i] ≤ ρₙ max|W| + max|B|, so every loss share is at most
+      Σₙ σₙ (ρₙ max|W| + max|B|);
+    - dX's magnitudes, Σᵢ |G[n, i]||W[i, j]| ≤ σₙ max|W|.
+
+    Returns this block's part of a bound on dW's magnitudes, Σₙ σₙ ρₙ (checked once
+    the blocks are summed, :func:`_check_dW_overflow`)."""
     with np.errstate(over="ignore", invalid="ignore"):
         w = float(block.aW.max(initial=0.0))
         b = 0.0 if block.B is None else float(np.abs(block.B).max(initial=0.0))
-        top = float(np.sum(block.sum_G_rows * (block.sum_X_rows * w + b)))
-    if np.isfinite(top) and top < 2.0**900 and np.all(np.isfinite(block.sum_G_rows)):
+        sigma, rho = block.sum_G_rows, block.sum_X_rows
+        top = float(np.sum(sigma * (rho * w + b)))
+        dX = float(sigma.max(initial=0.0)) * w
+        dW = float(sigma @ rho)
+    if not (np.isfinite(top) and top < _ROOM):
+        check_no_overflow([block.MY, block.A_rows, block.A_cols], sources)
+    if not (np.isfinite(dX) and dX < _ROOM):
+        check_no_overflow([block.magnitude("dX")[0]], sources)
+    return dW
+
+
+def _check_dW_overflow(reach: float, rows: streaming.Rows, sources) -> None:
+    """:func:`check_no_overflow` of dW's magnitudes |G|ᵀ|X| when ``reach`` (Σₙ σₙ ρₙ over
+    the blocks, :func:`_check_block_overflow`) does not show them far from overflow: a
+    second pass over the rows then sums them (inputs within a few powers of float64's
+    largest value only)."""
+    if np.isfinite(reach) and reach < _ROOM:
         return
-    check_no_overflow([block.MY, block.A_rows, block.A_cols], sources)
+    with np.errstate(over="ignore", invalid="ignore"):
+        M = sum(block.aG.T @ block.aX for _, block in rows)
+    check_no_overflow([np.asarray(M)], sources)
 
 
 def _diagnosable(L: Layer) -> bool:

@@ -33,7 +33,7 @@ from .witness import (
     witness_block,
     witness_entries,
 )
-from .workspace import Workspace
+from .workspace import Workspace, tree_levels, tree_window
 
 ROW_BLOCK_BYTES = 128 * 2**20
 """Memory for one block of rows in the partial modes (:func:`row_blocks`). Larger than a
@@ -125,6 +125,7 @@ class Totals(tensors.Sizes):
     ):
         self.N, self.D_in, self.D_out = rows.N, rows.D_in, rows.D_out
         self.B = rows.B
+        self.rows = rows  # read again, for a windowed tree's partial sums (tree_squares)
         D_out, D_in = self.D_out, self.D_in
         self.blocks = 0
         self.dW = np.zeros((D_out, D_in))
@@ -226,9 +227,34 @@ class Totals(tensors.Sizes):
         return self.dW_w[self.units, sel] if tensor == "dW" else self.dB_w
 
     def tree_squares(self, K: int):
-        """None: a tree's partial sums need the rows in order, which the row blocks split
-        (the bound then takes the worst case over the additions, docs/numerics.md §2.3)."""
-        return None
+        """:meth:`Workspace.tree_squares` of the whole batch, from a second pass over dY's
+        rows in order (no product: a cumulative sum per window), kept once computed.
+
+        Level 0's windows run across the row blocks: the rows left over from a block
+        wait for the next one's. The windows' sums, N/K rows, make the next levels.
+        """
+        trees = self.__dict__.setdefault("_trees", {})
+        if K not in trees:
+            G, N, D_out = self.rows.G, self.N, self.D_out
+            mean = self.dB / N  # the reference's Σₙ G, as the whole layer's G.sum(axis=0)
+            total = np.zeros(D_out)
+            if N > 1:
+                sums, carry = [], np.zeros((0, D_out))
+                for rows in self.rows.slices:
+                    R = np.concatenate([carry, np.asarray(G[rows], dtype=np.float64) - mean])
+                    whole = R.shape[0] - R.shape[0] % K
+                    if whole:
+                        squares, window = tree_window(R[:whole], K)
+                        total += squares
+                        sums.append(window)
+                    carry = R[whole:]
+                if carry.shape[0]:  # the last window, padded with zeros
+                    squares, window = tree_window(carry, K)
+                    total += squares
+                    sums.append(window)
+                total += tree_levels(np.concatenate(sums), K)
+            trees[K] = upper_sum(total, 2 * N)
+        return trees[K]
 
     def largest(self, tensor: str, cols: np.ndarray | None = None):
         """Each entry's largest |term| at most, as :meth:`Workspace.largest` gives it."""

@@ -266,15 +266,7 @@ class Workspace(tensors.Sizes):
         its share of the value, |node|/N · dB. The statistical tier's scale for dB's
         rounding errors in such a tree, with no assumption about the data (§2.3)."""
         R = self.G - self.G.sum(axis=0) / self.N  # each term's fluctuation r = t − v/N
-        total = np.zeros(self.D_out)
-        while R.shape[0] > 1:
-            n = R.shape[0]
-            pad = -n % K
-            blocks = np.concatenate([R, np.zeros((pad, self.D_out))]).reshape(-1, K, self.D_out)
-            partial = np.cumsum(blocks, axis=1)[:, 1:, :]  # every addition's running sum
-            total += np.einsum("wjo,wjo->o", partial, partial)
-            R = partial[:, -1, :]
-        return upper_sum(total, 2 * self.N)
+        return upper_sum(tree_levels(R, K), 2 * self.N)
 
     def reference(self, tensor: str, cols: np.ndarray | None = None) -> np.ndarray:
         """The analytic values of a block, in float64: G W, Gᵀ X, Σₙ G or X Wᵀ + B."""
@@ -322,6 +314,25 @@ class Workspace(tensors.Sizes):
     def passes(self, tensor: str, method: str) -> int:
         """Forward passes a full witness of one tensor takes."""
         return full_passes(self.N, self.D_in, self.D_out, tensor, method)
+
+
+def tree_window(R: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ over the additions of R's rows summed in windows of K, level 0 of a tree, of the
+    running sums squared; each window's sum): R's rows padded with zeros to whole windows."""
+    pad = -R.shape[0] % K
+    blocks = np.concatenate([R, np.zeros((pad, R.shape[1]))]).reshape(-1, K, R.shape[1])
+    partial = np.cumsum(blocks, axis=1)[:, 1:, :]  # every addition's running sum
+    return np.einsum("wjo,wjo->o", partial, partial), partial[:, -1, :]
+
+
+def tree_levels(R: np.ndarray, K: int) -> np.ndarray:
+    """Σ over every addition of a tree of K-term windows over R's rows (level on level) of
+    the running sums squared, per column (:meth:`Workspace.tree_squares`)."""
+    total = np.zeros(R.shape[1])
+    while R.shape[0] > 1:
+        squares, R = tree_window(R, K)
+        total += squares
+    return total
 
 
 def full_passes(N: int, D_in: int, D_out: int, tensor: str, method: str) -> int:
