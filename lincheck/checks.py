@@ -489,7 +489,9 @@ def nominal_seconds(
         return full * per_pass
     if mode == "sample":
         return min(full, 4 * samples) * per_pass
-    return 4 * directions * per_pass
+    # The references' and magnitudes' products and the per-entry work (about six passes'
+    # worth, measured), and the directions' rows and units through the layer.
+    return (6 + directions / max(N, 1) + directions / max(D_out, 1)) * per_pass
 
 
 def _choose_mode(mode, layer, plans, method, budget) -> tuple[str, str]:
@@ -527,8 +529,8 @@ def memory_needed(
     passes with its per-entry arrays (twice ``workspace.BLOCK_BYTES``). The
     partial modes stream the rows (:class:`lincheck.streaming.Rows`): they
     hold some twenty-five arrays the size of W (W, its sums over the batch,
-    the per-entry arrays of dW's check, the perturbed copies of its
-    directions) and one row block (``streaming.ROW_BLOCK_BYTES``), whatever N is. It is an upper
+    the per-entry arrays of dW's check) and one row block
+    (``streaming.ROW_BLOCK_BYTES``), whatever N is. It is an upper
     estimate, within a small factor of what the check allocates.
     """
     size = {name: int(np.prod(shape)) for name, shape in shapes.items()}
