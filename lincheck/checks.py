@@ -487,10 +487,11 @@ def nominal_seconds(
     full = sum(workspace.full_passes(N, D_in, D_out, t, method) for t in ("dX", "dW", "dB"))
     if mode == "full" or (mode == "auto" and full * per_pass <= budget):
         return full * per_pass
-    if mode == "sample":
-        return min(full, 4 * samples) * per_pass
     # The references' and magnitudes' products and the per-entry work (about six passes'
-    # worth, measured), and the directions' rows and units through the layer.
+    # worth, measured), and the witness: the directions' rows and units through the
+    # layer, or each sampled entry's row (dX) or unit (dW) twice.
+    if mode == "sample":
+        return (6 + 2 * samples / max(N, 1) + 2 * samples / max(D_out, 1)) * per_pass
     return (6 + directions / max(N, 1) + directions / max(D_out, 1)) * per_pass
 
 
