@@ -510,7 +510,7 @@ def _choose_mode(mode, layer, plans, method, budget) -> tuple[str, str]:
     return "directions", (
         f"a full witness needs {passes:,} forward passes, about {seconds:,.0f} s at "
         f"{NOMINAL_RATE / 1e9:.0f} G multiply-adds/s, over the {budget:g} s budget; "
-        "checked random directions instead (mode 'full' forces every entry)"
+        "checked random directions instead (--mode full forces every entry)"
     )
 
 

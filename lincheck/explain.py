@@ -181,9 +181,12 @@ instead of {dense} one entry at a time ({ratio}× fewer), with each estimate \
 still a true central difference. A Jacobian, as torch.autograd.gradcheck \
 builds, would take {jacobian}.
 - **directions** K = {K}: compare the derivative of L along random rank-one \
-±1 directions V = a bᵀ, read from the forward pass of K rows (for X) or K \
-units (for W), with ⟨∇L, V⟩: the work of {dirs} forward passes; any error above the \
-reported sensitivity is caught with probability at least 1 − (3/4)ᴷ.
+±1 directions V = a bᵀ (a, b random signs) with ⟨∇L, V⟩; the forward pass \
+gives it from K rows of random signs pushed through the layer (for X) or K \
+units of random sign weights (for W): the work of {dirs} forward passes. A \
+single wrong entry larger than the smallest change the report says is caught \
+is always caught; any error whose largest entry is, with probability at least \
+1 − (3/4)ᴷ.
 - **sample** K: K random entries per tensor, each from its own row or output \
 unit.
 
@@ -271,9 +274,11 @@ L(X, W, B) = Σ_n Σ_i G[n, i] · y[n, i]
 - **full**(每个元素):一次正向传播扰动 X(或 W)的一整列,读取每一行对 L 的贡献:\
 共 {full} 次正向传播,而逐元素需要 {dense} 次(少 {ratio} 倍),每个估计仍是真正的\
 中心差分。像 torch.autograd.gradcheck 那样构造雅可比矩阵需要 {jacobian}。
-- **directions** K = {K}:沿随机秩一 ±1 方向 V = a bᵀ 比较 L 的方向导数(由 K 行(X)\
-或 K 个输出单元(W)的正向传播读出)与 ⟨∇L, V⟩:工作量相当于 {dirs} 次正向传播;超过报告\
-灵敏度的任何误差被发现的概率至少为 1 − (3/4)ᴷ。
+- **directions** K = {K}:沿随机秩一 ±1 方向 V = a bᵀ(a、b 为随机符号)比较 L 的方向\
+导数与 ⟨∇L, V⟩;方向导数由正向传播给出:K 行随机符号输入(对 X)或 K 个权重为随机\
+符号的输出单元(对 W),工作量相当于 {dirs} 次正向传播。单个元素的错误只要超过报告中\
+"一定能发现的最小改变",就一定被发现;最大元素超过它的任何误差,被发现的概率至少为\
+1 − (3/4)ᴷ。
 - **sample** K:每个张量随机取 K 个元素,各自用所在的行或输出单元估计。
 
 你的梯度总是在每个元素上与 float64 参考值比较(约一次正向传播)。
