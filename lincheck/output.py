@@ -572,7 +572,7 @@ def show_interrupted(results, header, out: dict, total: int, where: str | None) 
 
     to_stdout = out["json_path"] is not None and str(out["json_path"]) == "-"
     console = stderr if to_stdout else stdout
-    parts: list = [header, cases_table(failures_first(results))]
+    parts: list = [header, cases_table(failures_first(results), total)]
     left = f"{len(results)} of {total} cases done"
     if where is not None:
         left += f", kept in {where}: --resume {where} goes on"

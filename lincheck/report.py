@@ -428,9 +428,11 @@ def case_failures(result) -> str:
     return ", ".join(parts)
 
 
-def cases_table(results) -> Table:
-    """One row per case: how many checks passed, the verdict, what failed and why."""
-    table = _table(f"{len(results)} cases")
+def cases_table(results, total: int | None = None) -> Table:
+    """One row per case: how many checks passed, the verdict, what failed and why
+    (titled "k of n cases" when only k of the ``total`` n were checked)."""
+    shown = len(results)
+    table = _table(f"{shown} cases" if total in (None, shown) else f"{shown} of {total} cases")
     table.add_column("Case", overflow="fold")
     table.add_column("Checks", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True, min_width=4)

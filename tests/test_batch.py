@@ -264,6 +264,7 @@ def test_ctrl_c_keeps_the_finished_records_and_shows_them(tmp_path, model, monke
     text = shown.getvalue()
     assert all(name in text for name in calls[:2]) and calls[2] not in text
     assert f"Interrupted: 2 of 4 cases done, kept in {log}: --resume {log} goes on" in text
+    assert "2 of 4 cases" in text.splitlines()[1]  # the table's title, under "4 cases"
     monkeypatch.setattr(batch, "check_case", real)
     result = invoke("verify", model, "--resume", log, "--jsonl", log, "--jobs", 1, "--json", "-")
     assert result.exit_code == 1 and len(json.loads(result.stdout)["cases"]) == 4
