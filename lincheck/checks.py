@@ -424,7 +424,7 @@ def _check_block_overflow(block: workspace.Workspace, sources) -> float:
     Returns this block's part of a bound on dW's magnitudes, Σₙ σₙ ρₙ (checked once
     the blocks are summed, :func:`_check_dW_overflow`)."""
     with np.errstate(over="ignore", invalid="ignore"):
-        w = float(block.aW.max(initial=0.0))
+        w = float(block.max_W_cols.max(initial=0.0))  # kept across the blocks
         b = 0.0 if block.B is None else float(np.abs(block.B).max(initial=0.0))
         sigma, rho = block.sum_G_rows, block.sum_X_rows
         top = float(np.sum(sigma * (rho * w + b)))

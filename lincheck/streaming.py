@@ -59,10 +59,6 @@ def row_blocks(N: int, D_in: int, D_out: int) -> list[slice]:
     return [slice(start, min(start + size, N)) for start in range(0, N, size)]
 
 
-_OF_W = ("aW", "sum_W_rows", "sum_W_cols", "max_W_cols")
-"""A block's cached values that depend on W alone (:class:`Workspace`)."""
-
-
 class Rows:
     """A layer read a block of rows at a time.
 
@@ -94,9 +90,7 @@ class Rows:
             block = Workspace(self.X[rows], self.W, self.B, self.G[rows])
             block.__dict__.update(shared)
             yield rows, block
-            shared = {k: v for k, v in block.__dict__.items() if k in _OF_W}
-            if "W" in block.__dict__.get("_abs32", {}):
-                shared["_abs32"] = {"W": block.__dict__["_abs32"]["W"]}
+            shared = block.of_W()
 
 
 class Totals(tensors.Sizes):
@@ -497,7 +491,6 @@ class DirectionsWitness:
         self.estimate = np.zeros(count)
         self.predicted = np.zeros(count)
         self.terms = np.zeros((3, count))  # the witness bound's three sums, as named above
-        self.typical = np.zeros((3, count))  # the same with √k u for γ_k (typical errors)
         if tensor == "dX":
             self.passes = count / self.N
             self.f = forward(self.b, rows.W, None)  # F₀(b): count × D_out
@@ -513,7 +506,6 @@ class DirectionsWitness:
             a = _signs(self.row_signs, block.N, self.count)  # block.N × count
             self.g += a.T @ block.G
             self.c += block.sum_G_cols
-            # einsum's own loop, not a BLAS dot product, whose order depends on the threads.
             self.predicted += np.einsum("nk,nk->k", a, block.reference("dX") @ self.b.T)
             return
         g_D_out = gamma(self.D_out, U64)

@@ -72,17 +72,22 @@ class Workspace(tensors.Sizes):
             rows = slice(start, min(start + per, self.N))
             view = Workspace(self.X[rows], self.W, self.B, self.G[rows])
             shared = view.__dict__
-            for name in ("aW", "sum_W_rows", "sum_W_cols", "max_W_cols"):
-                if name in self.__dict__:
-                    shared[name] = self.__dict__[name]
+            shared.update(self.of_W())
             for name in ("aX", "aG", "MY", "_dX", "sum_G_rows", "sum_X_rows"):
                 if name in self.__dict__:
                     shared[name] = self.__dict__[name][rows]
-            if "W" in self.__dict__.get("_abs32", {}):
-                shared["_abs32"] = {"W": self.__dict__["_abs32"]["W"]}
-            if "W" in self.__dict__.get("_squares", {}):
-                shared["_squares"] = {"W": self.__dict__["_squares"]["W"]}
             yield rows, view
+
+    def of_W(self) -> dict:
+        """What this workspace has computed of W alone (|W|, its sums and maxima, |W| in
+        float32, W²), for another workspace of the same W to start with."""
+        have = self.__dict__
+        names = ("aW", "sum_W_rows", "sum_W_cols", "max_W_cols")
+        out = {name: have[name] for name in names if name in have}
+        for cache in ("_abs32", "_squares"):
+            if "W" in have.get(cache, {}):
+                out[cache] = {"W": have[cache]["W"]}
+        return out
 
     # Everything below is computed on first use: a block of rows that only goes through
     # perturbed forward passes (random directions) needs none of it.
