@@ -728,7 +728,7 @@ def _rule(model: Arithmetic, tensor: str, operands, c_p: float, outs) -> str:
     ]
     if c_p:
         parts.append("products rounded")
-    parts.append(f"sums in {model.acc.name}")
+    parts.append(f"sums in {model.accumulator(tensor).name}")
     if model.out.bits < 53:
         parts.append(f"result rounded to {model.out.name}")
     if tensor == "Y" and model.bias == "separate":

@@ -235,3 +235,12 @@ def test_mx32_scale_is_exact_below_a_power_of_two():
 
     amax = 8.0 * (1 - 2.0**-53)
     assert recipe(np.full((1, 32), amax), "mx32", "X", E4M3)[0, 0] == 2.0 ** (2 - 8)
+
+
+def test_the_rule_names_the_accumulator_of_the_tensor():
+    """dB's rule names its own reduction (bf16's window of 32), not the matmuls' accumulator."""
+    model = PRECISIONS["bf16"]
+    ops = (Operand(BFLOAT16, False),)
+    rule = subject_bound(model, "dB", 64, np.ones(1), 64.0, 0.0, 1.0, ops, BFLOAT16).rule
+    assert "sums in bf16/32" in rule and "fp32-rz" not in rule
+    assert "sums in fp32-rz" in product_error(np.ones(1), 0.0, 4, model, BFLOAT16, False).rule
