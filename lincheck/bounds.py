@@ -124,21 +124,20 @@ def upper_product(computed, k: int, in32: bool, sums, k_gamma: int | None = None
     may be flushed to zero, if the processor does); each product is within a relative u
     or an absolute t; and the computed sum ŝ of k_gamma products (k by default) in any
     order, with or without FMA, is at least (1 − γ_k)(Σ a'b' − k t) [Higham 2002, §3.1].
-    So, with ``sums`` an upper bound on Σ|a| + Σ|b| over the entry's terms
-    (Σ a' ≤ (1 + u) Σ|a| + k t),
+    So, with ``sums`` an upper bound on Σ|a| + Σ|b| over any entry's terms (one number
+    for all: the term it scales is below 2⁻¹²⁵ of it; Σ a' ≤ (1 + u) Σ|a| + k t),
 
         Σ|a||b| ≤ (ŝ + k t) / ((1 − u)² (1 − γ_k)) + t (1 + u)/(1 − u) · sums + 3 k t²,
 
-    times 1 + 2⁻⁵⁰ for evaluating this in float64.
+    times 1 + 2⁻⁵⁰ for evaluating this in float64 (a few roundings; ŝ's coefficient
+    and the constant are each computed with the factor in, two passes over the entries).
     """
     if not in32:
         return upper_sum(computed, k)
     kg = k if k_gamma is None else k_gamma
     grow = 1.0 / (1.0 - _U32) ** 2  # ≥ (1 + u)/(1 − u) as well
     scale = grow / (1.0 - kg * _U32 / (1.0 - kg * _U32))
-    out = np.add(computed, k * _TINY32, dtype=np.float64)
-    out *= scale
-    out += (grow * _TINY32) * sums
-    out += 3 * k * _TINY32 * _TINY32
-    out *= 1.0 + 2.0**-50
+    safety = 1.0 + 2.0**-50
+    out = np.multiply(computed, scale * safety, dtype=np.float64)
+    out += (k * _TINY32 * scale + grow * _TINY32 * sums + 3 * k * _TINY32 * _TINY32) * safety
     return out

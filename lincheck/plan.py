@@ -211,6 +211,18 @@ def plans(
     return out
 
 
+def quadrature(a, b):
+    """hypot(a, b) entry by entry: a subject's typical error and its oracle's, which add as
+    independent errors do. Where b ≤ 2⁻²⁷ a at every entry (a float32 or narrower subject
+    against the float64 reference, whose typical error is some 2⁻²⁹ of the subject's),
+    (b/a)² ≤ 2⁻⁵⁴ and hypot(a, b) rounds to a: a is returned, without a per-entry hypot
+    (among the costliest operations a check does on every entry)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.all(np.less_equal(b, np.multiply(a, 2.0**-27))):
+            return a
+    return np.hypot(a, b)
+
+
 class Tallies:
     """The running comparisons of one plan: the subject's against its oracle, the
     reference's against the witness, and the rules that set their tolerances."""
@@ -240,7 +252,9 @@ class Tallies:
         sub = plan.subject
         if sub is not None and sub.values is not None and self.own is not None:
             s = sub.values if cols is None else sub.values[:, cols]
-            s = np.asarray(s if rows is None else s[rows], dtype=np.float64)
+            s = s if rows is None else s[rows]
+            if s.dtype not in (np.float32, np.float64):  # float32 is subtracted as it is
+                s = np.asarray(s, dtype=np.float64)
             if plan.against_witness:
                 o, o_worst, o_typ, oracle = block.estimate, block.bound, block.typical, "witness"
             else:
@@ -258,7 +272,7 @@ class Tallies:
                 tol = certain if sub.certain_only else own.statistical + o_worst
                 tier = "rigorous bound" if sub.certain_only else "statistical tolerance"
                 self.rules["subject"] = f"{own.rule}; {tier} + {oracle} bound"
-                typical = np.hypot(own.typical, o_typ)
+                typical = quadrature(own.typical, o_typ)
             else:
                 tol = sub.allclose[0] + sub.allclose[1] * np.abs(o)
                 self.rules["subject"] = _allclose_rule(sub.allclose, oracle)

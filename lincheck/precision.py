@@ -561,10 +561,12 @@ def subject_bound(
         (Σ|b| for a, Σ|a| for b; the term count for dB's one operand): an operand
         off by η in absolute terms moves its products by η times these.
     value : ndarray
-        |exact value| per entry (the float64 reference; its own error is
-        below 10⁻¹⁵ of M, covered by the reference's bound).
-    largest : ndarray or float
-        An upper bound on max |term| per entry.
+        The exact value per entry, whose sign is ignored (the float64 reference;
+        its own error is below 10⁻¹⁵ of M, covered by the reference's bound).
+    largest : ndarray, float, or a function giving one
+        An upper bound on max |term| per entry (a function is called only where the
+        statistical tier needs it: a chunked accumulator, or conversions without
+        ``squares``).
     operands : tuple of Operand
         The product's operands (one for dB).
     storage : Format
@@ -667,54 +669,60 @@ def subject_bound(
     under_conv = under_conv + sum(eta for _, eta in c_ops[2:])  # a converted bias
     eta_acc = acc.fmt.eta
     with np.errstate(over="ignore", invalid="ignore"):
-        # In place where it can: a row block of dX in the partial modes is large.
+        # Few passes over the entries (this runs on every entry of every check): each
+        # tier is a sum of arrays times scalars, the scalar factors applied to the whole
+        # sum (1 + P for the output roundings, SAFETY for evaluating it) folded into each
+        # coefficient.
         grow = (1.0 + F) * (1.0 + P)
         under = grow * ((1.0 + e) * under_conv + k * eta_p)
         under = under + (1.0 + P) * k * eta_acc + sum(o.eta for o in outs)
-        worst = whole * M
-        worst += under
-        worst *= SAFETY
+        worst = np.multiply(M, whole * SAFETY)
+        worst += under * SAFETY
         v = np.abs(value)
+        g = (1.0 + e) * (1.0 + F)  # the partial sums are computed values
+        outer = (1.0 + P) * SAFETY
+        on_v = g * drift + P  # |v|'s coefficient, before the outer factor
         if chunked:
             # A chunk's mass is at most K · (largest + |v|/k): √((K−1)K) · √(that · M) per chunk.
+            largest = largest() if callable(largest) else largest
             adds = np.sqrt((largest + v / k) * (M + v))
-            adds *= LAMBDA * spread
+            adds *= outer * g * LAMBDA * spread
         elif acc.window and tree is not None:
             # The tree's own partial sums (docs/numerics.md §2.3): Azuma over its additions.
             adds = np.sqrt(tree)
-            adds *= LAMBDA * c
+            adds *= outer * g * LAMBDA * c
         else:
             # A fluctuating partial sum is at most half the mass: R = −(the rest), Σr = 0.
-            adds = M + v
-            adds *= LAMBDA * spread / 2
-        adds += drift * v
+            adds = np.multiply(M, outer * g * LAMBDA * spread / 2)
+            on_v += g * LAMBDA * spread / 2
         stat = adds
-        stat *= (1.0 + e) * (1.0 + F)
         if e:
+            if squares is None:
+                largest = largest() if callable(largest) else largest
             root = np.sqrt(M * largest if squares is None else squares)
             e_conv = math.expm1(sum(math.log1p(c) for c, _ in c_ops))
-            conv = root * (LAMBDA * e_conv)
-            conv += e_conv * v
             if shift is not None:
+                conv = root * (LAMBDA * e_conv)
+                conv += e_conv * v
                 conv = np.maximum(conv, np.abs(shift) * (1.0 + 2.0**-40))
-            stat += conv
+                conv *= outer
+                stat += conv
+            else:
+                stat += root * (outer * LAMBDA * e_conv)
+                on_v += e_conv
             if c_p:
-                stat += (LAMBDA * c_p * (1.0 + e_conv)) * root
-                stat += c_p * (1.0 + e_conv) * v
+                stat += root * (outer * LAMBDA * c_p * (1.0 + e_conv))
+                on_v += c_p * (1.0 + e_conv)
         if ordered is not None and acc.truncates:
-            stat += (c * (1.0 + e) * (1.0 + F)) * np.abs(ordered)
-        if P:
-            stat += P * v
+            stat += np.abs(ordered) * (outer * c * g)
         if tensor == "Y" and model.bias == "separate" and bias is not None:
             # X Wᵀ is rounded before B is added: that rounding sees |X Wᵀ| ≤ |v| + |b|.
-            stat += model.out.u * np.abs(bias)
-        if P:
-            stat *= 1.0 + P
-        stat += under
-        stat *= SAFETY
+            stat += np.abs(bias) * (outer * model.out.u)
+        stat += v * (outer * on_v)
+        stat += under * SAFETY
         statistical = np.minimum(stat, worst, out=stat) if np.ndim(stat) else min(stat, worst)
+        # At least `under` (every part above is), so never negative.
         typical = np.subtract(statistical, under)
-        typical = np.maximum(typical, 0.0, out=typical if np.ndim(typical) else None)
         typical *= 1.0 / LAMBDA
     return ErrorBound(worst, statistical, typical, _rule(model, tensor, operands, c_p, outs))
 
@@ -745,7 +753,8 @@ def reference_bound(M, S, k: int) -> ErrorBound:
     Higham's γ_k applies.)
     """
     g = gamma(k, FLOAT64.u)
-    worst = (g * M + 2 * k * FLOAT64.eta) * SAFETY
+    worst = np.multiply(M, g * SAFETY)  # SAFETY folded in: two passes over M, not three
+    worst += 2 * k * FLOAT64.eta * SAFETY
     typical = math.sqrt(k) * FLOAT64.u * M
     return ErrorBound(worst, worst, typical, f"fp64: γ_{k}(fp64) × Σ|terms|")
 

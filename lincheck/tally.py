@@ -150,26 +150,32 @@ class Tally:
         certain: np.ndarray | None = None,
     ) -> None:
         """Compare one block. ``tolerance`` is the one that decides (the statistical tier's,
-        or the certain one's); ``certain``, the rigorous bound, if it is larger."""
+        or the certain one's); ``certain``, the rigorous bound, if it is larger (never
+        smaller, entry by entry: an entry within ``tolerance`` is within ``certain``)."""
         s, o = np.ravel(subject), np.ravel(oracle)
         tol, typ = (_flat_like(a, subject) for a in (tolerance, typical))
+        if certain is tolerance:
+            certain = None  # the certain tier decides: one set of ratios
         cert = tol if certain is None else _flat_like(certain, subject)
-        # Ratios are 0 where the error is 0 (even against a zero tolerance), else err / x:
-        # a divide where the error is not 0 into zeros, or, where only the largest is
-        # wanted, a plain divide whose 0/0 (NaN) the NaN-ignoring maximum passes over.
-        # (Few passes over the block: this runs on every entry of every check.)
+        # Few passes over the block: this runs on every entry of every check.
         err = np.subtract(s, o)
         np.abs(err, out=err)
         a_o = np.abs(o)
-        ratio = np.zeros_like(err)
-        with np.errstate(divide="ignore"):  # an error against a zero tolerance: infinite
-            np.divide(err, tol, out=ratio, where=err != 0)
         scratch = np.empty_like(err)
 
         def largest_of(values) -> float:
             return float(np.fmax.reduce(values, initial=0.0)) if values.size else 0.0
 
+        # Ratios are 0 where the error is 0 (even against a zero tolerance), else err / x: a
+        # plain divide where every tolerance is positive (0 / tol is 0), else a divide where
+        # the error is not 0 into zeros; where only the largest is wanted, a plain divide
+        # whose 0/0 (NaN) the NaN-ignoring maximum passes over.
         with np.errstate(divide="ignore", invalid="ignore"):
+            if tol.size and tol.min() > 0:
+                ratio = np.divide(err, tol)
+            else:
+                ratio = np.zeros_like(err)
+                np.divide(err, tol, out=ratio, where=err != 0)
             self.max_rel = max(self.max_rel, largest_of(np.divide(err, a_o, out=scratch)))
             typical_max = largest_of(np.divide(err, typ, out=scratch))
             self.max_typical_ratio = max(self.max_typical_ratio, typical_max)
@@ -180,34 +186,44 @@ class Tally:
         self.count += s.size
         exceeded = s.size - int(np.count_nonzero(err <= tol))
         self.exceeded += exceeded
-        if certain is not None:
+        if certain is not None and exceeded:  # within tol is within certain
             exceeded = s.size - int(np.count_nonzero(err <= cert))
         self.certain_exceeded += exceeded
         self.largest = max(self.largest, float(a_o.max(initial=0.0)))
-        if tol.size and tol.max() == np.inf:
-            self.unbounded += int(np.count_nonzero(np.isinf(tol)))
         self.max_abs = max(self.max_abs, float(err.max(initial=0.0)))
         detectable = float(np.add(tol, err, out=scratch).max(initial=0.0))
         self.detectable = max(self.detectable, detectable)
-        # The block's best few by rank (:func:`rank`), merged with those kept so far.
+        if detectable == np.inf and tol.max() == np.inf:  # the errors are finite
+            self.unbounded += int(np.count_nonzero(np.isinf(tol)))
+        # The block's best few by rank (:func:`rank`), merged with those kept so far: only
+        # entries that can displace a kept one (rank at least the last kept's; rank(r) ≥ g
+        # exactly when r ≥ g, for g a rank) are ranked.
         k = min(self.top, ratio.size)
         if k:
             self.max_ratio = max(self.max_ratio, float(ratio.max()))
-            ranks = rank(ratio)
-            if k < ratio.size:
+            if len(self._best) == self.top:
+                # (the negated rank of the last kept entry; never NaN: ranks are of ratios)
+                candidates = np.flatnonzero(ratio >= -self._best[-1][0])
+            else:
+                candidates = None
+            ranks = rank(ratio if candidates is None else ratio[candidates])
+            n = ranks.size
+            k = min(k, n)
+            if k < n:
                 # The k largest ranks; among equal ranks at the cut, the first positions
                 # (flatnonzero is in order), so which entries are kept never depends on ties.
-                cut = np.partition(ranks, ratio.size - k)[ratio.size - k]
+                cut = np.partition(ranks, n - k)[n - k]
                 above = np.flatnonzero(ranks > cut)
                 local = np.concatenate([above, np.flatnonzero(ranks == cut)[: k - above.size]])
             else:
                 local = np.arange(k)
+            picked = local if candidates is None else candidates[local]
             found = zip(
                 (-ranks[local]).tolist(),
-                np.asarray(flat(local)).tolist(),
-                s[local].tolist(),
-                o[local].tolist(),
-                tol[local].tolist(),
+                np.asarray(flat(picked)).tolist(),
+                s[picked].tolist(),
+                o[picked].tolist(),
+                tol[picked].tolist(),
             )
             # A few entries: sorted as Python tuples, largest rank first, then by index.
             self._best = sorted([*self._best, *found])[: self.top]

@@ -42,8 +42,8 @@ def model_bound(
         layer.terms(tensor),
         M,
         S,
-        np.abs(ref),
-        layer.largest(tensor, cols),
+        ref,  # its sign is ignored
+        lambda: layer.largest(tensor, cols),  # only where the model needs it
         operands,
         storage,
         *_statistics(layer, model, tensor, operands, ref, cols, rows),
