@@ -159,3 +159,50 @@ def test_error_map_pools_cells_of_many_rows_and_columns(rng, blocks, shape):
     np.maximum.at(want, np.broadcast_arrays(*cells), ratio)
     assert np.array_equal(tally.map, want)
     assert np.array_equal(tally.histogram, np.histogram(ratio, RATIO_BINS)[0])
+
+
+@pytest.mark.parametrize("blocks", ["rows", "columns"])
+def test_worst_entries_across_blocks_are_the_top_ranks_ties_to_the_lowest_index(rng, blocks):
+    """The kept entries of a tensor fed in blocks are its `top` entries by rank (error /
+    tolerance cut to RANK_BITS), ties to the lowest index, whichever block they came in: a
+    brute-force sort of every entry is the oracle. Ratios take a few values (many ties),
+    and later blocks hold entries that tie with, beat and lose to those kept so far."""
+    from lincheck.tally import Positions, Tally, rank
+
+    shape = (300, 40)
+    ratio = rng.choice(
+        [0.5, 1.5, 3.0, 3.0 * (1 + 2.0**-30), 7.0], size=shape, p=[0.6, 0.3, 0.07, 0.02, 0.01]
+    )
+    ratio[250:, :] = rng.choice([0.5, 7.0], size=(50, 40))  # a late block full of the largest
+    tol = rng.uniform(0.5, 2.0, size=shape)
+    err = ratio * tol
+    zeros = np.zeros(shape)
+    tally = Tally(top=5, shape=shape)
+    if blocks == "rows":
+        for start, stop in [(0, 7), (7, 120), (120, 250), (250, 300)]:
+            rows = slice(start, stop)
+            where = Positions.of_block(shape, None, rows)
+            tally.add(err[rows], zeros[rows], tol[rows], 1.0, where)
+    else:
+        for cols in np.array_split(np.arange(shape[1]), 4)[::-1]:  # the last columns first
+            where = Positions.of_block(shape, cols)
+            tally.add(err[:, cols], zeros[:, cols], tol[:, cols], 1.0, where)
+    ranks = rank((err / tol).ravel())
+    want = sorted(range(ranks.size), key=lambda i: (-ranks[i], i))[:5]
+    assert [b[0] for b in tally.best] == want
+    assert tally.max_ratio == (err / tol).max()
+
+
+def test_quadrature_is_hypot_and_skips_it_only_where_it_rounds_to_the_larger():
+    from lincheck.plan import quadrature
+
+    a = np.array([1.0, 3.0, 0.0, 1e-300, 1e300])
+    small = a * 2.0**-27
+    assert quadrature(a, small) is a  # every b ≤ 2⁻²⁷ a: hypot rounds to a
+    assert np.array_equal(np.hypot(a, small), a)
+    b = small.copy()
+    b[1] = 4.0  # one entry where b matters: hypot everywhere
+    got = quadrature(a, b)
+    assert got[1] == 5.0 and np.array_equal(got, np.hypot(a, b))
+    near = np.array([1.0, 1.0]), np.array([2.0**-20, 0.0])  # (b/a)² = 2⁻⁴⁰ shows
+    assert quadrature(*near)[0] == np.hypot(1.0, 2.0**-20) > 1.0
