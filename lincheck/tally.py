@@ -259,10 +259,14 @@ class Tally:
             # [2ᵉ⁻¹, 2ᵉ), bin e − RATIO_OCTAVES[0], and e is the stored exponent less 1022:
             # read off the bits. Zero and subnormals (stored exponent 0) clip to the first
             # bin, infinity (2047) to the last.
-            index = np.ascontiguousarray(r).view(np.int64) >> 52
-            index -= 1022 + RATIO_OCTAVES[0]
-            np.clip(index, 0, bins - 1, out=index)
-            self.histogram += np.bincount(index, minlength=bins)
+            # Counted by stored exponent (sign dropped: −0 is 0), then folded into the bins.
+            exponent = np.ascontiguousarray(r).view(np.int64) >> 52
+            np.bitwise_and(exponent, 0x7FF, out=exponent)
+            counts = np.bincount(exponent, minlength=2048)
+            low, high = 1022 + RATIO_OCTAVES[0], 1022 + RATIO_OCTAVES[0] + bins - 1
+            self.histogram[0] += counts[: low + 1].sum()
+            self.histogram[1:-1] += counts[low + 1 : high]
+            self.histogram[-1] += counts[high:].sum()
 
     def _pool_rows(self, ratio: np.ndarray, row: int) -> None:
         """Pool whole rows (``ratio``, rows ``row`` on of the tensor) into the map: the
