@@ -649,3 +649,18 @@ def test_the_readme_commands_run_as_written(tmp_path, rng, monkeypatch, cluster)
     on_cluster = runner.invoke(app, address[1:])
     assert on_cluster.exit_code == 1, on_cluster.output
     assert len(_records(tmp_path / "results.jsonl")) == 2
+
+
+def test_the_terminal_shows_the_first_failure_in_full_and_the_others_briefly(tmp_path, rng):
+    """Two failed cases: one set of worst entries (the first failure's, in full), both cases'
+    failed rows and hints, and the summary naming both."""
+    for name in ("a", "b", "c"):
+        _case(tmp_path / name, rng, 6, 4, 3, bug=None if name == "a" else "mean")
+    result = invoke("verify", tmp_path, "--jobs", 1)
+    assert result.exit_code == 1
+    out = result.stdout
+    assert out.count("Worst entries") == 1
+    first, second = out.index(f"{tmp_path / 'b'} ─"), out.index(f"{tmp_path / 'c'} ─")
+    assert first < out.index("Worst entries") < second
+    assert out.count("hint [") == 2 and out.index("hint [", second) > second
+    assert f"2 of 3 cases failed: {tmp_path / 'b'}, {tmp_path / 'c'}" in out
