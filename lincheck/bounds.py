@@ -124,13 +124,14 @@ def upper_product(computed, k: int, in32: bool, sums, k_gamma: int | None = None
     may be flushed to zero, if the processor does); each product is within a relative u
     or an absolute t; and the computed sum ŝ of k_gamma products (k by default) in any
     order, with or without FMA, is at least (1 − γ_k)(Σ a'b' − k t) [Higham 2002, §3.1].
-    So, with ``sums`` an upper bound on Σ|a| + Σ|b| over any entry's terms (one number
-    for all: the term it scales is below 2⁻¹²⁵ of it; Σ a' ≤ (1 + u) Σ|a| + k t),
+    So, with ``sums`` = (upper bounds on Σ|a|, on Σ|b|) over each entry's terms, arrays
+    that broadcast to the entries (a row and a column: Σ a' ≤ (1 + u) Σ|a| + k t),
 
-        Σ|a||b| ≤ (ŝ + k t) / ((1 − u)² (1 − γ_k)) + t (1 + u)/(1 − u) · sums + 3 k t²,
+        Σ|a||b| ≤ (ŝ + k t) / ((1 − u)² (1 − γ_k)) + t (1 + u)/(1 − u) · (Σ|a| + Σ|b|) + 3 k t²,
 
-    times 1 + 2⁻⁵⁰ for evaluating this in float64 (a few roundings; ŝ's coefficient
-    and the constant are each computed with the factor in, two passes over the entries).
+    times 1 + 2⁻⁵⁰ for evaluating this in float64 (a few roundings; each coefficient is
+    computed with the factor in). The sums stay each entry's own: one number for all,
+    the largest entry's, would raise an entry 10⁶⁰ smaller than it to some 2⁻¹²⁶ of it.
     """
     if not in32:
         return upper_sum(computed, k)
@@ -139,5 +140,8 @@ def upper_product(computed, k: int, in32: bool, sums, k_gamma: int | None = None
     scale = grow / (1.0 - kg * _U32 / (1.0 - kg * _U32))
     safety = 1.0 + 2.0**-50
     out = np.multiply(computed, scale * safety, dtype=np.float64)
-    out += (k * _TINY32 * scale + grow * _TINY32 * sums + 3 * k * _TINY32 * _TINY32) * safety
+    on_sums = grow * _TINY32 * safety
+    # The row and the column first (small), then one broadcast pass over the entries each.
+    out += on_sums * sums[0] + (k * _TINY32 * scale + 3 * k * _TINY32 * _TINY32) * safety
+    out += on_sums * sums[1]
     return out

@@ -724,7 +724,21 @@ def subject_bound(
         # At least `under` (every part above is), so never negative.
         typical = np.subtract(statistical, under)
         typical *= 1.0 / LAMBDA
+    if math.isinf(whole):
+        # An unbounded factor (an operand beyond its format's range, or sums so long that
+        # every digit can be lost) bounds nothing, where it meets a zero magnitude, value or
+        # spread too: ∞ · 0 is NaN, a tolerance no error is within (a failure, not the
+        # inconclusive check it is). Only then: a finite `whole` keeps every factor finite.
+        worst, statistical, typical = map(_unbounded_where_nan, (worst, statistical, typical))
     return ErrorBound(worst, statistical, typical, _rule(model, tensor, operands, c_p, outs))
+
+
+def _unbounded_where_nan(a):
+    """``a`` with its NaN entries infinite (in place for an array)."""
+    if np.ndim(a):
+        np.copyto(a, np.inf, where=np.isnan(a))
+        return a
+    return math.inf if math.isnan(a) else a
 
 
 def _rule(model: Arithmetic, tensor: str, operands, c_p: float, outs) -> str:

@@ -271,7 +271,7 @@ class Totals(tensors.Sizes):
                 upper_sum(M_dW[:, sel], self.blocks),
                 self.N,
                 self.M_dW_in32,
-                float(np.max(S[0], initial=0.0) + np.max(S[1], initial=0.0)),
+                S,
                 k_gamma=self.most_rows,
             )
             return M, S

@@ -213,8 +213,7 @@ class Workspace(tensors.Sizes):
             S = (self.sum_W_rows[None, :], self.sum_X_rows[:, None])
             return self.MY, tuple(upper_sum(x, k) for x in S)
         S = tuple(upper_sum(x, k) for x in S)
-        sums = float(np.max(S[0], initial=0.0) + np.max(S[1], initial=0.0)) if in32 else None
-        return upper_product(M, self.terms(tensor), in32, sums), S
+        return upper_product(M, self.terms(tensor), in32, S), S
 
     def largest(self, tensor: str, cols: np.ndarray | None = None):
         """An upper bound on each entry's largest |term|, from row and column maxima: for

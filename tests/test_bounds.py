@@ -279,11 +279,70 @@ def test_magnitudes_summed_in_float32_are_bounded_up(rng, monkeypatch, spread):
         b = rng.exponential(size=(40, 5))
     computed, in32 = bounds.abs_product(a, b)
     assert in32
-    sums = a.sum(axis=1)[:, None] + b.sum(axis=0)[None, :]
-    upper = bounds.upper_product(computed, 40, in32, bounds.upper_sum(sums, 40))
+    sums = (bounds.upper_sum(a.sum(axis=1)[:, None], 40), bounds.upper_sum(b.sum(axis=0), 40))
+    upper = bounds.upper_product(computed, 40, in32, sums)
     for i in range(6):
         for j in range(5):
             exact = sum(Fraction(a[i, t]) * Fraction(b[t, j]) for t in range(40))
             assert Fraction(upper[i, j]) >= exact
             if spread == "normal":
                 assert upper[i, j] <= float(exact) * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("tensor", ["dX", "dW"])
+def test_float32_magnitudes_of_rows_far_apart_stay_each_entrys_own(monkeypatch, tensor):
+    """dY's rows (and so dW's output units) 10⁶⁰ apart, magnitudes summed in float32: each
+    entry's bound is never below its exact Σ|a||b| (in fractions) and within 0.1% of it.
+    Float32's underflow allowance scales the entry's own operand sums: one allowance for
+    all, from the largest entry's sums, would raise the small entries' bounds (and their
+    tolerances) by some 10²² of their size."""
+    from fractions import Fraction
+
+    from lincheck import bounds
+    from lincheck.workspace import Workspace
+
+    monkeypatch.setattr(bounds, "ABS32_WORK", 0)  # float32 at any size
+    rng = np.random.default_rng(3)
+    N, D_in, D_out = 6, 5, 4
+    X = rng.normal(size=(N, D_in)).astype(np.float32).astype(np.float64)
+    W = rng.normal(size=(D_out, D_in)).astype(np.float32).astype(np.float64)
+    G = rng.normal(size=(N, D_out))
+    if tensor == "dX":
+        G[0::2] *= 1e-30
+        G[1::2] *= 1e30
+    else:
+        G[:, 0::2] *= 1e-30
+        G[:, 1::2] *= 1e30
+    G = G.astype(np.float32).astype(np.float64)
+    M, _ = Workspace(X, W, None, G).magnitude(tensor)
+    a, b = (np.abs(G), np.abs(W)) if tensor == "dX" else (np.abs(G).T, np.abs(X))
+    for i in range(M.shape[0]):
+        for j in range(M.shape[1]):
+            exact = sum(Fraction(a[i, t]) * Fraction(b[t, j]) for t in range(a.shape[1]))
+            assert Fraction(M[i, j]) >= exact
+            assert M[i, j] <= float(exact) * (1 + 1e-3), (i, j, M[i, j], float(exact))
+
+
+@pytest.mark.parametrize("mode", ["sample", "directions"])
+def test_small_rows_doubled_fail_beside_large_rows(monkeypatch, mode):
+    """A float32 dX whose small rows (dY's rows 10⁻³⁰, beside rows 10³⁰) are all twice the
+    reference fails in the partial modes, whose row blocks' magnitudes are summed in
+    float32 as a large layer's are; the correct dX passes."""
+    from lincheck import bounds
+
+    monkeypatch.setattr(bounds, "ABS32_WORK", 0)  # float32 at any size
+    rng = np.random.default_rng(4)
+    N, D_in, D_out = 16, 6, 5
+    X = rng.normal(size=(N, D_in)).astype(np.float32)
+    W = rng.normal(size=(D_out, D_in)).astype(np.float32)
+    G = rng.normal(size=(N, D_out))
+    G[0::2] *= 1e-30
+    G[1::2] *= 1e30
+    G = G.astype(np.float32)
+    dX = G.astype(np.float64) @ W.astype(np.float64)  # within any float32 tolerance
+    assert check(X, W, None, G, dX=dX.astype(np.float32), precision="fp32", mode=mode).passed
+    wrong = dX.copy()
+    wrong[0::2] *= 2
+    report = check(X, W, None, G, dX=wrong.astype(np.float32), precision="fp32", mode=mode)
+    (dx,) = [c for c in report.checks if c.tensor == "dX" and c.subject == "supplied"]
+    assert dx.verdict == "fail" and dx.worst_index[0] % 2 == 0, (dx.verdict, dx.worst_index)

@@ -244,3 +244,28 @@ def test_the_rule_names_the_accumulator_of_the_tensor():
     rule = subject_bound(model, "dB", 64, np.ones(1), 64.0, 0.0, 1.0, ops, BFLOAT16).rule
     assert "sums in bf16/32" in rule and "fp32-rz" not in rule
     assert "sums in fp32-rz" in product_error(np.ones(1), 0.0, 4, model, BFLOAT16, False).rule
+
+
+@pytest.mark.parametrize(
+    "X, W, G",
+    [
+        ([[0.65]], [[1.33]], [[-1.27e30]]),  # one term per entry
+        ([[0.65], [0.5]], [[1.33]], [[-1.27e30], [0.0]]),  # a zero row of dY
+        ([[1.0], [1.0]], [[1.0]], [[1e30], [-1e30]]),  # dW and dB cancel to exactly 0
+    ],
+)
+def test_an_operand_beyond_the_format_bounds_nothing_even_where_it_meets_a_zero(X, W, G):
+    """dY beyond fp16's range under an fp16 model: the conversion's error is unbounded, so
+    no tolerance bounds anything, and correct gradients (exact here: products of small
+    integers and powers of two times 1e30 are exact in float32 or cancel) are inconclusive,
+    never failed: an unbounded factor times a zero magnitude, value or spread is still
+    unbounded, not a tolerance no error is within."""
+    X, W, G = (np.asarray(a, dtype=np.float32) for a in (X, W, G))
+    B = np.zeros(W.shape[0], dtype=np.float32)
+    dX, dW, dB = G.astype(np.float64) @ W, G.T.astype(np.float64) @ X, G.astype(np.float64).sum(0)
+    report = lincheck.check(X, W, B, G, dX=dX, dW=dW, dB=dB, precision="fp16")
+    supplied = [c for c in report.checks if c.subject == "supplied"]
+    assert {c.tensor for c in supplied} == {"dX", "dW", "dB"}
+    for c in supplied:
+        assert c.verdict == "inconclusive", (c.tensor, c.verdict, c.tolerance)
+        assert c.tolerance == math.inf
