@@ -558,7 +558,8 @@ def verify(
             "--jobs",
             "-j",
             min=1,
-            help="Worker processes for several cases (default: the number of cores).",
+            help="Worker processes for several cases (default: one per core, or none when the "
+            "cases are too little work to pay for starting them).",
             show_default=False,
             metavar="N",
             rich_help_panel=MANY,
@@ -633,7 +634,9 @@ def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoRet
             client = batch.connect(scheduler)
     tasks = batch.plan(cases, options)
     kept, rest = batch.resumable(tasks, records)
-    workers = min(jobs or os.cpu_count() or 1, len(rest)) if scheduler == "local" else 1
+    cores = os.cpu_count() or 1
+    workers = (jobs or batch.default_workers(rest, cores)) if scheduler == "local" else 1
+    workers = min(workers, max(len(rest), 1))
     writer = None
     if jsonl is not None:
         if not appending and os.path.lexists(jsonl):

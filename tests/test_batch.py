@@ -664,3 +664,28 @@ def test_the_terminal_shows_the_first_failure_in_full_and_the_others_briefly(tmp
     assert first < out.index("Worst entries") < second
     assert out.count("hint [") == 2 and out.index("hint [", second) > second
     assert f"2 of 3 cases failed: {tmp_path / 'b'}, {tmp_path / 'c'}" in out
+
+
+def test_without_jobs_too_little_work_runs_in_the_command_s_own_process(tmp_path, rng):
+    """Starting workers costs WORKER_START each: a folder of tiny cases runs in the command's
+    process (every record's worker is its pid); workers start only when the nominal time
+    saved, T·(1 − 1/c), exceeds that, and never more workers than cases."""
+    for name in ("a", "b", "c"):
+        _case(tmp_path / "cases" / name, rng)
+    log = tmp_path / "run.jsonl"
+    assert invoke("verify", tmp_path / "cases", "--jsonl", log).exit_code == 0
+    assert {r["worker"] for r in _records(log).values()} == {f"pid {os.getpid()}"}
+
+    def tasks(*seconds):
+        return [batch.Task(str(i), "", seconds=s) for i, s in enumerate(seconds)]
+
+    start = batch.WORKER_START
+    assert batch.default_workers(tasks(0.25, 0.25), 2) == 1  # saves 0.25 at most: less
+    assert batch.default_workers(tasks(0.35, 0.35), 2) == 2  # 0.35 > 0.3
+    assert batch.default_workers(tasks(start * 0.76, start * 0.76), 4) == 1  # 1.52·(1 − ½)
+    assert batch.default_workers(tasks(*[start] * 3), 8) == 3  # 0.9·(1 − ⅓) = 0.6 > 0.3
+    assert batch.default_workers(tasks(100.0), 8) == 1  # one case: one process
+    # A task's nominal seconds: its check's at the nominal rate, plus the case's own cost
+    small, large = (batch.nominal_seconds(d, OPTIONS) for d in [(8, 5, 3), (4096, 1024, 1024)])
+    assert batch.CASE_SECONDS < small < 1.01 * batch.CASE_SECONDS < batch.WORKER_START < large
+    assert batch.nominal_seconds(None, OPTIONS) == batch.CASE_SECONDS
