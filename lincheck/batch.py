@@ -581,12 +581,12 @@ DECIDED = ("pass", "fail")
 result was lost, is checked again."""
 
 
-def read_records(path: os.PathLike | str) -> tuple[dict[str, dict], int]:
-    """The last record per case of a JSON lines file, and how many lines were unreadable
-    (a line cut short when a run was killed mid-write: its case is checked again).
+def read_records(path: os.PathLike | str) -> tuple[list[dict], int]:
+    """The records of a JSON lines file, in order, and how many lines were unreadable (a
+    line cut short when a run was killed mid-write: its case is checked again).
 
     Raises OSError if the file cannot be read."""
-    records: dict[str, dict] = {}
+    records: list[dict] = []
     unreadable = 0
     with open(path, "rb") as fp:
         for line in fp:
@@ -594,28 +594,28 @@ def read_records(path: os.PathLike | str) -> tuple[dict[str, dict], int]:
                 continue
             try:
                 item = json.loads(line)
-                records[str(item["case"])] = item
+                str(item["case"])
             except (ValueError, KeyError, TypeError):
                 unreadable += 1
+                continue
+            records.append(item)
     return records, unreadable
 
 
-def resumable(tasks: list[Task], records: Mapping[str, dict]) -> tuple[list[Done], list[Task]]:
+def resumable(tasks: list[Task], records: Iterable[dict]) -> tuple[list[Done], list[Task]]:
     """(the cases an earlier run decided with the same inputs and options, read back from
-    their records; the cases left to check). A record is reused only if its verdict is
-    pass or fail, its fingerprint equals the case's, and its report reads back."""
+    their records; the cases left to check). For each case the last record with its
+    fingerprint counts (a file may hold runs with other options or older inputs too); it
+    is reused only if its verdict is pass or fail and its report reads back."""
     from . import api
     from .results import report_from_dict
 
+    last = {(_place(str(r["case"])), r.get("fingerprint")): r for r in records}
     kept, rest = [], []
-    by_place = {_place(name): item for name, item in records.items()}
     for task in tasks:
-        item = records.get(task.name) or by_place.get(_place(task.name))
+        item = last.get((_place(task.name), task.fingerprint))
         reusable = (
-            item is not None
-            and task.fingerprint is not None
-            and item.get("verdict") in DECIDED
-            and item.get("fingerprint") == task.fingerprint
+            item is not None and task.fingerprint is not None and item.get("verdict") in DECIDED
         )
         if reusable:
             assert item is not None

@@ -599,6 +599,9 @@ def verify(
     if not paths and not files:
         fail("give a PATH (a folder or .npz) or the arrays' files (--x, --w, --dy, ...)")
     check_outputs(out, inputs=[*paths, *files.values()])
+    for path in paths:  # a PATH mistyped: said at once, before any case runs or is written
+        if not arrays.is_url(path) and not os.path.lexists(path):
+            fail(f"{path}: no such file or folder")
     cases = [case for path in paths for case in arrays.cases(path)]
     if files and len(cases) > 1:
         fail("--x, --w, --dy and the like add to one case; got several PATHs")
@@ -620,7 +623,7 @@ def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoRet
     appending = jsonl is not None and resume is not None and _same_file(jsonl, resume)
     # --resume F --jsonl F before F exists (a first run of a script that always resumes)
     first = appending and not os.path.lexists(resume)
-    records = {} if first else _resumed_records(resume)
+    records = [] if first else _resumed_records(resume)
     if jsonl is not None:
         with bad_input():
             from . import writing
@@ -685,17 +688,20 @@ def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoRet
     emit_many(output.failures_first(results), header, out, context)
 
 
-def _resumed_records(resume: Path | None) -> dict:
-    """--resume FILE: its last record per case (lines cut short by a kill are left out:
-    their cases are checked again); bad usage if it cannot be read."""
+def _resumed_records(resume: Path | None) -> list:
+    """--resume FILE: its records (lines cut short by a kill are left out: their cases are
+    checked again); bad usage if it cannot be read, or holds lines but no record at all
+    (not a --jsonl file)."""
     if resume is None:
-        return {}
+        return []
     from . import batch
 
     try:
-        records, _ = batch.read_records(resume)
+        records, unreadable = batch.read_records(resume)
     except OSError as exc:
         fail(f"--resume {resume}: cannot read: {exc.strerror or exc}")
+    if unreadable and not records:
+        fail(f"--resume {resume}: not a --jsonl file of lincheck verify (no record in it)")
     return records
 
 

@@ -576,5 +576,5 @@ def show_interrupted(results, header, out: dict, total: int, where: str | None) 
     left = f"{len(results)} of {total} cases done"
     if where is not None:
         left += f", kept in {where}: --resume {where} goes on"
-    parts.append(Text(f"Interrupted: {left}"))
     console.print(Group(*parts))
+    print_verdict(console, Text(f"Interrupted: {left}"))  # one line however narrow

@@ -243,10 +243,22 @@ def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monke
     checked.clear()
     assert invoke("verify", model, "--resume", log, "--samples", 8, "--jobs", 1).exit_code == 1
     assert len(checked) == 4  # an option that changes verdicts: nothing is reused
+    # A run with other options appended to the file: the default run's records still count.
+    assert invoke("verify", model, "--resume", log, "--jsonl", log, "--samples", 8).exit_code == 1
+    checked.clear()
+    assert invoke("verify", model, "--resume", log, "--jobs", 1).exit_code == 1
+    assert checked == [str(model / "junk")]
+    checked.clear()
+    text = tmp_path / "notes.txt"  # not a --jsonl file: said so, nothing checked
+    text.write_text("verify: 1 of 4 cases failed\n")
+    wrong = invoke("verify", model, "--resume", text)
+    assert wrong.exit_code == 2 and checked == []
+    said = "not a --jsonl file of lincheck verify (no record in it)"
+    assert wrong.stderr == f"lincheck: error: --resume {text}: {said}\n"
 
 
 def test_ctrl_c_keeps_the_finished_records_and_shows_them(tmp_path, model, monkeypatch):
-    log = tmp_path / "run.jsonl"
+    log = tmp_path / f"{'run' * 50}.jsonl"  # its last line is wider than the terminal
     real, calls = batch.check_case, []
 
     def interrupted_at_the_third(task, *args):
@@ -263,7 +275,8 @@ def test_ctrl_c_keeps_the_finished_records_and_shows_them(tmp_path, model, monke
     assert sorted(_records(log)) == sorted(calls[:2])
     text = shown.getvalue()
     assert all(name in text for name in calls[:2]) and calls[2] not in text
-    assert f"Interrupted: 2 of 4 cases done, kept in {log}: --resume {log} goes on" in text
+    last = text.splitlines()[-1]  # one line however narrow the terminal (tail -1)
+    assert last == f"Interrupted: 2 of 4 cases done, kept in {log}: --resume {log} goes on"
     assert "2 of 4 cases" in text.splitlines()[1]  # the table's title, under "4 cases"
     monkeypatch.setattr(batch, "check_case", real)
     result = invoke("verify", model, "--resume", log, "--jsonl", log, "--jobs", 1, "--json", "-")
@@ -689,3 +702,14 @@ def test_without_jobs_too_little_work_runs_in_the_command_s_own_process(tmp_path
     small, large = (batch.nominal_seconds(d, OPTIONS) for d in [(8, 5, 3), (4096, 1024, 1024)])
     assert batch.CASE_SECONDS < small < 1.01 * batch.CASE_SECONDS < batch.WORKER_START < large
     assert batch.nominal_seconds(None, OPTIONS) == batch.CASE_SECONDS
+
+
+def test_a_mistyped_path_is_one_line_and_nothing_written(tmp_path, model):
+    """A PATH that does not exist is the command's bad usage, with --jsonl or among other
+    PATHs too: one line naming it, exit 2, no case run and no --jsonl file made."""
+    log = tmp_path / "run.jsonl"
+    for args in (["nosuch", "--jsonl", log], [model, "nosuch", "--jsonl", log], ["nosuch"]):
+        result = invoke("verify", *[tmp_path / a if a == "nosuch" else a for a in args])
+        assert result.exit_code == 2
+        assert result.stderr == f"lincheck: error: {tmp_path / 'nosuch'}: no such file or folder\n"
+        assert result.stdout == "" and not log.exists()
