@@ -594,11 +594,12 @@ def read_records(path: os.PathLike | str) -> tuple[list[dict], int]:
                 continue
             try:
                 item = json.loads(line)
-                str(item["case"])
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
+                item = None
+            if isinstance(item, dict) and "case" in item:
+                records.append(item)
+            else:
                 unreadable += 1
-                continue
-            records.append(item)
     return records, unreadable
 
 

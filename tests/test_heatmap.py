@@ -132,27 +132,37 @@ def test_error_map_pools_the_largest_ratio(rng):
     assert np.array_equal(tally.histogram, np.histogram(ratio, RATIO_BINS)[0])
 
 
+def _feed(tally, blocks, cuts, subject, oracle, tol, last_first=False):
+    """Feed a tally whole rows at a time (``cuts``: the blocks' row boundaries) or columns
+    at a time (``cuts`` groups of columns; ``last_first``: the last group first)."""
+    from lincheck.tally import Positions
+
+    shape = subject.shape
+    if blocks == "rows":
+        for start, stop in zip(cuts, cuts[1:]):
+            rows = slice(start, stop)
+            where = Positions.of_block(shape, None, rows)
+            tally.add(subject[rows], oracle[rows], tol[rows], 1.0, where)
+        return
+    groups = np.array_split(np.arange(shape[1]), cuts)
+    for cols in groups[::-1] if last_first else groups:
+        where = Positions.of_block(shape, cols)
+        tally.add(subject[:, cols], oracle[:, cols], tol[:, cols], 1.0, where)
+
+
 @pytest.mark.parametrize("blocks", ["rows", "columns"])
 @pytest.mark.parametrize("shape", [(1000, 700), (1000, 512)])
 def test_error_map_pools_cells_of_many_rows_and_columns(rng, blocks, shape):
     """A map smaller than the tensor both ways, filled by blocks of whole rows (pooled in two
     reductions) or of columns (entry by entry): each cell is the largest ratio of its entries;
     the histogram counts every entry in its octave, zeros, subnormals and infinities too."""
-    from lincheck.tally import MAP_CELLS, RATIO_BINS, Positions, Tally
+    from lincheck.tally import MAP_CELLS, RATIO_BINS, Tally
 
     ratio = rng.exponential(size=shape) * 2.0 ** rng.integers(-60, 80, size=shape)
     ratio.flat[:6] = [0.0, 5e-324, 2.0**-40, 2.0**67, 1e300, np.inf]
     tally = Tally(shape=shape)
-    zeros, ones = np.zeros(shape), np.ones(shape)
-    if blocks == "rows":
-        for start, stop in [(0, 3), (3, 300), (300, 301), (301, 1000)]:
-            rows = slice(start, stop)
-            where = Positions.of_block(shape, None, rows)
-            tally.add(ratio[rows], zeros[rows], ones[rows], 1.0, where)
-    else:
-        for cols in np.array_split(np.arange(shape[1]), 3):
-            where = Positions.of_block(shape, cols)
-            tally.add(ratio[:, cols], zeros[:, cols], ones[:, cols], 1.0, where)
+    cuts = [0, 3, 300, 301, 1000] if blocks == "rows" else 3
+    _feed(tally, blocks, cuts, ratio, np.zeros(shape), np.ones(shape))
     R, C = MAP_CELLS
     want = np.zeros((R, C))  # the cells by their definition, entry by entry
     cells = (np.arange(shape[0])[:, None] * R // shape[0], np.arange(shape[1]) * C // shape[1])
@@ -167,7 +177,7 @@ def test_worst_entries_across_blocks_are_the_top_ranks_ties_to_the_lowest_index(
     tolerance cut to RANK_BITS), ties to the lowest index, whichever block they came in: a
     brute-force sort of every entry is the oracle. Ratios take a few values (many ties),
     and later blocks hold entries that tie with, beat and lose to those kept so far."""
-    from lincheck.tally import Positions, Tally, rank
+    from lincheck.tally import Tally, rank
 
     shape = (300, 40)
     ratio = rng.choice(
@@ -176,17 +186,9 @@ def test_worst_entries_across_blocks_are_the_top_ranks_ties_to_the_lowest_index(
     ratio[250:, :] = rng.choice([0.5, 7.0], size=(50, 40))  # a late block full of the largest
     tol = rng.uniform(0.5, 2.0, size=shape)
     err = ratio * tol
-    zeros = np.zeros(shape)
     tally = Tally(top=5, shape=shape)
-    if blocks == "rows":
-        for start, stop in [(0, 7), (7, 120), (120, 250), (250, 300)]:
-            rows = slice(start, stop)
-            where = Positions.of_block(shape, None, rows)
-            tally.add(err[rows], zeros[rows], tol[rows], 1.0, where)
-    else:
-        for cols in np.array_split(np.arange(shape[1]), 4)[::-1]:  # the last columns first
-            where = Positions.of_block(shape, cols)
-            tally.add(err[:, cols], zeros[:, cols], tol[:, cols], 1.0, where)
+    cuts = [0, 7, 120, 250, 300] if blocks == "rows" else 4
+    _feed(tally, blocks, cuts, err, np.zeros(shape), tol, last_first=True)
     ranks = rank((err / tol).ravel())
     want = sorted(range(ranks.size), key=lambda i: (-ranks[i], i))[:5]
     assert [b[0] for b in tally.best] == want

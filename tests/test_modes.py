@@ -235,21 +235,16 @@ def test_rank_one_directions_are_within_their_bound_of_the_exact_derivative(rng,
     else:
         a = streaming._signs(np.random.default_rng([seed, 4, code]), K, D_out)  # u: K × D_out
     x, w, g = ([[Fraction(v) for v in row] for row in M] for M in (X, W, G))
+    terms = [(n, i, j) for n in range(N) for i in range(D_out) for j in range(D_in)]
+    if tensor == "dX":  # dX[n, j] = Σᵢ G[n, i] W[i, j], along a[n] b[j]
+        term = {t: g[t[0]][t[1]] * w[t[1]][t[2]] for t in terms}
+        row = {t: t[0] for t in terms}
+    else:  # dW[i, j] = Σₙ G[n, i] X[n, j], along u[i] v[j]
+        term = {t: g[t[0]][t[1]] * x[t[0]][t[2]] for t in terms}
+        row = {t: t[1] for t in terms}
+    size = sum(abs(v) for v in term.values())
     for k in range(K):
-        if tensor == "dX":  # Σₙⱼ a[n] b[j] Σᵢ G[n, i] W[i, j]
-            exact = sum(
-                int(a[k, n]) * int(b[k, j]) * g[n][i] * w[i][j]
-                for n in range(N) for j in range(D_in) for i in range(D_out)
-            )  # fmt: skip
-            terms = ((n, i, j) for n in range(N) for i in range(D_out) for j in range(D_in))
-            size = sum(abs(g[n][i] * w[i][j]) for n, i, j in terms)
-        else:  # Σᵢⱼ u[i] v[j] Σₙ G[n, i] X[n, j]
-            exact = sum(
-                int(a[k, i]) * int(b[k, j]) * g[n][i] * x[n][j]
-                for i in range(D_out) for j in range(D_in) for n in range(N)
-            )  # fmt: skip
-            terms = ((n, i, j) for n in range(N) for i in range(D_out) for j in range(D_in))
-            size = sum(abs(g[n][i] * x[n][j]) for n, i, j in terms)
+        exact = sum(int(a[k, row[t]]) * int(b[k, t[2]]) * term[t] for t in terms)
         assert abs(Fraction(found.difference[k]) - exact) <= Fraction(found.tolerance[k])
         assert abs(Fraction(found.predicted[k]) - exact) <= Fraction(found.tolerance[k])
         assert found.tolerance[k] < 1e-12 * float(size)
