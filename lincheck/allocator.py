@@ -4,38 +4,51 @@ glibc serves a block at or over its mmap threshold with a mapping of its own, wh
 kernel zero-fills page by page on first touch, and unmaps it when it is freed. By default
 the threshold is dynamic (mallopt(3)): it starts at 128 KiB and rises to the size of each
 larger mapped block freed, up to ``DEFAULT_MMAP_THRESHOLD_MAX`` (32 MiB on 64-bit systems),
-with the trim threshold at twice it, so a program that frees and allocates arrays of the
-same sizes over and over soon gets them from its heap. Setting any of ``M_TRIM_THRESHOLD``,
-``M_TOP_PAD``, ``M_MMAP_THRESHOLD`` or ``M_MMAP_MAX`` disables that adjustment, and so does
-setting their variables (``MALLOC_TRIM_THRESHOLD_``...) in a process's environment at
-startup. Dask's nanny gives every worker ``MALLOC_TRIM_THRESHOLD_=65536`` (its
-``distributed.nanny.pre-spawn-environ``), which fixes the mmap threshold at 128 KiB: each
-of a check's temporaries over 128 KiB is then mapped, zeroed and unmapped again (40
-small cases in one process: 3.8 s of system time instead of 0.9 s).
+with the trim threshold at twice it. Setting any of ``M_TRIM_THRESHOLD``, ``M_TOP_PAD``,
+``M_MMAP_THRESHOLD`` or ``M_MMAP_MAX`` disables that adjustment, and so does setting their
+variables (``MALLOC_TRIM_THRESHOLD_``...) in a process's environment at startup.
 
-:func:`arrays_reused` restores glibc's own behaviour for large arrays while lincheck checks
-a case in such a process, and puts the process's settings back afterwards:
+Two kinds of process lose large arrays to the system over and over while a case runs:
 
-* It acts only where it knows what to put back: glibc on Linux, a process whose startup
-  environment (``/proc/self/environ``, what glibc read) set ``MALLOC_TRIM_THRESHOLD_`` to
-  a number and set no mmap threshold (``MALLOC_MMAP_THRESHOLD_``, or ``mmap_threshold``
-  or ``trim_threshold`` in ``GLIBC_TUNABLES``). The mmap threshold is then glibc's fixed
-  default, 128 KiB, and the trim threshold that variable's value. Anything else (another
-  platform or C library, a user's own choice of mmap threshold) is left as it is.
-* During the case: the mmap threshold at ``DEFAULT_MMAP_THRESHOLD_MAX`` and the trim
-  threshold at twice it (or the process's own, if larger), the state glibc's dynamic
-  adjustment reaches once a block of that size has been freed. Arrays up to 32 MiB come
-  from the heap and are reused from one product to the next; larger ones are mapped, as
-  glibc always maps them. The freed arrays stay in the process while the case runs, as
-  they would with glibc's defaults (the benchmark's largest case: some 100 MB resident
-  instead of 45 MB).
-* After it (after the last of the cases that run at once in the process's threads): both
-  thresholds back at their startup values, then ``malloc_trim(0)``, which returns the
-  free memory of every arena to the system at once, as the startup trim threshold would
-  have returned it when each array was freed (measured: the resident size after a case
-  is the one without any of this, 42 MB; without the trim it stayed at 100 MB). glibc
-  has no call that reads a threshold, so a value that other code in the process set
-  with ``mallopt`` itself is not restored: the startup value is.
+* **Dask's workers.** Dask's nanny gives every worker ``MALLOC_TRIM_THRESHOLD_=65536``
+  (its ``distributed.nanny.pre-spawn-environ``), which fixes the mmap threshold at
+  128 KiB: each of a check's temporaries over 128 KiB is then mapped, zeroed and unmapped
+  again (40 small cases in one process: 3.8 s of system time instead of 0.9 s).
+* **Any process, with glibc's dynamic thresholds.** A check's per-entry work runs in
+  chunks of 2¹⁶ entries (:meth:`lincheck.workspace.Workspace.row_chunks`): a dozen
+  temporaries of 512 KiB each, freed together. The trim threshold follows the largest
+  block freed (1 MiB here), so the heap's free top, several of them, exceeds it: glibc
+  returns it to the system, and the next chunk's arrays are faulted in again, page by
+  page. Measured on four layers of the many-cases benchmark's sizes: 18,300 page faults
+  per run, against 8 with the thresholds below; the checks took 21% less CPU time on
+  the benchmark's 40 small cases (``python benchmarks/bench_many.py``).
+
+:func:`arrays_reused` sets the thresholds where glibc's dynamic adjustment would go at
+most while lincheck checks a case: the mmap threshold at ``DEFAULT_MMAP_THRESHOLD_MAX``
+and the trim threshold at twice it (or the process's own, if larger). Arrays up to
+32 MiB come from the heap and are reused from one chunk and one product to the next;
+larger ones are mapped, as glibc always maps them. Where it acts:
+
+* It acts only on glibc on Linux, and only where it knows what to put back or that
+  nothing needs putting back. A process whose startup environment (``/proc/self/environ``,
+  what glibc read) set ``MALLOC_TRIM_THRESHOLD_`` to a number and set no mmap threshold
+  (``MALLOC_MMAP_THRESHOLD_``, or ``mmap_threshold`` or ``trim_threshold`` in
+  ``GLIBC_TUNABLES``): the mmap threshold is glibc's fixed default, 128 KiB, and the
+  trim threshold that variable's value; both are put back after the case (after the
+  last of the cases that run at once in the process's threads), then ``malloc_trim(0)``
+  returns the free memory of every arena to the system at once, as the startup trim
+  threshold would have returned it when each array was freed (measured: the resident
+  size after a case is the one without any of this, 42 MB; without the trim it stayed
+  at 100 MB). glibc has no call that reads a threshold, so a value that other code in
+  the process set with ``mallopt`` itself is not restored: the startup value is.
+* A process that is lincheck's own (:func:`lincheck_process`: the ``lincheck`` command,
+  and the workers of its local pool) and whose startup environment set none of glibc's
+  malloc variables or tunables: the thresholds are set for the case and left set for
+  the process's life (a dynamic threshold cannot be turned back on, and the next case
+  wants the same), with no trim in between. Up to the trim threshold, 64 MiB, of free
+  heap then stays in the process between cases.
+* Anything else (another platform or C library, a user's own choice of thresholds, a
+  program that calls lincheck's API in its own process) is left as it is.
 
 glibc's manual marks ``mallopt`` MT-Unsafe "const": it changes settings that other
 threads read without a lock, so a thread allocating meanwhile sees the old threshold or
@@ -76,10 +89,20 @@ INT_MAX = 2**31 - 1
 @dataclass(frozen=True)
 class Settings:
     """The thresholds a case runs with (``during``) and the process's own (``after``), each
-    (mmap threshold, trim threshold) in bytes."""
+    (mmap threshold, trim threshold) in bytes; ``after`` None: left set (lincheck's own
+    process, whose thresholds were glibc's dynamic ones)."""
 
     during: tuple[int, int]
-    after: tuple[int, int]
+    after: tuple[int, int] | None
+
+
+MALLOC_VARIABLES = (
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_MMAP_MAX_",
+)
+"""The variables through which glibc reads the thresholds it then keeps fixed."""
 
 
 def _number(text: str) -> int | None:
@@ -95,23 +118,29 @@ def _number(text: str) -> int | None:
     return value if 0 <= value <= INT_MAX else None
 
 
-def settings(environ: Mapping[str, str]) -> Settings | None:
+def settings(environ: Mapping[str, str], own: bool = False) -> Settings | None:
     """The thresholds to set for a case, from a process's startup environment, or None:
-    nothing to do (the dynamic threshold is on, or the user chose an mmap threshold, or a
-    value this module cannot read back exactly)."""
+    nothing to do (the dynamic threshold is on in a process not lincheck's ``own``, or
+    the user chose an mmap threshold, or a value this module cannot read back exactly)."""
     trim = environ.get("MALLOC_TRIM_THRESHOLD_")
-    if trim is None or "MALLOC_MMAP_THRESHOLD_" in environ:
-        return None
     tunables = environ.get("GLIBC_TUNABLES", "")
+    during = (DEFAULT_MMAP_THRESHOLD_MAX, 2 * DEFAULT_MMAP_THRESHOLD_MAX)
+    if trim is None:
+        untouched = not any(name in environ for name in MALLOC_VARIABLES)
+        if own and untouched and "glibc.malloc." not in tunables:
+            return Settings(during, None)
+        return None
+    if "MALLOC_MMAP_THRESHOLD_" in environ:
+        return None
     if any(f"glibc.malloc.{name}" in tunables for name in ("mmap_threshold", "trim_threshold")):
         return None
     value = _number(trim)
     if value is None:
         return None
-    during = (DEFAULT_MMAP_THRESHOLD_MAX, max(2 * DEFAULT_MMAP_THRESHOLD_MAX, value))
-    return Settings(during, (DEFAULT_MMAP_THRESHOLD, value))
+    return Settings((during[0], max(during[1], value)), (DEFAULT_MMAP_THRESHOLD, value))
 
 
+@functools.cache
 def startup_environment() -> dict[str, str]:
     """This process's environment as it started (what glibc read), on Linux from
     ``/proc/self/environ``; else, or if that cannot be read, ``os.environ``."""
@@ -149,7 +178,18 @@ def glibc() -> Any | None:
 
 
 def _planned() -> Settings | None:
-    return settings(startup_environment()) if glibc() is not None else None
+    return settings(startup_environment(), _own) if glibc() is not None else None
+
+
+_own = False  # whether this process is lincheck's own (lincheck_process)
+
+
+def lincheck_process() -> None:
+    """Declare this process lincheck's own, the ``lincheck`` command's or a worker of its
+    pool: where glibc's thresholds are its dynamic ones, cases then run with them set
+    (:func:`settings`), and they stay set between cases."""
+    global _own
+    _own = True
 
 
 _lock = threading.Lock()
@@ -165,7 +205,7 @@ def _enter() -> None:
     global _running, _undo
     with _lock:
         _running += 1
-        if _running > 1:
+        if _running > 1 or _undo is not None:  # set by a case still running, or kept set
             return
         libc, plan = glibc(), _planned()
         if libc is None or plan is None:
@@ -173,7 +213,7 @@ def _enter() -> None:
         try:
             if _set(libc, *plan.during):
                 _undo = (libc, plan)
-            else:  # glibc refused a value: put back any it took
+            elif plan.after is not None:  # glibc refused a value: put back any it took
                 _set(libc, *plan.after)
         except Exception:  # a failed foreign call: the case runs as the process is set up
             pass
@@ -185,9 +225,12 @@ def _leave() -> None:
         _running -= 1
         if _running > 0 or _undo is None:
             return
-        (libc, plan), _undo = _undo, None
+        libc, after = _undo[0], _undo[1].after
+        if after is None:  # lincheck's own process: kept set for its next case
+            return
+        _undo = None
         try:
-            _set(libc, *plan.after)
+            _set(libc, *after)
             libc.malloc_trim(0)
         except Exception:
             pass
@@ -200,8 +243,9 @@ def applied() -> bool:
 
 @contextmanager
 def arrays_reused() -> Iterator[None]:
-    """glibc's usual treatment of large arrays for the duration of the block, in a process
-    started with ``MALLOC_TRIM_THRESHOLD_`` (a Dask worker); a no-op anywhere else."""
+    """Large arrays reused for the duration of the block, in a process started with
+    ``MALLOC_TRIM_THRESHOLD_`` (a Dask worker) or one of lincheck's own (and from then on,
+    there); a no-op anywhere else (see the module's text)."""
     _enter()
     try:
         yield

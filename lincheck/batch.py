@@ -275,8 +275,9 @@ def worker_name() -> str:
 def check_case(task: Task, options: dict, max_memory: str | None = None, share: int = 1):
     """Check one case (in whichever process runs it): (CaseResult, seconds, worker, note).
     Bad input is the case's result (``bad_input``), never an exception. In a process
-    started with ``MALLOC_TRIM_THRESHOLD_`` (a Dask worker), glibc keeps the case's large
-    arrays for reuse while it runs (:func:`lincheck.allocator.arrays_reused`)."""
+    started with ``MALLOC_TRIM_THRESHOLD_`` (a Dask worker), or one of lincheck's own,
+    glibc keeps the case's large arrays for reuse while it runs
+    (:func:`lincheck.allocator.arrays_reused`)."""
     from .allocator import arrays_reused
 
     start = time.perf_counter()
@@ -389,7 +390,7 @@ def run_local(
     context = multiprocessing.get_context("spawn")
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     _quiet_resource_tracker()
-    pool = ProcessPoolExecutor(workers, context, initializer=ignore_interrupts)
+    pool = ProcessPoolExecutor(workers, context, initializer=start_worker)
     rank = {task.name: i for i, task in enumerate(tasks)}
     try:
         with environment({name: threads for name in BLAS_THREADS}):  # while workers start
@@ -428,10 +429,15 @@ def environment(defaults: dict[str, str]):
             os.environ.pop(name, None)
 
 
-def ignore_interrupts() -> None:
+def start_worker() -> None:
+    """Set up a worker of the local pool: Ctrl-C is the command's to handle (it kills the
+    workers), and the process is lincheck's own (:func:`lincheck.allocator.lincheck_process`)."""
     import signal
 
+    from .allocator import lincheck_process
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lincheck_process()
 
 
 def stop_workers(pool) -> None:

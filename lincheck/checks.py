@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import diagnose, layouts, plan, streaming, witness, workspace
+from .allocator import arrays_reused
 from .core import Gradients, as_batch, backward
 from .errors import InputError
 from .frameworks import arithmetic_of, narrow_dtype
@@ -44,11 +45,13 @@ NARROW_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
 def _quiet_numpy(fn):
     """Run ``fn`` with NumPy's floating-point warnings off: lincheck tests every result it
-    uses for overflow and NaN itself, and says so in one line, not in warnings on stderr."""
+    uses for overflow and NaN itself, and says so in one line, not in warnings on stderr.
+    Its large arrays are reused, in the processes where that is lincheck's to decide
+    (:func:`lincheck.allocator.arrays_reused`: a no-op in a program's own process)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), arrays_reused():
             return fn(*args, **kwargs)
 
     return wrapper

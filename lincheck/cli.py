@@ -943,6 +943,9 @@ def main() -> None:
     reports are written only at the end (atomically), so none is left half-written."""
     import sys
 
+    from .allocator import lincheck_process
+
+    lincheck_process()  # a case's large arrays are reused (lincheck.allocator)
     output.encodable_streams()
     output.catch_interrupts()
     try:

@@ -270,22 +270,36 @@ class Tally:
 
     def _pool_rows(self, ratio: np.ndarray, row: int) -> None:
         """Pool whole rows (``ratio``, rows ``row`` on of the tensor) into the map: the
-        largest of each run of columns that shares a cell, then of each run of rows, in
-        two ``reduceat`` calls rather than an unbuffered ``maximum.at`` per entry."""
+        largest of each run of rows that shares a cell, then of each run of columns.
+
+        Rows first, each run reduced along its rows (contiguous inner loops; one reduction
+        for the block where its runs are equally long), so that the columns' pooling,
+        strided, sees one row per cell: ``maximum.reduceat`` along the rows is some ten
+        times slower per entry than either."""
         R, C = self.map.shape
         rows_all, cols_all = cast(tuple[int, int], self.shape)
-        if cols_all % C == 0:  # cells of equal width w: the maximum of w strided slices
+        row_cells = (row + np.arange(ratio.shape[0])) * R // rows_all
+        row_starts = np.flatnonzero(np.diff(row_cells, prepend=-1))
+        runs = np.diff(row_starts, append=ratio.shape[0])
+        if runs.size == ratio.shape[0]:  # a cell per row
+            by_rows = ratio
+        elif np.all(runs == runs[0]):
+            by_rows = ratio.reshape(runs.size, int(runs[0]), cols_all).max(axis=1)
+        else:
+            by_rows = np.empty((runs.size, cols_all))
+            for i, (start, run) in enumerate(zip(row_starts.tolist(), runs.tolist())):
+                np.maximum.reduce(ratio[start : start + run], axis=0, out=by_rows[i])
+        if cols_all == C:  # a cell per column
+            pooled = by_rows
+        elif cols_all % C == 0:  # cells of equal width w: the maximum of w strided slices
             w = cols_all // C
-            by_cols = ratio[:, ::w].copy()
+            pooled = by_rows[:, ::w].copy()
             for t in range(1, w):
-                np.maximum(by_cols, ratio[:, t::w], out=by_cols)
+                np.maximum(pooled, by_rows[:, t::w], out=pooled)
         else:
             col_cells = np.arange(cols_all) * C // cols_all
             col_starts = np.flatnonzero(np.diff(col_cells, prepend=-1))
-            by_cols = np.maximum.reduceat(ratio, col_starts, axis=1)  # rows × C
-        row_cells = (row + np.arange(ratio.shape[0])) * R // rows_all
-        row_starts = np.flatnonzero(np.diff(row_cells, prepend=-1))
-        pooled = np.maximum.reduceat(by_cols, row_starts, axis=0)
+            pooled = np.maximum.reduceat(by_rows, col_starts, axis=1)  # runs × C
         cells = row_cells[row_starts]
         self.map[cells] = np.maximum(self.map[cells], pooled)
 

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -476,6 +478,19 @@ def test_malloc_thresholds_change_only_where_the_trim_variable_fixed_them():
     ):
         assert settings(environ) is None, environ
 
+    # lincheck's own process with glibc's dynamic thresholds: set, and nothing to put back
+    own = Settings(during=(32 * MiB, 64 * MiB), after=None)
+    assert settings({}, own=True) == own
+    assert settings({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512"}, own=True) == own
+    assert settings({"MALLOC_TRIM_THRESHOLD_": "65536"}, own=True) == dask  # put back
+    for environ in (
+        {"MALLOC_TOP_PAD_": "0"},
+        {"MALLOC_MMAP_MAX_": "0"},
+        {"MALLOC_MMAP_THRESHOLD_": "131072"},
+        {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+    ):
+        assert settings(environ, own=True) is None, environ
+
 
 def test_malloc_setup_is_set_once_put_back_after_the_last_case_and_never_fails_one(
     tmp_path, rng, monkeypatch
@@ -513,6 +528,20 @@ def test_malloc_setup_is_set_once_put_back_after_the_last_case_and_never_fails_o
     ]
     assert plan == allocator.settings(dask)
 
+    # lincheck's own process: set by its first case and kept, with no trim, for the next
+    monkeypatch.setattr(allocator, "_own", True)
+    monkeypatch.setattr(allocator, "startup_environment", lambda: {})
+    fake = FakeLibc()
+    monkeypatch.setattr(allocator, "glibc", lambda: fake)
+    for _ in range(2):
+        with allocator.arrays_reused():
+            assert allocator.applied()
+        assert allocator.applied()
+    assert fake.calls == [("mallopt", -3, 32 * MiB), ("mallopt", -1, 64 * MiB)]
+    monkeypatch.setattr(allocator, "_undo", None)
+    monkeypatch.setattr(allocator, "_own", False)
+    monkeypatch.setattr(allocator, "startup_environment", lambda: dask)
+
     # glibc refusing a value, or the call failing, changes nothing about the case
     for answer in (0, OSError("no mallopt")):
         fake = FakeLibc(answer)
@@ -521,6 +550,77 @@ def test_malloc_setup_is_set_once_put_back_after_the_last_case_and_never_fails_o
         assert not allocator.applied() and fake.calls[0] == ("mallopt", -3, 32 * MiB)
         assert ("malloc_trim", 0) not in fake.calls
         assert _comparable({0: got}) == _comparable({0: expected})
+
+
+OWN_PROCESS = """
+import json, sys
+
+import lincheck
+from lincheck import allocator
+
+libc, calls = allocator.glibc(), []
+
+
+class Recorded:  # glibc's calls, made and recorded
+    def mallopt(self, param, value):
+        calls.append([param, value])
+        return libc.mallopt(param, value)
+
+    def malloc_trim(self, pad):
+        calls.append(["trim", pad])
+        return libc.malloc_trim(pad)
+
+
+allocator.glibc = lambda: Recorded()
+if sys.argv[1] == "command":
+    from lincheck.__main__ import main
+
+    sys.argv = ["lincheck", "verify", sys.argv[2], sys.argv[2], "--quiet"]  # two cases
+    try:
+        main()
+    except SystemExit:
+        pass
+else:
+    import pathlib
+
+    import numpy as np
+
+    a = {p.stem: np.load(p) for p in pathlib.Path(sys.argv[2]).glob("*.npy")}
+    lincheck.check(a.pop("X"), a.pop("W"), a.pop("B"), a.pop("dY"), **a)
+print(json.dumps([calls, allocator.applied()]))
+"""
+
+
+def test_the_lincheck_command_sets_malloc_thresholds_a_program_s_own_process_not(tmp_path, rng):
+    """The ``lincheck`` command's process, started with glibc's dynamic thresholds, sets
+    them (mmap 32 MiB, trim 64 MiB) for its first case and keeps them, untrimmed, for the
+    next; a program that calls lincheck's API in its own process is left as it is. A
+    worker of the local pool is lincheck's own too."""
+    from lincheck import allocator
+
+    if allocator.glibc() is None:
+        pytest.skip("glibc's malloc only")
+    _case(tmp_path / "c", rng)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    got = {}
+    for how in ("command", "api"):
+        done = subprocess.run(
+            [sys.executable, "-c", OWN_PROCESS, how, str(tmp_path / "c")],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        got[how] = json.loads(done.stdout.splitlines()[-1])
+    assert got["command"] == [[[-3, 32 * MiB], [-1, 64 * MiB]], True]
+    assert got["api"] == [[], False]
+
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(allocator, "_own", False)
+        patch.setattr(signal, "signal", lambda *args: calls.append(args))
+        batch.start_worker()
+        assert allocator._own
+    assert calls == [(signal.SIGINT, signal.SIG_IGN)]
 
 
 @needs_dask

@@ -151,17 +151,23 @@ def _feed(tally, blocks, cuts, subject, oracle, tol, last_first=False):
 
 
 @pytest.mark.parametrize("blocks", ["rows", "columns"])
-@pytest.mark.parametrize("shape", [(1000, 700), (1000, 512)])
+@pytest.mark.parametrize("shape", [(1000, 700), (1000, 512), (1024, 512)])
 def test_error_map_pools_cells_of_many_rows_and_columns(rng, blocks, shape):
     """A map smaller than the tensor both ways, filled by blocks of whole rows (pooled in two
     reductions) or of columns (entry by entry): each cell is the largest ratio of its entries;
-    the histogram counts every entry in its octave, zeros, subnormals and infinities too."""
+    the histogram counts every entry in its octave, zeros, subnormals and infinities too.
+    1000 rows make cells of 7 or 8 rows; 1024, of 8, which the blocks of rows cut whole
+    (16 to 40, 40 to the end), in part (0 to 3) and across (3 to 16: 5 rows, then 8)."""
     from lincheck.tally import MAP_CELLS, RATIO_BINS, Tally
 
     ratio = rng.exponential(size=shape) * 2.0 ** rng.integers(-60, 80, size=shape)
     ratio.flat[:6] = [0.0, 5e-324, 2.0**-40, 2.0**67, 1e300, np.inf]
     tally = Tally(shape=shape)
-    cuts = [0, 3, 300, 301, 1000] if blocks == "rows" else 3
+    cuts = (
+        ([0, 3, 300, 301, 1000] if shape[0] == 1000 else [0, 3, 16, 40, 1024])
+        if blocks == "rows"
+        else 3
+    )
     _feed(tally, blocks, cuts, ratio, np.zeros(shape), np.ones(shape))
     R, C = MAP_CELLS
     want = np.zeros((R, C))  # the cells by their definition, entry by entry
