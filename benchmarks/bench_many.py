@@ -10,7 +10,10 @@ is not counted: a cluster is already up when a user points lincheck at it). BLAS
 one thread per process throughout, so "per core" is comparable.
 
 Also timed: lincheck's engine on every case in the benchmark's own process ("engine",
-no start-up), which separates the checks' own cost from the command's.
+no start-up), which separates the checks' own cost from the command's. The benchmark's
+process is declared lincheck's own, as the command's is
+(:func:`lincheck.allocator.lincheck_process`), so its floor and engine run with glibc's
+thresholds as the command's checks do.
 
 Printed: the median wall seconds and cases per second of each, and its CPU seconds (the
 command's and its workers', Dask's included), which a machine shared with other jobs
@@ -141,6 +144,9 @@ def main() -> None:
     args = parser.parse_args()
     largest = tuple(int(x) for x in args.largest.split(","))
     assert len(largest) == 3
+    from lincheck.allocator import lincheck_process
+
+    lincheck_process()
     runs: dict[str, list[tuple[float, float]]] = {
         "floor": [], "engine": [], "jobs 1": [], "jobs 2": [], "dask 2": []
     }  # fmt: skip

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -318,8 +319,16 @@ def _check(task: Task, options: dict, max_memory: str | None, share: int):
             )
         result = api.CaseResult(task.name, report, None)
     except LincheckError as exc:
-        result = api.CaseResult(task.name, None, str(exc), bad_input=True)
+        result = api.CaseResult(task.name, None, as_named(str(exc), task), bad_input=True)
     return result, note
+
+
+def as_named(message: str, task: Task) -> str:
+    """A message about a case's files with the case's path as the user gave it (its name):
+    the workers open it by an absolute path, which the user did not type."""
+    if task.where == task.name:
+        return message
+    return re.sub(re.escape(task.where) + r"(?=[/\\):,\s]|$)", lambda _: task.name, message)
 
 
 Check = Callable[..., tuple]

@@ -429,10 +429,11 @@ def case_failures(result) -> str:
 
 
 def cases_table(results, total: int | None = None) -> Table:
-    """One row per case: how many checks passed, the verdict, what failed and why
-    (titled "k of n cases" when only k of the ``total`` n were checked)."""
+    """One row per case: how many checks passed, the verdict, what failed and why (titled
+    "k of n cases" when only k of the ``total`` n were checked; untitled otherwise, under
+    the command's header, which counts the cases)."""
     shown = len(results)
-    table = _table(f"{shown} cases" if total in (None, shown) else f"{shown} of {total} cases")
+    table = _table("" if total in (None, shown) else f"{shown} of {total} cases")
     table.add_column("Case", overflow="fold")
     table.add_column("Checks", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True, min_width=4)

@@ -194,6 +194,26 @@ def test_jsonl_has_one_record_per_case_and_jobs_give_the_same_records(tmp_path, 
     assert len(one.read_text().splitlines()) == 4  # replaced, not appended to
 
 
+def test_bad_input_names_the_file_by_the_path_the_user_gave(tmp_path, model, monkeypatch):
+    """The workers open a case by its absolute path; a bad file is named as the user named
+    the case (the table, the record), relative paths included, in the pool's workers too.
+    The cases' table, under the header that counts them, does not count them again."""
+    monkeypatch.chdir(model.parent)
+    log = tmp_path / "rel.jsonl"
+    result = invoke("verify", "model", "--jobs", 2, "--jsonl", log)
+    assert result.exit_code == 1
+    junk = os.path.join("model", "junk")
+    error = _records(log)[junk]["error"]
+    assert error.startswith(f"W ({os.path.join(junk, 'W.npy')}): not a .npy file"), error
+    assert str(model) not in result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    assert lines[0] == "lincheck verify 4 cases" and "4 cases" not in lines  # no second count
+    assert f"bad input: W ({os.path.join(junk, 'W.npy')}): " in result.output
+    task = batch.Task(name="b", where="/data/b")  # only the case's own path is renamed
+    said = "W (/data/b/W.npy), X (/data/b2/X.npy), at /data/b: /data/b"
+    assert batch.as_named(said, task) == "W (b/W.npy), X (/data/b2/X.npy), at b: b"
+
+
 def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     log = tmp_path / "run.jsonl"
