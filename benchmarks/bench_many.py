@@ -9,11 +9,19 @@ each, set up as Dask sets workers up, ``MALLOC_TRIM_THRESHOLD_`` included; its s
 is not counted: a cluster is already up when a user points lincheck at it). BLAS runs
 one thread per process throughout, so "per core" is comparable.
 
-Also timed: lincheck's engine on every case in the benchmark's own process ("engine",
-no start-up), which separates the checks' own cost from the command's. The benchmark's
-process is declared lincheck's own, as the command's is
-(:func:`lincheck.allocator.lincheck_process`), so its floor and engine run with glibc's
-thresholds as the command's checks do.
+Also timed:
+
+* "products": reading each case as the floor does, then the products that a bound per
+  entry needs: dX's and dW's float64 references, and their magnitudes |G| |W| and
+  |G|ᵀ |X| in float32, as lincheck computes them. What a check takes beyond this is its
+  per-entry work (tolerances, comparisons, the report's summaries), its witness and its
+  bookkeeping.
+* "engine": lincheck's engine on every case in the benchmark's own process (no
+  start-up), which separates the checks' own cost from the command's.
+
+The benchmark's process is declared lincheck's own, as the command's is
+(:func:`lincheck.allocator.lincheck_process`): its floor, products and engine run with
+glibc's thresholds as the command's checks do.
 
 Printed: the median wall seconds and cases per second of each, and its CPU seconds (the
 command's and its workers', Dask's included), which a machine shared with other jobs
@@ -70,6 +78,18 @@ def floor(root: Path) -> tuple[float, float]:
         a = {n: np.load(folder / f"{n}.npy") for n in ("X", "W", "B", "dY", "dX", "dW", "dB")}
         X, W, G = (a[n].astype(np.float64) for n in ("X", "W", "dY"))
         _ = (X @ W.T, G @ W, G.T @ X)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def products(root: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds to read every case and compute the products a check of its dX
+    and dW needs: the two float64 references and the two magnitudes, in float32."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for folder in sorted(root.iterdir()):
+        a = {n: np.load(folder / f"{n}.npy") for n in ("X", "W", "B", "dY", "dX", "dW", "dB")}
+        X, W, G = (a[n].astype(np.float64) for n in ("X", "W", "dY"))
+        aX, aW, aG = (np.abs(a[n]) for n in ("X", "W", "dY"))
+        _ = (G @ W, G.T @ X, aG @ aW, aG.T @ aX)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -148,7 +168,7 @@ def main() -> None:
 
     lincheck_process()
     runs: dict[str, list[tuple[float, float]]] = {
-        "floor": [], "engine": [], "jobs 1": [], "jobs 2": [], "dask 2": []
+        "floor": [], "products": [], "engine": [], "jobs 1": [], "jobs 2": [], "dask 2": []
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "cases"
@@ -158,6 +178,7 @@ def main() -> None:
         try:
             for _ in range(args.repeat):
                 runs["floor"].append(floor(root))
+                runs["products"].append(products(root))
                 runs["engine"].append(in_process(root))
                 runs["jobs 1"].append(verify(root, "--jobs", "1"))
                 runs["jobs 2"].append(verify(root, "--jobs", "2"))
@@ -174,10 +195,10 @@ def main() -> None:
         f"{args.cases} cases up to N,D_in,D_out = {args.largest}, --mode directions, "
         f"median of {args.repeat}, {os.cpu_count()} cores"
     )
-    print("          wall s   cases/s    CPU s  CPU/floor  CPU/engine")
+    print("            wall s   cases/s    CPU s  CPU/floor  CPU/engine")
     for name in wall:
         print(
-            f"  {name:<7} {wall[name]:6.2f} {args.cases / wall[name]:9.1f} {cpu[name]:8.2f} "
+            f"  {name:<9} {wall[name]:6.2f} {args.cases / wall[name]:9.1f} {cpu[name]:8.2f} "
             f"{cpu[name] / cpu['floor']:10.2f} {cpu[name] / cpu['engine']:11.2f}"
         )
     if "dask 2" in wall:
