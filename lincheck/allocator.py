@@ -34,12 +34,12 @@ larger ones are mapped, as glibc always maps them. Where it acts:
   what glibc read) set ``MALLOC_TRIM_THRESHOLD_`` to a number and set no mmap threshold
   (``MALLOC_MMAP_THRESHOLD_``, or ``mmap_threshold`` or ``trim_threshold`` in
   ``GLIBC_TUNABLES``): the mmap threshold is glibc's fixed default, 128 KiB, and the
-  trim threshold that variable's value; both are put back after the case (after the
-  last of the cases that run at once in the process's threads), then ``malloc_trim(0)``
-  returns the free memory of every arena to the system at once, as the startup trim
-  threshold would have returned it when each array was freed (measured: the resident
-  size after a case is the one without any of this, 42 MB; without the trim it stayed
-  at 100 MB). glibc has no call that reads a threshold, so a value that other code in
+  trim threshold that variable's value; both are put back once the process has been
+  without a case for IDLE_SECONDS (after the last of the cases that run at once in its
+  threads; a case that starts meanwhile keeps them), then ``malloc_trim(0)`` returns
+  the free memory of every arena to the system at once, as the startup trim threshold
+  would have returned it when each array was freed (measured: the resident size after
+  a case is the one without any of this, 42 MB; without the trim it stayed at 100 MB). glibc has no call that reads a threshold, so a value that other code in
   the process set with ``mallopt`` itself is not restored: the startup value is.
 * A process that is lincheck's own (:func:`lincheck_process`: the ``lincheck`` command,
   and the workers of its local pool) and whose startup environment set none of glibc's
@@ -192,9 +192,18 @@ def lincheck_process() -> None:
     _own = True
 
 
+IDLE_SECONDS = 1.0
+"""How long after its last case ends a process started with ``MALLOC_TRIM_THRESHOLD_``
+keeps the case's thresholds, for a next case to reuse its arrays (a Dask worker with
+tasks queued starts the next within milliseconds); then the startup values come back
+and the free memory is returned. Putting them back after every case cost the 40 small
+cases of ``python benchmarks/bench_many.py`` 0.5 s of CPU time on two Dask workers (2.2 s
+against 1.7 s), every case's arrays faulted in afresh."""
+
 _lock = threading.Lock()
 _running = 0  # cases in the block now, in this process's threads
 _undo: tuple[Any, Settings] | None = None  # (glibc, its settings) while they are changed
+_timer: threading.Timer | None = None  # puts them back once the process is idle
 
 
 def _set(libc: Any, mmap: int, trim: int) -> bool:
@@ -202,9 +211,12 @@ def _set(libc: Any, mmap: int, trim: int) -> bool:
 
 
 def _enter() -> None:
-    global _running, _undo
+    global _running, _undo, _timer
     with _lock:
         _running += 1
+        if _timer is not None:  # a case again before the startup values came back
+            _timer.cancel()
+            _timer = None
         if _running > 1 or _undo is not None:  # set by a case still running, or kept set
             return
         libc, plan = glibc(), _planned()
@@ -220,15 +232,28 @@ def _enter() -> None:
 
 
 def _leave() -> None:
-    global _running, _undo
+    global _running, _timer
     with _lock:
         _running -= 1
+        if _running > 0 or _undo is None or _undo[1].after is None:
+            return  # a case still running, nothing set, or lincheck's own process: kept
+        _timer = threading.Timer(IDLE_SECONDS, _put_back)
+        _timer.daemon = True
+        _timer.start()
+
+
+def _put_back() -> None:
+    """The startup thresholds back and the free memory returned, unless a case started
+    since the last one ended."""
+    global _undo, _timer
+    with _lock:
+        _timer = None
         if _running > 0 or _undo is None:
             return
         libc, after = _undo[0], _undo[1].after
-        if after is None:  # lincheck's own process: kept set for its next case
-            return
         _undo = None
+        if after is None:  # lincheck's own process: never put back (no timer is set)
+            return
         try:
             _set(libc, *after)
             libc.malloc_trim(0)

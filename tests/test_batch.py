@@ -512,11 +512,19 @@ def test_malloc_thresholds_change_only_where_the_trim_variable_fixed_them():
         assert settings(environ, own=True) is None, environ
 
 
-def test_malloc_setup_is_set_once_put_back_after_the_last_case_and_never_fails_one(
+def _put_back(allocator) -> None:
+    """Wait for the put-back that follows a process's last case (IDLE_SECONDS later)."""
+    timer = allocator._timer
+    if timer is not None:
+        timer.join(10)
+
+
+def test_malloc_setup_is_set_once_put_back_when_idle_and_never_fails_one(
     tmp_path, rng, monkeypatch
 ):
     from lincheck import allocator
 
+    monkeypatch.setattr(allocator, "IDLE_SECONDS", 0.05)
     _case(tmp_path / "c", rng, bug="mean")
     task = batch.plan([tmp_path / "c"], OPTIONS)[0]
     expected = batch.record(batch.Done(task, *batch.check_case(task, OPTIONS)))
@@ -535,13 +543,20 @@ def test_malloc_setup_is_set_once_put_back_after_the_last_case_and_never_fails_o
         assert not allocator.applied()
     assert fake.calls == []
 
-    # set by the first of two cases running at once, put back after the second, then trimmed
+    # set by the first of two cases running at once; after the second, kept while a next
+    # case comes within IDLE_SECONDS; put back, then trimmed, once none has for that long
     monkeypatch.setattr(allocator, "startup_environment", lambda: dask)
+    set_ = [("mallopt", -3, 32 * MiB), ("mallopt", -1, 64 * MiB)]
     with allocator.arrays_reused():
         with allocator.arrays_reused():
             assert allocator.applied()
         assert allocator.applied()
-        assert fake.calls == [("mallopt", -3, 32 * MiB), ("mallopt", -1, 64 * MiB)]
+        assert fake.calls == set_
+    assert allocator.applied()  # for IDLE_SECONDS
+    with allocator.arrays_reused():  # the next case: nothing called, nothing put back
+        time.sleep(0.2)
+        assert allocator.applied() and fake.calls == set_
+    _put_back(allocator)
     assert not allocator.applied()
     assert fake.calls[2:] == [("mallopt", -3, 128 * 1024), ("mallopt", -1, 65536)] + [
         ("malloc_trim", 0)
@@ -567,6 +582,7 @@ def test_malloc_setup_is_set_once_put_back_after_the_last_case_and_never_fails_o
         fake = FakeLibc(answer)
         monkeypatch.setattr(allocator, "glibc", lambda fake=fake: fake)
         got = batch.record(batch.Done(task, *batch.check_case(task, OPTIONS)))
+        _put_back(allocator)
         assert not allocator.applied() and fake.calls[0] == ("mallopt", -3, 32 * MiB)
         assert ("malloc_trim", 0) not in fake.calls
         assert _comparable({0: got}) == _comparable({0: expected})
@@ -648,8 +664,10 @@ def test_a_dask_worker_reuses_a_case_s_large_arrays_and_is_put_back_after(model,
     """Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which fixes glibc's mmap
     threshold at 128 KiB: a block of 8 MiB is mapped afresh (glibc's IS_MMAPPED bit, in
     the size word before the block). While a case is checked, one of 1 MiB comes from the
-    heap; after it, 8 MiB (more than the case left free in the heap, which glibc would
-    reuse first) is mapped again. The case's record is the one this process gives."""
+    heap; right after it, for a next case, so does one of 4 MiB; once the worker has been
+    idle for IDLE_SECONDS, 16 MiB (more than the case and these blocks left free in the
+    heap, which glibc would reuse first) is mapped again. The case's record is the one
+    this process gives."""
     from lincheck import allocator
 
     if allocator.glibc() is None:
@@ -684,13 +702,17 @@ def test_a_dask_worker_reuses_a_case_s_large_arrays_and_is_put_back_after(model,
             outcome = batch.check_case(task, options)
         finally:
             checks.check = real
-        return before, seen, (allocator.applied(), mapped(8 * MiB)), outcome
+        right_after = (allocator.applied(), mapped(4 * MiB))
+        timer = allocator._timer
+        if timer is not None:
+            timer.join(10)
+        return before, seen, [right_after, (allocator.applied(), mapped(16 * MiB))], outcome
 
     with distributed.Client(cluster) as client:
         before, seen, after, outcome = client.submit(probe, task, OPTIONS, pure=False).result()
     assert before, "Dask's workers no longer fix glibc's mmap threshold at 128 KiB"
     assert seen == [(True, False)]
-    assert after == (False, True)
+    assert after == [(True, False), (False, True)]
     mine = batch.record(batch.Done(task, *batch.check_case(task, OPTIONS)))
     theirs = batch.record(batch.Done(task, *outcome))
     assert theirs["verdict"] == "fail" and _comparable({0: theirs}) == _comparable({0: mine})
