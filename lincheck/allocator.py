@@ -39,8 +39,9 @@ larger ones are mapped, as glibc always maps them. Where it acts:
   threads; a case that starts meanwhile keeps them), then ``malloc_trim(0)`` returns
   the free memory of every arena to the system at once, as the startup trim threshold
   would have returned it when each array was freed (measured: the resident size after
-  a case is the one without any of this, 42 MB; without the trim it stayed at 100 MB). glibc has no call that reads a threshold, so a value that other code in
-  the process set with ``mallopt`` itself is not restored: the startup value is.
+  a case is the one without any of this, 42 MB; without the trim it stayed at 100 MB).
+  glibc has no call that reads a threshold, so a value that other code in the process
+  set with ``mallopt`` itself is not restored: the startup value is.
 * A process that is lincheck's own (:func:`lincheck_process`: the ``lincheck`` command,
   and the workers of its local pool) and whose startup environment set none of glibc's
   malloc variables or tunables: the thresholds are set for the case and left set for
