@@ -49,7 +49,9 @@ larger ones are mapped, as glibc always maps them. Where it acts:
   wants the same), with no trim in between. Up to the trim threshold, 64 MiB, of free
   heap then stays in the process between cases.
 * Anything else (another platform or C library, a user's own choice of thresholds, a
-  program that calls lincheck's API in its own process) is left as it is.
+  program that calls lincheck's API in its own process, however it was started: even
+  a Dask worker running the program's own tasks) is left as it is: the checks act
+  there only through :func:`lincheck.batch.check_case`, a case of ``lincheck verify``.
 
 glibc's manual marks ``mallopt`` MT-Unsafe "const": it changes settings that other
 threads read without a lock, so a thread allocating meanwhile sees the old threshold or
@@ -268,10 +270,15 @@ def applied() -> bool:
 
 
 @contextmanager
-def arrays_reused() -> Iterator[None]:
+def arrays_reused(own_only: bool = False) -> Iterator[None]:
     """Large arrays reused for the duration of the block, in a process started with
     ``MALLOC_TRIM_THRESHOLD_`` (a Dask worker) or one of lincheck's own (and from then on,
-    there); a no-op anywhere else (see the module's text)."""
+    there); a no-op anywhere else (see the module's text). With ``own_only``, a no-op in
+    any process not lincheck's own: a program's process, even one started with
+    ``MALLOC_TRIM_THRESHOLD_`` (a Dask worker running the program's own tasks)."""
+    if own_only and not _own:
+        yield
+        return
     _enter()
     try:
         yield

@@ -46,12 +46,13 @@ NARROW_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 def _quiet_numpy(fn):
     """Run ``fn`` with NumPy's floating-point warnings off: lincheck tests every result it
     uses for overflow and NaN itself, and says so in one line, not in warnings on stderr.
-    Its large arrays are reused, in the processes where that is lincheck's to decide
-    (:func:`lincheck.allocator.arrays_reused`: a no-op in a program's own process)."""
+    Its large arrays are reused in lincheck's own processes
+    (:func:`lincheck.allocator.arrays_reused`: a no-op in a program's own process, however
+    it was started; a Dask worker's case is :func:`lincheck.batch.check_case`'s)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with np.errstate(all="ignore"), arrays_reused():
+        with np.errstate(all="ignore"), arrays_reused(own_only=True):
             return fn(*args, **kwargs)
 
     return wrapper

@@ -446,7 +446,7 @@ def cases_table(results, total: int | None = None) -> Table:
             n = len(r.report.checks)
             checks = f"{n - len(r.report.failed)}/{n}"
             mark = Text("PASS", style="bold green") if r.passed else Text("FAIL", style="bold red")
-        table.add_row(r.name, checks, mark, case_failures(r))
+        table.add_row(Text(r.name), checks, mark, Text(case_failures(r)))  # text, not markup
     return table
 
 
@@ -515,7 +515,7 @@ def render_cases(
     for r in results:
         if r.passed:
             continue
-        parts.append(Rule(r.name, align="left"))
+        parts.append(Rule(Text(r.name, style="rule.text"), align="left"))
         if r.report is None:
             kind = "bad input" if r.bad_input else "unsupported" if r.unsupported else "error"
             parts.append(Text(f"{kind}: {r.error}", style="red"))

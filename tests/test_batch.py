@@ -564,6 +564,7 @@ def test_malloc_setup_is_set_once_put_back_when_idle_and_never_fails_one(
     assert plan == allocator.settings(dask)
 
     # lincheck's own process: set by its first case and kept, with no trim, for the next
+    monkeypatch.setattr(allocator, "_undo", None)  # put back as None when the test ends
     monkeypatch.setattr(allocator, "_own", True)
     monkeypatch.setattr(allocator, "startup_environment", lambda: {})
     fake = FakeLibc()
@@ -586,6 +587,31 @@ def test_malloc_setup_is_set_once_put_back_when_idle_and_never_fails_one(
         assert not allocator.applied() and fake.calls[0] == ("mallopt", -3, 32 * MiB)
         assert ("malloc_trim", 0) not in fake.calls
         assert _comparable({0: got}) == _comparable({0: expected})
+
+
+def test_a_program_s_checks_leave_malloc_alone_even_started_as_dask_starts_workers(
+    rng, monkeypatch
+):
+    """A program calling lincheck's API is left as it is, even in a process started with
+    MALLOC_TRIM_THRESHOLD_ (a Dask worker running the program's own tasks, or anything
+    started in such an environment): no mallopt, no malloc_trim. lincheck's own process
+    started so sets the thresholds for the check and puts them back after it."""
+    import lincheck
+    from lincheck import allocator
+
+    X, W, G = rng.standard_normal((5, 4)), rng.standard_normal((3, 4)), rng.standard_normal((5, 3))
+    fake, dask = FakeLibc(), {"MALLOC_TRIM_THRESHOLD_": "65536"}
+    monkeypatch.setattr(allocator, "_undo", None)
+    monkeypatch.setattr(allocator, "glibc", lambda: fake)
+    monkeypatch.setattr(allocator, "startup_environment", lambda: dask)
+    monkeypatch.setattr(allocator, "_own", False)
+    assert lincheck.check(X, W, None, G, G @ W, G.T @ X).passed
+    assert fake.calls == []
+
+    monkeypatch.setattr(allocator, "_own", True)
+    assert lincheck.check(X, W, None, G, G @ W, G.T @ X).passed
+    assert fake.calls[0] == ("mallopt", -3, 32 * MiB) and fake.calls[-1] == ("malloc_trim", 0)
+    assert not allocator.applied()
 
 
 OWN_PROCESS = """

@@ -89,3 +89,21 @@ def test_json_of_a_path_whose_bytes_are_not_utf8_is_strict_json(tmp_path):
         "nested": [{"k": "caf\\xff"}],
     }
     text.encode("utf-8")  # strict UTF-8 throughout
+
+
+def test_the_cases_table_prints_case_names_and_errors_as_they_are():
+    """A case's path is text, not Rich markup: brackets in it ("x[/y]" a closing tag,
+    "[a]" a style) are printed, in the table and in the failure's rule, never read."""
+    from lincheck.api import CaseResult
+    from lincheck.report import render_cases
+
+    results = [
+        CaseResult(name, None, f"W ({name}/W.npy): not a .npy file", bad_input=True)
+        for name in ("m/x[/y]", "m/[a]")
+    ]
+    console = Console(width=200, record=True, color_system=None)
+    console.print(render_cases(results, header="2 cases"))
+    text = console.export_text()
+    for name in ("m/x[/y]", "m/[a]"):
+        assert f" {name} " in text and f"W ({name}/W.npy): not a .npy file" in text
+        assert f"{name} ─" in text  # the rule
