@@ -595,9 +595,11 @@ def test_a_program_s_checks_leave_malloc_alone_even_started_as_dask_starts_worke
     """A program calling lincheck's API is left as it is, even in a process started with
     MALLOC_TRIM_THRESHOLD_ (a Dask worker running the program's own tasks, or anything
     started in such an environment): no mallopt, no malloc_trim. lincheck's own process
-    started so sets the thresholds for the check and puts them back after it."""
+    started so sets the thresholds for the check and puts them back once idle."""
     import lincheck
     from lincheck import allocator
+
+    monkeypatch.setattr(allocator, "IDLE_SECONDS", 0.05)
 
     X, W, G = rng.standard_normal((5, 4)), rng.standard_normal((3, 4)), rng.standard_normal((5, 3))
     fake, dask = FakeLibc(), {"MALLOC_TRIM_THRESHOLD_": "65536"}
@@ -610,6 +612,7 @@ def test_a_program_s_checks_leave_malloc_alone_even_started_as_dask_starts_worke
 
     monkeypatch.setattr(allocator, "_own", True)
     assert lincheck.check(X, W, None, G, G @ W, G.T @ X).passed
+    _put_back(allocator)
     assert fake.calls[0] == ("mallopt", -3, 32 * MiB) and fake.calls[-1] == ("malloc_trim", 0)
     assert not allocator.applied()
 
