@@ -659,7 +659,9 @@ def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoRet
     results = [done.result for done in kept]
     header = f"[bold]lincheck verify[/] {len(cases)} cases"
     if kept:
-        header += f" ({len(kept)} decided by {resume}, not checked again)"
+        from rich.markup import escape
+
+        header += f" ({len(kept)} decided by {escape(str(resume))}, not checked again)"
     bar = output.CaseProgress(len(tasks), len(kept), workers, enabled=not out["quiet"])
     try:
         for done in engine:

@@ -214,6 +214,19 @@ def test_bad_input_names_the_file_by_the_path_the_user_gave(tmp_path, model, mon
     assert batch.as_named(said, task) == "W (b/W.npy), X (/data/b2/X.npy), at b: b"
 
 
+def test_a_resume_file_s_path_is_text_in_the_header(tmp_path, model):
+    """A --resume file whose path reads as Rich markup (a folder "a[" holding "x].jsonl")
+    is named as it is in the header, not a MarkupError traceback."""
+    (tmp_path / "a[").mkdir()
+    log = tmp_path / "a[" / "x].jsonl"
+    assert invoke("verify", model, "--jsonl", log, "--jobs", 1).exit_code == 1
+    result = invoke("verify", model, "--resume", log, "--jobs", 1)
+    assert result.exit_code == 1, result.output
+    words = "".join(result.output.split())  # the header, however the terminal wrapped it
+    assert words.startswith("lincheckverify4cases(3decidedby")
+    assert "a[/x].jsonl,notcheckedagain)" in words
+
+
 def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     log = tmp_path / "run.jsonl"
