@@ -864,10 +864,12 @@ def generate(
             directory, layouts.stored(data, layout.value), format=save_format.value, force=force
         )
     if save_format is SaveFormat.safetensors:
-        output.stdout.print(f"wrote {', '.join(data)} to {written[0]}", highlight=False)
+        output.stdout.print(
+            f"wrote {', '.join(data)} to {written[0]}", markup=False, highlight=False
+        )
         return
     output.stdout.print(
-        f"wrote {', '.join(p.name for p in written)} to {directory}", highlight=False
+        f"wrote {', '.join(p.name for p in written)} to {directory}", markup=False, highlight=False
     )
 
 

@@ -138,6 +138,19 @@ def test_generate_then_verify(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("format", ["npy", "safetensors"])
+def test_generate_names_a_folder_that_reads_as_markup_as_it_is(tmp_path, monkeypatch, format):
+    """``lincheck generate 'a[/x]'`` (a folder a[ holding x]) says where it wrote, the
+    path as given: not a MarkupError traceback, and no [b] dropped from "b[b]"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a[").mkdir()
+    for name in ("a[/x]", "b[b]"):
+        result = invoke("generate", name, "--n", 2, "--din", 2, "--dout", 1, "--format", format)
+        assert result.exit_code == 0, result.output
+        where = name if format == "npy" else f"{name}.safetensors"
+        assert result.output.strip().endswith(f" to {where}"), result.output
+
+
 def test_generate_never_overwrites_without_force(tmp_path):
     folder = tmp_path / "case"
     assert invoke("generate", folder, "--n", 6, "--din", 4, "--dout", 3).exit_code == 0
