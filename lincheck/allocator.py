@@ -240,16 +240,20 @@ def _leave() -> None:
         _running -= 1
         if _running > 0 or _undo is None or _undo[1].after is None:
             return  # a case still running, nothing set, or lincheck's own process: kept
-        _timer = threading.Timer(IDLE_SECONDS, _put_back)
-        _timer.daemon = True
-        _timer.start()
+        timer = threading.Timer(IDLE_SECONDS, lambda: _put_back(timer))
+        timer.daemon = True
+        _timer = timer
+        timer.start()
 
 
-def _put_back() -> None:
-    """The startup thresholds back and the free memory returned, unless a case started
-    since the last one ended."""
+def _put_back(timer: threading.Timer) -> None:
+    """The startup thresholds back and the free memory returned, if ``timer`` is still the
+    one the last case's end started: a case that started since cancelled it (even after
+    it fired, while it waited for the lock) and, once ended, started another."""
     global _undo, _timer
     with _lock:
+        if timer is not _timer:
+            return
         _timer = None
         if _running > 0 or _undo is None:
             return

@@ -602,6 +602,39 @@ def test_malloc_setup_is_set_once_put_back_when_idle_and_never_fails_one(
         assert _comparable({0: got}) == _comparable({0: expected})
 
 
+def test_a_put_back_that_fired_as_a_case_started_waits_for_the_next_idle_period(monkeypatch):
+    """A timer that fires as a case starts waits for the lock the case holds; the case
+    cancels it then (too late) and, once ended, starts another. The first then finds the
+    process idle, but only since that case ended: it leaves the put-back to the second."""
+    from lincheck import allocator
+
+    monkeypatch.setattr(allocator, "IDLE_SECONDS", 3600.0)  # fired by hand below
+    monkeypatch.setattr(allocator, "_undo", None)
+    monkeypatch.setattr(allocator, "_own", False)
+    monkeypatch.setattr(allocator, "startup_environment", lambda: {"MALLOC_TRIM_THRESHOLD_": "1"})
+    fake = FakeLibc()
+    monkeypatch.setattr(allocator, "glibc", lambda: fake)
+    set_ = [("mallopt", -3, 32 * MiB), ("mallopt", -1, 64 * MiB)]
+    timers = []
+    try:
+        for _ in range(2):
+            with allocator.arrays_reused():
+                pass
+            timers.append(allocator._timer)
+        first, second = timers
+        assert first is not second and first.finished.is_set()  # cancelled by the second case
+        first.function(*first.args, **first.kwargs)  # as if it had fired before the cancel
+        assert allocator.applied() and fake.calls == set_ and allocator._timer is second
+        second.function(*second.args, **second.kwargs)
+        assert not allocator.applied() and allocator._timer is None
+        assert fake.calls == set_ + [("mallopt", -3, 128 * 1024), ("mallopt", -1, 1)] + [
+            ("malloc_trim", 0)
+        ]
+    finally:
+        for timer in timers:
+            timer.cancel()
+
+
 def test_a_program_s_checks_leave_malloc_alone_even_started_as_dask_starts_workers(
     rng, monkeypatch
 ):
