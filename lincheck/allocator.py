@@ -258,9 +258,8 @@ def _put_back(timer: threading.Timer) -> None:
         if _running > 0 or _undo is None:
             return
         libc, after = _undo[0], _undo[1].after
+        assert after is not None  # a timer is started only where there is a value to put back
         _undo = None
-        if after is None:  # lincheck's own process: never put back (no timer is set)
-            return
         try:
             _set(libc, *after)
             libc.malloc_trim(0)

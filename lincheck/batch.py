@@ -115,13 +115,12 @@ lincheck's checks (measured 0.29–0.32 s on a 2-core machine)."""
 def nominal_seconds(dims: tuple[int, int, int] | None, options: Mapping[str, Any]) -> float:
     """A case's nominal time: its check's at :data:`lincheck.checks.NOMINAL_RATE`
     (:func:`lincheck.checks.nominal_seconds`, for the options' mode) plus CASE_SECONDS."""
+    from .checks import cost_options
     from .checks import nominal_seconds as check_seconds
 
     if dims is None:
         return CASE_SECONDS
-    keys = ("mode", "method", "budget", "directions", "samples")
-    chosen = {k: options[k] for k in keys if options.get(k) is not None}
-    return CASE_SECONDS + check_seconds(*dims, **chosen)
+    return CASE_SECONDS + check_seconds(*dims, **cost_options(options))
 
 
 def default_workers(tasks: Iterable[Task], cores: int) -> int:

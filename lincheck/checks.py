@@ -474,6 +474,13 @@ model (the same inputs always get the same mode), about right for a 2-core
 machine with OpenBLAS in float64."""
 
 
+def cost_options(options: Mapping[str, Any]) -> dict:
+    """The check options (as given to :func:`check`) that :func:`nominal_seconds` takes,
+    those set (a None is its default)."""
+    names = ("mode", "method", "budget", "directions", "samples")
+    return {name: options[name] for name in names if options.get(name) is not None}
+
+
 def nominal_seconds(
     N: int,
     D_in: int,

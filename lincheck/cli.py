@@ -414,7 +414,7 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out, layout="out_in
             with bad_input():
                 writing.save_case(save, given, format=out["format"], force=out["force"])
         bar = ProgressBar(not out["quiet"], f"N={n} D_in={din} D_out={dout}, {value}")
-        bar.expect(checks.nominal_seconds(n, din, dout, **_cost_options(options)))
+        bar.expect(checks.nominal_seconds(n, din, dout, **checks.cost_options(options)))
         try:
             report = checks.check(
                 *(given.get(k) for k in ("X", "W", "B", "dY")),
@@ -448,11 +448,6 @@ def _run_random(sizes, dtypes, seed, no_bias, save, options, out, layout="out_in
             study = witness.step_study(layer)
         emit(results[0].report, header, results[0].name, out, context, study)
     emit_many(results, header, out, {"command": "run", "seed": seed, "dtypes": dtypes})
-
-
-def _cost_options(options: dict) -> dict:
-    names = ("mode", "method", "budget", "directions", "samples")
-    return {name: options[name] for name in names}
 
 
 def _save_failures(folder: Path, results, force: bool, save_format: str = "npy") -> None:
@@ -737,7 +732,7 @@ def _check_dump(path, files, options, max_memory, quiet, progress=None):
     if progress is not None and a["X"].ndim >= 1 and a["dY"].ndim >= 1:
         N = int(np.prod(a["X"].shape[:-1], dtype=np.int64))
         D_in, D_out = a["X"].shape[-1], a["dY"].shape[-1]
-        progress.expect(checks.nominal_seconds(N, D_in, D_out, **_cost_options(options)))
+        progress.expect(checks.nominal_seconds(N, D_in, D_out, **checks.cost_options(options)))
     with layouts.command_line_advice():
         report = _check_loaded(checks, tensors, a, loaded, options, progress)
     return loaded, report
