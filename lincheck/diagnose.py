@@ -246,7 +246,8 @@ def explain(case: Failure, lower: Hint | None = None) -> list[Hint]:
 
     Tried in order: a shape that is the transpose of the expected one, or
     dY's shape for dB; NaN/Inf; then, for values, a flipped sign, a mean over
-    the batch, the transpose, one row of dY for dB, a wrong operand; then
+    the batch, the transpose, one row of dY for dB, a wrong operand, a sum over
+    the batch without its first or last rows; then
     a constant factor, then errors confined to a few rows, columns or entries
     (both before any arithmetic is blamed: a lower precision spreads its errors
     everywhere); then ``lower`` (a lower-precision hint, if the caller found
@@ -391,6 +392,11 @@ def _value_hints(case: Failure, values, reference, own, ref_bound, baseline, sca
                 {"alternative": name, "bound_ratio": ratio},
             )
 
+    if tensor in ("dW", "dB") and L.N > 1 and not scaled:
+        hint = _rows_missing(case, values, reference, tol, baseline)
+        if hint is not None:
+            yield hint
+
     # NumPy's pairwise sums, not BLAS dot products: the same digits with any thread count.
     rr = float(np.sum(reference * reference))
     if rr > 0 and scaled:
@@ -407,6 +413,83 @@ def _value_hints(case: Failure, values, reference, own, ref_bound, baseline, sca
                     "factor is wrong (a loss scale, a doubled or halved term?).",
                     {"scale": c, "bound_ratio": ratio},
                 )
+
+
+_PROJECTIONS = 3
+"""Directions the error is projected on to find a run of left-out rows (:func:`_rows_missing`)."""
+
+
+def _rows_missing(case: Failure, values, reference, tol, baseline) -> Hint | None:
+    """A hint if dW or dB is the sum over the batch with its first or last rows left out: a
+    loop over the batch that starts late, stops one short, or drops its last partial chunk.
+
+    With a run of rows left out, the error e = values − reference is −Σ_{n ∈ run} Tₙ, the
+    run's terms (Tₙ = dY[n]ᵀ X[n] for dW, dY[n] for dB). Projected on fixed directions a
+    (and b), aᵀ e b is then −Σ_{n ∈ run} (dY a)ₙ (X b)ₙ: one running sum over the batch from
+    each end gives that for every run at once. From each end, the run whose sums match best
+    in ``_PROJECTIONS`` directions is tried as an alternative like the other hints
+    (:func:`_fit`): the float64 reference less the run's terms, within the tolerance that
+    failed the check. The true run matches every projection to rounding; a run that matches
+    them all by chance is refused there. A run of one row is what an off-by-one leaves out.
+    """
+    L = case.layer
+    N = L.N
+    e = values - reference
+    rng = np.random.default_rng(0)  # fixed directions: the same diagnosis on every run
+    a = rng.standard_normal((L.D_out, _PROJECTIONS))
+    per_row = L.G @ a  # (N, P): (dY a)ₙ
+    if case.tensor == "dW":
+        b = rng.standard_normal((L.D_in, _PROJECTIONS))
+        per_row *= L.X @ b
+        target = np.einsum("ip,ij,jp->p", a, e, b)
+    else:
+        target = a.T @ e
+    scale = np.abs(target) + np.finfo(np.float64).tiny
+    candidates = []
+    for end, sums in (
+        ("first", np.cumsum(per_row[:-1], axis=0)),  # runs 0..j−1, j = 1..N−1
+        ("last", np.cumsum(per_row[:0:-1], axis=0)),  # runs N−j..N−1
+    ):
+        miss = np.sum(((target + sums) / scale) ** 2, axis=1)
+        best = int(np.argmin(miss))
+        candidates.append((float(miss[best]), end, best + 1))
+    for _, end, j in sorted(candidates):
+        rows = slice(0, j) if end == "first" else slice(N - j, N)
+        kept = slice(j, N) if end == "first" else slice(0, N - j)
+        if 2 * j <= N:  # the fewer rows: the run's terms, or the kept rows' sum
+            terms = L.G[rows].T @ L.X[rows] if case.tensor == "dW" else L.G[rows].sum(axis=0)
+            alternative = reference - terms
+        else:
+            alternative = L.G[kept].T @ L.X[kept] if case.tensor == "dW" else L.G[kept].sum(0)
+        ratio = _fit(values, alternative, tol, baseline)
+        if ratio is None:
+            continue
+        first, last = (0, j - 1) if end == "first" else (N - j, N - 1)
+        where = (
+            f"{end} row, {_batch_index(first, case.batch_shape)}"
+            if j == 1
+            else f"{end} {j} rows, {_batch_index(first, case.batch_shape)} to "
+            f"{_batch_index(last, case.batch_shape)}"
+        )
+        why = {
+            "first": "starts late",
+            "last": "stops one short" if j == 1 else "stops short, or drops its last partial chunk",
+        }[end]
+        return Hint(
+            "rows_missing",
+            case.tensor,
+            f"{case.tensor} is the sum over the batch without its {where} "
+            f"({_how(ratio)}): a loop over the batch that {why}?",
+            {
+                "rows": [
+                    [int(i) for i in np.unravel_index(n, case.batch_shape or (N,))]
+                    for n in (first, last)
+                ],
+                "count": j,
+                "bound_ratio": ratio,
+            },
+        )
+    return None
 
 
 def _transpose_advice(tensor: str, layout: str) -> str:
@@ -739,8 +822,8 @@ def _unexplained(case: Failure, what: str) -> Hint:
     tried = (
         "the shape of its transpose, of another gradient, of dY"
         if what == "shape"
-        else "a flipped sign, a mean for a sum, a transpose, a wrong operand, a constant "
-        "factor, a lower precision, errors in a few rows or columns"
+        else "a flipped sign, a mean for a sum, a transpose, a wrong operand, rows left out "
+        "of the batch, a constant factor, a lower precision, errors in a few rows or columns"
     )
     has = f" {shape} (expected {expected})" if shape is not None else ""
     return Hint(

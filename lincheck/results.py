@@ -30,7 +30,7 @@ class Hint:
     Codes: ``transposed``, ``layout`` (a square W stored the other way: every
     subject fits the other layout), ``mean_instead_of_sum``, ``sign_flipped``,
     ``scaled``, ``bias_not_summed``, ``bias_wrong_axis``, ``swapped`` (dX
-    and dW), ``weight_decay``, ``wrong_operand``, ``localized``,
+    and dW), ``weight_decay``, ``wrong_operand``, ``rows_missing``, ``localized``,
     ``lower_precision``, ``non_finite``, and ``unexplained`` when a check
     failed and none of them fits.
     """

@@ -42,6 +42,8 @@ def planted(name, X, W, B, G):
         ),
         "dX one batch row wrong": ({"dX": _row_off(good["dX"], 2)}, "localized"),
         "dW two entries wrong": ({"dW": _entries_off(good["dW"], [(0, 1), (2, 3)])}, "localized"),
+        "dB last row missing": ({"dB": G2[:-1].sum(0)}, "rows_missing"),
+        "dW first rows missing": ({"dW": G2[2:].T @ X2[2:]}, "rows_missing"),
         "NaN in dW": ({"dW": _with_nan(good["dW"])}, "non_finite"),
         "noise in dW": (
             {"dW": good["dW"] + np.random.default_rng(9).standard_normal(good["dW"].shape)},
@@ -86,6 +88,8 @@ BUGS = [
     "dW last column missed",
     "dX one batch row wrong",
     "dW two entries wrong",
+    "dB last row missing",
+    "dW first rows missing",
     "NaN in dW",
     "noise in dW",
 ]
@@ -318,3 +322,45 @@ def test_leading_batch_dims_name_the_sum_over_all_of_them(rng):
     assert hint.code == "mean_instead_of_sum" and "dY.mean((0, 1))" in hint.message
     (hint,) = check(X, W, B, G, dB=G.sum((0, 1)) + rng.standard_normal(3)).hints
     assert hint.code == "unexplained" and "dB = dY.sum((0, 1))" in hint.message
+
+
+@pytest.mark.parametrize("tensor", ["dW", "dB"])
+@pytest.mark.parametrize(
+    "kept", [slice(0, -1), slice(1, None), slice(0, 4000), slice(0, 1000), slice(3, None)]
+)
+def test_rows_left_out_of_the_batch_sum_are_named(rng, tensor, kept):
+    """A loop over the batch that stops short, starts late or drops its last chunk, in
+    float32 at N = 4096: the hint names exactly the rows left out (as the user indexes them,
+    leading batch dimensions included), however many."""
+    X, W, B, G = layer(rng, 0, 24, 8, "float32", batch=(4, 1024))
+    X2, G2 = X.reshape(-1, 24), G.reshape(-1, 8)
+    N = X2.shape[0]
+    left_out = np.setdiff1d(np.arange(N), np.arange(N)[kept])
+    broken = G2[kept].T @ X2[kept] if tensor == "dW" else G2[kept].sum(0)
+    hints, report = hints_of(X, W, B, G, **{**compute_in("fp32", X, W, G), tensor: broken})
+    assert [c.tensor for c in report.failed] == [tensor]
+    assert hints == [("rows_missing", tensor)]
+    evidence = report.hints[0].evidence
+    first, last = (list(np.unravel_index(n, (4, 1024))) for n in left_out[[0, -1]])
+    assert (evidence["rows"], evidence["count"]) == ([first, last], left_out.size)
+    assert ("last" if left_out[-1] == N - 1 else "first") in report.hints[0].message
+
+
+def test_rows_missing_is_not_claimed_where_left_out_rows_hold_zeros(rng):
+    """Padding rows (dY = 0) at the end of the batch: a sum without them is the correct one,
+    so a bug elsewhere is not blamed on them."""
+    X, W, B, G = layer(rng, 64, 6, 4)
+    G[-8:] = 0.0
+    good = gradients(X, W, B, G)
+    dW = good["dW"].copy()
+    dW[1, 2] += 1.0
+    assert hints_of(X, W, B, G, **{**good, "dW": dW})[0] == [("localized", "dW")]
+
+
+def test_rows_missing_with_the_kernel_stored_in_out(rng):
+    X, W, B, G = layer(rng, 40, 5, 3)
+    dW = X[:-1].T @ G[:-1]  # (D_in, D_out), as JAX stores the kernel
+    report = check(X, W.T.copy(), B, G, dW=dW, layout="in_out")
+    assert [(h.code, h.tensor, h.evidence["rows"]) for h in report.hints] == [
+        ("rows_missing", "dW", [[39], [39]])
+    ]
