@@ -430,7 +430,9 @@ def _rows_missing(case: Failure, values, reference, tol, baseline) -> Hint | Non
     in ``_PROJECTIONS`` directions is tried as an alternative like the other hints
     (:func:`_fit`): the float64 reference less the run's terms, within the tolerance that
     failed the check. The true run matches every projection to rounding; a run that matches
-    them all by chance is refused there. A run of one row is what an off-by-one leaves out.
+    them all by chance is refused there, and one that misses them by as much as the correct
+    sum does (a squared relative miss summed over the directions ≥ 1) is not tried. A run of
+    one row is what an off-by-one leaves out.
     """
     L = case.layer
     N = L.N
@@ -453,7 +455,9 @@ def _rows_missing(case: Failure, values, reference, tol, baseline) -> Hint | Non
         miss = np.sum(((target + sums) / scale) ** 2, axis=1)
         best = int(np.argmin(miss))
         candidates.append((float(miss[best]), end, best + 1))
-    for _, end, j in sorted(candidates):
+    for miss, end, j in sorted(candidates):
+        if miss >= 1.0:
+            break  # no closer than the correct sum in these directions: not worth a product
         rows = slice(0, j) if end == "first" else slice(N - j, N)
         kept = slice(j, N) if end == "first" else slice(0, N - j)
         if 2 * j <= N:  # the fewer rows: the run's terms, or the kept rows' sum
