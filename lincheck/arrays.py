@@ -153,6 +153,24 @@ def cases(path: str | os.PathLike) -> list[Path | str]:
 
 SAFETENSORS = ".safetensors"
 
+
+def not_a_case(path: str | os.PathLike) -> str | None:
+    """Why a PATH given to ``verify`` is no case at all (a file of another kind: one
+    array's ``.npy``, a text or pickle file), as :func:`load` would say it; None for a
+    folder, an ``.npz`` or ``.safetensors`` file, a URL, or a path :func:`load` is left to
+    report (missing, unreadable, not a regular file)."""
+    if is_url(path):
+        return None
+    path = Path(path)
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return None
+    if not regular or path.suffix.lower() in (".npz", SAFETENSORS):
+        return None
+    return f"{path}: {_unreadable(path)}"
+
+
 PICKLES = (".pt", ".pth", ".bin", ".ckpt")
 """Suffixes of PyTorch's pickled files: refused by name, never opened."""
 

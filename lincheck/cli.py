@@ -594,9 +594,12 @@ def verify(
     if not paths and not files:
         fail("give a PATH (a folder or .npz) or the arrays' files (--x, --w, --dy, ...)")
     check_outputs(out, inputs=[*paths, *files.values()])
-    for path in paths:  # a PATH mistyped: said at once, before any case runs or is written
+    for path in paths:  # a PATH mistyped, or no case: said at once, before any case runs
         if not arrays.is_url(path) and not os.path.lexists(path):
             fail(f"{path}: no such file or folder")
+        problem = arrays.not_a_case(path)
+        if problem is not None:
+            fail(problem)
     cases = [case for path in paths for case in arrays.cases(path)]
     if files and len(cases) > 1:
         fail("--x, --w, --dy and the like add to one case; got several PATHs")
@@ -652,18 +655,21 @@ def _verify_many(cases: list, options: dict, out: dict, where, journal) -> NoRet
         workers = max(1, len(client.scheduler_info().get("workers", ())))
         engine = batch.run_dask(rest, options, out["max_memory"], client)
     results = [done.result for done in kept]
-    header = f"[bold]lincheck verify[/] {len(cases)} cases"
-    if kept:
+    header = f"[bold]lincheck verify[/] {len(cases)} case{'' if len(cases) == 1 else 's'}"
+    if resume is not None and not first:
         from rich.markup import escape
 
-        header += f" ({len(kept)} decided by {escape(str(resume))}, not checked again)"
+        if kept:
+            header += f" ({len(kept)} decided by {escape(str(resume))}, not checked again)"
+        else:
+            header += f" (none decided by {escape(str(resume))}: all checked)"
     bar = output.CaseProgress(len(tasks), len(kept), workers, enabled=not out["quiet"])
     try:
         for done in engine:
             if writer is not None:
                 writer.write(batch.record(done))
             results.append(done.result)
-            bar.update(done.result.passed)
+            bar.update(done.result.passed, done.result.bad_input)
             if done.note and not out["quiet"]:  # a partial mode chosen for memory
                 output.stderr.print(f"lincheck: {done.task.name}: {done.note}", markup=False)
     except output.Interrupted:

@@ -512,14 +512,16 @@ def catch_interrupts() -> None:
 
 
 class CaseProgress:
-    """Progress of many cases on stderr: done of total, running, failed so far, elapsed.
+    """Progress of many cases on stderr: done of total, running, failed so far (and with bad
+    input, counted apart as the summary counts them), elapsed.
 
     Only on a terminal and never with --quiet; shown from the start (refreshed several
     times a second) and gone when done, so the summary follows on a clean screen.
     """
 
     def __init__(self, total: int, done: int = 0, workers: int = 1, enabled: bool = True):
-        self.total, self.done, self.failed, self.workers = total, done, 0, workers
+        self.total, self.done, self.workers = total, done, workers
+        self.failed = self.bad = 0
         self.bar: Any = None
         if not (enabled and stderr.is_terminal) or total == done:
             return
@@ -539,11 +541,13 @@ class CaseProgress:
 
     def _status(self) -> str:
         running = min(self.workers, self.total - self.done)
-        return f"running {running}, failed {self.failed}"
+        bad = f", bad input {self.bad}" if self.bad else ""
+        return f"running {running}, failed {self.failed}{bad}"
 
-    def update(self, passed: bool) -> None:
+    def update(self, passed: bool, bad_input: bool = False) -> None:
         self.done += 1
-        self.failed += not passed
+        self.bad += bad_input
+        self.failed += not passed and not bad_input
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done, status=self._status())
 
@@ -575,6 +579,6 @@ def show_interrupted(results, header, out: dict, total: int, where: str | None) 
     parts: list = [header, cases_table(failures_first(results), total)]
     left = f"{len(results)} of {total} cases done"
     if where is not None:
-        left += f", kept in {where}: --resume {where} goes on"
+        left += f", kept in {where}: --resume {where} --jsonl {where} goes on"
     console.print(Group(*parts))
     print_verdict(console, Text(f"Interrupted: {left}"))  # one line however narrow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,6 +291,20 @@ def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monke
     assert wrong.exit_code == 2 and checked == []
     said = "not a --jsonl file of lincheck verify (no record in it)"
     assert wrong.stderr == f"lincheck: error: --resume {text}: {said}\n"
+    # Another folder's file decides none of these cases: the header says so.
+    other = tmp_path / "other"
+    shutil.copytree(model / "b", other / "b")
+    assert invoke("verify", other, "--jsonl", tmp_path / "other.jsonl").exit_code == 0
+    checked.clear()
+    result = invoke("verify", model, "--resume", "other.jsonl", "--jobs", 1)  # in tmp_path
+    assert len(checked) == 4 and result.exit_code == 1
+    header = "lincheck verify 4 cases (none decided by other.jsonl: all checked)"
+    assert result.output.splitlines()[0] == header
+    checked.clear()
+    empty = tmp_path / "empty.jsonl"  # what a run stopped before any case finished leaves
+    empty.write_text("")
+    assert invoke("verify", model, "--resume", empty, "--jobs", 1).exit_code == 1
+    assert len(checked) == 4
 
 
 def test_ctrl_c_keeps_the_finished_records_and_shows_them(tmp_path, model, monkeypatch):
@@ -311,7 +326,10 @@ def test_ctrl_c_keeps_the_finished_records_and_shows_them(tmp_path, model, monke
     text = shown.getvalue()
     assert all(name in text for name in calls[:2]) and calls[2] not in text
     last = text.splitlines()[-1]  # one line however narrow the terminal (tail -1)
-    assert last == f"Interrupted: 2 of 4 cases done, kept in {log}: --resume {log} goes on"
+    # What it suggests records the rest in the same file (--resume F alone would not).
+    assert last == (
+        f"Interrupted: 2 of 4 cases done, kept in {log}: --resume {log} --jsonl {log} goes on"
+    )
     assert "2 of 4 cases" in text.splitlines()[1]  # the table's title, under "4 cases"
     monkeypatch.setattr(batch, "check_case", real)
     result = invoke("verify", model, "--resume", log, "--jsonl", log, "--jobs", 1, "--json", "-")
@@ -846,9 +864,14 @@ def test_progress_shows_done_running_and_failed_on_a_terminal_only(monkeypatch):
         bar.update(passed=True)  # 4 of 5 done: one left, so one running
         shown = io.StringIO()
         Console(file=shown, width=120, color_system=None).print(bar.bar.get_renderable())
+        bar.update(passed=False, bad_input=True)  # counted apart, as the summary counts it
+        last = io.StringIO()
+        Console(file=last, width=120, color_system=None).print(bar.bar.get_renderable())
     finally:
         bar.close()
     assert "4/5" in shown.getvalue() and "running 1, failed 1" in shown.getvalue()
+    assert "bad input" not in shown.getvalue()
+    assert "running 0, failed 1, bad input 1" in last.getvalue()
     monkeypatch.setattr(output, "stderr", Console(file=io.StringIO()))  # not a terminal
     assert output.CaseProgress(total=5).bar is None
     assert output.CaseProgress(total=5, enabled=False).bar is None  # --quiet
@@ -933,3 +956,10 @@ def test_a_mistyped_path_is_one_line_and_nothing_written(tmp_path, model):
         assert result.exit_code == 2
         assert result.stderr == f"lincheck: error: {tmp_path / 'nosuch'}: no such file or folder\n"
         assert result.stdout == "" and not log.exists()
+    # A PATH that is no case (one array's file) likewise, as it is said for one case alone.
+    alone = invoke("verify", model / "b" / "X.npy")
+    assert alone.exit_code == 2 and "expected a folder of .npy files" in alone.stderr
+    for args in ([model / "b" / "X.npy", "--jsonl", log], [model, model / "b" / "X.npy"]):
+        result = invoke("verify", *args)
+        assert (result.exit_code, result.stderr, result.stdout) == (2, alone.stderr, "")
+        assert not log.exists()
