@@ -393,71 +393,95 @@ def _value_hints(case: Failure, values, reference, own, ref_bound, baseline, sca
             )
 
     if tensor in ("dW", "dB") and L.N > 1 and not scaled:
-        hint = _rows_missing(case, values, reference, tol, baseline)
+        hint = _rows_missing(case, values, reference, tol, u, baseline)
         if hint is not None:
             yield hint
 
-    # NumPy's pairwise sums, not BLAS dot products: the same digits with any thread count.
-    rr = float(np.sum(reference * reference))
-    if rr > 0 and scaled:
-        c = float(np.sum(values * reference)) / rr
-        ordinary = [1.0, -1.0] + ([1.0 / L.N] if tensor in ("dW", "dB") else [])
-        if all(abs(c - o) > 1e-3 * abs(o) for o in ordinary) and c != 0:
-            slack = abs(c) * tol + 2 * u * np.abs(c * reference)
-            ratio = _fit(values, c * reference, slack, baseline)
-            if ratio is not None:
-                yield Hint(
-                    "scaled",
-                    tensor,
-                    f"{tensor} = {c:.6g} × the correct {tensor} ({_how(ratio)}): a constant "
-                    "factor is wrong (a loss scale, a doubled or halved term?).",
-                    {"scale": c, "bound_ratio": ratio},
-                )
+    factor = _constant_factor(case, values, reference, tol, u, baseline) if scaled else None
+    if factor is not None:
+        c, ratio = factor
+        yield Hint(
+            "scaled",
+            tensor,
+            f"{tensor} = {c:.6g} × the correct {tensor} ({_how(ratio)}): a constant "
+            "factor is wrong (a loss scale, a doubled or halved term?).",
+            {"scale": c, "bound_ratio": ratio},
+        )
 
 
 _PROJECTIONS = 3
 """Directions the error is projected on to find a run of left-out rows (:func:`_rows_missing`)."""
 
+_TRIES = 4
+"""The most runs tried from each end of the batch (:func:`_rows_missing`), best first."""
 
-def _rows_missing(case: Failure, values, reference, tol, baseline) -> Hint | None:
+_TINY = np.finfo(np.float64).tiny
+
+
+def _rows_missing(case: Failure, values, reference, tol, u: float, baseline) -> Hint | None:
     """A hint if dW or dB is the sum over the batch with its first or last rows left out: a
     loop over the batch that starts late, stops one short, or drops its last partial chunk.
 
     With a run of rows left out, the error e = values − reference is −Σ_{n ∈ run} Tₙ, the
     run's terms (Tₙ = dY[n]ᵀ X[n] for dW, dY[n] for dB). Projected on fixed directions a
     (and b), aᵀ e b is then −Σ_{n ∈ run} (dY a)ₙ (X b)ₙ: one running sum over the batch from
-    each end gives that for every run at once. From each end, the run whose sums match best
-    in ``_PROJECTIONS`` directions is tried as an alternative like the other hints
-    (:func:`_fit`): the float64 reference less the run's terms, within the tolerance that
-    failed the check. The true run matches every projection to rounding; a run that matches
-    them all by chance is refused there, and one that misses them by as much as the correct
-    sum does (a squared relative miss summed over the directions ≥ 1) is not tried. A run of
+    each end gives that for every run at once. A run that fits is within the fit's
+    tolerance in every direction too, so only the runs whose sums come that close in all
+    ``_PROJECTIONS`` directions can fit: the closest ``_TRIES`` of them from each end are
+    tried as alternatives like the other hints (:func:`_fit`), the float64 reference less
+    the run's terms, within the tolerance that failed the check plus the alternative's own
+    rounding (2u·|alternative|, as for a mean or a constant factor). A run that matches the
+    directions by chance is refused by the fit. On a tie (rows whose terms are all equal)
+    the last rows are named first: a loop that stops short is the commoner slip. A run of
     one row is what an off-by-one leaves out.
+
+    Where a constant factor fits too (:func:`_constant_factor`: the left-out rows' terms
+    are a share of the whole, as with dY = 1/N everywhere), the data cannot tell a missing
+    run from a wrong scale: no claim here, and ``scaled`` names the factor.
     """
+    if _constant_factor(case, values, reference, tol, u, baseline) is not None:
+        return None
     L = case.layer
     N = L.N
     e = values - reference
     rng = np.random.default_rng(0)  # fixed directions: the same diagnosis on every run
     a = rng.standard_normal((L.D_out, _PROJECTIONS))
-    per_row = L.G @ a  # (N, P): (dY a)ₙ
+    per_row, size_row = L.G @ a, np.abs(L.G) @ np.abs(a)  # (N, P): (dY a)ₙ, (|dY| |a|)ₙ
     if case.tensor == "dW":
         b = rng.standard_normal((L.D_in, _PROJECTIONS))
         per_row *= L.X @ b
-        target = np.einsum("ip,ij,jp->p", a, e, b)
+        size_row *= np.abs(L.X) @ np.abs(b)
+
+        def project(m):
+            return np.einsum("ip,ij,jp->p", a, m, b)
+
+        def size(m):
+            return np.einsum("ip,ij,jp->p", np.abs(a), m, np.abs(b))
     else:
-        target = a.T @ e
-    scale = np.abs(target) + np.finfo(np.float64).tiny
+
+        def project(m):
+            return a.T @ m
+
+        def size(m):
+            return np.abs(a).T @ m
+
+    target = project(e)
+    room = size(tol + 2 * u * np.abs(reference))
+    noise = size(np.abs(e))  # for the rounding of these sums themselves
     candidates = []
-    for end, sums in (
-        ("first", np.cumsum(per_row[:-1], axis=0)),  # runs 0..j−1, j = 1..N−1
-        ("last", np.cumsum(per_row[:0:-1], axis=0)),  # runs N−j..N−1
-    ):
-        miss = np.sum(((target + sums) / scale) ** 2, axis=1)
-        best = int(np.argmin(miss))
-        candidates.append((float(miss[best]), end, best + 1))
-    for miss, end, j in sorted(candidates):
-        if miss >= 1.0:
-            break  # no closer than the correct sum in these directions: not worth a product
+    for order, (rows_from, end) in enumerate([(np.s_[:0:-1], "last"), (np.s_[:-1], "first")]):
+        sums = np.cumsum(per_row[rows_from], axis=0)  # runs N−j..N−1 or 0..j−1, j = 1..N−1
+        sizes = np.cumsum(size_row[rows_from], axis=0)
+        # A run that fits is within the fit's tolerance in every direction: there, its miss
+        # is at most |a|ᵀ (tol + 2u (|reference| + the run's |terms|)) |b|, give or take the
+        # float64 rounding of these sums (N + 8 roundings of at most their sizes each).
+        bound = room + 2 * u * sizes + (N + 8) * 2.0**-52 * (sizes + noise)
+        miss = np.abs(target + sums)
+        possible = np.flatnonzero(np.all(miss <= bound, axis=1))
+        score = np.sum((miss[possible] / (bound[possible] + _TINY)) ** 2, axis=1)
+        ranked = np.argsort(score, kind="stable")[:_TRIES]
+        candidates += [(float(score[i]), order, end, int(possible[i]) + 1) for i in ranked]
+    for *_, end, j in sorted(candidates):
         rows = slice(0, j) if end == "first" else slice(N - j, N)
         kept = slice(j, N) if end == "first" else slice(0, N - j)
         if 2 * j <= N:  # the fewer rows: the run's terms, or the kept rows' sum
@@ -465,7 +489,7 @@ def _rows_missing(case: Failure, values, reference, tol, baseline) -> Hint | Non
             alternative = reference - terms
         else:
             alternative = L.G[kept].T @ L.X[kept] if case.tensor == "dW" else L.G[kept].sum(0)
-        ratio = _fit(values, alternative, tol, baseline)
+        ratio = _fit(values, alternative, tol + 2 * u * np.abs(alternative), baseline)
         if ratio is None:
             continue
         first, last = (0, j - 1) if end == "first" else (N - j, N - 1)
@@ -494,6 +518,24 @@ def _rows_missing(case: Failure, values, reference, tol, baseline) -> Hint | Non
             },
         )
     return None
+
+
+def _constant_factor(case: Failure, values, reference, tol, u: float, baseline):
+    """(c, how closely it fits) if the values are c × the reference within the bound (the
+    least-squares c; its own rounding, 2u·|c × reference|, allowed), for a c other than 1,
+    −1 and, for dW and dB, 1/N (those have hints of their own, or are no mistake); else
+    None."""
+    # NumPy's pairwise sums, not BLAS dot products: the same digits with any thread count.
+    rr = float(np.sum(reference * reference))
+    if rr <= 0:
+        return None
+    c = float(np.sum(values * reference)) / rr
+    ordinary = [1.0, -1.0] + ([1.0 / case.layer.N] if case.tensor in ("dW", "dB") else [])
+    if c == 0 or any(abs(c - o) <= 1e-3 * abs(o) for o in ordinary):
+        return None
+    slack = abs(c) * tol + 2 * u * np.abs(c * reference)
+    ratio = _fit(values, c * reference, slack, baseline)
+    return None if ratio is None else (c, ratio)
 
 
 def _transpose_advice(tensor: str, layout: str) -> str:

@@ -579,6 +579,9 @@ def show_interrupted(results, header, out: dict, total: int, where: str | None) 
     parts: list = [header, cases_table(failures_first(results), total)]
     left = f"{len(results)} of {total} cases done"
     if where is not None:
-        left += f", kept in {where}: --resume {where} --jsonl {where} goes on"
+        import shlex
+
+        path = shlex.quote(str(where))  # to paste into a shell as it is
+        left += f", kept in {where}: --resume {path} --jsonl {path} goes on"
     console.print(Group(*parts))
     print_verdict(console, Text(f"Interrupted: {left}"))  # one line however narrow

@@ -308,7 +308,7 @@ def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monke
 
 
 def test_ctrl_c_keeps_the_finished_records_and_shows_them(tmp_path, model, monkeypatch):
-    log = tmp_path / f"{'run' * 50}.jsonl"  # its last line is wider than the terminal
+    log = tmp_path / f"{'run' * 50} [b].jsonl"  # its last line is wider than the terminal
     real, calls = batch.check_case, []
 
     def interrupted_at_the_third(task, *args):
@@ -327,8 +327,10 @@ def test_ctrl_c_keeps_the_finished_records_and_shows_them(tmp_path, model, monke
     assert all(name in text for name in calls[:2]) and calls[2] not in text
     last = text.splitlines()[-1]  # one line however narrow the terminal (tail -1)
     # What it suggests records the rest in the same file (--resume F alone would not).
-    assert last == (
-        f"Interrupted: 2 of 4 cases done, kept in {log}: --resume {log} --jsonl {log} goes on"
+    said = f"'{log}'"  # quoted, to paste into a shell: the name has a space and brackets
+    assert (
+        last
+        == f"Interrupted: 2 of 4 cases done, kept in {log}: --resume {said} --jsonl {said} goes on"
     )
     assert "2 of 4 cases" in text.splitlines()[1]  # the table's title, under "4 cases"
     monkeypatch.setattr(batch, "check_case", real)

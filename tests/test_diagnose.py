@@ -364,3 +364,33 @@ def test_rows_missing_with_the_kernel_stored_in_out(rng):
     assert [(h.code, h.tensor, h.evidence["rows"]) for h in report.hints] == [
         ("rows_missing", "dW", [[39], [39]])
     ]
+
+
+def test_rows_missing_or_a_factor_where_every_row_of_dy_is_the_same(rng):
+    """dY = 1/(N·D_out) everywhere (Y.mean()'s gradient): a dB without its last rows is a
+    constant factor of the correct one, and the data cannot tell which; the factor is named
+    (a halved dB is not blamed on half the rows). Where the factor is within 10⁻³ of 1 (no
+    claim of its own), the missing row is named, the last one first."""
+    for N, kept, code in [(64, slice(0, -1), "scaled"), (64, slice(0, 32), "scaled")]:
+        X, W, B, _ = layer(rng, N, 8, 4, "float32")
+        G = np.full((N, 4), 1 / (N * 4), np.float32)
+        hints, _ = hints_of(X, W, B, G, dB=G[kept].sum(0))
+        assert hints == [(code, "dB")]
+    X, W, B, _ = layer(rng, 4096, 8, 4, "float32")
+    G = np.full((4096, 4), 1 / 4096, np.float32)
+    report = check(X, W, B, G, dB=G[:-1].sum(0))
+    assert [(h.code, h.evidence["rows"]) for h in report.hints] == [("rows_missing", [[4095]] * 2)]
+
+
+def test_rows_missing_in_float16_allows_the_alternatives_own_rounding(rng):
+    """A float16 dW without its last row, whose entries are far larger than the correct
+    ones where the sum cancels: the alternative's own float16 rounding (2u·|alternative|)
+    is allowed, as for the other hints."""
+    found = 0
+    for seed in range(5):
+        X, W, B, G = layer(np.random.default_rng(seed), 64, 64, 64, "float16")
+        X2, G2 = X.astype(np.float64), G.astype(np.float64)
+        report = check(X, W, B, G, dW=(G2[:-1].T @ X2[:-1]).astype(np.float16))
+        assert not report.passed
+        found += [h.code for h in report.hints] == ["rows_missing"]
+    assert found == 5
