@@ -135,8 +135,10 @@ def lower_precision(
 
     ``subject`` holds the values as supplied; ``fits`` maps each candidate
     precision to [whether every entry's error was within the subject's bound
-    under it plus the oracle's, the largest ratio of error to that]
-    (:class:`lincheck.tally.Tally` keeps these block by block).
+    under it plus the oracle's, the largest ratio of error to that, whether that
+    bound can tell the gradient from zero] (:meth:`lincheck.plan.Tallies.alternative_fits`).
+    An arithmetic whose bound cannot tell the gradient from zero is never named: a
+    zero gradient fits it too, and a check under it would be inconclusive.
     Candidates whose result format holds every value of the subject (a
     bfloat16 result saved as float32 is still made of bfloat16 numbers) are
     tried first, narrowest format first, as that is direct evidence of the
@@ -157,8 +159,8 @@ def lower_precision(
     # their loose bounds too). TF32 returns float32 and leaves no such trace.
     plausible = [n for n in names if n in evidence or out[n].bits >= stored.bits]
     for name in evidence + [n for n in plausible if n not in evidence]:
-        fit, ratio = fits[name]
-        if fit:
+        fit, ratio, resolves = fits[name]
+        if fit and resolves:
             what, question = _describe(name, declared)
             why = f" and every value is a {out[name].description} number"
             why = why if name in evidence else ""

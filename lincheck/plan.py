@@ -33,7 +33,7 @@ from .precision import (
 )
 from .results import Hint, TensorCheck
 from .scaling import prepare
-from .tally import Positions
+from .tally import RESOLVE, Positions
 from .tensors import OPERANDS
 from .tolerances import model_bound
 from .validate import nonfinite_summary
@@ -390,8 +390,10 @@ class Tallies:
 
     def alternative_fits(self, layer) -> dict[str, list]:
         """For each arithmetic a failure is tested against: [whether every entry fits its
-        tolerance (the tier that decides) plus the reference's bound, the largest ratio].
-        Worked out only for a failed check, over the whole tensor of the diagnosis's layer."""
+        tolerance (the tier that decides) plus the reference's bound, the largest ratio,
+        whether that tolerance could tell the gradient from zero (a check under it would be
+        conclusive: :data:`lincheck.tally.RESOLVE`)]. Worked out only for a failed check,
+        over the whole tensor of the diagnosis's layer."""
         sub, tensor = self.plan.subject, self.plan.tensor
         assert sub is not None and sub.values is not None
         M, S = layer.magnitude(tensor)
@@ -406,7 +408,9 @@ class Tallies:
             tol = (b.worst if sub.certain_only else b.statistical) + extra
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = float(np.max(np.where(err == 0, 0.0, err / tol), initial=0.0))
-            fits[name] = [bool(np.all(err <= tol)), ratio]
+                size = np.abs(ref)
+                resolves = not np.any(size) or bool(np.any(size > RESOLVE * tol))
+            fits[name] = [bool(np.all(err <= tol)), ratio, resolves]
         return fits
 
     def hints(self, layer, batch_shape: tuple[int, ...], layout: str = "out_in") -> list[Hint]:

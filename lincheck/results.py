@@ -211,6 +211,8 @@ class TensorCheck:
                 f"{RESOLVE:g}× is needed), so even a zero {tensor} could pass; check a smaller "
                 "batch, or a more accurate arithmetic"
             )
+            if tensor == "dB" and precision in ("bf16", "fp16"):  # the presets' 16-bit sums
+                message += f" (for torch's dB, summed in float32: {precision},reduce=fp32)"
         else:
             message = ""
         return cls(

@@ -394,3 +394,31 @@ def test_rows_missing_in_float16_allows_the_alternatives_own_rounding(rng):
         assert not report.passed
         found += [h.code for h in report.hints] == ["rows_missing"]
     assert found == 5
+
+
+def test_lower_precision_is_not_named_where_its_bound_cannot_tell_the_gradient_from_zero(rng):
+    """A zero float16 dW over N = 4096: float16 accumulation's bound is so loose there that
+    a zero dW fits it (a check under it is inconclusive), so it explains nothing."""
+    X, W, _, _ = layer(rng, 4096, 64, 32, "float16")
+    G = (rng.standard_normal((4096, 32)) / 4096).astype(np.float16)
+    report = check(X, W, None, G, dW=np.zeros((32, 64), np.float16))
+    assert [h.code for h in report.hints] == ["unexplained"]
+    under = check(X, W, None, G, dW=np.zeros((32, 64), np.float16), precision="fp16-acc16")
+    assert under.checks[0].tensor == "dW" and under.checks[0].verdict == "inconclusive"
+
+
+def test_an_inconclusive_16_bit_db_names_torchs_float32_reduction(rng):
+    """Pairs of dY rows that cancel (a contrastive loss) leave dB far below what 16-bit
+    partial sums could lose: inconclusive, and the message names the reduction torch uses
+    (the presets allow XLA's 16-bit partial sums), under which it passes."""
+    X, W, B, _ = layer(rng, 256, 8, 4, "float16")
+    g = rng.standard_normal((128, 4))
+    G = np.empty((256, 4))
+    G[0::2], G[1::2] = g, -g * (1 + 1e-3 * rng.standard_normal(g.shape))
+    G = G.astype(np.float16)
+    dB = G.astype(np.float64).sum(0).astype(np.float16)
+    for precision in (None, "fp16"):
+        c = check(X, W, B, G, dB=dB, precision=precision).checks[0]
+        assert c.tensor == "dB" and c.verdict == "inconclusive"
+        assert "(for torch's dB, summed in float32: fp16,reduce=fp32)" in c.message
+    assert check(X, W, B, G, dB=dB, precision="fp16,reduce=fp32").checks[0].verdict == "pass"
