@@ -268,6 +268,9 @@ class CaseResult:
     case: Case | None = None
     bad_input: bool = False
     unsupported: bool = False
+    arithmetic: Mapping[str, str] | None = None
+    """Where a dump's arithmetic came from, when not from its dtypes (``verify``: the
+    ``--precision`` option or the file's metadata), as one case's JSON report says it."""
 
     @property
     def passed(self) -> bool:
@@ -294,6 +297,8 @@ class CaseResult:
         }
         if self.report is not None:
             out["report"] = self.report.as_dict()
+            if self.arithmetic:
+                out["report"]["arithmetic"] = dict(self.arithmetic)
         return out
 
 

@@ -564,6 +564,18 @@ def _load_safetensors(path: Path | str, shared: _SharedFile | None = None) -> Lo
     return Loaded(arrays, sources, tuple(ignored), dict(metadata))
 
 
+def arithmetic_source(precision: str | None, loaded: Loaded) -> dict | None:
+    """Where a case's arithmetic came from, when not from the gradients' dtypes: the
+    ``precision`` given (``--precision``), or the metadata (``lincheck.precision``) of a
+    ``.safetensors`` dump; None otherwise."""
+    if precision is not None:
+        return {"precision": precision, "from": "--precision"}
+    stored = loaded.metadata.get("lincheck.precision")
+    if stored is not None:
+        return {"precision": stored, "from": "metadata"}
+    return None
+
+
 def stored_precision(loaded: Loaded, where: str | os.PathLike) -> str | None:
     """The arithmetic a dump's metadata declares (``lincheck.precision``), checked; or None.
 

@@ -295,6 +295,7 @@ def _check(task: Task, options: dict, max_memory: str | None, share: int):
     try:
         loaded = arrays.load(task.where)
         a = loaded.arrays
+        arithmetic = arrays.arithmetic_source(options.get("precision"), loaded)
         if options.get("precision") is None:  # --precision wins over the file's metadata
             stored = arrays.stored_precision(loaded, task.name)
             options = {**options, "precision": stored} if stored else options
@@ -316,7 +317,7 @@ def _check(task: Task, options: dict, max_memory: str | None, share: int):
                 **options,
                 sources=loaded.sources,
             )
-        result = api.CaseResult(task.name, report, None)
+        result = api.CaseResult(task.name, report, None, arithmetic=arithmetic)
     except LincheckError as exc:
         result = api.CaseResult(task.name, None, as_named(str(exc), task), bad_input=True)
     return result, note
@@ -640,7 +641,8 @@ def resumable(tasks: list[Task], records: Iterable[dict]) -> tuple[list[Done], l
                 rest.append(task)
                 continue
             seconds = float(item.get("seconds") or 0.0)
-            result = api.CaseResult(task.name, report, None)
+            arithmetic = item["report"].get("arithmetic")
+            result = api.CaseResult(task.name, report, None, arithmetic=arithmetic)
             kept.append(
                 Done(task, result, seconds, str(item.get("worker")), item.get("note"), True)
             )

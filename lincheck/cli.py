@@ -759,7 +759,7 @@ def _check_loaded(checks, tensors, a, loaded, options, progress):
 
 def _verify_one_path(path: Path | str | None, options: dict, out: dict, files: dict) -> None:
     """One dump (a folder, an .npz, and/or single files): its full tables."""
-    from . import tensors
+    from . import arrays, tensors
 
     bar = ProgressBar(not out["quiet"], f"lincheck verify {path if path is not None else 'files'}")
     try:
@@ -768,7 +768,7 @@ def _verify_one_path(path: Path | str | None, options: dict, out: dict, files: d
     finally:
         bar.close()
     a = loaded.arrays
-    arithmetic = _arithmetic(options, loaded)
+    arithmetic = arrays.arithmetic_source(options.get("precision"), loaded)
     from rich.columns import Columns
     from rich.console import Group, RenderableType
     from rich.text import Text
@@ -798,17 +798,6 @@ def _verify_one_path(path: Path | str | None, options: dict, out: dict, files: d
     if loaded.metadata:
         context["metadata"] = dict(loaded.metadata)
     emit(report, Group(*parts), name, out, context)
-
-
-def _arithmetic(options: dict, loaded) -> dict | None:
-    """Where the arithmetic came from, when not from the gradients' dtypes: ``--precision``,
-    or the metadata (``lincheck.precision``) of a ``.safetensors`` dump."""
-    if options.get("precision") is not None:
-        return {"precision": options["precision"], "from": "--precision"}
-    stored = loaded.metadata.get("lincheck.precision")
-    if stored is not None:
-        return {"precision": stored, "from": "metadata"}
-    return None
 
 
 @app.command(

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from lincheck import batch
 from lincheck.cli import app
 from lincheck.errors import InputError, LincheckError
 
@@ -216,7 +217,7 @@ def test_modules_chooses_what_is_recorded(tmp_path):
     assert sorted(p.name for p in cap.paths) == ["inp", "out"]
 
 
-def test_bfloat16_model_and_autocast_verify_without_precision(tmp_path):
+def test_bfloat16_model_and_autocast_verify_without_precision(tmp_path, monkeypatch):
     """bfloat16 parameters (stored as BF16), and float32 parameters under CPU autocast to
     bfloat16 (stored as F32, the arithmetic recorded): both verify with no --precision."""
     torch.manual_seed(5)
@@ -227,8 +228,22 @@ def test_bfloat16_model_and_autocast_verify_without_precision(tmp_path):
     assert result.exit_code == 0, result.output
     checks = report["cases"][0]["report"]["checks"]
     # torch sums dB in float32: the record says so (the bf16 preset alone would let a dB
-    # 10% wrong pass).
+    # 20% too large pass), and each case's report says where its arithmetic came from.
     assert {c["precision"] for c in checks if c["subject"] == "supplied"} == {"bf16,reduce=fp32"}
+    arithmetic = {"precision": "bf16,reduce=fp32", "from": "metadata"}
+    assert all(case["report"]["arithmetic"] == arithmetic for case in report["cases"])
+    log = tmp_path / "bf16.jsonl"
+    _verify(str(tmp_path / "bf16"), "--jsonl", str(log))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records and all(r["report"]["arithmetic"] == arithmetic for r in records)
+    with monkeypatch.context() as patch:  # every case read back from its record, none run
+        patch.setattr(batch, "check_case", lambda *args: pytest.fail("checked again"))
+        again, resumed = _verify(str(tmp_path / "bf16"), "--resume", str(log))
+    assert again.exit_code == 0
+    assert all(c["report"]["arithmetic"] == arithmetic for c in resumed["cases"])
+    _, report = _verify(str(tmp_path / "bf16"), "--precision", "bf16")
+    given = {"precision": "bf16", "from": "--precision"}  # the option wins
+    assert report["cases"][0]["report"]["arithmetic"] == given
 
     model = MLP(broken=False)
     with capture(model, tmp_path / "autocast"):
