@@ -294,7 +294,8 @@ def test_resume_skips_exactly_the_decided_unchanged_cases(tmp_path, model, monke
     # Another folder's file decides none of these cases: the header says so.
     other = tmp_path / "other"
     shutil.copytree(model / "b", other / "b")
-    assert invoke("verify", other, "--jsonl", tmp_path / "other.jsonl").exit_code == 0
+    first = invoke("verify", other, "--jsonl", tmp_path / "other.jsonl")
+    assert first.exit_code == 0 and first.output.splitlines()[0] == "lincheck verify 1 case"
     checked.clear()
     result = invoke("verify", model, "--resume", "other.jsonl", "--jobs", 1)  # in tmp_path
     assert len(checked) == 4 and result.exit_code == 1
